@@ -1,0 +1,16 @@
+"""distload: load safetensors checkpoints into tensor/data-parallel models, and prove every
+parameter on every rank was filled."""
+
+from .api import Loaded, load
+from .config import EXTRA_CONFIG_KEYS, LoadConfig
+from .errors import (CheckpointError, ConfigError, DistloadError, LayoutError, MissingWeightsError,
+                     PlanError)
+from .examples import example_checkpoint
+from .layout import Layout
+from .report import LoadReport
+
+__version__ = "0.1.0"
+
+__all__ = ["CheckpointError", "ConfigError", "DistloadError", "EXTRA_CONFIG_KEYS", "LayoutError", "LoadConfig",
+           "LoadReport", "Loaded", "MissingWeightsError", "PlanError", "example_checkpoint", "load", "Layout",
+           "__version__"]

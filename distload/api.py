@@ -1,0 +1,181 @@
+"""load(): one entry point wiring layout, model, plan, execute, tracking and comm."""
+
+from __future__ import annotations
+
+import collections
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import tracking
+from .checkpoint.directory import Checkpoint, open_checkpoint
+from .comm import Comm, WorldInfo, world_from_env
+from .config import LoadConfig
+from .errors import DistloadError, MissingWeightsError
+from .execute import ExecResult, Executor
+from .layout import Layout
+from .models import build_model
+from .plan import Plan, plan as make_plan
+from .report import LoadReport, RankStats
+from .spec import collect_specs
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Loaded:
+    """What ``load`` returns: this rank's model and the job's report."""
+
+    model: nn.Module
+    """this rank's shard of the model, filled"""
+    report: LoadReport
+    """the merged report (the same on every rank)"""
+    layout: Layout
+    """the layout used"""
+    rank: int
+    """this rank"""
+
+
+def load(checkpoint: str, config: LoadConfig = LoadConfig(), *, world: WorldInfo | None = None) -> Loaded:
+    """Loads ``checkpoint`` into this rank's shard of its reference model and proves it complete.
+
+    Call it on every rank (under torchrun, the rank and world come from the
+    environment). Tracking merges every rank's record once; a missing or
+    inconsistent unit raises ``MissingWeightsError`` on every rank.
+
+    Args:
+        checkpoint: a Hugging Face checkpoint directory (config.json + safetensors).
+        config: layout, device, dtype and tracking options.
+        world: rank and world size; default: torchrun's environment variables.
+
+    Returns:
+        ``Loaded`` with ``.model`` and ``.report``.
+
+    Example:
+        >>> import distload
+        >>> loaded = distload.load(distload.example_checkpoint(), distload.LoadConfig(device="cpu"))
+        >>> loaded.report.complete
+        True
+    """
+    world = world or world_from_env()
+    layout = Layout.for_world(world.world_size, tp=config.tp, dp=config.dp)
+    device = _device(config, world)
+    comm = Comm.connect(world, device=device)
+    try:
+        return _load(checkpoint, config, layout, comm, device)
+    finally:
+        comm.close()
+
+
+def _load(directory: str, config: LoadConfig, layout: Layout, comm: Comm, device: torch.device) -> Loaded:
+    start = time.perf_counter()
+    rank = comm.rank
+    failure: DistloadError | None = None
+    model: nn.Module | None = None
+    plan: Plan | None = None
+    result: ExecResult | None = None
+    ckpt: Checkpoint | None = None
+    try:
+        ckpt = open_checkpoint(directory)
+        dtype = config.torch_dtype() or checkpoint_dtype(ckpt)
+        tp_rank = layout.coords(rank).tp
+        ops = comm.tp_collectives(layout)
+        model = build_model(ckpt.config, tp=layout.tp, tp_rank=tp_rank, ops=ops, dtype=dtype, device="meta")
+        plan = make_plan(ckpt.tensors, collect_specs(model), layout, ignore=config.ignore)
+        rank_plan = plan.for_rank(rank)
+        model = materialize(model, device)
+        skip_names = set(config.skip_units.get(rank, ()))
+        skip = frozenset(r.unit for r in rank_plan.reads if r.tensor.name in skip_names)
+        params = {spec.name: _tensor(model, spec.name) for spec in plan.specs}
+        result = Executor(device=device, num_threads=config.num_read_threads).run(rank_plan, params, skip=skip)
+    except DistloadError as err:
+        failure = err.with_rank(rank)
+    _raise_if_any_failed(comm, failure, len(plan.units) if plan else 0)
+    assert plan is not None and result is not None and model is not None and ckpt is not None
+
+    findings = None
+    if config.track_enabled:
+        local = tracking.record(len(plan.units), result.loaded, result.mismatched)
+        verdict = tracking.classify(plan, comm.sum_counts(local))
+        rows = None
+        if verdict.failed or verdict.mismatched:  # the second, small exchange names loaded_by
+            rows = comm.gather_rows(tracking.exchange_rows(verdict, local))
+        findings = tracking.findings(plan, verdict, rows)
+    stats = comm.gather_rows(torch.tensor([len(result.loaded), result.bytes_read, result.seconds,
+                                           result.files_opened], dtype=torch.float64))
+    ranks = tuple(RankStats(rank=r, units_loaded=int(s[0]), bytes_read=int(s[1]), seconds=float(s[2]),
+                            files_opened=int(s[3])) for r, s in enumerate(stats.tolist()))
+    notes = tuple(f"cast {c} while loading (model dtype differs from the checkpoint's)" for c in result.casts)
+    report = LoadReport(mode="load", checkpoint=ckpt.directory, layout=layout.to_dict(),
+                        tracked=config.track_enabled, num_units=len(plan.units), findings=findings,
+                        unexpected=plan.unexpected, ignored=plan.ignored, notes=notes, ranks=ranks,
+                        seconds=time.perf_counter() - start, strict=config.strict)
+    if not report.ok:
+        raise MissingWeightsError(_failure_summary(report), report=report, rank=rank)
+    return Loaded(model=model, report=report, layout=layout, rank=rank)
+
+
+def _raise_if_any_failed(comm: Comm, failure: DistloadError | None, num_units: int) -> None:
+    """Every rank learns whether any rank failed before the merge, so none waits in it."""
+    status = comm.sum_counts(torch.tensor([int(failure is not None), num_units, num_units ** 2],
+                                          dtype=torch.int64))
+    failed, total, squares = (int(v) for v in status)
+    if failed == 0 and total * total == squares * comm.world_size:  # every rank has the same table
+        return
+    errors = comm.gather_objects(failure)
+    if failure is not None:
+        raise failure
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise type(first)(f"rank {first.rank} failed: {first.message}", file=first.file,
+                          tensor=first.tensor, rank=comm.rank)
+    raise DistloadError("ranks planned different unit tables (different checkpoints or layouts?)",
+                        rank=comm.rank)
+
+
+def _failure_summary(report: LoadReport) -> str:
+    parts = []
+    f = report.findings
+    if f is not None:
+        for kind in ("missing", "inconsistent", "mismatched"):
+            entries = getattr(f, kind)
+            if entries:
+                names = ", ".join(e.name for e in entries[:3]) + (" ..." if len(entries) > 3 else "")
+                parts.append(f"{len(entries)} {kind} ({names})")
+    if report.strict and report.unexpected:
+        parts.append(f"{len(report.unexpected)} unexpected under --strict")
+    return "load incomplete: " + "; ".join(parts)
+
+
+def checkpoint_dtype(ckpt: Checkpoint) -> torch.dtype:
+    """Returns the model dtype a checkpoint asks for: config's ``dtype``/``torch_dtype``, else its
+    most common floating-point tensor dtype."""
+    from .config import DTYPES
+    named = ckpt.config.get("dtype") or ckpt.config.get("torch_dtype")
+    if isinstance(named, str) and named in DTYPES:
+        return DTYPES[named]
+    counts = collections.Counter(t.dtype for t in ckpt.tensors.values() if t.dtype.is_floating_point)
+    return counts.most_common(1)[0][0] if counts else torch.float32
+
+
+def materialize(model: nn.Module, device: torch.device) -> nn.Module:
+    """Allocates a meta-device model on ``device`` (uninitialized) and restores tied weights."""
+    model = model.to_empty(device=device)
+    tie = getattr(model, "tie_weights", None)
+    if callable(tie):
+        tie()
+    return model
+
+
+def _tensor(model: nn.Module, name: str) -> torch.Tensor:
+    module_name, _, attr = name.rpartition(".")
+    return getattr(model.get_submodule(module_name), attr)
+
+
+def _device(config: LoadConfig, world: WorldInfo) -> torch.device:
+    kind = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise DistloadError("--device cuda was asked for, but CUDA is not available", rank=world.rank)
+        return torch.device("cuda", world.local_rank % torch.cuda.device_count())
+    return torch.device("cpu")

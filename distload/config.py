@@ -1,0 +1,82 @@
+"""LoadConfig and the validated loader extra-config (vLLM's model_loader_extra_config contract)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Mapping
+
+import torch
+
+from .errors import ConfigError
+
+EXTRA_CONFIG_KEYS: Mapping[str, str] = MappingProxyType({
+    "enable_weights_track": "true / false / unset (= on): merge every rank's record and report missing units",
+    "num_read_threads": "positive integer: concurrent reads per rank (default 4)",
+})
+"""the keys a loader extra-config may hold, with what each means"""
+
+DTYPES: Mapping[str, torch.dtype] = MappingProxyType({
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+})
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LoadConfig:
+    """How to load: layout, device, dtype and tracking options (all keyword-only).
+
+    Example:
+        >>> LoadConfig(tp=2, extra_config={"enable_weights_track": True}).track_enabled
+        True
+    """
+
+    tp: int = 1
+    """tensor-parallel degree"""
+    dp: int | None = None
+    """data-parallel replicas; None: world size / tp"""
+    device: str | None = None
+    """``cpu`` or ``cuda``; None: cuda when available"""
+    dtype: str | None = None
+    """model dtype name; None: the checkpoint's"""
+    extra_config: Mapping = field(default_factory=dict)
+    """loader extra-config; keys in EXTRA_CONFIG_KEYS"""
+    track: bool | None = None
+    """overrides ``enable_weights_track`` when set (the CLI's --track)"""
+    ignore: tuple[str, ...] = ()
+    """regexes of checkpoint names that are never unexpected"""
+    strict: bool = False
+    """unexpected tensors fail the load too"""
+    skip_units: Mapping[int, tuple[str, ...]] = field(default_factory=dict)
+    """test hook: rank -> checkpoint names that rank pretends not to load"""
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.extra_config) - set(EXTRA_CONFIG_KEYS))
+        if unknown:
+            raise ConfigError(f"unknown loader extra-config key {unknown[0]!r}; allowed keys: "
+                              f"{', '.join(EXTRA_CONFIG_KEYS)}")
+        track = self.extra_config.get("enable_weights_track")
+        if track is not None and not isinstance(track, bool):
+            raise ConfigError(f"enable_weights_track must be true, false or unset, got {track!r}")
+        threads = self.extra_config.get("num_read_threads", 4)
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ConfigError(f"num_read_threads must be a positive integer, got {threads!r}")
+        if self.device not in (None, "cpu", "cuda"):
+            raise ConfigError(f"device must be cpu or cuda, got {self.device!r}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ConfigError(f"dtype {self.dtype!r} is not supported (supported: {', '.join(DTYPES)})")
+
+    @property
+    def track_enabled(self) -> bool:
+        if self.track is not None:
+            return self.track
+        value = self.extra_config.get("enable_weights_track")
+        return True if value is None else value
+
+    @property
+    def num_read_threads(self) -> int:
+        return int(self.extra_config.get("num_read_threads", 4))
+
+    def torch_dtype(self) -> torch.dtype | None:
+        return DTYPES[self.dtype] if self.dtype is not None else None

@@ -1,0 +1,151 @@
+"""Runs one rank's planned reads into its parameters.
+
+The executor owns its threads, file descriptors and host buffers: reads go into
+freshly allocated (pinned, for CUDA) host buffers on a small thread pool, and the
+calling thread copies each finished buffer into its parameter slice. A unit counts
+as loaded only after all its bytes arrived and its copy completed (on CUDA: the
+copy's event has been waited on).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+
+from .errors import CheckpointError
+from .plan import RankPlan, Read
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ExecResult:
+    """What one rank's execute step did."""
+
+    loaded: tuple[int, ...]
+    """units fully read and copied (or verified)"""
+    mismatched: tuple[int, ...]
+    """verify units whose bytes differ from the parameter"""
+    bytes_read: int
+    """bytes requested from files"""
+    files_opened: int
+    """files whose data was read"""
+    seconds: float
+    """wall time of the step"""
+    casts: tuple[str, ...]
+    """``checkpoint dtype -> parameter dtype`` conversions that happened"""
+
+
+class Executor:
+    """Reads byte ranges with ``os.preadv`` on a thread pool and fills parameters.
+
+    Args:
+        device: where the parameters live.
+        num_threads: concurrent reads.
+        max_inflight_bytes: host memory held by reads not yet copied (at least one read).
+    """
+
+    def __init__(self, *, device: torch.device, num_threads: int = 4,
+                 max_inflight_bytes: int = 256 * 1024 * 1024) -> None:
+        self.device = device
+        self.num_threads = num_threads
+        self.max_inflight_bytes = max_inflight_bytes
+        self._pin = device.type == "cuda"
+
+    def run(self, plan: RankPlan, params: Mapping[str, torch.Tensor], *,
+            skip: frozenset[int] = frozenset()) -> ExecResult:
+        """Fills ``params`` (name -> tensor on ``device``) from ``plan``.
+
+        Args:
+            skip: unit indices not to load (test hook: simulates a rank that dropped a unit).
+
+        Raises:
+            CheckpointError: a file is shorter than its header says, naming file and tensor.
+        """
+        start = time.perf_counter()
+        with torch.no_grad():
+            for name in plan.zero:
+                params[name].zero_()
+            for name, value in plan.defaults:
+                params[name].fill_(value)
+            reads = [r for r in plan.reads if r.unit not in skip]
+            fds: dict[str, int] = {}
+            try:
+                for r in reads:
+                    if r.tensor.file not in fds:
+                        fds[r.tensor.file] = os.open(r.tensor.file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                loaded, mismatched, casts = self._pipeline(reads, params, fds)
+            finally:
+                for fd in fds.values():
+                    os.close(fd)
+        return ExecResult(loaded=tuple(loaded), mismatched=tuple(mismatched),
+                          bytes_read=sum(r.nbytes for r in reads), files_opened=len(fds),
+                          seconds=time.perf_counter() - start, casts=tuple(sorted(casts)))
+
+    def _pipeline(self, reads: list[Read], params: Mapping[str, torch.Tensor], fds: dict[str, int]):
+        loaded: list[int] = []
+        mismatched: list[int] = []
+        casts: set[str] = set()
+        pending: deque[tuple[Read, Future]] = deque()
+        copies: list[tuple[int, torch.cuda.Event, torch.Tensor]] = []
+        inflight = 0
+        with ThreadPoolExecutor(self.num_threads, thread_name_prefix="distload-read") as pool:
+            it = iter(reads)
+            nxt = next(it, None)
+            while nxt is not None or pending:
+                # keep the pool busy within the memory window
+                while nxt is not None and (not pending or inflight + nxt.nbytes <= self.max_inflight_bytes):
+                    pending.append((nxt, pool.submit(self._read, nxt, fds[nxt.tensor.file])))
+                    inflight += nxt.nbytes
+                    nxt = next(it, None)
+                read, fut = pending.popleft()
+                buf = fut.result()
+                inflight -= read.nbytes
+                src = buf.view(read.tensor.dtype).reshape(read.shape)
+                dest = params[read.param]
+                if read.dim is not None:
+                    dest = dest.narrow(read.dim, read.dest[0], read.dest[1] - read.dest[0])
+                if src.dtype != dest.dtype:
+                    casts.add(f"{str(src.dtype).removeprefix('torch.')} -> {str(dest.dtype).removeprefix('torch.')}")
+                if read.verify:
+                    same = torch.equal(src.to(device=dest.device, dtype=dest.dtype), dest)
+                    loaded.append(read.unit)
+                    if not same:
+                        mismatched.append(read.unit)
+                elif self._pin:
+                    dest.copy_(src, non_blocking=True)
+                    event = torch.cuda.Event()
+                    event.record()
+                    copies.append((read.unit, event, buf))  # buf must outlive the async copy
+                else:
+                    dest.copy_(src)
+                    loaded.append(read.unit)
+        for unit, event, _ in copies:
+            event.synchronize()
+            loaded.append(unit)
+        return loaded, mismatched, casts
+
+    def _read(self, read: Read, fd: int) -> torch.Tensor:
+        buf = torch.empty(read.nbytes, dtype=torch.uint8, pin_memory=self._pin)
+        view = memoryview((ctypes.c_ubyte * read.nbytes).from_address(buf.data_ptr())).cast("B") \
+            if read.nbytes else memoryview(b"")
+        for i in range(read.count):
+            _pread_exact(fd, view[i * read.run:(i + 1) * read.run], read.offset + i * read.stride, read)
+        return buf
+
+
+def _pread_exact(fd: int, view: memoryview, offset: int, read: Read) -> None:
+    """Fills ``view`` from ``offset``, looping over short reads; EOF is a truncated file."""
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            raise CheckpointError(f"file ends at byte {offset + done}, before the tensor's data "
+                                  f"(needed up to {read.tensor.end}); is it truncated?",
+                                  file=read.tensor.file, tensor=read.tensor.name)
+        done += n

@@ -1,0 +1,119 @@
+"""Tensor-parallel linear layers that declare which checkpoint units fill them.
+
+Column-parallel layers split the output features (dim 0 of the weight) and keep
+their output sharded; row-parallel layers split the input features (dim 1) and
+sum their partial outputs over the TP group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..comm import SOLO, Collectives
+from ..errors import PlanError
+from ..spec import ParamSpec, Shard, Source, SpecProvider, sibling
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Part:
+    """One checkpoint matrix fused into a column-parallel weight (q, k, v; gate, up)."""
+
+    name: str
+    """sibling module name in the checkpoint (``q_proj``), or the layer's own path if empty"""
+    out_features: int
+    """rows of the checkpoint matrix"""
+    num_shards: int
+    """distinct row blocks over the TP group (fewer than tp: replicated, as GQA KV heads)"""
+
+
+def shards_for(units: int, tp: int, what: str) -> int:
+    """Returns how many distinct pieces ``units`` (heads, experts) form over ``tp`` ranks.
+
+    ``tp`` must divide ``units`` (each rank gets ``units / tp``) or be a multiple of it
+    (each unit is replicated on ``tp / units`` ranks).
+    """
+    if units % tp == 0:
+        return tp
+    if tp % units == 0:
+        return units
+    raise PlanError(f"{what}={units} does not fit tp={tp}: tp must divide {units} "
+                    f"or be a multiple of it")
+
+
+class ColumnParallelLinear(nn.Module, SpecProvider):
+    """``y = x W^T + b`` with W's rows split over the TP group; output stays sharded.
+
+    With several ``parts`` the local weight is the concatenation of each part's rows
+    (a fused QKV or gate/up projection); each part is its own checkpoint unit.
+
+    Example:
+        >>> layer = ColumnParallelLinear(64, [Part(name="gate_proj", out_features=128, num_shards=2),
+        ...                                   Part(name="up_proj", out_features=128, num_shards=2)],
+        ...                              tp=2, device="meta")
+        >>> tuple(layer.weight.shape)
+        (128, 64)
+    """
+
+    def __init__(self, in_features: int, parts: list[Part], *, tp: int = 1, bias: bool = False,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        for part in parts:
+            if part.out_features % part.num_shards or tp % part.num_shards:
+                raise PlanError(f"{part.name or 'output'} has {part.out_features} rows, which do not "
+                                f"split into {part.num_shards} pieces for tp={tp}")
+        self.in_features = in_features
+        self.parts = tuple(parts)
+        self.tp = tp
+        self.local_sizes = tuple(p.out_features // p.num_shards for p in parts)
+        out = sum(self.local_sizes)
+        self.weight = nn.Parameter(torch.empty(out, in_features, dtype=dtype, device=device))
+        self.bias = nn.Parameter(torch.empty(out, dtype=dtype, device=device)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def param_specs(self, path: str):
+        for attr, tail in (("weight", (self.in_features,)), ("bias", ())):
+            if getattr(self, attr) is None:
+                continue
+            sources, offset = [], 0
+            for part, local in zip(self.parts, self.local_sizes):
+                name = f"{sibling(path, part.name) if part.name else path}.{attr}"
+                sources.append(Source(name=name, shape=(part.out_features, *tail), offset=offset,
+                                      shard=Shard(dim=0, num_shards=part.num_shards)))
+                offset += local
+            yield ParamSpec(name=f"{path}.{attr}", shape=(offset, *tail), sources=tuple(sources))
+
+
+class RowParallelLinear(nn.Module, SpecProvider):
+    """``y = sum_tp(x_local W_local^T) + b`` with W's columns split over the TP group.
+
+    The input arrives sharded along its last dim (the output of a column-parallel
+    layer); the bias is replicated and added once, after the sum.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, tp: int = 1, bias: bool = False,
+                 ops: Collectives = SOLO, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        if in_features % tp:
+            raise PlanError(f"row-parallel input size {in_features} is not divisible by tp={tp}")
+        self.in_features, self.out_features, self.tp, self.ops = in_features, out_features, tp, ops
+        self.weight = nn.Parameter(torch.empty(out_features, in_features // tp, dtype=dtype, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.ops.all_reduce(F.linear(x, self.weight))
+        return y + self.bias if self.bias is not None else y
+
+    def param_specs(self, path: str):
+        yield ParamSpec(name=f"{path}.weight", shape=tuple(self.weight.shape),
+                        sources=(Source(name=f"{path}.weight", shape=(self.out_features, self.in_features),
+                                        shard=Shard(dim=1, num_shards=self.tp)),))
+        if self.bias is not None:
+            yield ParamSpec(name=f"{path}.bias", shape=(self.out_features,),
+                            sources=(Source(name=f"{path}.bias", shape=(self.out_features,)),))

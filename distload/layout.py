@@ -1,0 +1,108 @@
+"""The parallel layout: world size split into tensor, data and pipeline parallel axes.
+
+Rank order, used everywhere and computed only here: TP innermost, then DP, then
+PP outermost, ``rank = (pp_i * dp + dp_i) * tp + tp_i``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import LayoutError
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Coords:
+    """One rank's position on each axis."""
+
+    tp: int
+    """index within its tensor-parallel group"""
+    dp: int
+    """data-parallel replica"""
+    pp: int
+    """pipeline stage"""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Layout:
+    """A validated split of ``world_size`` ranks into ``pp x dp x tp``.
+
+    Example:
+        >>> layout = Layout(world_size=8, tp=4, dp=2)
+        >>> layout.coords(5)
+        Coords(tp=1, dp=1, pp=0)
+        >>> layout.tp_group(5)
+        (4, 5, 6, 7)
+    """
+
+    world_size: int
+    """number of ranks in the job"""
+    tp: int = 1
+    """tensor-parallel degree (ranks sharing one copy of each layer)"""
+    dp: int = 1
+    """data-parallel replicas"""
+    pp: int = 1
+    """pipeline stages"""
+
+    def __post_init__(self) -> None:
+        for axis in ("world_size", "tp", "dp", "pp"):
+            value = getattr(self, axis)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise LayoutError(f"layout {axis} must be a positive integer, got {value!r}")
+        if self.tp * self.dp * self.pp != self.world_size:
+            raise LayoutError(
+                f"layout does not fill the world: tp={self.tp} x dp={self.dp} x pp={self.pp} = "
+                f"{self.tp * self.dp * self.pp}, but world size is {self.world_size}; "
+                f"choose tp, dp and pp whose product is {self.world_size}")
+
+    @classmethod
+    def for_world(cls, world_size: int, *, tp: int = 1, pp: int = 1, dp: int | None = None) -> "Layout":
+        """Builds a layout, deriving ``dp`` from the world size when it is not given.
+
+        Example:
+            >>> Layout.for_world(8, tp=2).dp
+            4
+        """
+        if dp is None:
+            if tp < 1 or pp < 1 or world_size % (tp * pp):
+                raise LayoutError(
+                    f"world size {world_size} is not divisible by tp={tp} x pp={pp}; "
+                    f"choose tp and pp whose product divides {world_size}")
+            dp = world_size // (tp * pp)
+        return cls(world_size=world_size, tp=tp, dp=dp, pp=pp)
+
+    def coords(self, rank: int) -> Coords:
+        """Returns the (tp, dp, pp) coordinates of ``rank``."""
+        self._check_rank(rank)
+        return Coords(tp=rank % self.tp, dp=(rank // self.tp) % self.dp, pp=rank // (self.tp * self.dp))
+
+    def rank(self, *, tp: int, dp: int, pp: int = 0) -> int:
+        """Returns the global rank at the given coordinates."""
+        if not (0 <= tp < self.tp and 0 <= dp < self.dp and 0 <= pp < self.pp):
+            raise LayoutError(f"coordinates tp={tp}, dp={dp}, pp={pp} lie outside {self.describe()}")
+        return (pp * self.dp + dp) * self.tp + tp
+
+    def tp_group(self, rank: int) -> tuple[int, ...]:
+        """Returns the ranks of ``rank``'s tensor-parallel group, in TP order."""
+        c = self.coords(rank)
+        return tuple(self.rank(tp=i, dp=c.dp, pp=c.pp) for i in range(self.tp))
+
+    def tp_groups(self) -> tuple[tuple[int, ...], ...]:
+        """Returns every tensor-parallel group, in a fixed order all ranks agree on."""
+        return tuple(tuple(range(start, start + self.tp)) for start in range(0, self.world_size, self.tp))
+
+    def ranks_where(self, *, tp: int | None = None, pp: int | None = None) -> tuple[int, ...]:
+        """Returns all ranks whose TP index and/or stage match, in rank order."""
+        return tuple(r for r in range(self.world_size)
+                     if (tp is None or r % self.tp == tp)
+                     and (pp is None or r // (self.tp * self.dp) == pp))
+
+    def describe(self) -> str:
+        return f"world={self.world_size} (tp={self.tp}, dp={self.dp}, pp={self.pp})"
+
+    def to_dict(self) -> dict[str, int]:
+        return {"world_size": self.world_size, "tp": self.tp, "dp": self.dp, "pp": self.pp}
+
+    def _check_rank(self, rank: int) -> None:
+        if not 0 <= rank < self.world_size:
+            raise LayoutError(f"rank {rank} is outside world size {self.world_size}")

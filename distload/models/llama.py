@@ -1,0 +1,170 @@
+"""Llama-family dense decoders (llama, mistral, qwen2, qwen3) split over a TP group.
+
+Module names mirror the Hugging Face checkpoint (``model.layers.N.self_attn...``)
+so unfused parameters need no mapping; fused ones (``qkv_proj``, ``gate_up_proj``)
+name their checkpoint siblings in their specs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..comm import SOLO, Collectives
+from ..errors import PlanError
+from ..layers import ColumnParallelLinear, ParallelLMHead, Part, RMSNorm, RowParallelLinear, VocabParallelEmbedding
+from ..layers.linear import shards_for
+from .config import DecoderConfig
+
+
+def rotary_inv_freq(cfg: DecoderConfig) -> torch.Tensor:
+    """Returns the rotary inverse frequencies (float32), llama3-scaled when configured."""
+    inv = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim)
+    if cfg.rope_scaling is None:
+        return inv
+    s = cfg.rope_scaling
+    factor, low, high = float(s["factor"]), float(s.get("low_freq_factor", 1.0)), float(s.get("high_freq_factor", 4.0))
+    old = float(s["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > old / low, inv / factor, inv)
+    smooth = (old / wavelen - low) / (high - low)
+    mid = (1 - smooth) * scaled / factor + smooth * scaled
+    is_mid = (wavelen >= old / high) & (wavelen <= old / low)
+    return torch.where(is_mid, mid, scaled)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+class Attention(nn.Module):
+    """Causal GQA attention with this rank's heads; KV heads replicated when tp exceeds them."""
+
+    def __init__(self, cfg: DecoderConfig, layer: int, *, tp: int, ops: Collectives, dtype, device) -> None:
+        super().__init__()
+        if cfg.num_attention_heads % tp:
+            raise PlanError(f"num_attention_heads={cfg.num_attention_heads} is not divisible by tp={tp}")
+        kv_shards = shards_for(cfg.num_key_value_heads, tp, "num_key_value_heads")
+        hd = cfg.head_dim
+        self.num_heads = cfg.num_attention_heads // tp
+        self.num_kv_heads = cfg.num_key_value_heads // kv_shards
+        self.head_dim = hd
+        self.window = cfg.sliding_windows[layer]
+        self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, [
+            Part(name="q_proj", out_features=cfg.num_attention_heads * hd, num_shards=tp),
+            Part(name="k_proj", out_features=cfg.num_key_value_heads * hd, num_shards=kv_shards),
+            Part(name="v_proj", out_features=cfg.num_key_value_heads * hd, num_shards=kv_shards),
+        ], tp=tp, bias=cfg.attention_bias, dtype=dtype, device=device)
+        self.o_proj = RowParallelLinear(cfg.num_attention_heads * hd, cfg.hidden_size, tp=tp, bias=cfg.o_bias,
+                                        ops=ops, dtype=dtype, device=device)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, dtype=dtype, device=device)
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, dtype=dtype, device=device)
+        self.qk_norm = cfg.qk_norm
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        hd = self.head_dim
+        q, k, v = self.qkv_proj(x).split([self.num_heads * hd, self.num_kv_heads * hd, self.num_kv_heads * hd], -1)
+        q, k, v = (t.view(b, s, -1, hd) for t in (q, k, v))
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        rep = self.num_heads // self.num_kv_heads
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        i = torch.arange(s, device=x.device)
+        allowed = i[:, None] >= i[None, :]
+        if self.window is not None:
+            allowed &= (i[:, None] - i[None, :]) < self.window
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(hd)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        out = torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, self.num_heads * hd))
+
+
+class MLP(nn.Module):
+    """SiLU-gated MLP with fused gate/up (column) and down (row) projections."""
+
+    def __init__(self, cfg: DecoderConfig, *, tp: int, ops: Collectives, dtype, device) -> None:
+        super().__init__()
+        if cfg.intermediate_size % tp:
+            raise PlanError(f"intermediate_size={cfg.intermediate_size} is not divisible by tp={tp}")
+        self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, [
+            Part(name="gate_proj", out_features=cfg.intermediate_size, num_shards=tp),
+            Part(name="up_proj", out_features=cfg.intermediate_size, num_shards=tp),
+        ], tp=tp, bias=cfg.mlp_bias, dtype=dtype, device=device)
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, tp=tp, bias=cfg.mlp_bias,
+                                           ops=ops, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: DecoderConfig, layer: int, *, tp: int, ops: Collectives, dtype, device) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, device=device)
+        self.self_attn = Attention(cfg, layer, tp=tp, ops=ops, dtype=dtype, device=device)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, device=device)
+        self.mlp = MLP(cfg, tp=tp, ops=ops, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderBody(nn.Module):
+    """``model.*`` of the checkpoint: embedding, layers, final norm."""
+
+    def __init__(self, cfg: DecoderConfig, *, tp: int, tp_rank: int, ops: Collectives, dtype, device) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp=tp, tp_rank=tp_rank,
+                                                   ops=ops, dtype=dtype, device=device)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, tp=tp, ops=ops, dtype=dtype, device=device)
+                                    for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, device=device)
+
+
+class DecoderForCausalLM(nn.Module):
+    """A Llama-family causal LM whose layers are split over ``tp`` ranks.
+
+    Example:
+        >>> from distload.models.config import DecoderConfig
+        >>> cfg = DecoderConfig.from_json({"model_type": "llama", "vocab_size": 100, "hidden_size": 32,
+        ...     "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
+        ...     "num_key_value_heads": 2})
+        >>> m = DecoderForCausalLM(cfg, tp=2, device="meta")
+        >>> tuple(m.model.embed_tokens.weight.shape)
+        (50, 32)
+    """
+
+    def __init__(self, cfg: DecoderConfig, *, tp: int = 1, tp_rank: int = 0, ops: Collectives = SOLO,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = DecoderBody(cfg, tp=tp, tp_rank=tp_rank, ops=ops, dtype=dtype, device=device)
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp=tp, ops=ops, dtype=dtype, device=device,
+                                      tied=self.model.embed_tokens if cfg.tie_word_embeddings else None,
+                                      tied_name="model.embed_tokens.weight")
+
+    def tie_weights(self) -> None:
+        """Re-points a tied LM head at the embedding (materializing breaks the sharing)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Returns float logits ``[batch, seq, vocab]`` (the full vocabulary on every TP rank)."""
+        x = self.model.embed_tokens(input_ids)
+        pos = torch.arange(input_ids.shape[1], device=input_ids.device, dtype=torch.float32)
+        freqs = pos[:, None] * rotary_inv_freq(self.config).to(input_ids.device)[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin)
+        return self.lm_head(self.model.norm(x))

@@ -1,0 +1,41 @@
+"""model_type -> reference model builder."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from ..comm import SOLO, Collectives
+from ..errors import ConfigError
+from .config import DecoderConfig
+from .llama import DecoderForCausalLM
+
+DENSE_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def supported_model_types() -> tuple[str, ...]:
+    return DENSE_TYPES
+
+
+def build_model(config: Mapping, *, tp: int = 1, tp_rank: int = 0, ops: Collectives = SOLO,
+                dtype: torch.dtype | None = None, device: torch.device | str = "meta") -> nn.Module:
+    """Builds the reference model for ``config['model_type']`` with this rank's shapes.
+
+    Example:
+        >>> m = build_model({"model_type": "qwen2", "vocab_size": 64, "hidden_size": 16,
+        ...                  "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2})
+        >>> m.model.layers[0].self_attn.qkv_proj.bias.shape
+        torch.Size([48])
+
+    Raises:
+        ConfigError: the model type is unknown (the message lists the supported ones).
+        PlanError: a size does not split over ``tp``.
+    """
+    model_type = config.get("model_type")
+    if model_type not in DENSE_TYPES:
+        raise ConfigError(f"config.json model_type {model_type!r} is not supported "
+                          f"(supported: {', '.join(supported_model_types())})")
+    return DecoderForCausalLM(DecoderConfig.from_json(config), tp=tp, tp_rank=tp_rank, ops=ops,
+                              dtype=dtype, device=device)

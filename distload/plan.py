@@ -1,0 +1,301 @@
+"""PURE planning: (checkpoint headers, parameter specs, layout) -> unit table and per-rank reads.
+
+Nothing here touches torch.distributed, devices or tensor data, so a plan for
+thousands of simulated ranks runs in a unit test. Every rank computes the same
+unit table (same specs, same headers, same layout), which is what lets tracking
+merge by index instead of by name.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+from .checkpoint.header import TensorInfo
+from .errors import PlanError
+from .layout import Layout
+from .spec import ParamSpec, Role, Source
+
+DEFAULT_IGNORE = (r"(^|\.)rotary_emb\.(inv_freq|original_inv_freq)$",)
+"""checkpoint names never reported unexpected: rotary tables that old checkpoints
+saved but every model recomputes"""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Unit:
+    """One tracked piece of one checkpoint tensor (a TP shard, or the whole tensor)."""
+
+    name: str
+    """checkpoint tensor name"""
+    param: str
+    """the parameter it fills (or is verified against)"""
+    role: Role
+    """required or optional (a derived parameter has no units)"""
+    dim: int | None
+    """tensor dim it is cut along; None: the whole tensor"""
+    index: int
+    """which piece"""
+    num_shards: int
+    """how many pieces the tensor is cut into"""
+    span: tuple[int, int]
+    """``[start, stop)`` along ``dim`` (``(0, 0)`` when dim is None)"""
+    verify: bool = False
+    """read only to check equality (a tied ``lm_head.weight``); never written"""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Read:
+    """Bytes one rank reads for one unit, and where they go in its parameter.
+
+    The bytes are ``count`` runs of ``run`` bytes, ``stride`` apart, from ``offset``:
+    one run for a dim-0 shard, one per row for a dim-1 shard (only the rank's columns).
+    """
+
+    unit: int
+    """index in the unit table"""
+    param: str
+    """parameter to fill"""
+    tensor: TensorInfo
+    """the checkpoint tensor"""
+    offset: int
+    """absolute file offset of the first run"""
+    run: int
+    """bytes per run"""
+    stride: int
+    """bytes between starts of consecutive runs"""
+    count: int
+    """number of runs"""
+    shape: tuple[int, ...]
+    """shape of the piece read"""
+    dim: int | None
+    """parameter dim the piece is placed along; None: the piece is the whole parameter"""
+    dest: tuple[int, int]
+    """``[start, stop)`` in the parameter along ``dim``"""
+    verify: bool = False
+    """compare with the parameter instead of writing it"""
+
+    @property
+    def nbytes(self) -> int:
+        return self.run * self.count
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RankPlan:
+    """What one rank does: its reads, and the parameters it fills without reading."""
+
+    rank: int
+    """global rank"""
+    reads: tuple[Read, ...]
+    """byte-range reads, one per unit present in the checkpoint"""
+    defaults: tuple[tuple[str, float], ...]
+    """optional parameters filled with their default before any read"""
+    zero: tuple[str, ...]
+    """parameters with padding rows, zeroed before any read"""
+    owned: tuple[int, ...]
+    """every unit this rank owns, present in the checkpoint or not"""
+
+    @property
+    def nbytes(self) -> int:
+        return sum(r.nbytes for r in self.reads)
+
+    @property
+    def files(self) -> frozenset[str]:
+        return frozenset(r.tensor.file for r in self.reads)
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """The canonical unit table and the data to derive any rank's ``RankPlan``."""
+
+    layout: Layout
+    specs: tuple[ParamSpec, ...]
+    units: tuple[Unit, ...]
+    """canonical unit table: the same on every rank, in spec order"""
+    unit_ids: Mapping[tuple[str, int], int]
+    """(checkpoint name, piece index) -> unit index"""
+    tensors: Mapping[str, TensorInfo]
+    unexpected: tuple[str, ...]
+    """checkpoint tensors no unit consumes and no ignore rule names"""
+    ignored: tuple[str, ...]
+    """checkpoint tensors skipped by an ignore rule"""
+
+    def owners(self, unit: int) -> tuple[int, ...]:
+        """Returns the ranks that own ``unit``, in rank order."""
+        u = self.units[unit]
+        tp = self.layout.tp
+        width = tp // u.num_shards
+        return tuple(r for t in range(u.index * width, (u.index + 1) * width)
+                     for r in self.layout.ranks_where(tp=t))
+
+    def num_owners(self, unit: int) -> int:
+        """Returns ``len(owners(unit))`` without listing them."""
+        u = self.units[unit]
+        return self.layout.tp // u.num_shards * self.layout.dp * self.layout.pp
+
+    def for_rank(self, rank: int) -> RankPlan:
+        """Returns the reads and fills of ``rank``."""
+        tp_i = self.layout.coords(rank).tp
+        reads: list[Read] = []
+        defaults: list[tuple[str, float]] = []
+        zero: list[str] = []
+        owned: list[int] = []
+        for spec in self.specs:
+            if spec.role is Role.OPTIONAL:
+                defaults.append((spec.name, float(spec.default)))  # type: ignore[arg-type]
+            padded = False
+            for src in spec.sources:
+                unit = self._own(src, tp_i, spec, owned)
+                padded |= src.shard.pad and _is_short(src, tp_i, self.layout.tp)
+                if unit is not None and src.name in self.tensors:
+                    reads.append(_read(unit, self.units[unit], src, self.tensors[src.name], spec))
+            for src in spec.verify:
+                if src.name in self.tensors:
+                    unit = self._own(src, tp_i, spec, owned)
+                    if unit is not None:
+                        reads.append(_read(unit, self.units[unit], src, self.tensors[src.name], spec))
+            if padded:
+                zero.append(spec.name)
+        return RankPlan(rank=rank, reads=tuple(reads), defaults=tuple(defaults), zero=tuple(zero),
+                        owned=tuple(owned))
+
+    def _own(self, src: Source, tp_i: int, spec: ParamSpec, owned: list[int]) -> int | None:
+        unit = self.unit_ids.get((src.name, src.shard.index(tp_i, self.layout.tp)))
+        if unit is not None:
+            owned.append(unit)
+        return unit
+
+
+def plan(tensors: Mapping[str, TensorInfo], specs: Iterable[ParamSpec], layout: Layout, *,
+         ignore: Iterable[str] = ()) -> Plan:
+    """Builds the unit table and checks the checkpoint against the specs.
+
+    Args:
+        tensors: checkpoint headers, by tensor name.
+        specs: one spec per parameter of the (rank-independent) model.
+        layout: the parallel layout.
+        ignore: regexes of checkpoint names never reported unexpected (added to DEFAULT_IGNORE).
+
+    Returns:
+        The plan; ``plan.for_rank(r)`` gives rank r's reads.
+
+    Raises:
+        PlanError: a tensor's shape differs from the model's, does not split over
+            ``layout.tp``, or feeds two parameters.
+
+    Example:
+        >>> from distload.spec import ParamSpec, Source
+        >>> p = plan({}, [ParamSpec(name="w", shape=(4,), sources=(Source(name="w", shape=(4,)),))],
+        ...          Layout(world_size=2, dp=2))
+        >>> p.owners(0)
+        (0, 1)
+    """
+    specs = tuple(specs)
+    units: list[Unit] = []
+    unit_ids: dict[tuple[str, int], int] = {}
+    for spec in specs:
+        check_tiling(spec, layout.tp)
+        for src in spec.sources:
+            _add_units(units, unit_ids, spec, src, tensors, layout, verify=False)
+        for src in spec.verify:
+            if src.name in tensors:
+                _add_units(units, unit_ids, spec, src, tensors, layout, verify=True)
+    consumed = {u.name for u in units}
+    patterns = [re.compile(p) for p in (*DEFAULT_IGNORE, *ignore)]
+    leftover = sorted(n for n in tensors if n not in consumed)
+    ignored = tuple(n for n in leftover if any(p.search(n) for p in patterns))
+    unexpected = tuple(n for n in leftover if n not in set(ignored))
+    return Plan(layout, specs, tuple(units), unit_ids, tensors, unexpected, ignored)
+
+
+def _add_units(units: list[Unit], unit_ids: dict, spec: ParamSpec, src: Source,
+               tensors: Mapping[str, TensorInfo], layout: Layout, *, verify: bool) -> None:
+    shard = src.shard
+    info = tensors.get(src.name)
+    if info is not None and info.shape != src.shape:
+        raise PlanError(f"checkpoint shape {list(info.shape)} differs from the model's {list(src.shape)} "
+                        f"(parameter {spec.name})", file=info.file, tensor=src.name)
+    if layout.tp % shard.num_shards:
+        raise PlanError(f"{shard.num_shards} pieces do not spread over tp={layout.tp} "
+                        f"(parameter {spec.name})", tensor=src.name)
+    if shard.dim is not None and not shard.pad and src.shape[shard.dim] % shard.num_shards:
+        raise PlanError(f"dim {shard.dim} of size {src.shape[shard.dim]} does not split into "
+                        f"{shard.num_shards} pieces for tp={layout.tp}", tensor=src.name,
+                        file=info.file if info else None)
+    role = Role.REQUIRED if verify else spec.role
+    for index in range(shard.num_shards):
+        span = shard.span(size=src.shape[shard.dim], index=index) if shard.dim is not None else (0, 0)
+        if shard.dim is not None and span[0] == span[1]:
+            continue  # a piece made only of padding rows: no unit
+        if (src.name, index) in unit_ids:
+            other = units[unit_ids[(src.name, index)]].param
+            raise PlanError(f"checkpoint tensor feeds two parameters, {other} and {spec.name}",
+                            tensor=src.name)
+        unit_ids[(src.name, index)] = len(units)
+        units.append(Unit(name=src.name, param=spec.name, role=role, dim=shard.dim, index=index,
+                          num_shards=shard.num_shards, span=span, verify=verify))
+
+
+def _is_short(src: Source, tp_i: int, tp: int) -> bool:
+    shard = src.shard
+    start, stop = shard.span(size=src.shape[shard.dim], index=shard.index(tp_i, tp))
+    return stop - start < shard.piece_len(src.shape[shard.dim])
+
+
+def _read(unit_id: int, unit: Unit, src: Source, info: TensorInfo, spec: ParamSpec) -> Read:
+    shape, dim = info.shape, unit.dim
+    if dim is None:
+        return Read(unit=unit_id, param=spec.name, tensor=info, offset=info.begin, run=info.nbytes,
+                    stride=info.nbytes, count=1, shape=shape, dim=None, dest=(0, 0), verify=unit.verify)
+    start, stop = unit.span
+    inner = math.prod(shape[dim + 1:]) * info.itemsize
+    outer = math.prod(shape[:dim])
+    piece = (*shape[:dim], stop - start, *shape[dim + 1:])
+    run, stride, count = (stop - start) * inner, shape[dim] * inner, outer
+    if count > 1 and run == stride:  # the piece spans whole rows: one contiguous run
+        run, count = run * count, 1
+    return Read(unit=unit_id, param=spec.name, tensor=info, offset=info.begin + start * inner, run=run,
+                stride=stride, count=count, shape=piece, dim=dim,
+                dest=(src.offset, src.offset + stop - start), verify=unit.verify)
+
+
+def check_tiling(spec: ParamSpec, tp: int, tp_ranks: Iterable[int] = (0,)) -> None:
+    """Checks that on the given TP ranks the spec's sources tile its parameter exactly.
+
+    Piece lengths are the same on every TP rank by construction (equal pieces,
+    padding counted), so planning checks rank 0; tests check every rank.
+
+    Pieces are placed along their shard dim at their offsets; padding rows of a
+    vocabulary split are the only part a source may leave uncovered.
+
+    Raises:
+        PlanError: a gap, an overlap or a shape that disagrees, naming the parameter.
+    """
+    if not spec.sources:
+        return
+    dims = {s.shard.dim for s in spec.sources}
+    if len(dims) != 1:
+        raise PlanError(f"sources of {spec.name} are cut along different dims {sorted(map(str, dims))}")
+    (dim,) = dims
+    if dim is None:
+        if len(spec.sources) != 1 or spec.sources[0].shape != spec.shape:
+            raise PlanError(f"replicated parameter {spec.name} of shape {spec.shape} needs exactly one "
+                            f"source of that shape, got {[s.shape for s in spec.sources]}")
+        return
+    for src in spec.sources:
+        other = src.shape[:dim] + src.shape[dim + 1:]
+        if len(src.shape) != len(spec.shape) or other != spec.shape[:dim] + spec.shape[dim + 1:]:
+            raise PlanError(f"source {src.name} of shape {src.shape} does not fit parameter {spec.name} "
+                            f"of shape {spec.shape} along dim {dim}")
+    for tp_i in tp_ranks:
+        cursor = 0
+        for src in sorted(spec.sources, key=lambda s: s.offset):
+            start, stop = src.shard.span(size=src.shape[dim], index=src.shard.index(tp_i, tp))
+            if src.offset != cursor:
+                raise PlanError(f"parameter {spec.name} on TP rank {tp_i}: source {src.name} starts at "
+                                f"{src.offset} along dim {dim}, expected {cursor} (gap or overlap)")
+            cursor += src.shard.piece_len(src.shape[dim]) if src.shard.pad else stop - start
+        if cursor != spec.shape[dim]:
+            raise PlanError(f"parameter {spec.name} on TP rank {tp_i}: sources cover {cursor} of "
+                            f"{spec.shape[dim]} along dim {dim}")

@@ -1,0 +1,162 @@
+"""LoadReport: the merged outcome of a load, as readable text and as JSON."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from .tracking import Entry, Findings
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RankStats:
+    """What one rank did."""
+
+    rank: int
+    """global rank"""
+    units_loaded: int
+    """units this rank filled (verified units included)"""
+    bytes_read: int
+    """bytes requested from the checkpoint files (planned bytes in a dry run)"""
+    seconds: float
+    """time spent reading and filling"""
+    files_opened: int
+    """checkpoint files whose data this rank read"""
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes_read / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+    def to_json(self) -> dict:
+        return {"rank": self.rank, "units_loaded": self.units_loaded, "bytes_read": self.bytes_read,
+                "seconds": round(self.seconds, 6), "gbps": round(self.gbps, 3),
+                "files_opened": self.files_opened}
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LoadReport:
+    """The outcome of one load, the same on every rank.
+
+    ``complete`` is True when no unit is missing or inconsistent, None when
+    tracking was turned off (nothing was proven).
+    """
+
+    mode: str
+    """``load`` or ``dry-run``"""
+    checkpoint: str
+    """checkpoint directory"""
+    layout: dict
+    """world_size, tp, dp, pp"""
+    tracked: bool
+    """whether tracking ran"""
+    num_units: int
+    """units in the canonical table"""
+    findings: Findings | None
+    """merged outcome; None when not tracked"""
+    unexpected: tuple[str, ...] = ()
+    """checkpoint tensors no rank consumed"""
+    ignored: tuple[str, ...] = ()
+    """checkpoint tensors skipped by an ignore rule"""
+    notes: tuple[str, ...] = ()
+    """remarks such as dtype casts"""
+    ranks: tuple[RankStats, ...] = ()
+    """per-rank statistics, in rank order"""
+    seconds: float = 0.0
+    """wall time of the whole load on rank 0"""
+    strict: bool = False
+    """whether unexpected tensors fail the load"""
+    extra: dict = field(default_factory=dict)
+    """further top-level JSON fields"""
+
+    @property
+    def complete(self) -> bool | None:
+        return self.findings.complete if self.findings is not None else None
+
+    @property
+    def ok(self) -> bool:
+        """True when the load may be used: complete (or untracked), and no unexpected tensor under strict."""
+        if self.findings is not None and (not self.findings.complete or self.findings.mismatched):
+            return False
+        return not (self.strict and self.unexpected)
+
+    def _entries(self, kind: str) -> tuple[Entry, ...]:
+        return getattr(self.findings, kind) if self.findings is not None else ()
+
+    def to_json(self) -> dict:
+        """Returns the public JSON form (keys documented in the README)."""
+        bytes_read = sum(r.bytes_read for r in self.ranks)
+        return {
+            "complete": self.complete, "ok": self.ok, "mode": self.mode, "tracked": self.tracked,
+            "checkpoint": self.checkpoint, "layout": dict(self.layout), "num_units": self.num_units,
+            "missing": [e.to_json() for e in self._entries("missing")],
+            "inconsistent": [e.to_json() for e in self._entries("inconsistent")],
+            "unexpected": [{"name": n} for n in self.unexpected],
+            "defaulted": [e.to_json() for e in self._entries("defaulted")],
+            "mismatched": [e.to_json() for e in self._entries("mismatched")],
+            "ignored": [{"name": n} for n in self.ignored],
+            "notes": list(self.notes),
+            "bytes_read": bytes_read,
+            "ranks": [r.to_json() for r in self.ranks],
+            "seconds": round(self.seconds, 6),
+            **self.extra,
+        }
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), indent=2)
+
+    def format_text(self, *, limit: int = 20) -> str:
+        """Returns a human-readable summary (at most ``limit`` names per list)."""
+        lay = self.layout
+        status = {True: "COMPLETE", False: "INCOMPLETE", None: "NOT TRACKED"}[self.complete]
+        total = sum(r.bytes_read for r in self.ranks)
+        slowest = max((r.seconds for r in self.ranks), default=0.0)
+        lines = [f"distload {self.mode}: {status} - {self.checkpoint}",
+                 f"  layout: world {lay['world_size']} (tp {lay['tp']}, dp {lay['dp']}, pp {lay['pp']}); "
+                 f"{self.num_units} units",
+                 f"  read: {_size(total)} over {len(self.ranks)} rank(s) in {self.seconds:.2f} s "
+                 f"(slowest rank {slowest:.2f} s)"]
+        if self.ranks:
+            per = sorted(r.bytes_read for r in self.ranks)
+            lines.append(f"  bytes per rank: min {_size(per[0])}, median {_size(per[len(per) // 2])}, "
+                         f"max {_size(per[-1])}")
+        for kind in ("missing", "inconsistent", "defaulted", "mismatched"):
+            entries = self._entries(kind)
+            if entries:
+                lines.append(f"  {kind} ({len(entries)}):")
+                for e in entries[:limit]:
+                    extra = f"; loaded by {_ranks(e.loaded_by)}" if kind == "inconsistent" else ""
+                    extra += f"; affects {', '.join(e.affects)}" if e.affects else ""
+                    extra += f"; differs from {e.against}" if e.against else ""
+                    lines.append(f"    {e.name}  (owners {_ranks(e.owners)}{extra})")
+                if len(entries) > limit:
+                    lines.append(f"    ... and {len(entries) - limit} more (see --json)")
+        if self.unexpected:
+            lines.append(f"  unexpected ({len(self.unexpected)}){' - fails under --strict' if self.strict else ''}:")
+            lines += [f"    {n}" for n in self.unexpected[:limit]]
+            if len(self.unexpected) > limit:
+                lines.append(f"    ... and {len(self.unexpected) - limit} more (see --json)")
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _ranks(ranks: tuple[int, ...]) -> str:
+    """Compresses rank lists: (0, 1, 2, 3, 6) -> '0-3,6'."""
+    if not ranks:
+        return "none"
+    out, start, prev = [], ranks[0], ranks[0]
+    for r in (*ranks[1:], None):
+        if r is not None and r == prev + 1:
+            prev = r
+            continue
+        out.append(f"{start}-{prev}" if prev > start else f"{start}")
+        if r is not None:
+            start = prev = r
+    return ",".join(out)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n} B"

@@ -1,0 +1,176 @@
+"""What a parameter is made of: the checkpoint units that fill it, and their role.
+
+A spec is data. Parallel layers declare one per parameter; the planner turns specs,
+checkpoint headers and a layout into reads, and tracking counts units. A *unit* is
+one checkpoint tensor name and the piece of it one parameter needs on one shard.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, replace
+from typing import Iterable
+
+from torch import nn
+
+from .errors import PlanError
+
+
+class Role(str, enum.Enum):
+    """Where a parameter's values come from (design.md section 3)."""
+
+    REQUIRED = "required"
+    """from the checkpoint; absence is *missing*"""
+    OPTIONAL = "optional"
+    """may be absent; then filled with ``ParamSpec.default`` and reported *defaulted*"""
+    DERIVED = "derived"
+    """computed after loading from ``ParamSpec.derived_from``; never read"""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Shard:
+    """How one checkpoint tensor is split over the tensor-parallel ranks.
+
+    ``num_shards`` pieces of equal size are cut along ``dim``; TP rank ``t`` of ``tp``
+    takes piece ``t * num_shards // tp``, so with fewer pieces than ranks each piece
+    is replicated on ``tp // num_shards`` consecutive ranks (GQA KV heads).
+
+    Example:
+        >>> Shard(dim=0, num_shards=2).span(size=8, index=1)
+        (4, 8)
+        >>> Shard(dim=0, num_shards=4, pad=True).span(size=10, index=3)
+        (9, 10)
+    """
+
+    dim: int | None = None
+    """tensor dim that is split; None: every rank takes the whole tensor"""
+    num_shards: int = 1
+    """number of distinct pieces"""
+    pad: bool = False
+    """pieces are ceil(size / num_shards) long and the last ones may be short or empty
+    (vocabulary padding); otherwise the size must divide"""
+
+    def index(self, tp_rank: int, tp: int) -> int:
+        """Returns which piece TP rank ``tp_rank`` of ``tp`` takes."""
+        return tp_rank * self.num_shards // tp
+
+    def piece_len(self, size: int) -> int:
+        """Returns the (padded) length of one piece along ``dim``."""
+        return -(-size // self.num_shards) if self.pad else size // self.num_shards
+
+    def span(self, *, size: int, index: int) -> tuple[int, int]:
+        """Returns ``[start, stop)`` of piece ``index`` along ``dim`` of a tensor of that size."""
+        n = self.piece_len(size)
+        start = min(index * n, size)
+        return start, min(start + n, size)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Source:
+    """One checkpoint tensor feeding (part of) a parameter."""
+
+    name: str
+    """checkpoint tensor name"""
+    shape: tuple[int, ...]
+    """the checkpoint tensor's full shape, as the model expects it"""
+    shard: Shard = Shard()
+    """how the tensor is split over TP ranks"""
+    offset: int = 0
+    """where this source's piece starts in the parameter along ``shard.dim`` (fused parameters)"""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ParamSpec:
+    """Declares how one parameter (or persistent buffer) of a rank's model is filled.
+
+    Example:
+        >>> spec = ParamSpec(name="model.norm.weight", shape=(64,),
+        ...                  sources=(Source(name="model.norm.weight", shape=(64,)),))
+        >>> spec.role
+        <Role.REQUIRED: 'required'>
+    """
+
+    name: str
+    """the parameter's dotted name in the model"""
+    shape: tuple[int, ...]
+    """the parameter's shape on one rank"""
+    role: Role = Role.REQUIRED
+    """required / optional / derived"""
+    sources: tuple[Source, ...] = ()
+    """checkpoint tensors that fill it, each a unit per shard; empty for derived"""
+    default: float | None = None
+    """value of an optional parameter whose sources are absent"""
+    derived_from: tuple[str, ...] = ()
+    """checkpoint names a derived parameter is computed from"""
+    verify: tuple[Source, ...] = ()
+    """checkpoint tensors that, when present, must equal this parameter (a tied
+    ``lm_head.weight`` saved beside the embedding); read, compared, counted as consumed"""
+
+    def __post_init__(self) -> None:
+        if self.role is Role.DERIVED and self.sources:
+            raise PlanError(f"derived parameter {self.name} must not declare sources; "
+                            "name them in derived_from")
+        if self.role is Role.OPTIONAL and self.default is None:
+            raise PlanError(f"optional parameter {self.name} needs a documented default")
+
+
+class SpecProvider:
+    """Mixin for modules that declare the specs of their own parameters.
+
+    ``param_specs(path)`` returns one spec per direct parameter and per persistent
+    buffer that comes from the checkpoint; ``path`` is the module's dotted name.
+    Parameters of modules that are not spec providers default to a required,
+    replicated unit named like the parameter itself.
+    """
+
+    def param_specs(self, path: str) -> Iterable[ParamSpec]:
+        raise NotImplementedError
+
+
+def sibling(path: str, name: str) -> str:
+    """Returns the dotted name ``name`` beside the module at ``path`` (``a.b.qkv`` -> ``a.b.q``)."""
+    parent, _, _ = path.rpartition(".")
+    return f"{parent}.{name}" if parent else name
+
+
+def collect_specs(model: nn.Module) -> tuple[ParamSpec, ...]:
+    """Returns one spec per parameter and persistent buffer of ``model``, in module order.
+
+    Raises:
+        PlanError: a spec names no real parameter, or a parameter is declared twice.
+    """
+    specs: list[ParamSpec] = []
+    seen: set[int] = set()
+    for path, module in model.named_modules():
+        local = dict(module.named_parameters(recurse=False))
+        local.update({n: b for n, b in module.named_buffers(recurse=False)
+                      if n not in module._non_persistent_buffers_set})
+        prefix = f"{path}." if path else ""
+        declared: dict[str, ParamSpec] = {}
+        if isinstance(module, SpecProvider):
+            for spec in module.param_specs(path):
+                attr = spec.name[len(prefix):] if spec.name.startswith(prefix) else None
+                if attr is None or "." in attr or not hasattr(module, attr):
+                    raise PlanError(f"module {path or '<root>'} declares a spec for {spec.name}, "
+                                    "which is not one of its parameters")
+                declared[attr] = spec
+        for attr, tensor in local.items():
+            if id(tensor) in seen:  # shared (tied) tensors are filled once
+                continue
+            seen.add(id(tensor))
+            spec = declared.pop(attr, None)
+            if spec is None:
+                full = prefix + attr
+                spec = ParamSpec(name=full, shape=tuple(tensor.shape),
+                                 sources=(Source(name=full, shape=tuple(tensor.shape)),))
+            elif tuple(tensor.shape) != spec.shape:
+                raise PlanError(f"spec of {spec.name} says shape {spec.shape}, "
+                                f"the parameter has {tuple(tensor.shape)}")
+            specs.append(spec)
+        # derived views of tied tensors (lm_head.weight = embedding) stay in the table
+        specs.extend(declared.values())
+    return tuple(specs)
+
+
+def with_name(spec: ParamSpec, name: str) -> ParamSpec:
+    return replace(spec, name=name)

@@ -1,0 +1,154 @@
+"""PURE merge of per-rank load records into missing / inconsistent / defaulted / mismatched.
+
+Each rank turns what it filled into a count vector over the canonical unit table
+(``record``); ``comm`` sums the vectors once; ``classify`` compares each sum with
+the number of owners the layout gives the unit. Only when something failed does a
+second, small exchange (the failed units' flags from every rank) name ``loaded_by``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+
+from .plan import Plan
+from .spec import Role
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Verdict:
+    """Unit indices by outcome, from the summed counts alone."""
+
+    failed: tuple[int, ...]
+    """owned units that not every owner loaded (missing or inconsistent)"""
+    defaulted: tuple[int, ...]
+    """optional units no owner loaded"""
+    mismatched: tuple[int, ...]
+    """verify units some owner found different"""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Entry:
+    """One report line, grouped by checkpoint tensor name."""
+
+    name: str
+    """checkpoint tensor name"""
+    owners: tuple[int, ...]
+    """ranks that own any of its units"""
+    loaded_by: tuple[int, ...] = ()
+    """owners that loaded their unit (inconsistent entries)"""
+    affects: tuple[str, ...] = ()
+    """derived parameters computed from it"""
+    against: str = ""
+    """what a verified tensor was compared with (mismatched entries)"""
+
+    def to_json(self) -> dict:
+        out: dict = {"name": self.name, "owners": list(self.owners)}
+        if self.loaded_by:
+            out["loaded_by"] = list(self.loaded_by)
+        if self.affects:
+            out["affects"] = list(self.affects)
+        if self.against:
+            out["against"] = self.against
+        return out
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Findings:
+    """The merged outcome of a load."""
+
+    missing: tuple[Entry, ...]
+    inconsistent: tuple[Entry, ...]
+    defaulted: tuple[Entry, ...]
+    mismatched: tuple[Entry, ...]
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing and not self.inconsistent
+
+
+def record(num_units: int, loaded: Iterable[int], mismatched: Iterable[int] = ()) -> torch.Tensor:
+    """Returns this rank's ``[2, num_units]`` int32 record: row 0 loaded, row 1 mismatched."""
+    out = torch.zeros((2, num_units), dtype=torch.int32)
+    out[0, list(loaded)] = 1
+    out[1, list(mismatched)] = 1
+    return out
+
+
+def expected_counts(plan: Plan) -> torch.Tensor:
+    """Returns the number of owners of each unit (what a complete load sums to)."""
+    return torch.tensor([plan.num_owners(u) for u in range(len(plan.units))], dtype=torch.int32)
+
+
+def classify(plan: Plan, totals: torch.Tensor) -> Verdict:
+    """Compares summed records with the owners each unit has.
+
+    Args:
+        plan: the plan every rank shares.
+        totals: the sum over ranks of ``record`` vectors, ``[2, len(plan.units)]``.
+    """
+    loaded, mism = totals[0], totals[1]
+    short = (loaded < expected_counts(plan)).nonzero().flatten().tolist()
+    optional = {u for u in short if plan.units[u].role is Role.OPTIONAL and int(loaded[u]) == 0}
+    return Verdict(failed=tuple(u for u in short if u not in optional), defaulted=tuple(sorted(optional)),
+                   mismatched=tuple(mism.nonzero().flatten().tolist()))
+
+
+def exchange_rows(verdict: Verdict, local: torch.Tensor) -> torch.Tensor:
+    """Returns this rank's flags for the failed units, then the mismatched ones (to gather)."""
+    return torch.cat([local[0, list(verdict.failed)], local[1, list(verdict.mismatched)]])
+
+
+def findings(plan: Plan, verdict: Verdict, rows: torch.Tensor | None) -> Findings:
+    """Names the outcome, grouped by checkpoint tensor name.
+
+    Args:
+        rows: every rank's ``exchange_rows``, stacked ``[world, F]``; None when
+            nothing failed or mismatched.
+    """
+    nfail = len(verdict.failed)
+    loaded_by = _flags_by_unit(verdict.failed, rows[:, :nfail] if rows is not None else None)
+    mism_by = _flags_by_unit(verdict.mismatched, rows[:, nfail:] if rows is not None else None)
+    affects: dict[str, list[str]] = {}
+    for spec in plan.specs:
+        for source in spec.derived_from:
+            affects.setdefault(source, []).append(spec.name)
+
+    units_of = _by_name(plan, range(len(plan.units)))
+    failed = set(verdict.failed)
+    missing, inconsistent = [], []
+    for name in _by_name(plan, verdict.failed):
+        units = units_of[name]
+        got = sorted({r for u in units for r in (loaded_by[u] if u in failed else plan.owners(u))})
+        entry = Entry(name=name, owners=_owners(plan, units), loaded_by=tuple(got),
+                      affects=tuple(affects.get(name, ())))
+        (inconsistent if got else missing).append(entry)
+    defaulted = [Entry(name=n, owners=_owners(plan, us)) for n, us in _by_name(plan, verdict.defaulted).items()]
+    mismatched = [Entry(name=n, owners=tuple(sorted({r for u in us for r in mism_by[u]})),
+                        against=", ".join(_derived_sources(plan, plan.units[us[0]].param)))
+                  for n, us in _by_name(plan, verdict.mismatched).items()]
+    return Findings(missing=tuple(missing), inconsistent=tuple(inconsistent),
+                    defaulted=tuple(defaulted), mismatched=tuple(mismatched))
+
+
+def _flags_by_unit(units: Sequence[int], rows: torch.Tensor | None) -> dict[int, tuple[int, ...]]:
+    if rows is None:
+        return {u: () for u in units}
+    return {u: tuple(rows[:, i].nonzero().flatten().tolist()) for i, u in enumerate(units)}
+
+
+def _by_name(plan: Plan, units: Iterable[int]) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for u in units:
+        out.setdefault(plan.units[u].name, []).append(u)
+    return out
+
+
+def _owners(plan: Plan, units: Iterable[int]) -> tuple[int, ...]:
+    return tuple(sorted({r for u in units for r in plan.owners(u)}))
+
+
+def _derived_sources(plan: Plan, param: str) -> tuple[str, ...]:
+    return next((s.derived_from for s in plan.specs if s.name == param), ())

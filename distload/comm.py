@@ -137,9 +137,9 @@ class Comm:
         if self.world_size == 1:
             return row.unsqueeze(0)
         local = row.to(self.device).contiguous()
-        out = torch.empty((self.world_size, local.numel()), dtype=local.dtype, device=self.device)
-        dist.all_gather_into_tensor(out, local)
-        return out.cpu()
+        parts = [torch.empty_like(local) for _ in range(self.world_size)]
+        dist.all_gather(parts, local)  # the list form works on every backend and torch version
+        return torch.stack(parts).cpu()
 
     def gather_objects(self, obj: object) -> list:
         """Gathers one small picklable object per rank (failure texts, baselines)."""

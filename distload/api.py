@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -36,7 +37,8 @@ class Loaded:
     """this rank"""
 
 
-def load(checkpoint: str, config: LoadConfig = LoadConfig(), *, world: WorldInfo | None = None) -> Loaded:
+def load(checkpoint: str, config: LoadConfig = LoadConfig(), *, world: WorldInfo | None = None,
+         progress: Callable[[int, int], None] | None = None) -> Loaded:
     """Loads ``checkpoint`` into this rank's shard of its reference model and proves it complete.
 
     Call it on every rank (under torchrun, the rank and world come from the
@@ -47,6 +49,7 @@ def load(checkpoint: str, config: LoadConfig = LoadConfig(), *, world: WorldInfo
         checkpoint: a Hugging Face checkpoint directory (config.json + safetensors).
         config: layout, device, dtype and tracking options.
         world: rank and world size; default: torchrun's environment variables.
+        progress: called as ``progress(bytes_done, bytes_total)`` while this rank reads.
 
     Returns:
         ``Loaded`` with ``.model`` and ``.report``.
@@ -62,12 +65,13 @@ def load(checkpoint: str, config: LoadConfig = LoadConfig(), *, world: WorldInfo
     device = _device(config, world)
     comm = Comm.connect(world, device=device)
     try:
-        return _load(checkpoint, config, layout, comm, device)
+        return _load(checkpoint, config, layout, comm, device, progress)
     finally:
         comm.close()
 
 
-def _load(directory: str, config: LoadConfig, layout: Layout, comm: Comm, device: torch.device) -> Loaded:
+def _load(directory: str, config: LoadConfig, layout: Layout, comm: Comm, device: torch.device,
+          progress: Callable[[int, int], None] | None) -> Loaded:
     start = time.perf_counter()
     rank = comm.rank
     failure: DistloadError | None = None
@@ -87,7 +91,8 @@ def _load(directory: str, config: LoadConfig, layout: Layout, comm: Comm, device
         skip_names = set(config.skip_units.get(rank, ()))
         skip = frozenset(r.unit for r in rank_plan.reads if r.tensor.name in skip_names)
         params = {spec.name: _tensor(model, spec.name) for spec in plan.specs}
-        result = Executor(device=device, num_threads=config.num_read_threads).run(rank_plan, params, skip=skip)
+        result = Executor(device=device, num_threads=config.num_read_threads).run(rank_plan, params, skip=skip,
+                                                                                 progress=progress)
     except DistloadError as err:
         failure = err.with_rank(rank)
     _raise_if_any_failed(comm, failure, len(plan.units) if plan else 0)

@@ -15,7 +15,7 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 
@@ -58,11 +58,13 @@ class Executor:
         self._pin = device.type == "cuda"
 
     def run(self, plan: RankPlan, params: Mapping[str, torch.Tensor], *,
-            skip: frozenset[int] = frozenset()) -> ExecResult:
+            skip: frozenset[int] = frozenset(),
+            progress: Callable[[int, int], None] | None = None) -> ExecResult:
         """Fills ``params`` (name -> tensor on ``device``) from ``plan``.
 
         Args:
             skip: unit indices not to load (test hook: simulates a rank that dropped a unit).
+            progress: called with (bytes done, bytes total) after each read is placed.
 
         Raises:
             CheckpointError: a file is shorter than its header says, naming file and tensor.
@@ -79,7 +81,7 @@ class Executor:
                 for r in reads:
                     if r.tensor.file not in fds:
                         fds[r.tensor.file] = os.open(r.tensor.file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-                loaded, mismatched, casts = self._pipeline(reads, params, fds)
+                loaded, mismatched, casts = self._pipeline(reads, params, fds, progress)
             finally:
                 for fd in fds.values():
                     os.close(fd)
@@ -87,13 +89,15 @@ class Executor:
                           bytes_read=sum(r.nbytes for r in reads), files_opened=len(fds),
                           seconds=time.perf_counter() - start, casts=tuple(sorted(casts)))
 
-    def _pipeline(self, reads: list[Read], params: Mapping[str, torch.Tensor], fds: dict[str, int]):
+    def _pipeline(self, reads: list[Read], params: Mapping[str, torch.Tensor], fds: dict[str, int],
+                  progress: Callable[[int, int], None] | None):
         loaded: list[int] = []
         mismatched: list[int] = []
         casts: set[str] = set()
         pending: deque[tuple[Read, Future]] = deque()
         copies: list[tuple[int, torch.cuda.Event, torch.Tensor]] = []
         inflight = 0
+        done, total = 0, sum(r.nbytes for r in reads)
         with ThreadPoolExecutor(self.num_threads, thread_name_prefix="distload-read") as pool:
             it = iter(reads)
             nxt = next(it, None)
@@ -125,6 +129,9 @@ class Executor:
                 else:
                     dest.copy_(src)
                     loaded.append(read.unit)
+                done += read.nbytes
+                if progress is not None:
+                    progress(done, total)
         for unit, event, _ in copies:
             event.synchronize()
             loaded.append(unit)

@@ -1,0 +1,99 @@
+"""Command line: ``python -m distload [CHECKPOINT] ...`` (also under torchrun).
+
+Exit codes of each process: 0 complete; 3 missing, inconsistent or mismatched
+units (or unexpected ones under --strict), with the report still printed and
+written; 1 any other DistloadError, as one line; 2 a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from .errors import DistloadError, LayoutError, MissingWeightsError
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INCOMPLETE = 0, 1, 2, 3
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m distload",
+        description="Load a Hugging Face safetensors checkpoint into a tensor/data-parallel model and "
+                    "prove, across all ranks, that every parameter was filled. Run it once per rank "
+                    "(torchrun --nproc-per-node W -m distload ...), W = tp x dp.")
+    p.add_argument("checkpoint", nargs="?", help="checkpoint directory (default: the bundled example)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (default 1)")
+    p.add_argument("--dp", type=int, default=None, help="data-parallel replicas (default: world / tp)")
+    p.add_argument("--json", metavar="PATH", help="write the full report as JSON (rank 0)")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available (NCCL), else cpu (gloo)")
+    p.add_argument("--dtype", help="model dtype, e.g. bfloat16, float16, float32 (default: the checkpoint's)")
+    p.add_argument("--track", choices=("on", "off"), help="merge every rank's record (default on)")
+    p.add_argument("--ignore", action="append", default=[], metavar="REGEX",
+                   help="checkpoint names matching REGEX are never unexpected (repeatable)")
+    p.add_argument("--strict", action="store_true", help="unexpected checkpoint tensors fail the load too")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)  # exits 2 on a usage error
+    from . import api
+    from .comm import world_from_env
+    from .config import LoadConfig
+    from .examples import example_checkpoint
+
+    rank = int(os.environ.get("RANK", "0"))
+    out = _Printer(rank == 0)
+    try:
+        config = LoadConfig(tp=args.tp, dp=args.dp, device=args.device, dtype=args.dtype,
+                            track=None if args.track is None else args.track == "on",
+                            ignore=tuple(args.ignore), strict=args.strict)
+        directory = args.checkpoint or example_checkpoint()
+        loaded = api.load(directory, config, world=world_from_env(), progress=out.progress)
+    except MissingWeightsError as err:
+        out.report(err.report, args.json)
+        return EXIT_INCOMPLETE
+    except LayoutError as err:
+        out.error(err)
+        return EXIT_USAGE
+    except DistloadError as err:
+        out.error(err)
+        return EXIT_ERROR
+    out.report(loaded.report, args.json)
+    return EXIT_OK
+
+
+class _Printer:
+    """Rank 0's output: the report, one-line errors, and progress on a TTY only."""
+
+    def __init__(self, active: bool) -> None:
+        self.active = active
+        self.tty = active and sys.stderr.isatty()
+        self._last = 0.0
+
+    def progress(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if self.tty and (now - self._last > 0.2 or done == total):
+            self._last = now
+            sys.stderr.write(f"\rloading: {100 * done // max(total, 1):3d}% "
+                             f"({done / 2**20:.1f} of {total / 2**20:.1f} MiB)")
+            if done == total:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+
+    def report(self, report, json_path: str | None) -> None:
+        if not self.active:
+            return
+        print(report.format_text(), flush=True)
+        if json_path:
+            with open(json_path, "w", encoding="utf-8") as f:
+                f.write(report.dumps() + "\n")
+
+    def error(self, err: DistloadError) -> None:
+        if self.active:
+            print(f"distload: error: {err}", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -7,10 +7,11 @@ from .errors import (CheckpointError, ConfigError, DistloadError, LayoutError, M
                      PlanError)
 from .examples import example_checkpoint
 from .layout import Layout
+from .models import BuildContext
 from .report import LoadReport
 
 __version__ = "0.1.0"
 
-__all__ = ["CheckpointError", "ConfigError", "DistloadError", "EXTRA_CONFIG_KEYS", "LayoutError", "LoadConfig",
+__all__ = ["BuildContext", "CheckpointError", "ConfigError", "DistloadError", "EXTRA_CONFIG_KEYS", "LayoutError", "LoadConfig",
            "LoadReport", "Loaded", "MissingWeightsError", "PlanError", "example_checkpoint", "load", "Layout",
            "__version__"]

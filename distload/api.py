@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -17,7 +18,7 @@ from .config import LoadConfig
 from .errors import DistloadError, MissingWeightsError
 from .execute import ExecResult, Executor
 from .layout import Layout
-from .models import build_model
+from .models import BuildContext, ModelBuilder, reference_model
 from .plan import Plan, plan as make_plan
 from .report import LoadReport, RankStats
 from .spec import collect_specs
@@ -35,10 +36,28 @@ class Loaded:
     """the layout used"""
     rank: int
     """this rank"""
+    comm: Comm | None = None
+    """the job's process group, held open for the model's collectives when ``load`` was
+    called with ``keep_group=True`` (release it with ``close()``); None otherwise"""
+
+    def close(self) -> None:
+        """Releases the process group that ``keep_group=True`` kept open (a no-op otherwise).
+
+        A group that existed before ``load`` belongs to the caller and is left alone.
+        """
+        if self.comm is not None:
+            self.comm.close()
+
+    def __enter__(self) -> "Loaded":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def load(checkpoint: str, config: LoadConfig = LoadConfig(), *, world: WorldInfo | None = None,
-         progress: Callable[[int, int], None] | None = None) -> Loaded:
+         progress: Callable[[int, int], None] | None = None,
+         build: ModelBuilder = reference_model, keep_group: bool = False) -> Loaded:
     """Loads ``checkpoint`` into this rank's shard of its reference model and proves it complete.
 
     Call it on every rank (under torchrun, the rank and world come from the
@@ -50,9 +69,17 @@ def load(checkpoint: str, config: LoadConfig = LoadConfig(), *, world: WorldInfo
         config: layout, device, dtype and tracking options.
         world: rank and world size; default: torchrun's environment variables.
         progress: called as ``progress(bytes_done, bytes_total)`` while this rank reads.
+        build: makes this rank's model on the meta device from a ``BuildContext``;
+            default: the reference model for the config's ``model_type``. Pass your
+            own to load into a module built from distload's layers (see README).
+        keep_group: keep the process group that ``load`` created (and the TP groups the
+            model's forward runs its collectives on) open after returning; call
+            ``Loaded.close()``, or use ``Loaded`` as a context manager, when done. Without
+            it the group is destroyed before returning, so a model with ``tp > 1`` cannot
+            run forward.
 
     Returns:
-        ``Loaded`` with ``.model`` and ``.report``.
+        ``Loaded`` with ``.model`` and ``.report`` (and ``.comm`` under ``keep_group``).
 
     Example:
         >>> import distload
@@ -65,26 +92,32 @@ def load(checkpoint: str, config: LoadConfig = LoadConfig(), *, world: WorldInfo
     device = _device(config, world)
     comm = Comm.connect(world, device=device)
     try:
-        return _load(checkpoint, config, layout, comm, device, progress)
-    finally:
+        loaded = _load(checkpoint, config, layout, comm, device, progress, build)
+    except BaseException:
         comm.close()
+        raise
+    if keep_group:
+        return dataclasses.replace(loaded, comm=comm)
+    comm.close()
+    return loaded
 
 
 def _load(directory: str, config: LoadConfig, layout: Layout, comm: Comm, device: torch.device,
-          progress: Callable[[int, int], None] | None) -> Loaded:
+          progress: Callable[[int, int], None] | None, build: ModelBuilder) -> Loaded:
     start = time.perf_counter()
     rank = comm.rank
     failure: DistloadError | None = None
     model: nn.Module | None = None
     plan: Plan | None = None
     result: ExecResult | None = None
+    rank_plan = None
     ckpt: Checkpoint | None = None
     try:
         ckpt = open_checkpoint(directory)
         dtype = config.torch_dtype() or checkpoint_dtype(ckpt)
         tp_rank = layout.coords(rank).tp
         ops = comm.tp_collectives(layout)
-        model = build_model(ckpt.config, tp=layout.tp, tp_rank=tp_rank, ops=ops, dtype=dtype, device="meta")
+        model = build(BuildContext(config=ckpt.config, tp=layout.tp, tp_rank=tp_rank, ops=ops, dtype=dtype))
         plan = make_plan(ckpt.tensors, collect_specs(model), layout, ignore=config.ignore)
         rank_plan = plan.for_rank(rank)
         model = materialize(model, device)
@@ -106,10 +139,13 @@ def _load(directory: str, config: LoadConfig, layout: Layout, comm: Comm, device
         if verdict.failed or verdict.mismatched:  # the second, small exchange names loaded_by
             rows = comm.gather_rows(tracking.exchange_rows(verdict, local))
         findings = tracking.findings(plan, verdict, rows)
-    stats = comm.gather_rows(torch.tensor([len(result.loaded), result.bytes_read, result.seconds,
-                                           result.files_opened], dtype=torch.float64))
-    ranks = tuple(RankStats(rank=r, units_loaded=int(s[0]), bytes_read=int(s[1]), seconds=float(s[2]),
-                            files_opened=int(s[3])) for r, s in enumerate(stats.tolist()))
+    not_loaded = len(set(rank_plan.owned) - set(result.loaded))
+    stats = comm.gather_rows(torch.tensor([len(result.loaded), len(rank_plan.owned), not_loaded,
+                                           result.bytes_read, result.seconds, result.files_opened],
+                                          dtype=torch.float64))
+    ranks = tuple(RankStats(rank=r, units_loaded=int(s[0]), units_owned=int(s[1]), units_not_loaded=int(s[2]),
+                            bytes_read=int(s[3]), seconds=float(s[4]), files_opened=int(s[5]))
+                  for r, s in enumerate(stats.tolist()))
     notes = tuple(f"cast {c} while loading (model dtype differs from the checkpoint's)" for c in result.casts)
     report = LoadReport(mode="load", checkpoint=ckpt.directory, layout=layout.to_dict(),
                         tracked=config.track_enabled, num_units=len(plan.units), findings=findings,
@@ -164,11 +200,19 @@ def checkpoint_dtype(ckpt: Checkpoint) -> torch.dtype:
 
 
 def materialize(model: nn.Module, device: torch.device) -> nn.Module:
-    """Allocates a meta-device model on ``device`` (uninitialized) and restores tied weights."""
+    """Allocates a meta-device model on ``device`` (uninitialized memory), keeping tied weights tied.
+
+    ``to_empty`` gives every parameter its own storage, so names that shared one
+    parameter (a tied LM head) are pointed back at a single one afterwards.
+    """
+    shared: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        shared.setdefault(id(param), []).append(name)
     model = model.to_empty(device=device)
-    tie = getattr(model, "tie_weights", None)
-    if callable(tie):
-        tie()
+    for first, *others in shared.values():
+        for name in others:
+            module_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(module_name), attr, _tensor(model, first))
     return model
 
 

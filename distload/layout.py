@@ -46,9 +46,7 @@ class Layout:
 
     def __post_init__(self) -> None:
         for axis in ("world_size", "tp", "dp", "pp"):
-            value = getattr(self, axis)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise LayoutError(f"layout {axis} must be a positive integer, got {value!r}")
+            _check_positive(axis, getattr(self, axis))
         if self.tp * self.dp * self.pp != self.world_size:
             raise LayoutError(
                 f"layout does not fill the world: tp={self.tp} x dp={self.dp} x pp={self.pp} = "
@@ -64,7 +62,9 @@ class Layout:
             4
         """
         if dp is None:
-            if tp < 1 or pp < 1 or world_size % (tp * pp):
+            for axis, value in (("world_size", world_size), ("tp", tp), ("pp", pp)):
+                _check_positive(axis, value)
+            if world_size % (tp * pp):
                 raise LayoutError(
                     f"world size {world_size} is not divisible by tp={tp} x pp={pp}; "
                     f"choose tp and pp whose product divides {world_size}")
@@ -106,3 +106,8 @@ class Layout:
     def _check_rank(self, rank: int) -> None:
         if not 0 <= rank < self.world_size:
             raise LayoutError(f"rank {rank} is outside world size {self.world_size}")
+
+
+def _check_positive(axis: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise LayoutError(f"layout {axis} must be a positive integer, got {value!r}")

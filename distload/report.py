@@ -16,6 +16,10 @@ class RankStats:
     """global rank"""
     units_loaded: int
     """units this rank filled (verified units included)"""
+    units_owned: int
+    """units this rank owns (whether or not the checkpoint has them)"""
+    units_not_loaded: int
+    """owned units this rank did not fill (absent from the checkpoint, skipped, defaulted)"""
     bytes_read: int
     """bytes requested from the checkpoint files (planned bytes in a dry run)"""
     seconds: float
@@ -28,7 +32,8 @@ class RankStats:
         return self.bytes_read / self.seconds / 1e9 if self.seconds > 0 else 0.0
 
     def to_json(self) -> dict:
-        return {"rank": self.rank, "units_loaded": self.units_loaded, "bytes_read": self.bytes_read,
+        return {"rank": self.rank, "units_loaded": self.units_loaded, "units_owned": self.units_owned,
+                "units_not_loaded": self.units_not_loaded, "bytes_read": self.bytes_read,
                 "seconds": round(self.seconds, 6), "gbps": round(self.gbps, 3),
                 "files_opened": self.files_opened}
 

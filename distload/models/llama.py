@@ -153,11 +153,6 @@ class DecoderForCausalLM(nn.Module):
                                       tied=self.model.embed_tokens if cfg.tie_word_embeddings else None,
                                       tied_name="model.embed_tokens.weight")
 
-    def tie_weights(self) -> None:
-        """Re-points a tied LM head at the embedding (materializing breaks the sharing)."""
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Returns float logits ``[batch, seq, vocab]`` (the full vocabulary on every TP rank)."""
         x = self.model.embed_tokens(input_ids)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+from dataclasses import dataclass
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
@@ -13,6 +14,34 @@ from .config import DecoderConfig
 from .llama import DecoderForCausalLM
 
 DENSE_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class BuildContext:
+    """What a model builder is given: the checkpoint's config and this rank's place."""
+
+    config: Mapping
+    """the checkpoint's config.json"""
+    tp: int
+    """tensor-parallel degree"""
+    tp_rank: int
+    """this rank's index in its TP group"""
+    ops: Collectives
+    """collectives over this rank's TP group (for row-parallel layers, embeddings, heads)"""
+    dtype: torch.dtype
+    """the model dtype"""
+    device: str = "meta"
+    """build here; ``load`` materializes on the rank's device afterwards"""
+
+
+ModelBuilder = Callable[[BuildContext], nn.Module]
+"""makes one rank's model from a BuildContext"""
+
+
+def reference_model(ctx: BuildContext) -> nn.Module:
+    """The default builder: ``build_model`` for the config's ``model_type``."""
+    return build_model(ctx.config, tp=ctx.tp, tp_rank=ctx.tp_rank, ops=ctx.ops, dtype=ctx.dtype,
+                       device=ctx.device)
 
 
 def supported_model_types() -> tuple[str, ...]:

@@ -1,0 +1,151 @@
+"""Tiny random checkpoints written by Hugging Face transformers, and ways to damage them.
+
+Builders run in the test process (never in pool workers): they import transformers.
+Every checkpoint is float32, written by ``save_pretrained(max_shard_size=...)`` so it
+has several shards and a ``model.safetensors.index.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+
+import torch
+
+INDEX = "model.safetensors.index.json"
+
+
+@dataclass(frozen=True, kw_only=True)
+class HFSpec:
+    """What to build: a model type and its (tiny) sizes."""
+
+    model_type: str
+    vocab_size: int = 128
+    hidden_size: int = 64
+    intermediate_size: int = 96
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int = 16
+    tie_word_embeddings: bool = False
+    extra: dict = field(default_factory=dict)
+    """further config fields (attention_bias, sliding_window, ...)"""
+    seed: int = 0
+
+
+CONFIG_CLASSES = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config",
+                  "mistral": "MistralConfig"}
+
+
+def hf_config(spec: HFSpec):
+    import transformers
+
+    cls = getattr(transformers, CONFIG_CLASSES[spec.model_type])
+    return cls(vocab_size=spec.vocab_size, hidden_size=spec.hidden_size,
+               intermediate_size=spec.intermediate_size, num_hidden_layers=spec.num_hidden_layers,
+               num_attention_heads=spec.num_attention_heads, num_key_value_heads=spec.num_key_value_heads,
+               head_dim=spec.head_dim, tie_word_embeddings=spec.tie_word_embeddings, rms_norm_eps=1e-6,
+               max_position_embeddings=64, dtype="float32", **spec.extra)
+
+
+def write_hf_checkpoint(directory: str, spec: HFSpec, *, max_shard_size: str = "48KB") -> str:
+    """Builds a random model of ``spec`` with transformers and saves it in several shards.
+
+    Every parameter is re-drawn from a fixed seed (transformers initializes norms to
+    one and biases to zero, which would hide a norm or bias loaded into the wrong place).
+    """
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(spec.seed)
+    model = AutoModelForCausalLM.from_config(hf_config(spec), dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # tied parameters appear once
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            elif name.endswith(".bias"):
+                p.copy_(0.2 * torch.randn_like(p))
+            else:
+                p.copy_(0.15 * torch.randn_like(p))
+    model.save_pretrained(directory, max_shard_size=max_shard_size)
+    files = [f for f in os.listdir(directory) if f.endswith(".safetensors")]
+    assert len(files) > 2 and os.path.exists(os.path.join(directory, INDEX)), files
+    return directory
+
+
+def hf_logits(directory: str, input_ids: torch.Tensor) -> torch.Tensor:
+    """Returns transformers' float32 logits for ``input_ids`` (eager attention, eval mode)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, attn_implementation="eager")
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids).logits.float()
+
+
+def read_tensors(directory: str) -> dict[str, torch.Tensor]:
+    """Returns every tensor of the checkpoint, by name (read with safetensors.safe_open)."""
+    from safetensors import safe_open
+
+    out = {}
+    for fname in sorted(set(_weight_map(directory).values())):
+        with safe_open(os.path.join(directory, fname), framework="pt") as f:
+            for name in f.keys():
+                out[name] = f.get_tensor(name)
+    return out
+
+
+def copy_checkpoint(src: str, dst: str) -> str:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def delete_tensors(directory: str, names: list[str]) -> None:
+    """Removes tensors from their shard files and from the index."""
+    from safetensors.torch import load_file, save_file
+
+    index = _read_index(directory)
+    weight_map = index["weight_map"]
+    for fname in sorted({weight_map[n] for n in names}):
+        path = os.path.join(directory, fname)
+        tensors = load_file(path)
+        for n in names:
+            tensors.pop(n, None)
+        save_file(tensors, path, metadata={"format": "pt"})
+    for n in names:
+        del weight_map[n]
+    _write_index(directory, index)
+
+
+def put_tensors(directory: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Adds (or replaces) tensors, placing new ones in the last shard, and updates the index."""
+    from safetensors.torch import load_file, save_file
+
+    index = _read_index(directory)
+    weight_map = index["weight_map"]
+    last = sorted(set(weight_map.values()))[-1]
+    by_file: dict[str, dict[str, torch.Tensor]] = {}
+    for name, t in tensors.items():
+        by_file.setdefault(weight_map.get(name, last), {})[name] = t
+    for fname, new in by_file.items():
+        path = os.path.join(directory, fname)
+        current = load_file(path)
+        current.update({n: t.contiguous() for n, t in new.items()})
+        save_file(current, path, metadata={"format": "pt"})
+        weight_map.update({n: fname for n in new})
+    _write_index(directory, index)
+
+
+def _read_index(directory: str) -> dict:
+    with open(os.path.join(directory, INDEX)) as f:
+        return json.load(f)
+
+
+def _write_index(directory: str, index: dict) -> None:
+    with open(os.path.join(directory, INDEX), "w") as f:
+        json.dump(index, f, indent=2, sort_keys=True)
+
+
+def _weight_map(directory: str) -> dict[str, str]:
+    return _read_index(directory)["weight_map"]

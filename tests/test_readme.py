@@ -1,0 +1,51 @@
+"""The README's examples run as written (Python blocks, and its `python -m distload` lines)."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+README = os.path.join(os.path.dirname(__file__), "..", "README.md")
+
+
+def _blocks(lang: str) -> list[str]:
+    with open(README, encoding="utf-8") as f:
+        return re.findall(rf"```{lang}\n(.*?)```", f.read(), re.S)
+
+
+@pytest.mark.parametrize("index", range(len(_blocks("python"))))
+def test_python_block_runs(index, tmp_path):
+    code = _blocks("python")[index]
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+
+
+def _cli_lines():
+    lines = []
+    for block in _blocks("sh"):
+        for line in block.splitlines():
+            if line.startswith("python -m distload"):
+                command, _, comment = line.partition("#")
+                expected = re.match(r"\s*exit (\d)", comment)
+                lines.append((command.split()[1:], int(expected.group(1)) if expected else 0))
+    return lines
+
+
+@pytest.mark.parametrize("args,code", _cli_lines(), ids=lambda v: " ".join(v) if isinstance(v, list) else str(v))
+def test_cli_line_exit_code(args, code, tmp_path):
+    proc = subprocess.run([sys.executable, *args], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == code, proc.stdout + proc.stderr
+    if code == 0:
+        assert "distload load:" in proc.stdout
+    if "--json" in args:
+        assert (tmp_path / args[args.index("--json") + 1]).exists()
+
+
+def test_readme_names_the_ci_command():
+    with open(os.path.join(os.path.dirname(__file__), "..", ".ci", "run"), encoding="utf-8") as f:
+        ci = f.read()
+    assert "bash scripts/test" in ci
+    assert "bash scripts/test" in "".join(_blocks("sh"))

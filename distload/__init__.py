@@ -1,6 +1,7 @@
 """distload: load safetensors checkpoints into tensor/data-parallel models, and prove every
 parameter on every rank was filled."""
 
+from . import comm
 from .api import Loaded, load
 from .config import EXTRA_CONFIG_KEYS, LoadConfig
 from .errors import (CheckpointError, ConfigError, DistloadError, LayoutError, MissingWeightsError,

@@ -71,14 +71,17 @@ def world_from_env() -> WorldInfo:
 class Comm:
     """The job's process group: counts collectives for tracking and per-axis groups for models.
 
-    With ``world_size == 1`` no process group is created.
+    A job of one rank creates no process group; one that already exists (created by
+    the caller) is used even at world size 1, so its backend runs every collective.
     """
 
-    def __init__(self, *, rank: int, world_size: int, device: torch.device, owns_group: bool) -> None:
+    def __init__(self, *, rank: int, world_size: int, device: torch.device, owns_group: bool,
+                 grouped: bool) -> None:
         self.rank = rank
         self.world_size = world_size
         self.device = device  # where collective tensors live (cuda for NCCL)
         self._owns_group = owns_group
+        self._grouped = grouped  # collectives go through torch.distributed
         self._tp: dict[tuple[int, ...], Collectives] = {}
 
     @classmethod
@@ -88,18 +91,19 @@ class Comm:
 
         Uses ``env://`` rendezvous (``MASTER_ADDR``/``MASTER_PORT``) when no group exists yet.
         """
-        if world.world_size == 1:
-            return cls(rank=0, world_size=1, device=device, owns_group=False)
-        if dist.is_initialized():
+        if dist.is_available() and dist.is_initialized():
             if dist.get_world_size() != world.world_size or dist.get_rank() != world.rank:
                 raise ConfigError(f"an existing process group has rank {dist.get_rank()} of "
                                   f"{dist.get_world_size()}, expected {world.rank} of {world.world_size}")
-            return cls(rank=world.rank, world_size=world.world_size, device=device, owns_group=False)
+            return cls(rank=world.rank, world_size=world.world_size, device=device, owns_group=False,
+                       grouped=True)
+        if world.world_size == 1:
+            return cls(rank=0, world_size=1, device=device, owns_group=False, grouped=False)
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend, rank=world.rank, world_size=world.world_size, timeout=timeout)
-        return cls(rank=world.rank, world_size=world.world_size, device=device, owns_group=True)
+        return cls(rank=world.rank, world_size=world.world_size, device=device, owns_group=True, grouped=True)
 
     def close(self) -> None:
         """Destroys the process group if this object created it."""
@@ -126,7 +130,7 @@ class Comm:
 
     def sum_counts(self, counts: torch.Tensor) -> torch.Tensor:
         """Sums an integer tensor over all ranks (the one tracking collective)."""
-        if self.world_size == 1:
+        if not self._grouped:
             return counts
         on_device = counts.to(self.device)
         dist.all_reduce(on_device)
@@ -134,7 +138,7 @@ class Comm:
 
     def gather_rows(self, row: torch.Tensor) -> torch.Tensor:
         """Stacks every rank's equally sized 1-D ``row`` into ``[world, len]``."""
-        if self.world_size == 1:
+        if not self._grouped:
             return row.unsqueeze(0)
         local = row.to(self.device).contiguous()
         parts = [torch.empty_like(local) for _ in range(self.world_size)]
@@ -143,12 +147,12 @@ class Comm:
 
     def gather_objects(self, obj: object) -> list:
         """Gathers one small picklable object per rank (failure texts, baselines)."""
-        if self.world_size == 1:
+        if not self._grouped:
             return [obj]
         out: list = [None] * self.world_size
         dist.all_gather_object(out, obj)
         return out
 
     def barrier(self) -> None:
-        if self.world_size > 1:
+        if self._grouped:
             dist.barrier()

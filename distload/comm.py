@@ -132,7 +132,9 @@ class Comm:
         """Sums an integer tensor over all ranks (the one tracking collective)."""
         if not self._grouped:
             return counts
-        on_device = counts.to(self.device)
+        # a copy even on CPU (where .to() returns ``counts`` itself): all_reduce sums in
+        # place, and the caller still needs its own record to name loaded_by afterwards
+        on_device = counts.to(self.device, copy=True)
         dist.all_reduce(on_device)
         return on_device.cpu()
 

@@ -14,10 +14,11 @@ def load_summary(directory: str, tp: int, **kwargs):
         return err.report.to_json()
 
 
-def load_outcome(directory: str, tp: int, **kwargs) -> dict:
-    """Loads on this rank; returns whether ``load`` raised MissingWeightsError and the report JSON."""
+def load_outcome(directory: str, tp: int, options: dict | None = None) -> dict:
+    """Loads on this rank with further LoadConfig ``options``; returns whether ``load`` raised
+    MissingWeightsError, its message and the report JSON."""
     try:
-        loaded = distload.load(directory, distload.LoadConfig(tp=tp, device="cpu", **kwargs))
+        loaded = distload.load(directory, distload.LoadConfig(tp=tp, device="cpu", **(options or {})))
     except distload.MissingWeightsError as err:
         return {"raised": True, "message": str(err), "report": err.report.to_json()}
     return {"raised": False, "report": loaded.report.to_json()}
@@ -35,3 +36,23 @@ def load_and_forward(directory: str, tp: int, input_ids) -> dict:
         return {"report": loaded.report.to_json(), "state": state,
                 "dtypes": {name: str(t.dtype) for name, t in loaded.model.state_dict().items()},
                 "logits": logits.numpy().copy()}
+
+
+def group_lifetime(directory: str, tp: int) -> dict:
+    """Whether the process group exists while a ``keep_group`` load is held, after ``close()``,
+    and after a ``keep_group`` load that raised MissingWeightsError."""
+    import torch.distributed as dist
+
+    config = distload.LoadConfig(tp=tp, device="cpu")
+    loaded = distload.load(directory, config, keep_group=True)
+    during = dist.is_initialized()
+    loaded.close()
+    after_close = dist.is_initialized()
+    skip = distload.LoadConfig(tp=tp, device="cpu", skip_units={0: ("model.norm.weight",)})
+    try:
+        distload.load(directory, skip, keep_group=True)
+        raised = False
+    except distload.MissingWeightsError:
+        raised = True
+    return {"during": during, "after_close": after_close, "raised": raised,
+            "after_failed_load": dist.is_initialized()}

@@ -2,17 +2,17 @@
 parameter on every rank was filled."""
 
 from . import comm
+from ._version import __version__
 from .api import Loaded, load
 from .config import EXTRA_CONFIG_KEYS, LoadConfig
 from .errors import (CheckpointError, ConfigError, DistloadError, LayoutError, MissingWeightsError,
-                     PlanError)
+                     PeerFailedError, PlanError)
 from .examples import example_checkpoint
 from .layout import Layout
 from .models import BuildContext
 from .report import LoadReport
 
-__version__ = "0.1.0"
 
 __all__ = ["BuildContext", "CheckpointError", "ConfigError", "DistloadError", "EXTRA_CONFIG_KEYS", "LayoutError", "LoadConfig",
-           "LoadReport", "Loaded", "MissingWeightsError", "PlanError", "example_checkpoint", "load", "Layout",
+           "LoadReport", "Loaded", "MissingWeightsError", "PeerFailedError", "PlanError", "example_checkpoint", "load", "Layout",
            "__version__"]

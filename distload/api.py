@@ -12,14 +12,16 @@ import torch
 from torch import nn
 
 from . import tracking
+from ._version import __version__
 from .checkpoint.directory import Checkpoint, open_checkpoint
 from .comm import Comm, WorldInfo, world_from_env
 from .config import LoadConfig
-from .errors import DistloadError, MissingWeightsError
+from .errors import DistloadError, MissingWeightsError, PeerFailedError
 from .execute import ExecResult, Executor
 from .layout import Layout
 from .models import BuildContext, ModelBuilder, reference_model
-from .plan import Plan, plan as make_plan
+from .fingerprint import Fingerprint, fingerprint
+from .plan import Plan, RankPlan, plan as make_plan
 from .report import LoadReport, RankStats
 from .spec import collect_specs
 
@@ -106,38 +108,70 @@ def _load(directory: str, config: LoadConfig, layout: Layout, comm: Comm, device
           progress: Callable[[int, int], None] | None, build: ModelBuilder) -> Loaded:
     start = time.perf_counter()
     rank = comm.rank
-    failure: DistloadError | None = None
-    model: nn.Module | None = None
-    plan: Plan | None = None
-    result: ExecResult | None = None
-    rank_plan = None
-    ckpt: Checkpoint | None = None
+    comm.start_watch(dead_after=config.failure_timeout)
     try:
+        ops = comm.tp_collectives(layout)  # group creation first: every rank gets this far
         ckpt = open_checkpoint(directory)
         dtype = config.torch_dtype() or checkpoint_dtype(ckpt)
-        tp_rank = layout.coords(rank).tp
-        ops = comm.tp_collectives(layout)
-        model = build(BuildContext(config=ckpt.config, tp=layout.tp, tp_rank=tp_rank, ops=ops, dtype=dtype))
-        plan = make_plan(ckpt.tensors, collect_specs(model), layout, ignore=config.ignore)
+        model = build(BuildContext(config=ckpt.config, tp=layout.tp, tp_rank=layout.coords(rank).tp,
+                                   ops=ops, dtype=dtype))
+        specs = collect_specs(model)
+        plan = make_plan(ckpt.tensors, specs, layout, ignore=config.ignore)
+        _agree(comm, fingerprint(ckpt, layout, specs, __version__))
         rank_plan = plan.for_rank(rank)
         model = materialize(model, device)
+        params = {spec.name: _tensor(model, spec.name) for spec in plan.specs}
         skip_names = set(config.skip_units.get(rank, ()))
         skip = frozenset(r.unit for r in rank_plan.reads if r.tensor.name in skip_names)
-        params = {spec.name: _tensor(model, spec.name) for spec in plan.specs}
-        result = Executor(device=device, num_threads=config.num_read_threads).run(rank_plan, params, skip=skip,
-                                                                                 progress=progress)
+        result = Executor(device=device, num_threads=config.num_read_threads).run(
+            rank_plan, params, skip=skip, progress=progress, abort_check=comm.check_peers)
+        report = _merge(comm, config, layout, ckpt, plan, rank_plan, result, start)
+    except PeerFailedError:
+        raise
     except DistloadError as err:
-        failure = err.with_rank(rank)
-    _raise_if_any_failed(comm, failure, len(plan.units) if plan else 0)
-    assert plan is not None and result is not None and model is not None and ckpt is not None
+        comm.publish_failure(err.with_rank(rank))
+        raise
+    except BaseException as err:  # a bug or an interrupt: peers must not wait for this rank
+        comm.publish_failure(DistloadError(f"{type(err).__name__}: {err}", rank=rank))
+        raise
+    finally:
+        comm.stop_watch()
+    if not report.ok:
+        raise MissingWeightsError(_failure_summary(report), report=report, rank=rank)
+    return Loaded(model=model, report=report, layout=layout, rank=rank)
 
+
+def _agree(comm: Comm, mine: Fingerprint) -> None:
+    """Compares every rank's fingerprint before any tensor data is read.
+
+    Raises:
+        DistloadError: naming the ranks that differ from rank 0 and in what.
+    """
+    if comm.world_size == 1:
+        return
+    row = torch.frombuffer(bytearray(b"".join(mine.digests)), dtype=torch.int64)
+    rows = comm.gather_rows(row)
+    prints = [Fingerprint(tuple(bytes(r.numpy().tobytes()[i:i + 16]) for i in range(0, r.numel() * 8, 16)))
+              for r in rows]
+    odd = {r: prints[0].differing(p) for r, p in enumerate(prints) if p != prints[0]}
+    if odd:
+        parts = sorted({part for diff in odd.values() for part in diff})
+        raise DistloadError(f"ranks {sorted(odd)} disagree with rank 0 before loading, in: {', '.join(parts)} "
+                            "(different checkpoints, layouts, model specs or distload versions)",
+                            rank=comm.rank)
+
+
+def _merge(comm: Comm, config: LoadConfig, layout: Layout, ckpt: Checkpoint, plan: Plan, rank_plan: RankPlan,
+           result: ExecResult, start: float) -> LoadReport:
+    """Combines every rank's record (one collective, plus one when something failed) into the report."""
     findings = None
     if config.track_enabled:
-        local = tracking.record(len(plan.units), result.loaded, result.mismatched)
+        local = tracking.record(plan, result.loaded, result.mismatched,
+                                dtype=tracking.count_dtype(layout.world_size))
         verdict = tracking.classify(plan, comm.sum_counts(local))
         rows = None
         if verdict.failed or verdict.mismatched:  # the second, small exchange names loaded_by
-            rows = comm.gather_rows(tracking.exchange_rows(verdict, local))
+            rows = comm.gather_rows(tracking.exchange_rows(plan, verdict, local))
         findings = tracking.findings(plan, verdict, rows)
     not_loaded = len(set(rank_plan.owned) - set(result.loaded))
     stats = comm.gather_rows(torch.tensor([len(result.loaded), len(rank_plan.owned), not_loaded,
@@ -147,31 +181,10 @@ def _load(directory: str, config: LoadConfig, layout: Layout, comm: Comm, device
                             bytes_read=int(s[3]), seconds=float(s[4]), files_opened=int(s[5]))
                   for r, s in enumerate(stats.tolist()))
     notes = tuple(f"cast {c} while loading (model dtype differs from the checkpoint's)" for c in result.casts)
-    report = LoadReport(mode="load", checkpoint=ckpt.directory, layout=layout.to_dict(),
-                        tracked=config.track_enabled, num_units=len(plan.units), findings=findings,
-                        unexpected=plan.unexpected, ignored=plan.ignored, notes=notes, ranks=ranks,
-                        seconds=time.perf_counter() - start, strict=config.strict)
-    if not report.ok:
-        raise MissingWeightsError(_failure_summary(report), report=report, rank=rank)
-    return Loaded(model=model, report=report, layout=layout, rank=rank)
-
-
-def _raise_if_any_failed(comm: Comm, failure: DistloadError | None, num_units: int) -> None:
-    """Every rank learns whether any rank failed before the merge, so none waits in it."""
-    status = comm.sum_counts(torch.tensor([int(failure is not None), num_units, num_units ** 2],
-                                          dtype=torch.int64))
-    failed, total, squares = (int(v) for v in status)
-    if failed == 0 and total * total == squares * comm.world_size:  # every rank has the same table
-        return
-    errors = comm.gather_objects(failure)
-    if failure is not None:
-        raise failure
-    first = next((e for e in errors if e is not None), None)
-    if first is not None:
-        raise type(first)(f"rank {first.rank} failed: {first.message}", file=first.file,
-                          tensor=first.tensor, rank=comm.rank)
-    raise DistloadError("ranks planned different unit tables (different checkpoints or layouts?)",
-                        rank=comm.rank)
+    return LoadReport(mode="load", checkpoint=ckpt.directory, layout=layout.to_dict(),
+                      tracked=config.track_enabled, num_units=len(plan.units), findings=findings,
+                      unexpected=plan.unexpected, ignored=plan.ignored, notes=notes, ranks=ranks,
+                      seconds=time.perf_counter() - start, strict=config.strict)
 
 
 def _failure_summary(report: LoadReport) -> str:
@@ -185,7 +198,7 @@ def _failure_summary(report: LoadReport) -> str:
                 parts.append(f"{len(entries)} {kind} ({names})")
     if report.strict and report.unexpected:
         parts.append(f"{len(report.unexpected)} unexpected under --strict")
-    return "load incomplete: " + "; ".join(parts)
+    return "load not usable: " + "; ".join(parts)
 
 
 def checkpoint_dtype(ckpt: Checkpoint) -> torch.dtype:

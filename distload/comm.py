@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
+import threading
+import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 
-from .errors import ConfigError
+from .errors import ConfigError, DistloadError, PeerFailedError
 from .layout import Layout
 
 
@@ -83,6 +87,7 @@ class Comm:
         self._owns_group = owns_group
         self._grouped = grouped  # collectives go through torch.distributed
         self._tp: dict[tuple[int, ...], Collectives] = {}
+        self._watch: FailureWatch | None = None
 
     @classmethod
     def connect(cls, world: WorldInfo, *, device: torch.device,
@@ -106,10 +111,56 @@ class Comm:
         return cls(rank=world.rank, world_size=world.world_size, device=device, owns_group=True, grouped=True)
 
     def close(self) -> None:
-        """Destroys the process group if this object created it."""
+        """Stops failure watching and destroys the process group if this object created it."""
+        self.stop_watch()
         if self._owns_group and dist.is_initialized():
             dist.destroy_process_group()
         self._owns_group = False
+
+    def start_watch(self, *, dead_after: float) -> None:
+        """Starts publishing this rank's heartbeat and watching for failed or silent peers.
+
+        Failures travel out of band, through the rendezvous store: a collective timeout
+        cannot tell a dead rank from a slow read, and would hold every rank for minutes.
+        Without a store (a caller-made group without one) collectives block as usual.
+        """
+        if not self._grouped or self.world_size == 1 or self._watch is not None:
+            return
+        store = _default_store()
+        if store is not None:
+            self._watch = FailureWatch(store, rank=self.rank, world_size=self.world_size, dead_after=dead_after)
+
+    def stop_watch(self) -> None:
+        """Stops the heartbeat (after the load's last collective)."""
+        if self._watch is not None:
+            self._watch.stop()
+            self._watch = None
+
+    def publish_failure(self, err: DistloadError) -> None:
+        """Tells every rank, out of band, that this rank failed with ``err``."""
+        if self._watch is not None:
+            self._watch.publish(self.rank, err, linger=2.0)
+
+    def check_peers(self) -> None:
+        """Raises PeerFailedError if another rank published a failure or fell silent."""
+        if self._watch is not None:
+            self._watch.check()
+
+    def _collective(self, run: Callable[[], None]) -> None:
+        """Runs one collective once every rank is ready for it, watching for failed peers.
+
+        Ranks meet in the store first, so a collective only starts when all ranks have
+        reached it: a failure before that leaves no operation pending, and the group
+        can still be torn down at once (a pending gloo operation would hold it).
+        """
+        if self._watch is None:
+            run()
+            return
+        self._watch.meet()
+        try:
+            run()
+        except RuntimeError as err:  # a peer died inside the collective
+            self._watch.await_failure(err)
 
     def tp_collectives(self, layout: Layout) -> Collectives:
         """Returns collectives over this rank's tensor-parallel group.
@@ -135,7 +186,7 @@ class Comm:
         # a copy even on CPU (where .to() returns ``counts`` itself): all_reduce sums in
         # place, and the caller still needs its own record to name loaded_by afterwards
         on_device = counts.to(self.device, copy=True)
-        dist.all_reduce(on_device)
+        self._collective(lambda: dist.all_reduce(on_device))
         return on_device.cpu()
 
     def gather_rows(self, row: torch.Tensor) -> torch.Tensor:
@@ -144,7 +195,8 @@ class Comm:
             return row.unsqueeze(0)
         local = row.to(self.device).contiguous()
         parts = [torch.empty_like(local) for _ in range(self.world_size)]
-        dist.all_gather(parts, local)  # the list form works on every backend and torch version
+        # the list form works on every backend and torch version
+        self._collective(lambda: dist.all_gather(parts, local))
         return torch.stack(parts).cpu()
 
     def gather_objects(self, obj: object) -> list:
@@ -158,3 +210,142 @@ class Comm:
     def barrier(self) -> None:
         if self._grouped:
             dist.barrier()
+
+
+def _default_store():
+    """The default group's rendezvous store, or None (a group made without one)."""
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except (AttributeError, RuntimeError, ValueError):
+        return None
+
+
+class FailureWatch:
+    """Out-of-band failure channel over the rendezvous store.
+
+    A failing rank stores its error and bumps a shared counter; every rank polls that
+    one counter while it waits. A background thread bumps this rank's heartbeat and
+    watches the next rank's (a ring, so each rank reads one key): a rank silent for
+    ``dead_after`` seconds (killed, or its host gone) is published as failed by its
+    watcher. Keys carry a generation so consecutive loads on one group never mix.
+    """
+
+    def __init__(self, store, *, rank: int, world_size: int, dead_after: float) -> None:
+        self.store, self.rank, self.world_size, self.dead_after = store, rank, world_size, dead_after
+        # every rank adds once per load before any collective of that load completes
+        self.prefix = f"distload/{(int(store.add('distload/generation', 1)) - 1) // world_size}/"
+        self._stop = threading.Event()
+        self._failed = False  # once a failure is known, the store may vanish: touch it no more
+        self._meetings = 0
+        self._thread = threading.Thread(target=self._beat, name="distload-heartbeat", daemon=True)
+        self._thread.start()
+
+    def publish(self, rank: int, err: DistloadError, *, linger: float = 0.0) -> None:
+        """Stores ``err`` as rank ``rank``'s failure; with ``linger``, waits (bounded) until the
+        other ranks have read it, since this process may host the store and exit next."""
+        self._failed = True
+        try:
+            self.store.set(f"{self.prefix}error/{rank}", pickle.dumps(err))
+            self.store.add(f"{self.prefix}failed", 1)
+            deadline = time.monotonic() + linger
+            while time.monotonic() < deadline and \
+                    int(self.store.add(f"{self.prefix}seen", 0)) < self.world_size - 1:
+                time.sleep(0.01)
+        except Exception:  # the store itself is gone: peers will notice that instead
+            pass
+
+    def _add(self, key: str, amount: int) -> int:
+        try:
+            return int(self.store.add(key, amount))
+        except Exception as err:  # the store's host (rank 0 without torchrun) is gone
+            self._failed = True
+            raise PeerFailedError(f"lost the rendezvous store ({type(err).__name__}: {err}); "
+                                  "rank 0 or the launcher died", rank=self.rank) from None
+
+    def check(self) -> None:
+        """Raises PeerFailedError if a rank published a failure (or the store is gone)."""
+        if self._add(f"{self.prefix}failed", 0):
+            self._failed = True
+            err = self._first_error()
+            try:
+                self.store.add(f"{self.prefix}seen", 1)
+            except Exception:
+                pass
+            raise err
+
+    def await_failure(self, cause: Exception) -> None:
+        """After a collective broke, waits (bounded) for the failure that explains it, and raises.
+
+        A failing rank publishes before it closes its connections; a killed one is
+        published by its watcher within ``dead_after``.
+        """
+        deadline = time.monotonic() + self.dead_after + 2.0
+        while time.monotonic() < deadline:
+            self.check()
+            time.sleep(0.05)
+        raise PeerFailedError(f"a collective failed and no rank explained why: {cause}", rank=self.rank)
+
+    def meet(self) -> None:
+        """Returns once every rank has called ``meet`` as often as this one (a store barrier).
+
+        The last rank to arrive sets a key the others block on in the store itself
+        (woken at once, no polling), in slices so that failures are still checked.
+        """
+        self._meetings += 1
+        key = f"{self.prefix}meet/{self._meetings}"
+        if self._add(key, 1) == self.world_size:
+            self.store.set(f"{key}/all", b"1")
+            return
+        while True:
+            self.check()
+            try:
+                self.store.wait([f"{key}/all"], datetime.timedelta(milliseconds=100))
+                return
+            except Exception:  # the slice ran out (or the store is gone: check() says which)
+                continue
+
+    def stop(self) -> None:
+        if not self._failed:
+            self.mark_done()
+        self._stop.set()
+        # after a failure the thread may sit in a call to a store that is gone; it is a daemon
+        self._thread.join(timeout=0.1 if self._failed else 5)
+
+    def _first_error(self) -> PeerFailedError:
+        for rank in range(self.world_size):
+            key = f"{self.prefix}error/{rank}"
+            try:
+                if self.store.check([key]):
+                    err = pickle.loads(self.store.get(key))
+                    return PeerFailedError(err.message, file=err.file, tensor=err.tensor, rank=rank,
+                                           failed_rank=rank)
+            except Exception:
+                continue
+        return PeerFailedError("another rank failed, but its error could not be read", rank=self.rank)
+
+    def _beat(self) -> None:
+        peer = (self.rank + 1) % self.world_size
+        interval = min(1.0, self.dead_after / 5)
+        last_seen, since = -1, time.monotonic()
+        while not self._stop.wait(interval):
+            try:
+                self.store.add(f"{self.prefix}beat/{self.rank}", 1)
+                if int(self.store.add(f"{self.prefix}done/{peer}", 0)):
+                    continue  # the peer finished its load: silence is expected
+                seen = int(self.store.add(f"{self.prefix}beat/{peer}", 0))
+            except Exception:
+                return  # store gone; check() on the main thread reports it
+            now = time.monotonic()
+            if seen != last_seen:
+                last_seen, since = seen, now
+            elif now - since > self.dead_after:
+                self.publish(peer, DistloadError(
+                    f"rank {peer} stopped responding: no heartbeat for {now - since:.0f} s "
+                    f"(killed, or its host is gone)", rank=peer))
+                return
+
+    def mark_done(self) -> None:
+        try:
+            self.store.add(f"{self.prefix}done/{self.rank}", 1)
+        except Exception:
+            pass

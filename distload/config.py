@@ -48,6 +48,9 @@ class LoadConfig:
     """regexes of checkpoint names that are never unexpected"""
     strict: bool = False
     """unexpected tensors fail the load too"""
+    failure_timeout: float = 30.0
+    """seconds without a heartbeat after which a rank counts as dead (killed, host gone);
+    a rank that raises is reported to every rank at once, not after this"""
     skip_units: Mapping[int, tuple[str, ...]] = field(default_factory=dict)
     """test hook: rank -> checkpoint names that rank pretends not to load"""
 
@@ -62,6 +65,8 @@ class LoadConfig:
         threads = self.extra_config.get("num_read_threads", 4)
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise ConfigError(f"num_read_threads must be a positive integer, got {threads!r}")
+        if not self.failure_timeout > 0:
+            raise ConfigError(f"failure_timeout must be a positive number of seconds, got {self.failure_timeout!r}")
         if self.device not in (None, "cpu", "cuda"):
             raise ConfigError(f"device must be cpu or cuda, got {self.device!r}")
         if self.dtype is not None and self.dtype not in DTYPES:

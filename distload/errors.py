@@ -59,6 +59,18 @@ class PlanError(DistloadError):
     """The model and the checkpoint disagree (shapes, sizes, coverage)."""
 
 
+class PeerFailedError(DistloadError):
+    """Another rank failed (or fell silent); raised on the ranks that did not fail.
+
+    ``file`` and ``tensor`` are the failed rank's; ``failed_rank`` names it.
+    """
+
+    def __init__(self, message: str, *, file: str | None = None, tensor: str | None = None,
+                 rank: int | None = None, failed_rank: int | None = None) -> None:
+        super().__init__(message, file=file, tensor=tensor, rank=rank)
+        self.failed_rank = failed_rank
+
+
 class MissingWeightsError(DistloadError):
     """Some unit was owned but not loaded by every owner; ``report`` says which."""
 

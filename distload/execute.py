@@ -59,12 +59,14 @@ class Executor:
 
     def run(self, plan: RankPlan, params: Mapping[str, torch.Tensor], *,
             skip: frozenset[int] = frozenset(),
-            progress: Callable[[int, int], None] | None = None) -> ExecResult:
+            progress: Callable[[int, int], None] | None = None,
+            abort_check: Callable[[], None] | None = None) -> ExecResult:
         """Fills ``params`` (name -> tensor on ``device``) from ``plan``.
 
         Args:
             skip: unit indices not to load (test hook: simulates a rank that dropped a unit).
             progress: called with (bytes done, bytes total) after each read is placed.
+            abort_check: called between reads; raises to stop early (another rank failed).
 
         Raises:
             CheckpointError: a file is shorter than its header says, naming file and tensor.
@@ -81,7 +83,7 @@ class Executor:
                 for r in reads:
                     if r.tensor.file not in fds:
                         fds[r.tensor.file] = os.open(r.tensor.file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-                loaded, mismatched, casts = self._pipeline(reads, params, fds, progress)
+                loaded, mismatched, casts = self._pipeline(reads, params, fds, progress, abort_check)
             finally:
                 for fd in fds.values():
                     os.close(fd)
@@ -90,7 +92,7 @@ class Executor:
                           seconds=time.perf_counter() - start, casts=tuple(sorted(casts)))
 
     def _pipeline(self, reads: list[Read], params: Mapping[str, torch.Tensor], fds: dict[str, int],
-                  progress: Callable[[int, int], None] | None):
+                  progress: Callable[[int, int], None] | None, abort_check: Callable[[], None] | None):
         loaded: list[int] = []
         mismatched: list[int] = []
         casts: set[str] = set()
@@ -98,6 +100,7 @@ class Executor:
         copies: list[tuple[int, torch.cuda.Event, torch.Tensor]] = []
         inflight = 0
         done, total = 0, sum(r.nbytes for r in reads)
+        next_check = 0.0
         with ThreadPoolExecutor(self.num_threads, thread_name_prefix="distload-read") as pool:
             it = iter(reads)
             nxt = next(it, None)
@@ -132,6 +135,9 @@ class Executor:
                 done += read.nbytes
                 if progress is not None:
                     progress(done, total)
+                if abort_check is not None and time.monotonic() > next_check:
+                    abort_check()
+                    next_check = time.monotonic() + 0.05
         for unit, event, _ in copies:
             event.synchronize()
             loaded.append(unit)

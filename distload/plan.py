@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+from array import array
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
@@ -120,19 +121,23 @@ class Plan:
     """checkpoint tensors no unit consumes and no ignore rule names"""
     ignored: tuple[str, ...]
     """checkpoint tensors skipped by an ignore rule"""
+    owner_counts: array
+    """number of owners of each unit, in table order (C ints; read-only): what a complete
+    load's summed records equal, kept as one buffer so tracking compares without a loop"""
+    verify_units: tuple[int, ...]
+    """indices of the units read only to be compared (their mismatch flags trail each record)"""
 
     def owners(self, unit: int) -> tuple[int, ...]:
         """Returns the ranks that own ``unit``, in rank order."""
         u = self.units[unit]
-        tp = self.layout.tp
-        width = tp // u.num_shards
-        return tuple(r for t in range(u.index * width, (u.index + 1) * width)
-                     for r in self.layout.ranks_where(tp=t))
+        width = self.layout.tp // u.num_shards
+        lo = u.index * width
+        # TP groups come in rank order and hold their ranks in TP order
+        return tuple(group[t] for group in self.layout.tp_groups() for t in range(lo, lo + width))
 
     def num_owners(self, unit: int) -> int:
         """Returns ``len(owners(unit))`` without listing them."""
-        u = self.units[unit]
-        return self.layout.tp // u.num_shards * self.layout.dp * self.layout.pp
+        return self.owner_counts[unit]
 
     def for_rank(self, rank: int) -> RankPlan:
         """Returns the reads and fills of ``rank``."""
@@ -206,7 +211,10 @@ def plan(tensors: Mapping[str, TensorInfo], specs: Iterable[ParamSpec], layout: 
     leftover = sorted(n for n in tensors if n not in consumed)
     ignored = tuple(n for n in leftover if any(p.search(n) for p in patterns))
     unexpected = tuple(n for n in leftover if n not in set(ignored))
-    return Plan(layout, specs, tuple(units), unit_ids, tensors, unexpected, ignored)
+    replicas = layout.dp * layout.pp  # each TP index appears once per replica and stage
+    owner_counts = array("i", [layout.tp // u.num_shards * replicas for u in units])
+    verify_units = tuple(i for i, u in enumerate(units) if u.verify)
+    return Plan(layout, specs, tuple(units), unit_ids, tensors, unexpected, ignored, owner_counts, verify_units)
 
 
 def _add_units(units: list[Unit], unit_ids: dict, spec: ParamSpec, src: Source,

@@ -13,6 +13,7 @@ import multiprocessing as mp
 import os
 import queue
 import socket
+import time
 import traceback
 from typing import Any, Callable
 
@@ -28,8 +29,14 @@ class RankFailed(Exception):
     """A rank raised something that is not a DistloadError (a bug, not a finding)."""
 
 
+class WorkerDied(Exception):
+    """A rank's worker process ended (killed) before returning; it is replaced."""
+
+
 def _worker(tasks: "mp.Queue", results: "mp.Queue") -> None:
-    import torch  # noqa: F401  (imported once, here, so that jobs start fast)
+    import torch  # imported once, here, so that jobs start fast
+
+    torch.set_num_threads(1)  # one intra-op thread per rank, as torchrun sets it
 
     while True:
         task = tasks.get()
@@ -96,22 +103,34 @@ class RankPool:
         for rank in range(world):
             self._tasks[rank].put((self._job, rank, world, port, fn, args, dict(env or {})))
         out: list = [None] * world
-        seen = 0
-        while seen < world:
+        pending = set(range(world))
+        deadline = time.monotonic() + timeout
+        while pending:
             try:
-                job, rank, ok, value = self._results.get(timeout=timeout)
+                job, rank, ok, value = self._results.get(timeout=0.2)
             except queue.Empty:
-                self.restart()
-                raise TimeoutError(f"{fn.__name__} did not finish on {world} ranks within {timeout} s") from None
-            if job != self._job:
+                for rank in sorted(pending):
+                    if not self._procs[rank].is_alive():  # killed: it will never answer
+                        out[rank] = WorkerDied(f"rank {rank}'s worker died (exit code {self._procs[rank].exitcode})")
+                        pending.discard(rank)
+                        self._replace(rank)
+                if time.monotonic() > deadline:
+                    self.restart()
+                    raise TimeoutError(f"{fn.__name__} did not finish on {world} ranks within {timeout} s") from None
+                continue
+            if job != self._job or rank not in pending:
                 continue
             out[rank] = value
-            seen += 1
-        if raise_errors or any(isinstance(v, RankFailed) for v in out):
-            for v in out:
-                if isinstance(v, BaseException) and (raise_errors or isinstance(v, RankFailed)):
-                    raise v
+            pending.discard(rank)
+        for value in out:
+            if isinstance(value, RankFailed) or (raise_errors and isinstance(value, BaseException)):
+                raise value
         return out
+
+    def _replace(self, rank: int) -> None:
+        self._tasks[rank] = self._ctx.Queue()
+        self._procs[rank] = self._ctx.Process(target=_worker, args=(self._tasks[rank], self._results), daemon=True)
+        self._procs[rank].start()
 
     def restart(self) -> None:
         """Kills every worker and starts fresh ones (after a hang)."""

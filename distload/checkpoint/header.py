@@ -63,17 +63,22 @@ def read_header(path: str) -> dict[str, TensorInfo]:
         CheckpointError: the file is short, the header is malformed, or a tensor's
             dtype, shape or offsets are inconsistent; the message names file and tensor.
     """
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"safetensors file is shorter than its 8-byte header length "
-                                  f"({size} bytes)", file=path)
-        (length,) = struct.unpack("<Q", head)
-        if length > MAX_HEADER_BYTES or 8 + length > size:
-            raise CheckpointError(f"header length {length} is larger than the file ({size} bytes) "
-                                  f"or the {MAX_HEADER_BYTES}-byte limit", file=path)
-        raw = f.read(length)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"safetensors file is shorter than its 8-byte header length "
+                                      f"({size} bytes)", file=path)
+            (length,) = struct.unpack("<Q", head)
+            if length > MAX_HEADER_BYTES or 8 + length > size:
+                raise CheckpointError(f"header length {length} is larger than the file ({size} bytes) "
+                                      f"or the {MAX_HEADER_BYTES}-byte limit", file=path)
+            raw = f.read(length)
+    except OSError as err:  # unreadable, a directory, vanished between listing and opening
+        raise CheckpointError(f"cannot read safetensors file: {err.strerror or err}", file=path) from None
+    if len(raw) != length:
+        raise CheckpointError(f"file ended while reading its {length}-byte header", file=path)
     return parse_header(raw, path=path, file_size=size)
 
 
@@ -81,8 +86,10 @@ def parse_header(raw: bytes, *, path: str, file_size: int) -> dict[str, TensorIn
     """Validates header JSON ``raw`` of a file of ``file_size`` bytes; see ``read_header``."""
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, integers over the digit limit
         raise CheckpointError(f"header is not valid JSON: {err}", file=path) from None
+    except RecursionError:
+        raise CheckpointError("header JSON is nested too deeply", file=path) from None
     if not isinstance(header, dict):
         raise CheckpointError("header is not a JSON object", file=path)
     data_start = 8 + len(raw)
@@ -102,7 +109,7 @@ def parse_header(raw: bytes, *, path: str, file_size: int) -> dict[str, TensorIn
 def _tensor_info(name: str, entry: object, *, path: str, data_start: int, data_len: int) -> TensorInfo:
     if not isinstance(entry, dict):
         raise CheckpointError("header entry is not an object", file=path, tensor=name)
-    dtype = DTYPES.get(entry.get("dtype"))  # type: ignore[arg-type]
+    dtype = DTYPES.get(entry.get("dtype")) if isinstance(entry.get("dtype"), str) else None
     if dtype is None:
         raise CheckpointError(f"unknown dtype {entry.get('dtype')!r} (known: {', '.join(DTYPES)})",
                               file=path, tensor=name)

@@ -1,0 +1,49 @@
+"""What every rank must agree on before reading tensor data, as comparable digests.
+
+Paths are left out on purpose: ranks may mount one checkpoint at different places.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from typing import Iterable
+
+from .checkpoint.directory import Checkpoint
+from .layout import Layout
+from .spec import ParamSpec
+
+PARTS = ("distload version", "checkpoint config", "checkpoint index", "checkpoint file sizes",
+         "checkpoint headers", "layout", "model specs")
+"""the components compared, in a fixed order"""
+
+
+@dataclass(frozen=True, slots=True)
+class Fingerprint:
+    """One 16-byte digest per entry of PARTS."""
+
+    digests: tuple[bytes, ...]
+
+    def differing(self, other: "Fingerprint") -> tuple[str, ...]:
+        """Names the parts in which two fingerprints differ."""
+        return tuple(name for name, a, b in zip(PARTS, self.digests, other.digests) if a != b)
+
+
+def fingerprint(ckpt: Checkpoint, layout: Layout, specs: Iterable[ParamSpec], version: str) -> Fingerprint:
+    """Digests what must be equal on every rank (sizes are read with ``stat``, no data)."""
+    files = {os.path.basename(f): os.path.getsize(f) for f in ckpt.files}
+    headers = sorted((t.name, os.path.basename(t.file), str(t.dtype), t.shape, t.end - t.begin)
+                     for t in ckpt.tensors.values())
+    index = sorted((t.name, os.path.basename(t.file)) for t in ckpt.tensors.values())
+    spec_rows = [(s.name, s.shape, s.role.value, s.default, s.derived_from,
+                  [(src.name, src.shape, src.shard.dim, src.shard.num_shards, src.shard.pad, src.offset)
+                   for src in (*s.sources, *s.verify)]) for s in specs]
+    values = (version, dict(ckpt.config), index, files, headers, layout.to_dict(), spec_rows)
+    return Fingerprint(tuple(_digest(v) for v in values))
+
+
+def _digest(value: object) -> bytes:
+    text = json.dumps(value, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.blake2b(text.encode(), digest_size=16).digest()

@@ -1,0 +1,47 @@
+"""A rank that fails, or is killed, ends the whole job quickly, with its error on every rank."""
+
+import pytest
+
+import distload
+from distload.testing import WorkerDied
+from tests import failure_jobs
+
+
+@pytest.fixture(scope="module")
+def example():
+    return distload.example_checkpoint()
+
+
+@pytest.mark.parametrize("victim", [0, 3])
+def test_a_rank_that_raises_stops_every_rank_at_once(pool, example, victim):
+    out = pool.run(4, failure_jobs.fail_while_reading, example, 2, victim, "raise", 30.0)
+    assert out[victim]["type"] == "CheckpointError" and out[victim]["rank"] == victim
+    for rank, o in enumerate(out):
+        assert not o["ok"]
+        if rank != victim:
+            assert o["type"] == "PeerFailedError", o
+            assert o["failed_rank"] == victim
+            assert "injected read failure" in o["message"]
+            assert o["file"] == "injected.safetensors" and o["tensor"] == "model.norm.weight"
+    # measured from the failure, far below the 30 s dead-rank timeout: it travelled out of band
+    after = max(o["finished_at"] for o in out) - out[victim]["finished_at"]
+    assert after < 3, after
+
+
+def test_a_rank_failing_before_reading_stops_the_others(pool, example):
+    out = pool.run(4, failure_jobs.fail_while_building, example, 2, 1)
+    assert out[1]["type"] == "PlanError"
+    assert all(o["type"] == "PeerFailedError" and o["failed_rank"] == 1 for r, o in enumerate(out) if r != 1)
+
+
+@pytest.mark.parametrize("victim", [2, 0])
+def test_a_killed_rank_ends_the_job_within_the_bound(pool, example, victim):
+    timeout = 2.0
+    out = pool.run(4, failure_jobs.fail_while_reading, example, 2, victim, "kill", timeout, timeout=60)
+    assert isinstance(out[victim], WorkerDied)
+    for rank, o in enumerate(out):
+        if rank != victim:
+            assert o["type"] == "PeerFailedError", o
+            assert f"rank {victim} stopped responding" in o["message"] or "rendezvous store" in o["message"], o
+            # the kill came after the first read, within a second of the load's start
+            assert o["seconds"] < timeout + 5, o

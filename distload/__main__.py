@@ -33,6 +33,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore", action="append", default=[], metavar="REGEX",
                    help="checkpoint names matching REGEX are never unexpected (repeatable)")
     p.add_argument("--strict", action="store_true", help="unexpected checkpoint tensors fail the load too")
+    p.add_argument("--failure-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="a rank silent this long (killed, host gone) fails the job (default 30); "
+                        "a rank that raises stops every rank at once")
     return p
 
 
@@ -48,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = LoadConfig(tp=args.tp, dp=args.dp, device=args.device, dtype=args.dtype,
                             track=None if args.track is None else args.track == "on",
-                            ignore=tuple(args.ignore), strict=args.strict)
+                            ignore=tuple(args.ignore), strict=args.strict, failure_timeout=args.failure_timeout)
         directory = args.checkpoint or example_checkpoint()
         loaded = api.load(directory, config, world=world_from_env(), progress=out.progress)
     except MissingWeightsError as err:

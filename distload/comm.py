@@ -31,6 +31,7 @@ class Collectives:
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sums ``tensor`` over the group, in place, and returns it."""
         if self.size > 1:
+            _check_open()
             dist.all_reduce(tensor, group=self.group)
         return tensor
 
@@ -38,9 +39,16 @@ class Collectives:
         """Concatenates every rank's ``tensor`` along ``dim``, in group order."""
         if self.size == 1:
             return tensor
+        _check_open()
         parts = [torch.empty_like(tensor) for _ in range(self.size)]
         dist.all_gather(parts, tensor.contiguous(), group=self.group)
         return torch.cat(parts, dim=dim)
+
+
+def _check_open() -> None:
+    if not dist.is_initialized():
+        raise DistloadError("the model's process group is closed: call distload.load(..., keep_group=True) "
+                            "to run a model split over several ranks, and Loaded.close() when done")
 
 
 SOLO = Collectives()

@@ -44,6 +44,8 @@ class Entry:
     """derived parameters computed from it"""
     against: str = ""
     """what a verified tensor was compared with (mismatched entries)"""
+    differs_on: tuple[int, ...] = ()
+    """ranks whose piece differed (mismatched entries)"""
 
     def to_json(self) -> dict:
         out: dict = {"name": self.name, "owners": list(self.owners)}
@@ -53,6 +55,7 @@ class Entry:
             out["affects"] = list(self.affects)
         if self.against:
             out["against"] = self.against
+            out["differs_on"] = list(self.differs_on)
         return out
 
 
@@ -157,9 +160,14 @@ def findings(plan: Plan, verdict: Verdict, rows: torch.Tensor | None) -> Finding
                       affects=tuple(affects.get(name, ())))
         (inconsistent if got else missing).append(entry)
     defaulted = [Entry(name=n, owners=_owners(plan, us)) for n, us in _by_name(plan, verdict.defaulted).items()]
-    mismatched = [Entry(name=n, owners=tuple(sorted({r for u in us for r in mism_by[u]})),
-                        against=", ".join(_derived_sources(plan, plan.units[us[0]].param)))
-                  for n, us in _by_name(plan, verdict.mismatched).items()]
+    unloaded = {e.name for e in (*missing, *inconsistent)}
+    mismatched = []
+    for name, units in _by_name(plan, verdict.mismatched).items():
+        against = _derived_sources(plan, plan.units[units[0]].param)
+        if unloaded.intersection(against):
+            continue  # compared with memory its own missing source never filled: reported there
+        mismatched.append(Entry(name=name, owners=_owners(plan, units_of[name]), against=", ".join(against),
+                                differs_on=tuple(sorted({r for u in units for r in mism_by[u]}))))
     return Findings(missing=tuple(missing), inconsistent=tuple(inconsistent),
                     defaulted=tuple(defaulted), mismatched=tuple(mismatched))
 

@@ -56,3 +56,15 @@ def group_lifetime(directory: str, tp: int) -> dict:
         raised = True
     return {"during": during, "after_close": after_close, "raised": raised,
             "after_failed_load": dist.is_initialized()}
+
+
+def forward_after_close(directory: str, tp: int) -> str:
+    """Runs the model after ``load`` closed its group (no keep_group); returns the error text."""
+    import torch
+
+    loaded = distload.load(directory, distload.LoadConfig(tp=tp, device="cpu"))
+    try:
+        loaded.model(torch.tensor([[1, 2]]))
+    except distload.DistloadError as err:
+        return str(err)
+    return "no error"

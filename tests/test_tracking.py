@@ -224,8 +224,15 @@ def test_verified_copy_that_differs_is_mismatched_on_the_ranks_that_saw_it():
     verdict, found, _ = simulate(p, mismatch={2: {"lm_head.weight"}, 131: {"lm_head.weight"}})
     assert found.complete and len(verdict.mismatched) == 2  # two TP shards
     (entry,) = found.mismatched
-    assert entry.name == "lm_head.weight" and entry.owners == (2, 131)
+    assert entry.name == "lm_head.weight" and entry.differs_on == (2, 131)
+    assert entry.owners == tuple(range(WIDE.world_size))  # every rank holds a vocabulary block
     assert entry.against == "model.embed_tokens.weight"
+    # compared with an embedding that was itself never loaded: reported as missing only
+    verdict, found, _ = simulate(p, skip={r: {"model.embed_tokens.weight"} for r in range(WIDE.world_size)},
+                                 mismatch={2: {"lm_head.weight"}})
+    assert verdict.mismatched and not found.mismatched
+    assert found.missing[0].name == "model.embed_tokens.weight"
+    assert found.missing[0].affects == ("lm_head.weight",)
     # a verify unit a rank did not read is counted like any other unit
     _, found, _ = simulate(p, skip={5: {"lm_head.weight"}})
     assert found.inconsistent[0].name == "lm_head.weight"

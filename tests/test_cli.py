@@ -1,0 +1,127 @@
+"""``python -m distload`` and ``torchrun -m distload``: exit codes, output, JSON report."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import distload
+from tests import jobs
+from tests.hf_checkpoints import copy_checkpoint, delete_tensors, put_tensors
+
+TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
+
+
+def cli(*args: str, cwd, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "distload", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture()
+def example_copy(tmp_path):
+    return copy_checkpoint(distload.example_checkpoint(), str(tmp_path / "ckpt"))
+
+
+def test_complete_load_exits_0_and_writes_json(tmp_path):
+    proc = cli("--device", "cpu", "--json", "r.json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["complete"] is True and report["mode"] == "load"
+    assert proc.stdout.count("distload load: COMPLETE") == 1
+
+
+def test_missing_tensor_exits_3_with_the_report(tmp_path, example_copy):
+    delete_tensors(example_copy, ["model.layers.1.post_attention_layernorm.weight"])
+    proc = cli(example_copy, "--device", "cpu", "--json", "r.json", cwd=tmp_path)
+    assert proc.returncode == 3, proc.stderr
+    assert "INCOMPLETE" in proc.stdout and "model.layers.1.post_attention_layernorm.weight" in proc.stdout
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["complete"] is False
+    assert report["missing"] == [{"name": "model.layers.1.post_attention_layernorm.weight", "owners": [0]}]
+
+
+def test_unexpected_tensor_fails_only_under_strict_and_ignore_excludes_it(tmp_path, example_copy):
+    import torch
+    put_tensors(example_copy, {"model.extra.weight": torch.zeros(3)})
+    assert cli(example_copy, "--device", "cpu", cwd=tmp_path).returncode == 0
+    strict = cli(example_copy, "--device", "cpu", "--strict", "--json", "r.json", cwd=tmp_path)
+    assert strict.returncode == 3
+    assert json.loads((tmp_path / "r.json").read_text())["unexpected"] == [{"name": "model.extra.weight"}]
+    assert cli(example_copy, "--device", "cpu", "--strict", "--ignore", r"^model\.extra\.", cwd=tmp_path).returncode == 0
+
+
+def test_bad_checkpoint_exits_1_with_one_line(tmp_path):
+    proc = cli(str(tmp_path / "nowhere"), "--device", "cpu", cwd=tmp_path)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("distload: error: checkpoint directory does not exist")
+    assert "nowhere" in lines[0] and "rank 0" in lines[0]
+
+
+@pytest.mark.parametrize("args", [["--tp", "0"], ["--device", "tpu"], ["--no-such-flag"], ["--tp", "2"]])
+def test_usage_errors_exit_2(tmp_path, args):
+    assert cli("--device", "cpu", *args, cwd=tmp_path).returncode == 2
+
+
+def test_track_off_and_dtype(tmp_path):
+    proc = cli("--device", "cpu", "--track", "off", "--dtype", "float32", "--json", "r.json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["complete"] is None and report["tracked"] is False
+    assert any("bfloat16 -> float32" in note for note in report["notes"])
+
+
+def test_progress_is_shown_on_a_tty_only(tmp_path):
+    quiet = cli("--device", "cpu", cwd=tmp_path)
+    assert "loading:" not in quiet.stderr
+    main, child = pty.openpty()
+    proc = subprocess.run([sys.executable, "-m", "distload", "--device", "cpu"], cwd=tmp_path, stdin=subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=child, timeout=300)
+    os.close(child)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(main, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(main)
+    assert proc.returncode == 0
+    assert b"loading: 100%" in seen
+
+
+@pytest.mark.skipif(shutil.which(TORCHRUN) is None and not os.path.exists(TORCHRUN), reason="torchrun not found")
+def test_torchrun_complete_and_incomplete(tmp_path, example_copy):
+    def torchrun(*args):
+        return subprocess.run([TORCHRUN, "--nproc-per-node", "2", "--master-port", str(_port()), "-m", "distload",
+                               *args], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+    ok = torchrun("--tp", "2", "--device", "cpu", "--json", "ok.json")
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.count("distload load: COMPLETE") == 1  # only rank 0 prints
+    assert json.loads((tmp_path / "ok.json").read_text())["layout"]["world_size"] == 2
+
+    delete_tensors(example_copy, ["model.layers.0.self_attn.k_proj.weight"])
+    bad = torchrun(example_copy, "--tp", "2", "--device", "cpu", "--json", "bad.json")
+    assert bad.returncode != 0  # torchrun reports a failing worker as its own exit 1
+    report = json.loads((tmp_path / "bad.json").read_text())
+    assert report["complete"] is False  # the CI signal under torchrun
+    assert report["missing"] == [{"name": "model.layers.0.self_attn.k_proj.weight", "owners": [0, 1]}]
+
+
+def test_forward_after_the_group_closed_says_what_to_do(pool):
+    texts = pool.run(2, jobs.forward_after_close, distload.example_checkpoint(), 2)
+    assert all("keep_group=True" in t for t in texts), texts
+
+
+def _port() -> int:
+    from distload.testing import free_port
+    return free_port()

@@ -33,6 +33,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore", action="append", default=[], metavar="REGEX",
                    help="checkpoint names matching REGEX are never unexpected (repeatable)")
     p.add_argument("--strict", action="store_true", help="unexpected checkpoint tensors fail the load too")
+    p.add_argument("--check-finite", action="store_true",
+                   help="scan loaded pieces for NaN/Inf (reported as nonfinite; fails under --strict)")
+    p.add_argument("--strict-dtype", action="store_true",
+                   help="refuse checkpoint tensors of another dtype than the model's (default: cast, noted)")
+    p.add_argument("--allow-pickle-format", action="store_true",
+                   help="with no safetensors files, read .bin/.pt with torch.load(weights_only=True)")
     p.add_argument("--failure-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="a rank silent this long (killed, host gone) fails the job (default 30); "
                         "a rank that raises stops every rank at once")
@@ -51,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = LoadConfig(tp=args.tp, dp=args.dp, device=args.device, dtype=args.dtype,
                             track=None if args.track is None else args.track == "on",
-                            ignore=tuple(args.ignore), strict=args.strict, failure_timeout=args.failure_timeout)
+                            ignore=tuple(args.ignore), strict=args.strict, failure_timeout=args.failure_timeout,
+                            check_finite=args.check_finite, strict_dtype=args.strict_dtype,
+                            allow_pickle_format=args.allow_pickle_format)
         directory = args.checkpoint or example_checkpoint()
         loaded = api.load(directory, config, world=world_from_env(), progress=out.progress)
     except MissingWeightsError as err:

@@ -16,7 +16,7 @@ from ._version import __version__
 from .checkpoint.directory import Checkpoint, open_checkpoint
 from .comm import Comm, WorldInfo, world_from_env
 from .config import LoadConfig
-from .errors import DistloadError, MissingWeightsError, PeerFailedError
+from .errors import DistloadError, MissingWeightsError, PeerFailedError, PlanError
 from .execute import ExecResult, Executor
 from .layout import Layout
 from .models import BuildContext, ModelBuilder, reference_model
@@ -90,11 +90,10 @@ def load(checkpoint: str, config: LoadConfig = LoadConfig(), *, world: WorldInfo
         True
     """
     world = world or world_from_env()
-    layout = Layout.for_world(world.world_size, tp=config.tp, dp=config.dp)
     device = _device(config, world)
     comm = Comm.connect(world, device=device)
     try:
-        loaded = _load(checkpoint, config, layout, comm, device, progress, build)
+        loaded = _load(checkpoint, config, comm, device, progress, build)
     except BaseException:
         comm.close()
         raise
@@ -104,26 +103,31 @@ def load(checkpoint: str, config: LoadConfig = LoadConfig(), *, world: WorldInfo
     return loaded
 
 
-def _load(directory: str, config: LoadConfig, layout: Layout, comm: Comm, device: torch.device,
+def _load(directory: str, config: LoadConfig, comm: Comm, device: torch.device,
           progress: Callable[[int, int], None] | None, build: ModelBuilder) -> Loaded:
     start = time.perf_counter()
     rank = comm.rank
     comm.start_watch(dead_after=config.failure_timeout)
-    try:
-        ops = comm.tp_collectives(layout)  # group creation first: every rank gets this far
-        ckpt = open_checkpoint(directory)
+    try:  # everything a single rank can fail at is published to the others
+        layout = Layout.for_world(comm.world_size, tp=config.tp, dp=config.dp)
+        ops = comm.tp_collectives(layout)  # bound to its subgroup once the ranks agree
+        ckpt = open_checkpoint(directory, allow_pickle=config.allow_pickle_format)
         dtype = config.torch_dtype() or checkpoint_dtype(ckpt)
         model = build(BuildContext(config=ckpt.config, tp=layout.tp, tp_rank=layout.coords(rank).tp,
                                    ops=ops, dtype=dtype))
         specs = collect_specs(model)
         plan = make_plan(ckpt.tensors, specs, layout, ignore=config.ignore)
-        _agree(comm, fingerprint(ckpt, layout, specs, __version__))
+        _agree(comm, fingerprint(ckpt, layout, specs, __version__, _record_shape(config)))
+        comm.create_groups(layout)
         rank_plan = plan.for_rank(rank)
         model = materialize(model, device)
         params = {spec.name: _tensor(model, spec.name) for spec in plan.specs}
+        if config.strict_dtype:
+            _refuse_casts(rank_plan, params)
         skip_names = set(config.skip_units.get(rank, ()))
         skip = frozenset(r.unit for r in rank_plan.reads if r.tensor.name in skip_names)
-        result = Executor(device=device, num_threads=config.num_read_threads).run(
+        result = Executor(device=device, num_threads=config.num_read_threads,
+                          check_finite=config.check_finite).run(
             rank_plan, params, skip=skip, progress=progress, abort_check=comm.check_peers)
         report = _merge(comm, config, layout, ckpt, plan, rank_plan, result, start)
     except PeerFailedError:
@@ -139,6 +143,22 @@ def _load(directory: str, config: LoadConfig, layout: Layout, comm: Comm, device
     if not report.ok:
         raise MissingWeightsError(_failure_summary(report), report=report, rank=rank)
     return Loaded(model=model, report=report, layout=layout, rank=rank)
+
+
+def _record_shape(config: LoadConfig) -> dict:
+    """The options that change what the ranks exchange: they must agree on them too."""
+    return {"track": config.track_enabled, "check_finite": config.check_finite, "strict": config.strict,
+            "ignore": list(config.ignore)}
+
+
+def _refuse_casts(rank_plan: RankPlan, params: dict[str, torch.Tensor]) -> None:
+    """Under ``strict_dtype``: a checkpoint dtype other than the parameter's is an error."""
+    for read in rank_plan.reads:
+        want = params[read.param].dtype
+        if read.tensor.dtype != want:
+            raise PlanError(f"checkpoint dtype {str(read.tensor.dtype).removeprefix('torch.')} differs from the "
+                            f"model's {str(want).removeprefix('torch.')} (parameter {read.param}); "
+                            "--strict-dtype refuses to cast", file=read.tensor.file, tensor=read.tensor.name)
 
 
 def _agree(comm: Comm, mine: Fingerprint) -> None:
@@ -167,6 +187,7 @@ def _merge(comm: Comm, config: LoadConfig, layout: Layout, ckpt: Checkpoint, pla
     findings = None
     if config.track_enabled:
         local = tracking.record(plan, result.loaded, result.mismatched,
+                                result.nonfinite if config.check_finite else None,
                                 dtype=tracking.count_dtype(layout.world_size))
         verdict = tracking.classify(plan, comm.sum_counts(local))
         rows = None
@@ -198,6 +219,8 @@ def _failure_summary(report: LoadReport) -> str:
                 parts.append(f"{len(entries)} {kind} ({names})")
     if report.strict and report.unexpected:
         parts.append(f"{len(report.unexpected)} unexpected under --strict")
+    if report.strict and f is not None and f.nonfinite:
+        parts.append(f"{len(f.nonfinite)} with NaN/Inf under --strict")
     return "load not usable: " + "; ".join(parts)
 
 

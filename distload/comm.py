@@ -171,21 +171,29 @@ class Comm:
             self._watch.await_failure(err)
 
     def tp_collectives(self, layout: Layout) -> Collectives:
-        """Returns collectives over this rank's tensor-parallel group.
+        """Returns collectives over this rank's tensor-parallel group (bound by ``create_groups``).
 
-        Every rank creates every TP group, in the same order, as torch.distributed requires.
+        Models are built with them before the ranks have agreed on the layout; the
+        subgroups are created only afterwards, since ranks that disagree on it would
+        otherwise block each other in ``new_group``.
         """
         if layout.tp == 1:
             return SOLO
-        if layout.tp == self.world_size:
-            return Collectives(None, layout.tp)
+        key = layout.tp_group(self.rank)
+        if key not in self._tp:
+            self._tp[key] = Collectives(None, layout.tp)
+        return self._tp[key]
+
+    def create_groups(self, layout: Layout) -> None:
+        """Creates every TP subgroup, in the same order on every rank, and binds this rank's."""
+        ops = self.tp_collectives(layout)
+        if layout.tp == 1 or layout.tp == self.world_size or ops.group is not None:
+            return  # one rank, or the whole world (the default group)
         mine = layout.tp_group(self.rank)
-        if mine not in self._tp:
-            for ranks in layout.tp_groups():
-                group = dist.new_group(list(ranks))
-                if ranks == mine:
-                    self._tp[mine] = Collectives(group, layout.tp)
-        return self._tp[mine]
+        for ranks in layout.tp_groups():
+            group = dist.new_group(list(ranks))
+            if ranks == mine:
+                ops.group = group
 
     def sum_counts(self, counts: torch.Tensor) -> torch.Tensor:
         """Sums an integer tensor over all ranks (the one tracking collective)."""

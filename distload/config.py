@@ -48,6 +48,14 @@ class LoadConfig:
     """regexes of checkpoint names that are never unexpected"""
     strict: bool = False
     """unexpected tensors fail the load too"""
+    check_finite: bool = False
+    """scan every loaded piece for NaN/Inf (on its device); reported as ``nonfinite``;
+    with ``strict`` it fails the load"""
+    strict_dtype: bool = False
+    """refuse checkpoint tensors whose dtype differs from the model's instead of casting"""
+    allow_pickle_format: bool = False
+    """read ``.bin``/``.pt`` weight files (with ``torch.load(weights_only=True)``) when there
+    are no safetensors files; refused otherwise, since pickles can run code"""
     failure_timeout: float = 30.0
     """seconds without a heartbeat after which a rank counts as dead (killed, host gone);
     a rank that raises is reported to every rank at once, not after this"""

@@ -19,6 +19,7 @@ from typing import Callable, Mapping
 
 import torch
 
+from .checkpoint.pickled import load_pickle
 from .errors import CheckpointError
 from .plan import RankPlan, Read
 
@@ -31,6 +32,8 @@ class ExecResult:
     """units fully read and copied (or verified)"""
     mismatched: tuple[int, ...]
     """verify units whose bytes differ from the parameter"""
+    nonfinite: tuple[int, ...]
+    """loaded units holding NaN or Inf (only with ``check_finite``)"""
     bytes_read: int
     """bytes requested from files"""
     files_opened: int
@@ -48,11 +51,13 @@ class Executor:
         device: where the parameters live.
         num_threads: concurrent reads.
         max_inflight_bytes: host memory held by reads not yet copied (at least one read).
+        check_finite: scan each loaded piece for NaN/Inf, on the device, on that piece only.
     """
 
     def __init__(self, *, device: torch.device, num_threads: int = 4,
-                 max_inflight_bytes: int = 256 * 1024 * 1024) -> None:
+                 max_inflight_bytes: int = 256 * 1024 * 1024, check_finite: bool = False) -> None:
         self.device = device
+        self.check_finite = check_finite
         self.num_threads = num_threads
         self.max_inflight_bytes = max_inflight_bytes
         self._pin = device.type == "cuda"
@@ -78,26 +83,29 @@ class Executor:
             for name, value in plan.defaults:
                 params[name].fill_(value)
             reads = [r for r in plan.reads if r.unit not in skip]
-            fds: dict[str, int] = {}
+            files: dict[str, int | dict] = {}  # a read-only descriptor, or a pickle's tensors
             try:
                 for r in reads:
-                    if r.tensor.file not in fds:
-                        fds[r.tensor.file] = os.open(r.tensor.file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-                loaded, mismatched, casts = self._pipeline(reads, params, fds, progress, abort_check)
+                    if r.tensor.file not in files:
+                        files[r.tensor.file] = load_pickle(r.tensor.file) if r.tensor.pickled else \
+                            os.open(r.tensor.file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                loaded, mismatched, nonfinite, casts = self._pipeline(reads, params, files, progress, abort_check)
             finally:
-                for fd in fds.values():
-                    os.close(fd)
-        return ExecResult(loaded=tuple(loaded), mismatched=tuple(mismatched),
-                          bytes_read=sum(r.nbytes for r in reads), files_opened=len(fds),
+                for handle in files.values():
+                    if isinstance(handle, int):
+                        os.close(handle)
+        return ExecResult(loaded=tuple(loaded), mismatched=tuple(mismatched), nonfinite=tuple(nonfinite),
+                          bytes_read=sum(r.nbytes for r in reads), files_opened=len(files),
                           seconds=time.perf_counter() - start, casts=tuple(sorted(casts)))
 
-    def _pipeline(self, reads: list[Read], params: Mapping[str, torch.Tensor], fds: dict[str, int],
+    def _pipeline(self, reads: list[Read], params: Mapping[str, torch.Tensor], files: dict[str, int | dict],
                   progress: Callable[[int, int], None] | None, abort_check: Callable[[], None] | None):
         loaded: list[int] = []
         mismatched: list[int] = []
         casts: set[str] = set()
         pending: deque[tuple[Read, Future]] = deque()
         copies: list[tuple[int, torch.cuda.Event, torch.Tensor]] = []
+        finite: list[tuple[int, torch.Tensor]] = []  # (unit, 0-dim bool on the device), checked at the end
         inflight = 0
         done, total = 0, sum(r.nbytes for r in reads)
         next_check = 0.0
@@ -107,7 +115,7 @@ class Executor:
             while nxt is not None or pending:
                 # keep the pool busy within the memory window
                 while nxt is not None and (not pending or inflight + nxt.nbytes <= self.max_inflight_bytes):
-                    pending.append((nxt, pool.submit(self._read, nxt, fds[nxt.tensor.file])))
+                    pending.append((nxt, pool.submit(self._read, nxt, files[nxt.tensor.file])))
                     inflight += nxt.nbytes
                     nxt = next(it, None)
                 read, fut = pending.popleft()
@@ -132,6 +140,8 @@ class Executor:
                 else:
                     dest.copy_(src)
                     loaded.append(read.unit)
+                if self.check_finite and not read.verify and dest.is_floating_point():
+                    finite.append((read.unit, torch.isfinite(dest).all()))
                 done += read.nbytes
                 if progress is not None:
                     progress(done, total)
@@ -141,14 +151,22 @@ class Executor:
         for unit, event, _ in copies:
             event.synchronize()
             loaded.append(unit)
-        return loaded, mismatched, casts
+        flags = torch.stack([f for _, f in finite]).tolist() if finite else []
+        nonfinite = [unit for (unit, _), ok in zip(finite, flags) if not ok]
+        return loaded, mismatched, nonfinite, casts
 
-    def _read(self, read: Read, fd: int) -> torch.Tensor:
+    def _read(self, read: Read, handle: int | dict) -> torch.Tensor:
         buf = torch.empty(read.nbytes, dtype=torch.uint8, pin_memory=self._pin)
+        if isinstance(handle, dict):  # a pickle's memory-mapped tensor: copy the same runs
+            flat = handle[read.tensor.name].contiguous().reshape(-1).view(torch.uint8)
+            for i in range(read.count):
+                start = read.offset + i * read.stride
+                buf[i * read.run:(i + 1) * read.run].copy_(flat[start:start + read.run])
+            return buf
         view = memoryview((ctypes.c_ubyte * read.nbytes).from_address(buf.data_ptr())).cast("B") \
             if read.nbytes else memoryview(b"")
         for i in range(read.count):
-            _pread_exact(fd, view[i * read.run:(i + 1) * read.run], read.offset + i * read.stride, read)
+            _pread_exact(handle, view[i * read.run:(i + 1) * read.run], read.offset + i * read.stride, read)
         return buf
 
 

@@ -16,7 +16,7 @@ from .layout import Layout
 from .spec import ParamSpec
 
 PARTS = ("distload version", "checkpoint config", "checkpoint index", "checkpoint file sizes",
-         "checkpoint headers", "layout", "model specs")
+         "checkpoint headers", "layout", "model specs", "load options")
 """the components compared, in a fixed order"""
 
 
@@ -31,7 +31,8 @@ class Fingerprint:
         return tuple(name for name, a, b in zip(PARTS, self.digests, other.digests) if a != b)
 
 
-def fingerprint(ckpt: Checkpoint, layout: Layout, specs: Iterable[ParamSpec], version: str) -> Fingerprint:
+def fingerprint(ckpt: Checkpoint, layout: Layout, specs: Iterable[ParamSpec], version: str,
+                options: dict) -> Fingerprint:
     """Digests what must be equal on every rank (sizes are read with ``stat``, no data)."""
     files = {os.path.basename(f): os.path.getsize(f) for f in ckpt.files}
     headers = sorted((t.name, os.path.basename(t.file), str(t.dtype), t.shape, t.end - t.begin)
@@ -40,7 +41,7 @@ def fingerprint(ckpt: Checkpoint, layout: Layout, specs: Iterable[ParamSpec], ve
     spec_rows = [(s.name, s.shape, s.role.value, s.default, s.derived_from,
                   [(src.name, src.shape, src.shard.dim, src.shard.num_shards, src.shard.pad, src.offset)
                    for src in (*s.sources, *s.verify)]) for s in specs]
-    values = (version, dict(ckpt.config), index, files, headers, layout.to_dict(), spec_rows)
+    values = (version, dict(ckpt.config), index, files, headers, layout.to_dict(), spec_rows, options)
     return Fingerprint(tuple(_digest(v) for v in values))
 
 

@@ -82,7 +82,7 @@ class LoadReport:
         """True when the load may be used: complete (or untracked), and no unexpected tensor under strict."""
         if self.findings is not None and (not self.findings.complete or self.findings.mismatched):
             return False
-        return not (self.strict and self.unexpected)
+        return not (self.strict and (self.unexpected or self._entries("nonfinite")))
 
     def _entries(self, kind: str) -> tuple[Entry, ...]:
         return getattr(self.findings, kind) if self.findings is not None else ()
@@ -98,6 +98,7 @@ class LoadReport:
             "unexpected": [{"name": n} for n in self.unexpected],
             "defaulted": [e.to_json() for e in self._entries("defaulted")],
             "mismatched": [e.to_json() for e in self._entries("mismatched")],
+            "nonfinite": [e.to_json() for e in self._entries("nonfinite")],
             "ignored": [{"name": n} for n in self.ignored],
             "notes": list(self.notes),
             "bytes_read": bytes_read,
@@ -124,7 +125,7 @@ class LoadReport:
             per = sorted(r.bytes_read for r in self.ranks)
             lines.append(f"  bytes per rank: min {_size(per[0])}, median {_size(per[len(per) // 2])}, "
                          f"max {_size(per[-1])}")
-        for kind in ("missing", "inconsistent", "defaulted", "mismatched"):
+        for kind in ("missing", "inconsistent", "defaulted", "mismatched", "nonfinite"):
             entries = self._entries(kind)
             if entries:
                 lines.append(f"  {kind} ({len(entries)}):")
@@ -132,6 +133,7 @@ class LoadReport:
                     extra = f"; loaded by {_ranks(e.loaded_by)}" if kind == "inconsistent" else ""
                     extra += f"; affects {', '.join(e.affects)}" if e.affects else ""
                     extra += f"; differs from {e.against}" if e.against else ""
+                    extra += f"; NaN/Inf on {_ranks(e.found_on)}" if e.found_on else ""
                     lines.append(f"    {e.name}  (owners {_ranks(e.owners)}{extra})")
                 if len(entries) > limit:
                     lines.append(f"    ... and {len(entries) - limit} more (see --json)")

@@ -28,6 +28,8 @@ class Verdict:
     """optional units no owner loaded"""
     mismatched: tuple[int, ...]
     """verify units some owner found different"""
+    nonfinite: tuple[int, ...] = ()
+    """units some owner found NaN or Inf in (only when scanned)"""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -46,6 +48,8 @@ class Entry:
     """what a verified tensor was compared with (mismatched entries)"""
     differs_on: tuple[int, ...] = ()
     """ranks whose piece differed (mismatched entries)"""
+    found_on: tuple[int, ...] = ()
+    """ranks whose loaded piece holds NaN or Inf (nonfinite entries)"""
 
     def to_json(self) -> dict:
         out: dict = {"name": self.name, "owners": list(self.owners)}
@@ -56,6 +60,8 @@ class Entry:
         if self.against:
             out["against"] = self.against
             out["differs_on"] = list(self.differs_on)
+        if self.found_on:
+            out["found_on"] = list(self.found_on)
         return out
 
 
@@ -67,6 +73,7 @@ class Findings:
     inconsistent: tuple[Entry, ...]
     defaulted: tuple[Entry, ...]
     mismatched: tuple[Entry, ...]
+    nonfinite: tuple[Entry, ...] = ()
 
     @property
     def complete(self) -> bool:
@@ -79,19 +86,22 @@ def count_dtype(world_size: int) -> torch.dtype:
     return torch.int8 if world_size <= 127 else torch.int32
 
 
-def record(plan: Plan, loaded: Iterable[int], mismatched: Iterable[int] = (), *,
-           dtype: torch.dtype = torch.int32) -> torch.Tensor:
+def record(plan: Plan, loaded: Iterable[int], mismatched: Iterable[int] = (),
+           nonfinite: Iterable[int] | None = None, *, dtype: torch.dtype = torch.int32) -> torch.Tensor:
     """Returns this rank's 0/1 record over the unit table, then over its verify units.
 
-    Layout: ``[len(plan.units) + len(plan.verify_units)]``: first "loaded" per unit,
-    then "found different" per verify unit (only verify units can mismatch, so this
-    tail is short). Summed over ranks it gives ``classify`` what it needs.
+    Layout: ``[U + V (+ U)]``: "loaded" per unit, then "found different" per verify
+    unit (only verify units can mismatch, so this part is short), then, when a
+    finiteness scan ran (``nonfinite`` given), "holds NaN/Inf" per unit. Summed over
+    ranks it gives ``classify`` what it needs, in one collective.
     """
-    n = len(plan.units)
-    out = torch.zeros(n + len(plan.verify_units), dtype=dtype)
+    n, v = len(plan.units), len(plan.verify_units)
+    out = torch.zeros(n + v + (n if nonfinite is not None else 0), dtype=dtype)
     out[:n].index_fill_(0, _indices(loaded), 1)
     slot = {u: n + i for i, u in enumerate(plan.verify_units)}
     out.index_fill_(0, _indices(slot[u] for u in mismatched), 1)
+    if nonfinite is not None:
+        out[n + v:].index_fill_(0, _indices(nonfinite), 1)
     return out
 
 
@@ -123,16 +133,19 @@ def classify(plan: Plan, totals: torch.Tensor) -> Verdict:
     assert bool((loaded <= expected).all()), "a rank recorded a unit it does not own"
     short = (loaded < expected).nonzero().flatten().tolist()
     optional = {u for u in short if plan.units[u].role is Role.OPTIONAL and int(loaded[u]) == 0}
-    differs = totals[n:].nonzero().flatten().tolist()
+    v = len(plan.verify_units)
+    differs = totals[n:n + v].nonzero().flatten().tolist()
     return Verdict(failed=tuple(u for u in short if u not in optional), defaulted=tuple(sorted(optional)),
-                   mismatched=tuple(plan.verify_units[i] for i in differs))
+                   mismatched=tuple(plan.verify_units[i] for i in differs),
+                   nonfinite=tuple(totals[n + v:].nonzero().flatten().tolist()))
 
 
 def exchange_rows(plan: Plan, verdict: Verdict, local: torch.Tensor) -> torch.Tensor:
     """Returns this rank's flags for the failed units, then the mismatched ones (to gather)."""
-    n = len(plan.units)
+    n, v = len(plan.units), len(plan.verify_units)
     slot = {u: n + i for i, u in enumerate(plan.verify_units)}
-    return torch.cat([local[list(verdict.failed)], local[[slot[u] for u in verdict.mismatched]]])
+    return torch.cat([local[list(verdict.failed)], local[[slot[u] for u in verdict.mismatched]],
+                      local[[n + v + u for u in verdict.nonfinite]]])
 
 
 def findings(plan: Plan, verdict: Verdict, rows: torch.Tensor | None) -> Findings:
@@ -142,9 +155,10 @@ def findings(plan: Plan, verdict: Verdict, rows: torch.Tensor | None) -> Finding
         rows: every rank's ``exchange_rows``, stacked ``[world, F]``; None when
             nothing failed or mismatched.
     """
-    nfail = len(verdict.failed)
+    nfail, nmis = len(verdict.failed), len(verdict.mismatched)
     loaded_by = _flags_by_unit(verdict.failed, rows[:, :nfail] if rows is not None else None)
-    mism_by = _flags_by_unit(verdict.mismatched, rows[:, nfail:] if rows is not None else None)
+    mism_by = _flags_by_unit(verdict.mismatched, rows[:, nfail:nfail + nmis] if rows is not None else None)
+    bad_by = _flags_by_unit(verdict.nonfinite, rows[:, nfail + nmis:] if rows is not None else None)
     affects: dict[str, list[str]] = {}
     for spec in plan.specs:
         for source in spec.derived_from:
@@ -168,8 +182,11 @@ def findings(plan: Plan, verdict: Verdict, rows: torch.Tensor | None) -> Finding
             continue  # compared with memory its own missing source never filled: reported there
         mismatched.append(Entry(name=name, owners=_owners(plan, units_of[name]), against=", ".join(against),
                                 differs_on=tuple(sorted({r for u in units for r in mism_by[u]}))))
+    nonfinite = [Entry(name=name, owners=_owners(plan, units_of[name]),
+                       found_on=tuple(sorted({r for u in units for r in bad_by[u]})))
+                 for name, units in _by_name(plan, verdict.nonfinite).items()]
     return Findings(missing=tuple(missing), inconsistent=tuple(inconsistent),
-                    defaulted=tuple(defaulted), mismatched=tuple(mismatched))
+                    defaulted=tuple(defaulted), mismatched=tuple(mismatched), nonfinite=tuple(nonfinite))
 
 
 def _flags_by_unit(units: Sequence[int], rows: torch.Tensor | None) -> dict[int, tuple[int, ...]]:

@@ -54,3 +54,22 @@ def load_per_rank_checkpoint(directories: list[str], tp: int, **options):
     cfg = distload.LoadConfig(tp=tp, device="cpu", **options)
     return _outcome(lambda: distload.load(directories[rank], cfg))
 
+
+
+def load_with_options(directory: str, per_rank: dict):
+    """Loads with LoadConfig options that may differ per rank: ``per_rank[rank]`` (or ``per_rank['*']``)."""
+    rank = int(os.environ["RANK"])
+    options = {"device": "cpu", **per_rank.get("*", {}), **per_rank.get(rank, {})}
+    return _outcome(lambda: distload.load(directory, distload.LoadConfig(**options)))
+
+
+def load_with_version(directory: str, tp: int, versions: dict):
+    """Rank r pretends to run distload ``versions[r]`` (default: the real one)."""
+    import distload.api
+    rank = int(os.environ["RANK"])
+    real = distload.api.__version__
+    distload.api.__version__ = versions.get(rank, real)
+    try:
+        return _outcome(lambda: distload.load(directory, distload.LoadConfig(tp=tp, device="cpu")))
+    finally:
+        distload.api.__version__ = real

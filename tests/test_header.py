@@ -327,8 +327,15 @@ def test_bad_config_json(tmp_path, config, match):
 
 def test_no_safetensors(tmp_path):
     d = make_dir(tmp_path, {})
+    open(os.path.join(d, "README.md"), "w").write("weights elsewhere")
+    dir_raises(d, file=d, match="holds no *.safetensors file")
+
+
+def test_only_pickle_files_are_refused_unless_allowed(tmp_path):
+    d = make_dir(tmp_path, {})
     open(os.path.join(d, "pytorch_model.bin"), "wb").write(b"x")
-    dir_raises(d, file=d, match="no model.safetensors")
+    err = dir_raises(d, file=d, match="only pickle weight files (pytorch_model.bin)")
+    assert "--allow-pickle-format" in err.message
 
 
 def test_index_naming_a_missing_file(tmp_path):

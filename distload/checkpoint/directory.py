@@ -10,6 +10,7 @@ from typing import Mapping
 
 from ..errors import CheckpointError
 from .header import TensorInfo, read_header
+from .pickled import read_pickle_header
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -29,8 +30,13 @@ class Checkpoint:
     """the safetensors files, in a fixed order"""
 
 
-def open_checkpoint(directory: str) -> Checkpoint:
-    """Reads ``config.json`` and the headers of every safetensors file of ``directory``.
+def open_checkpoint(directory: str, *, allow_pickle: bool = False) -> Checkpoint:
+    """Reads ``config.json`` and the headers of every weight file of ``directory``.
+
+    Args:
+        directory: the checkpoint directory (symlinked files inside it are followed).
+        allow_pickle: with no safetensors files, read ``.bin``/``.pt`` files with
+            ``torch.load(weights_only=True)``; refused otherwise.
 
     Example:
         >>> from distload.examples import example_checkpoint
@@ -44,17 +50,20 @@ def open_checkpoint(directory: str) -> Checkpoint:
     directory = os.path.abspath(directory)
     if not os.path.isdir(directory):
         raise CheckpointError("checkpoint directory does not exist", file=directory)
+    if not os.listdir(directory):
+        raise CheckpointError("checkpoint directory is empty", file=directory)
     config = _read_json(os.path.join(directory, "config.json"), what="config.json")
-    files = _safetensors_files(directory)
+    kind, files = _weight_files(directory, allow_pickle)
     tensors: dict[str, TensorInfo] = {}
     for path, expected in files:
-        for name, info in read_header(path).items():
+        header = read_header(path) if kind == "safetensors" else read_pickle_header(path)
+        for name, info in header.items():
             if name in tensors:
                 raise CheckpointError(f"tensor is stored twice, also in {tensors[name].file}",
                                       file=path, tensor=name)
             tensors[name] = info
         if expected is not None:
-            for name in sorted(expected - tensors.keys()):
+            for name in sorted(expected - header.keys()):
                 raise CheckpointError(f"the index places this tensor in {os.path.basename(path)}, "
                                       "which does not hold it", file=path, tensor=name)
     return Checkpoint(directory=directory, config=MappingProxyType(config),
@@ -74,15 +83,71 @@ def _read_json(path: str, *, what: str) -> dict:
     return value
 
 
-def _safetensors_files(directory: str) -> list[tuple[str, set[str] | None]]:
-    """Returns (path, names the index places there or None) for each file to read."""
-    index_path = os.path.join(directory, INDEX_NAME)
-    if os.path.exists(index_path):
-        weight_map = _read_json(index_path, what="index").get("weight_map")
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise CheckpointError("index has no weight_map of tensor name -> file name", file=index_path)
+MAX_INDEX_BYTES = 64 * 1024 * 1024
+"""index files larger than this are refused before reading them (real ones are a few MB)"""
+
+PICKLE_INDEX_NAME = "pytorch_model.bin.index.json"
+PICKLE_SINGLE_NAMES = ("pytorch_model.bin", "model.pt", "model.bin")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+
+
+def parse_index(raw: bytes, *, path: str) -> dict[str, str]:
+    """Parses an index file's bytes into ``{tensor name: relative file name}``.
+
+    Raises:
+        CheckpointError: anything else than a JSON object whose ``weight_map`` maps
+            strings to strings; the message names the file.
+    """
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except ValueError as err:  # bad UTF-8, bad JSON, integers over the digit limit
+        raise CheckpointError(f"index is not valid JSON: {err}", file=path) from None
+    except RecursionError:
+        raise CheckpointError("index JSON is nested too deeply", file=path) from None
+    weight_map = value.get("weight_map") if isinstance(value, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError("index has no weight_map of tensor name -> file name", file=path)
+    return weight_map
+
+
+def _read_index(path: str) -> dict[str, str]:
+    try:
+        size = os.path.getsize(path)
+        if size > MAX_INDEX_BYTES:
+            raise CheckpointError(f"index is {size} bytes, over the {MAX_INDEX_BYTES}-byte limit", file=path)
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as err:
+        raise CheckpointError(f"index is unreadable: {err.strerror or err}", file=path) from None
+    return parse_index(raw, path=path)
+
+
+def _weight_files(directory: str, allow_pickle: bool) -> tuple[str, list[tuple[str, set[str] | None]]]:
+    """Returns the format and (path, names the index places there or None) for each file.
+
+    Safetensors files win whenever there are any; pickle files (``.bin``/``.pt``) are
+    used only when there are no others and ``allow_pickle`` is set.
+    """
+    found = sorted(os.listdir(directory))
+    if any(f.endswith(".safetensors") for f in found) or INDEX_NAME in found:
+        return "safetensors", _listed(directory, INDEX_NAME, (SINGLE_NAME,), (".safetensors",), found)
+    pickles = [f for f in found if f.endswith(PICKLE_SUFFIXES) or f == PICKLE_INDEX_NAME]
+    if not pickles:
+        what = "is empty" if not found else "holds no *.safetensors file"
+        raise CheckpointError(f"checkpoint directory {what} (no {SINGLE_NAME} or {INDEX_NAME})", file=directory)
+    if not allow_pickle:
+        raise CheckpointError(f"only pickle weight files ({', '.join(pickles[:3])}) and no safetensors; pickle "
+                              "files can run code when loaded: pass --allow-pickle-format to load them "
+                              "with torch.load(weights_only=True)", file=directory)
+    return "pickle", _listed(directory, PICKLE_INDEX_NAME, PICKLE_SINGLE_NAMES, PICKLE_SUFFIXES, found)
+
+
+def _listed(directory: str, index_name: str, singles: tuple[str, ...], suffixes: tuple[str, ...],
+            found: list[str]) -> list[tuple[str, set[str] | None]]:
+    if index_name in found:
+        index_path = os.path.join(directory, index_name)
         by_file: dict[str, set[str]] = {}
-        for name, rel in weight_map.items():
+        for name, rel in _read_index(index_path).items():
             by_file.setdefault(rel, set()).add(name)
         out = []
         for rel in sorted(by_file):
@@ -92,13 +157,10 @@ def _safetensors_files(directory: str) -> list[tuple[str, set[str] | None]]:
                                       tensor=min(by_file[rel]))
             out.append((path, by_file[rel]))
         return out
-    single = os.path.join(directory, SINGLE_NAME)
-    if os.path.isfile(single):
-        return [(single, None)]
-    found = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
-    if not found:
-        raise CheckpointError(f"no {SINGLE_NAME}, {INDEX_NAME} or *.safetensors file", file=directory)
-    return [(os.path.join(directory, f), None) for f in found]
+    for single in singles:
+        if single in found:
+            return [(os.path.join(directory, single), None)]
+    return [(os.path.join(directory, f), None) for f in found if f.endswith(suffixes)]
 
 
 def _inside(directory: str, rel: str, index_path: str) -> str:

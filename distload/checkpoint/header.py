@@ -46,6 +46,8 @@ class TensorInfo:
     """absolute file offset of the first byte"""
     end: int
     """absolute file offset one past the last byte"""
+    pickled: bool = False
+    """stored in a pickle file: offsets count from the tensor's own first byte"""
 
     @property
     def itemsize(self) -> int:

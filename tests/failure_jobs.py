@@ -21,13 +21,17 @@ def _outcome(fn):
                 "seconds": time.monotonic() - start, "finished_at": time.time()}
 
 
-def fail_while_reading(directory: str, tp: int, victim: int, how: str, failure_timeout: float):
-    """Rank ``victim`` raises (``how='raise'``) or is SIGKILLed (``how='kill'``) after its first read."""
+def fail_while_reading(directory: str, tp: int, victim: int, how: str, failure_timeout: float,
+                       stamp: str | None = None):
+    """Rank ``victim`` raises (``how='raise'``) or is SIGKILLed (``how='kill'``) after its first read;
+    before a kill it writes the time to ``stamp``."""
     rank = int(os.environ["RANK"])
 
     def progress(done: int, total: int) -> None:
         if rank == victim:
             if how == "kill":
+                with open(stamp, "w") as f:
+                    f.write(repr(time.time()))
                 os.kill(os.getpid(), signal.SIGKILL)
             raise distload.CheckpointError("injected read failure", file="injected.safetensors",
                                            tensor="model.norm.weight")

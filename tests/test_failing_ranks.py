@@ -35,13 +35,19 @@ def test_a_rank_failing_before_reading_stops_the_others(pool, example):
 
 
 @pytest.mark.parametrize("victim", [2, 0])
-def test_a_killed_rank_ends_the_job_within_the_bound(pool, example, victim):
+def test_a_killed_rank_ends_the_job_within_the_bound(pool, example, victim, tmp_path):
     timeout = 2.0
-    out = pool.run(4, failure_jobs.fail_while_reading, example, 2, victim, "kill", timeout, timeout=60)
+    stamp = str(tmp_path / "killed-at")
+    out = pool.run(4, failure_jobs.fail_while_reading, example, 2, victim, "kill", timeout, stamp, timeout=60)
     assert isinstance(out[victim], WorkerDied)
+    with open(stamp) as f:
+        killed_at = float(f.read())
     for rank, o in enumerate(out):
         if rank != victim:
             assert o["type"] == "PeerFailedError", o
-            assert f"rank {victim} stopped responding" in o["message"] or "rendezvous store" in o["message"], o
-            # the kill came after the first read, within a second of the load's start
-            assert o["seconds"] < timeout + 5, o
+            if victim == 0:  # rank 0 hosted the store (no torchrun agent here): its loss ends the job
+                assert "rendezvous store" in o["message"], o
+            else:
+                assert f"rank {victim} stopped responding" in o["message"], o
+            # bound: the timeout, a heartbeat interval, and slack for a loaded 2-core machine
+            assert o["finished_at"] - killed_at < timeout + 8, (o, killed_at)

@@ -39,6 +39,11 @@ def parser() -> argparse.ArgumentParser:
                    help="refuse checkpoint tensors of another dtype than the model's (default: cast, noted)")
     p.add_argument("--allow-pickle-format", action="store_true",
                    help="with no safetensors files, read .bin/.pt with torch.load(weights_only=True)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="plan from the headers only, for --world ranks, on this machine (no process group, "
+                        "no tensor data); exit 3 when units would be missing")
+    p.add_argument("--world", type=int, default=None, metavar="N",
+                   help="world size for --dry-run (default: WORLD_SIZE, else tp x dp)")
     p.add_argument("--failure-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="a rank silent this long (killed, host gone) fails the job (default 30); "
                         "a rank that raises stops every rank at once")
@@ -61,6 +66,12 @@ def main(argv: list[str] | None = None) -> int:
                             check_finite=args.check_finite, strict_dtype=args.strict_dtype,
                             allow_pickle_format=args.allow_pickle_format)
         directory = args.checkpoint or example_checkpoint()
+        if args.dry_run:
+            from .dryrun import dry_run
+            world = args.world or int(os.environ.get("WORLD_SIZE", "0")) or args.tp * (args.dp or 1)
+            report = dry_run(directory, config, world_size=world)
+            out.report(report, args.json)
+            return EXIT_OK if report.ok else EXIT_INCOMPLETE
         loaded = api.load(directory, config, world=world_from_env(), progress=out.progress)
     except MissingWeightsError as err:
         out.report(err.report, args.json)

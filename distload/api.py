@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -14,16 +15,16 @@ from torch import nn
 from . import tracking
 from ._version import __version__
 from .checkpoint.directory import Checkpoint, open_checkpoint
-from .comm import Comm, WorldInfo, world_from_env
+from .comm import Collectives, Comm, WorldInfo, world_from_env
 from .config import LoadConfig
-from .errors import DistloadError, MissingWeightsError, PeerFailedError, PlanError
+from .errors import ConfigError, DistloadError, MissingWeightsError, PeerFailedError, PlanError
 from .execute import ExecResult, Executor
 from .layout import Layout
 from .models import BuildContext, ModelBuilder, reference_model
 from .fingerprint import Fingerprint, fingerprint
 from .plan import Plan, RankPlan, plan as make_plan
 from .report import LoadReport, RankStats
-from .spec import collect_specs
+from .spec import ParamSpec, collect_specs
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -111,12 +112,8 @@ def _load(directory: str, config: LoadConfig, comm: Comm, device: torch.device,
     try:  # everything a single rank can fail at is published to the others
         layout = Layout.for_world(comm.world_size, tp=config.tp, dp=config.dp)
         ops = comm.tp_collectives(layout)  # bound to its subgroup once the ranks agree
-        ckpt = open_checkpoint(directory, allow_pickle=config.allow_pickle_format)
-        dtype = config.torch_dtype() or checkpoint_dtype(ckpt)
-        model = build(BuildContext(config=ckpt.config, tp=layout.tp, tp_rank=layout.coords(rank).tp,
-                                   ops=ops, dtype=dtype))
-        specs = collect_specs(model)
-        plan = make_plan(ckpt.tensors, specs, layout, ignore=config.ignore)
+        ckpt, model, specs, plan = prepare(directory, config, layout, build, tp_rank=layout.coords(rank).tp,
+                                           ops=ops)
         _agree(comm, fingerprint(ckpt, layout, specs, __version__, _record_shape(config)))
         comm.create_groups(layout)
         rank_plan = plan.for_rank(rank)
@@ -143,6 +140,25 @@ def _load(directory: str, config: LoadConfig, comm: Comm, device: torch.device,
     if not report.ok:
         raise MissingWeightsError(_failure_summary(report), report=report, rank=rank)
     return Loaded(model=model, report=report, layout=layout, rank=rank)
+
+
+def prepare(directory: str, config: LoadConfig, layout: Layout, build: ModelBuilder, *, tp_rank: int,
+            ops: Collectives) -> tuple[Checkpoint, nn.Module, tuple[ParamSpec, ...], Plan]:
+    """Reads the headers, builds the rank's model on the meta device, and plans (no tensor data).
+
+    Raises:
+        DistloadError: a bad checkpoint, or a model that does not fit it or the layout
+            (a config-derived size error names config.json).
+    """
+    ckpt = open_checkpoint(directory, allow_pickle=config.allow_pickle_format)
+    dtype = config.torch_dtype() or checkpoint_dtype(ckpt)
+    try:
+        model = build(BuildContext(config=ckpt.config, tp=layout.tp, tp_rank=tp_rank, ops=ops, dtype=dtype))
+    except (PlanError, ConfigError) as err:
+        err.file = err.file or os.path.join(ckpt.directory, "config.json")
+        raise
+    specs = collect_specs(model)
+    return ckpt, model, specs, make_plan(ckpt.tensors, specs, layout, ignore=config.ignore)
 
 
 def _record_shape(config: LoadConfig) -> dict:

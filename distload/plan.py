@@ -139,6 +139,11 @@ class Plan:
         """Returns ``len(owners(unit))`` without listing them."""
         return self.owner_counts[unit]
 
+    def rank_class(self, rank: int) -> tuple:
+        """Returns what ``for_rank(rank)`` depends on: ranks with equal classes read the same
+        bytes (today the TP index; the same piece in every replica)."""
+        return (self.layout.coords(rank).tp,)
+
     def for_rank(self, rank: int) -> RankPlan:
         """Returns the reads and fills of ``rank``."""
         tp_i = self.layout.coords(rank).tp

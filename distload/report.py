@@ -120,11 +120,15 @@ class LoadReport:
                  f"  layout: world {lay['world_size']} (tp {lay['tp']}, dp {lay['dp']}, pp {lay['pp']}); "
                  f"{self.num_units} units",
                  f"  read: {_size(total)} over {len(self.ranks)} rank(s) in {self.seconds:.2f} s "
-                 f"(slowest rank {slowest:.2f} s)"]
+                 f"(slowest rank {slowest:.2f} s)" if self.mode == "load" else
+                 f"  planned: {_size(total)} over {len(self.ranks)} rank(s), planned in {self.seconds:.2f} s"]
         if self.ranks:
             per = sorted(r.bytes_read for r in self.ranks)
             lines.append(f"  bytes per rank: min {_size(per[0])}, median {_size(per[len(per) // 2])}, "
                          f"max {_size(per[-1])}")
+            for what, attr in (("units", "units_owned"), ("files", "files_opened")):
+                vals = sorted(getattr(r, attr) for r in self.ranks)
+                lines.append(f"  {what} per rank: min {vals[0]}, median {vals[len(vals) // 2]}, max {vals[-1]}")
         for kind in ("missing", "inconsistent", "defaulted", "mismatched", "nonfinite"):
             entries = self._entries(kind)
             if entries:

@@ -25,7 +25,8 @@ def parser() -> argparse.ArgumentParser:
                     "(torchrun --nproc-per-node W -m distload ...), W = tp x dp.")
     p.add_argument("checkpoint", nargs="?", help="checkpoint directory (default: the bundled example)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (default 1)")
-    p.add_argument("--dp", type=int, default=None, help="data-parallel replicas (default: world / tp)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline stages (default 1)")
+    p.add_argument("--dp", type=int, default=None, help="data-parallel replicas (default: world / (tp x pp))")
     p.add_argument("--json", metavar="PATH", help="write the full report as JSON (rank 0)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available (NCCL), else cpu (gloo)")
     p.add_argument("--dtype", help="model dtype, e.g. bfloat16, float16, float32 (default: the checkpoint's)")
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     out = _Printer(rank == 0)
     try:
-        config = LoadConfig(tp=args.tp, dp=args.dp, device=args.device, dtype=args.dtype,
+        config = LoadConfig(tp=args.tp, pp=args.pp, dp=args.dp, device=args.device, dtype=args.dtype,
                             track=None if args.track is None else args.track == "on",
                             ignore=tuple(args.ignore), strict=args.strict, failure_timeout=args.failure_timeout,
                             check_finite=args.check_finite, strict_dtype=args.strict_dtype,
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         directory = args.checkpoint or example_checkpoint()
         if args.dry_run:
             from .dryrun import dry_run
-            world = args.world or int(os.environ.get("WORLD_SIZE", "0")) or args.tp * (args.dp or 1)
+            world = args.world or int(os.environ.get("WORLD_SIZE", "0")) or args.tp * args.pp * (args.dp or 1)
             report = dry_run(directory, config, world_size=world)
             out.report(report, args.json)
             return EXIT_OK if report.ok else EXIT_INCOMPLETE

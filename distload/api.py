@@ -15,9 +15,9 @@ from torch import nn
 from . import tracking
 from ._version import __version__
 from .checkpoint.directory import Checkpoint, open_checkpoint
-from .comm import Collectives, Comm, WorldInfo, world_from_env
+from .comm import Collectives, Comm, WorldInfo, pipe_ops_for, world_from_env
 from .config import LoadConfig
-from .errors import ConfigError, DistloadError, MissingWeightsError, PeerFailedError, PlanError
+from .errors import ConfigError, DistloadError, LayoutError, MissingWeightsError, PeerFailedError, PlanError
 from .execute import ExecResult, Executor
 from .layout import Layout
 from .models import BuildContext, ModelBuilder, reference_model
@@ -110,15 +110,15 @@ def _load(directory: str, config: LoadConfig, comm: Comm, device: torch.device,
     rank = comm.rank
     comm.start_watch(dead_after=config.failure_timeout)
     try:  # everything a single rank can fail at is published to the others
-        layout = Layout.for_world(comm.world_size, tp=config.tp, dp=config.dp)
+        layout = Layout.for_world(comm.world_size, tp=config.tp, pp=config.pp, dp=config.dp)
         ops = comm.tp_collectives(layout)  # bound to its subgroup once the ranks agree
-        ckpt, model, specs, plan = prepare(directory, config, layout, build, tp_rank=layout.coords(rank).tp,
-                                           ops=ops)
+        ckpt, model, specs, plan = prepare(directory, config, layout, build, rank=rank, ops=ops)
         _agree(comm, fingerprint(ckpt, layout, specs, __version__, _record_shape(config)))
         comm.create_groups(layout)
         rank_plan = plan.for_rank(rank)
         model = materialize(model, device)
-        params = {spec.name: _tensor(model, spec.name) for spec in plan.specs}
+        own_stage = layout.coords(rank).pp
+        params = {spec.name: _tensor(model, spec.name) for spec in plan.specs if spec.stage == own_stage}
         if config.strict_dtype:
             _refuse_casts(rank_plan, params)
         skip_names = set(config.skip_units.get(rank, ()))
@@ -142,9 +142,10 @@ def _load(directory: str, config: LoadConfig, comm: Comm, device: torch.device,
     return Loaded(model=model, report=report, layout=layout, rank=rank)
 
 
-def prepare(directory: str, config: LoadConfig, layout: Layout, build: ModelBuilder, *, tp_rank: int,
+def prepare(directory: str, config: LoadConfig, layout: Layout, build: ModelBuilder, *, rank: int,
             ops: Collectives) -> tuple[Checkpoint, nn.Module, tuple[ParamSpec, ...], Plan]:
-    """Reads the headers, builds the rank's model on the meta device, and plans (no tensor data).
+    """Reads the headers, builds the model of every pipeline stage on the meta device (specs
+    of all stages make the unit table; ``rank``'s stage is the model returned), and plans.
 
     Raises:
         DistloadError: a bad checkpoint, or a model that does not fit it or the layout
@@ -152,13 +153,23 @@ def prepare(directory: str, config: LoadConfig, layout: Layout, build: ModelBuil
     """
     ckpt = open_checkpoint(directory, allow_pickle=config.allow_pickle_format)
     dtype = config.torch_dtype() or checkpoint_dtype(ckpt)
-    try:
-        model = build(BuildContext(config=ckpt.config, tp=layout.tp, tp_rank=tp_rank, ops=ops, dtype=dtype))
-    except (PlanError, ConfigError) as err:
-        err.file = err.file or os.path.join(ckpt.directory, "config.json")
-        raise
-    specs = collect_specs(model)
-    return ckpt, model, specs, make_plan(ckpt.tensors, specs, layout, ignore=config.ignore)
+    coords = layout.coords(rank)
+    specs: list[ParamSpec] = []
+    mine: nn.Module | None = None
+    for stage in range(layout.pp):
+        peer = layout.rank(tp=coords.tp, dp=coords.dp, pp=stage)  # this rank's place in that stage
+        ctx = BuildContext(config=ckpt.config, tp=layout.tp, tp_rank=coords.tp, ops=ops, dtype=dtype,
+                           layout=layout, stage=stage, pipe=pipe_ops_for(layout, peer))
+        try:
+            model = build(ctx)
+        except (PlanError, ConfigError, LayoutError) as err:
+            err.file = err.file or os.path.join(ckpt.directory, "config.json")
+            raise
+        specs += [dataclasses.replace(spec, stage=stage) for spec in collect_specs(model)]
+        if stage == coords.pp:
+            mine = model
+    assert mine is not None
+    return ckpt, mine, tuple(specs), make_plan(ckpt.tensors, specs, layout, ignore=config.ignore)
 
 
 def _record_shape(config: LoadConfig) -> dict:

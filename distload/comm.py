@@ -55,6 +55,44 @@ SOLO = Collectives()
 """Collectives of a group of one rank (no process group needed)."""
 
 
+class PipeOps:
+    """Hands activations to the next pipeline stage and takes them from the previous one."""
+
+    def __init__(self, prev: int | None = None, next: int | None = None) -> None:
+        self.prev, self.next = prev, next
+
+    @property
+    def first(self) -> bool:
+        return self.prev is None
+
+    @property
+    def last(self) -> bool:
+        return self.next is None
+
+    def recv_prev(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """Receives the previous stage's output of ``shape``."""
+        _check_open()
+        out = torch.empty(shape, dtype=dtype, device=device)
+        dist.recv(out, src=self.prev)
+        return out
+
+    def send_next(self, tensor: torch.Tensor) -> None:
+        """Sends this stage's output to the next stage."""
+        _check_open()
+        dist.send(tensor.contiguous(), dst=self.next)
+
+
+SINGLE_STAGE = PipeOps()
+"""A model with one pipeline stage."""
+
+
+def pipe_ops_for(layout: Layout, rank: int) -> PipeOps:
+    """Returns ``rank``'s hand-off to its neighbours in the pipeline (same TP and DP place)."""
+    if layout.pp == 1:
+        return SINGLE_STAGE
+    return PipeOps(layout.neighbour(rank, -1), layout.neighbour(rank, +1))
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class WorldInfo:
     """Rank and world as the launcher (torchrun, Ray) gave them."""
@@ -184,6 +222,10 @@ class Comm:
             self._tp[key] = Collectives(None, layout.tp)
         return self._tp[key]
 
+    def pipe_ops(self, layout: Layout) -> PipeOps:
+        """Returns this rank's hand-off to its neighbours in the pipeline."""
+        return pipe_ops_for(layout, self.rank)
+
     def create_groups(self, layout: Layout) -> None:
         """Creates every TP subgroup, in the same order on every rank, and binds this rank's."""
         ops = self.tp_collectives(layout)
@@ -257,15 +299,17 @@ class FailureWatch:
         self._thread.start()
 
     def publish(self, rank: int, err: DistloadError, *, linger: float = 0.0) -> None:
-        """Stores ``err`` as rank ``rank``'s failure; with ``linger``, waits (bounded) until the
-        other ranks have read it, since this process may host the store and exit next."""
+        """Stores ``err`` as rank ``rank``'s failure; with ``linger``, waits (bounded) until every
+        other rank has read it or failed itself, since this process may host the store and exit next."""
         self._failed = True
         try:
             self.store.set(f"{self.prefix}error/{rank}", pickle.dumps(err))
             self.store.add(f"{self.prefix}failed", 1)
             deadline = time.monotonic() + linger
-            while time.monotonic() < deadline and \
-                    int(self.store.add(f"{self.prefix}seen", 0)) < self.world_size - 1:
+            # a rank that failed too never reads: counting it avoids waiting out the linger
+            # when every rank fails alike (a bad checkpoint)
+            while time.monotonic() < deadline and int(self.store.add(f"{self.prefix}seen", 0)) + \
+                    int(self.store.add(f"{self.prefix}failed", 0)) < self.world_size:
                 time.sleep(0.01)
         except Exception:  # the store itself is gone: peers will notice that instead
             pass

@@ -34,8 +34,10 @@ class LoadConfig:
 
     tp: int = 1
     """tensor-parallel degree"""
+    pp: int = 1
+    """pipeline stages (decoder layers split evenly, the first stages taking one more)"""
     dp: int | None = None
-    """data-parallel replicas; None: world size / tp"""
+    """data-parallel replicas; None: world size / (tp x pp)"""
     device: str | None = None
     """``cpu`` or ``cuda``; None: cuda when available"""
     dtype: str | None = None

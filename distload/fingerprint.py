@@ -38,7 +38,7 @@ def fingerprint(ckpt: Checkpoint, layout: Layout, specs: Iterable[ParamSpec], ve
     headers = sorted((t.name, os.path.basename(t.file), str(t.dtype), t.shape, t.end - t.begin)
                      for t in ckpt.tensors.values())
     index = sorted((t.name, os.path.basename(t.file)) for t in ckpt.tensors.values())
-    spec_rows = [(s.name, s.shape, s.role.value, s.default, s.derived_from,
+    spec_rows = [(s.name, s.stage, s.shape, s.role.value, s.default, s.derived_from,
                   [(src.name, src.shape, src.shard.dim, src.shard.num_shards, src.shard.pad, src.offset)
                    for src in (*s.sources, *s.verify)]) for s in specs]
     values = (version, dict(ckpt.config), index, files, headers, layout.to_dict(), spec_rows, options)

@@ -97,6 +97,26 @@ class Layout:
                      if (tp is None or r % self.tp == tp)
                      and (pp is None or r // (self.tp * self.dp) == pp))
 
+    def stage_layers(self, num_layers: int, stage: int) -> range:
+        """Returns the decoder layers of pipeline ``stage``: an even split, the first
+        ``num_layers % pp`` stages taking one layer more.
+
+        Example:
+            >>> [list(Layout(world_size=3, pp=3).stage_layers(7, s)) for s in range(3)]
+            [[0, 1, 2], [3, 4], [5, 6]]
+        """
+        if num_layers < self.pp:
+            raise LayoutError(f"pp={self.pp} stages need at least {self.pp} decoder layers, the model has "
+                              f"{num_layers}; choose pp <= {num_layers}")
+        base, extra = divmod(num_layers, self.pp)
+        start = stage * base + min(stage, extra)
+        return range(start, start + base + (stage < extra))
+
+    def neighbour(self, rank: int, step: int) -> int | None:
+        """Returns the rank at the same TP and DP position ``step`` stages away, or None."""
+        c = self.coords(rank)
+        return self.rank(tp=c.tp, dp=c.dp, pp=c.pp + step) if 0 <= c.pp + step < self.pp else None
+
     def describe(self) -> str:
         return f"world={self.world_size} (tp={self.tp}, dp={self.dp}, pp={self.pp})"
 

@@ -8,6 +8,7 @@ merge by index instead of by name.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from array import array
@@ -44,6 +45,9 @@ class Unit:
     """``[start, stop)`` along ``dim`` (``(0, 0)`` when dim is None)"""
     verify: bool = False
     """read only to check equality (a tied ``lm_head.weight``); never written"""
+    stages: tuple[int, ...] = (0,)
+    """pipeline stages whose ranks own it (the embedding: the first, and the last when a
+    tied LM head there is filled from it)"""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -132,8 +136,10 @@ class Plan:
         u = self.units[unit]
         width = self.layout.tp // u.num_shards
         lo = u.index * width
+        per_stage = self.layout.tp * self.layout.dp
         # TP groups come in rank order and hold their ranks in TP order
-        return tuple(group[t] for group in self.layout.tp_groups() for t in range(lo, lo + width))
+        return tuple(group[t] for group in self.layout.tp_groups() if group[0] // per_stage in u.stages
+                     for t in range(lo, lo + width))
 
     def num_owners(self, unit: int) -> int:
         """Returns ``len(owners(unit))`` without listing them."""
@@ -142,16 +148,20 @@ class Plan:
     def rank_class(self, rank: int) -> tuple:
         """Returns what ``for_rank(rank)`` depends on: ranks with equal classes read the same
         bytes (today the TP index; the same piece in every replica)."""
-        return (self.layout.coords(rank).tp,)
+        c = self.layout.coords(rank)
+        return (c.tp, c.pp)
 
     def for_rank(self, rank: int) -> RankPlan:
         """Returns the reads and fills of ``rank``."""
-        tp_i = self.layout.coords(rank).tp
+        coords = self.layout.coords(rank)
+        tp_i = coords.tp
         reads: list[Read] = []
         defaults: list[tuple[str, float]] = []
         zero: list[str] = []
         owned: list[int] = []
         for spec in self.specs:
+            if spec.stage != coords.pp:
+                continue
             if spec.role is Role.OPTIONAL:
                 defaults.append((spec.name, float(spec.default)))  # type: ignore[arg-type]
             padded = False
@@ -216,8 +226,8 @@ def plan(tensors: Mapping[str, TensorInfo], specs: Iterable[ParamSpec], layout: 
     leftover = sorted(n for n in tensors if n not in consumed)
     ignored = tuple(n for n in leftover if any(p.search(n) for p in patterns))
     unexpected = tuple(n for n in leftover if n not in set(ignored))
-    replicas = layout.dp * layout.pp  # each TP index appears once per replica and stage
-    owner_counts = array("i", [layout.tp // u.num_shards * replicas for u in units])
+    # each TP index appears once per replica, in every stage that holds the unit
+    owner_counts = array("i", [layout.tp // u.num_shards * layout.dp * len(u.stages) for u in units])
     verify_units = tuple(i for i, u in enumerate(units) if u.verify)
     return Plan(layout, specs, tuple(units), unit_ids, tensors, unexpected, ignored, owner_counts, verify_units)
 
@@ -241,13 +251,19 @@ def _add_units(units: list[Unit], unit_ids: dict, spec: ParamSpec, src: Source,
         span = shard.span(size=src.shape[shard.dim], index=index) if shard.dim is not None else (0, 0)
         if shard.dim is not None and span[0] == span[1]:
             continue  # a piece made only of padding rows: no unit
+        unit = Unit(name=src.name, param=spec.name, role=role, dim=shard.dim, index=index,
+                    num_shards=shard.num_shards, span=span, verify=verify, stages=(spec.stage,))
         if (src.name, index) in unit_ids:
-            other = units[unit_ids[(src.name, index)]].param
-            raise PlanError(f"checkpoint tensor feeds two parameters, {other} and {spec.name}",
-                            tensor=src.name)
+            other = units[unit_ids[(src.name, index)]]
+            if spec.stage in other.stages or (other.dim, other.num_shards, other.verify) != (unit.dim, unit.num_shards,
+                                                                                           unit.verify):
+                raise PlanError(f"checkpoint tensor feeds two parameters, {other.param} and {spec.name}",
+                                tensor=src.name)
+            # the same piece on another stage (a tied LM head's copy of the embedding): one unit
+            units[unit_ids[(src.name, index)]] = dataclasses.replace(other, stages=(*other.stages, spec.stage))
+            continue
         unit_ids[(src.name, index)] = len(units)
-        units.append(Unit(name=src.name, param=spec.name, role=role, dim=shard.dim, index=index,
-                          num_shards=shard.num_shards, span=span, verify=verify))
+        units.append(unit)
 
 
 def _is_short(src: Source, tp_i: int, tp: int) -> bool:

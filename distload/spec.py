@@ -8,7 +8,7 @@ one checkpoint tensor name and the piece of it one parameter needs on one shard.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Iterable
 
 from torch import nn
@@ -105,6 +105,8 @@ class ParamSpec:
     verify: tuple[Source, ...] = ()
     """checkpoint tensors that, when present, must equal this parameter (a tied
     ``lm_head.weight`` saved beside the embedding); read, compared, counted as consumed"""
+    stage: int = 0
+    """the pipeline stage whose ranks hold this parameter (set by the loader)"""
 
     def __post_init__(self) -> None:
         if self.role is Role.DERIVED and self.sources:
@@ -171,6 +173,3 @@ def collect_specs(model: nn.Module) -> tuple[ParamSpec, ...]:
         specs.extend(declared.values())
     return tuple(specs)
 
-
-def with_name(spec: ParamSpec, name: str) -> ParamSpec:
-    return replace(spec, name=name)

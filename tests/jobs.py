@@ -68,3 +68,15 @@ def forward_after_close(directory: str, tp: int) -> str:
     except distload.DistloadError as err:
         return str(err)
     return "no error"
+
+
+def load_and_forward_pp(directory: str, tp: int, pp: int, input_ids) -> dict:
+    """Like ``load_and_forward`` with pipeline stages: logits come back from the last stage only."""
+    import torch
+
+    with distload.load(directory, distload.LoadConfig(tp=tp, pp=pp, device="cpu"), keep_group=True) as loaded:
+        with torch.no_grad():
+            logits = loaded.model(input_ids)
+        state = {name: t.detach().numpy().copy() for name, t in loaded.model.state_dict().items()}
+        return {"report": loaded.report.to_json(), "state": state,
+                "logits": None if logits is None else logits.numpy().copy()}

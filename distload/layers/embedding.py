@@ -49,12 +49,14 @@ class ParallelLMHead(nn.Module, SpecProvider):
     """Logits over the full vocabulary from a vocabulary-split weight.
 
     With ``tied`` the weight *is* the embedding's: a derived parameter whose source
-    is the embedding unit. A ``lm_head.weight`` that a tied checkpoint carries anyway
-    is read and verified equal to the embedding (see ``ParamSpec.verify``).
+    is the embedding unit. With ``tied_copy`` (a tied head on another pipeline stage
+    than the embedding) it is a separate weight filled from the embedding's units.
+    A ``lm_head.weight`` that a tied checkpoint carries anyway is read and verified
+    equal to the embedding (see ``ParamSpec.verify``).
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, *, tp: int = 1,
-                 tied: VocabParallelEmbedding | None = None, tied_name: str = "",
+                 tied: VocabParallelEmbedding | None = None, tied_name: str = "", tied_copy: bool = False,
                  ops: Collectives = SOLO, dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None) -> None:
         super().__init__()
@@ -66,6 +68,7 @@ class ParallelLMHead(nn.Module, SpecProvider):
         else:
             self.weight = nn.Parameter(torch.empty(rows, embedding_dim, dtype=dtype, device=device))
         self.tied = tied is not None
+        self.tied_copy = tied_copy
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.ops.all_gather(F.linear(hidden, self.weight), dim=-1)
@@ -77,5 +80,9 @@ class ParallelLMHead(nn.Module, SpecProvider):
         if self.tied:
             yield ParamSpec(name=f"{path}.weight", shape=tuple(self.weight.shape), role=Role.DERIVED,
                             derived_from=(self.tied_name,), verify=(source,))
+        elif self.tied_copy:
+            embed = Source(name=self.tied_name, shape=source.shape, shard=source.shard)
+            yield ParamSpec(name=f"{path}.weight", shape=tuple(self.weight.shape), sources=(embed,),
+                            verify=(source,))
         else:
             yield ParamSpec(name=f"{path}.weight", shape=tuple(self.weight.shape), sources=(source,))

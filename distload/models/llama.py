@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..comm import SOLO, Collectives
+from ..comm import SINGLE_STAGE, SOLO, Collectives, PipeOps
 from ..errors import PlanError
 from ..layers import ColumnParallelLinear, ParallelLMHead, Part, RMSNorm, RowParallelLinear, VocabParallelEmbedding
 from ..layers.linear import shards_for
@@ -120,19 +120,27 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderBody(nn.Module):
-    """``model.*`` of the checkpoint: embedding, layers, final norm."""
+    """``model.*`` of the checkpoint: embedding (first stage), this stage's layers, final norm
+    (last stage). Layers keep their global index as their name (``model.layers.5``)."""
 
-    def __init__(self, cfg: DecoderConfig, *, tp: int, tp_rank: int, ops: Collectives, dtype, device) -> None:
+    def __init__(self, cfg: DecoderConfig, layers: range, *, first: bool, last: bool, tp: int, tp_rank: int,
+                 ops: Collectives, dtype, device) -> None:
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp=tp, tp_rank=tp_rank,
-                                                   ops=ops, dtype=dtype, device=device)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, tp=tp, ops=ops, dtype=dtype, device=device)
-                                    for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, device=device)
+        if first:
+            self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp=tp, tp_rank=tp_rank,
+                                                       ops=ops, dtype=dtype, device=device)
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, i, tp=tp, ops=ops, dtype=dtype, device=device)
+                                     for i in layers})
+        if last:
+            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, device=device)
 
 
 class DecoderForCausalLM(nn.Module):
-    """A Llama-family causal LM whose layers are split over ``tp`` ranks.
+    """A Llama-family causal LM: this rank's pipeline stage, its layers split over ``tp`` ranks.
+
+    The first stage holds the embedding, the last the final norm and LM head; with a
+    tied LM head and several stages, the last stage holds its own copy of the embedding
+    rows, loaded from the embedding's checkpoint tensor.
 
     Example:
         >>> from distload.models.config import DecoderConfig
@@ -145,21 +153,36 @@ class DecoderForCausalLM(nn.Module):
     """
 
     def __init__(self, cfg: DecoderConfig, *, tp: int = 1, tp_rank: int = 0, ops: Collectives = SOLO,
+                 pipe: PipeOps = SINGLE_STAGE, layers: range | None = None,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
         super().__init__()
         self.config = cfg
-        self.model = DecoderBody(cfg, tp=tp, tp_rank=tp_rank, ops=ops, dtype=dtype, device=device)
-        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp=tp, ops=ops, dtype=dtype, device=device,
-                                      tied=self.model.embed_tokens if cfg.tie_word_embeddings else None,
-                                      tied_name="model.embed_tokens.weight")
+        self.pipe = pipe
+        layers = range(cfg.num_hidden_layers) if layers is None else layers
+        self.model = DecoderBody(cfg, layers, first=pipe.first, last=pipe.last, tp=tp, tp_rank=tp_rank, ops=ops,
+                                 dtype=dtype, device=device)
+        if pipe.last:
+            shared = self.model.embed_tokens if (cfg.tie_word_embeddings and pipe.first) else None
+            self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp=tp, ops=ops, dtype=dtype,
+                                          device=device, tied=shared, tied_name="model.embed_tokens.weight",
+                                          tied_copy=cfg.tie_word_embeddings and not pipe.first)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Returns float logits ``[batch, seq, vocab]`` (the full vocabulary on every TP rank)."""
-        x = self.model.embed_tokens(input_ids)
-        pos = torch.arange(input_ids.shape[1], device=input_ids.device, dtype=torch.float32)
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """Returns float logits ``[batch, seq, vocab]`` (full vocabulary, every TP rank) on the
+        last pipeline stage; earlier stages hand their output on and return None."""
+        b, s = input_ids.shape
+        weight = next(self.parameters())
+        if self.pipe.first:
+            x = self.model.embed_tokens(input_ids)
+        else:
+            x = self.pipe.recv_prev((b, s, self.config.hidden_size), weight.dtype, weight.device)
+        pos = torch.arange(s, device=input_ids.device, dtype=torch.float32)
         freqs = pos[:, None] * rotary_inv_freq(self.config).to(input_ids.device)[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        for layer in self.model.layers:
+        for layer in self.model.layers.values():
             x = layer(x, cos, sin)
+        if not self.pipe.last:
+            self.pipe.send_next(x)
+            return None
         return self.lm_head(self.model.norm(x))

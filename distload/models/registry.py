@@ -8,7 +8,8 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
-from ..comm import SOLO, Collectives
+from ..comm import SINGLE_STAGE, SOLO, Collectives, PipeOps
+from ..layout import Layout
 from ..errors import ConfigError
 from .config import DecoderConfig
 from .llama import DecoderForCausalLM
@@ -30,6 +31,12 @@ class BuildContext:
     """collectives over this rank's TP group (for row-parallel layers, embeddings, heads)"""
     dtype: torch.dtype
     """the model dtype"""
+    layout: Layout
+    """the whole layout (``layout.stage_layers`` splits decoder layers over stages)"""
+    stage: int = 0
+    """this rank's pipeline stage"""
+    pipe: PipeOps = SINGLE_STAGE
+    """hand-off to the neighbouring stages"""
     device: str = "meta"
     """build here; ``load`` materializes on the rank's device afterwards"""
 
@@ -40,8 +47,11 @@ ModelBuilder = Callable[[BuildContext], nn.Module]
 
 def reference_model(ctx: BuildContext) -> nn.Module:
     """The default builder: ``build_model`` for the config's ``model_type``."""
-    return build_model(ctx.config, tp=ctx.tp, tp_rank=ctx.tp_rank, ops=ctx.ops, dtype=ctx.dtype,
-                       device=ctx.device)
+    layers = None
+    if ctx.layout.pp > 1:
+        layers = ctx.layout.stage_layers(int(ctx.config.get("num_hidden_layers", 0)), ctx.stage)
+    return build_model(ctx.config, tp=ctx.tp, tp_rank=ctx.tp_rank, ops=ctx.ops, pipe=ctx.pipe, layers=layers,
+                       dtype=ctx.dtype, device=ctx.device)
 
 
 def supported_model_types() -> tuple[str, ...]:
@@ -49,13 +59,14 @@ def supported_model_types() -> tuple[str, ...]:
 
 
 def build_model(config: Mapping, *, tp: int = 1, tp_rank: int = 0, ops: Collectives = SOLO,
+                pipe: PipeOps = SINGLE_STAGE, layers: range | None = None,
                 dtype: torch.dtype | None = None, device: torch.device | str = "meta") -> nn.Module:
     """Builds the reference model for ``config['model_type']`` with this rank's shapes.
 
     Example:
         >>> m = build_model({"model_type": "qwen2", "vocab_size": 64, "hidden_size": 16,
         ...                  "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2})
-        >>> m.model.layers[0].self_attn.qkv_proj.bias.shape
+        >>> m.model.layers["0"].self_attn.qkv_proj.bias.shape
         torch.Size([48])
 
     Raises:
@@ -66,5 +77,5 @@ def build_model(config: Mapping, *, tp: int = 1, tp_rank: int = 0, ops: Collecti
     if model_type not in DENSE_TYPES:
         raise ConfigError(f"config.json model_type {model_type!r} is not supported "
                           f"(supported: {', '.join(supported_model_types())})")
-    return DecoderForCausalLM(DecoderConfig.from_json(config), tp=tp, tp_rank=tp_rank, ops=ops,
-                              dtype=dtype, device=device)
+    return DecoderForCausalLM(DecoderConfig.from_json(config), tp=tp, tp_rank=tp_rank, ops=ops, pipe=pipe,
+                              layers=layers, dtype=dtype, device=device)

@@ -110,9 +110,10 @@ def _load(directory: str, config: LoadConfig, comm: Comm, device: torch.device,
     rank = comm.rank
     comm.start_watch(dead_after=config.failure_timeout)
     try:  # everything a single rank can fail at is published to the others
-        layout = Layout.for_world(comm.world_size, tp=config.tp, pp=config.pp, dp=config.dp)
+        layout = Layout.for_world(comm.world_size, tp=config.tp, pp=config.pp, dp=config.dp, ep=config.ep)
         ops = comm.tp_collectives(layout)  # bound to its subgroup once the ranks agree
-        ckpt, model, specs, plan = prepare(directory, config, layout, build, rank=rank, ops=ops)
+        ckpt, model, specs, plan = prepare(directory, config, layout, build, rank=rank, ops=ops,
+                                           stage_ops=comm.stage_collectives(layout))
         _agree(comm, fingerprint(ckpt, layout, specs, __version__, _record_shape(config)))
         comm.create_groups(layout)
         rank_plan = plan.for_rank(rank)
@@ -143,7 +144,7 @@ def _load(directory: str, config: LoadConfig, comm: Comm, device: torch.device,
 
 
 def prepare(directory: str, config: LoadConfig, layout: Layout, build: ModelBuilder, *, rank: int,
-            ops: Collectives) -> tuple[Checkpoint, nn.Module, tuple[ParamSpec, ...], Plan]:
+            ops: Collectives, stage_ops: Collectives) -> tuple[Checkpoint, nn.Module, tuple[ParamSpec, ...], Plan]:
     """Reads the headers, builds the model of every pipeline stage on the meta device (specs
     of all stages make the unit table; ``rank``'s stage is the model returned), and plans.
 
@@ -159,7 +160,9 @@ def prepare(directory: str, config: LoadConfig, layout: Layout, build: ModelBuil
     for stage in range(layout.pp):
         peer = layout.rank(tp=coords.tp, dp=coords.dp, pp=stage)  # this rank's place in that stage
         ctx = BuildContext(config=ckpt.config, tp=layout.tp, tp_rank=coords.tp, ops=ops, dtype=dtype,
-                           layout=layout, stage=stage, pipe=pipe_ops_for(layout, peer))
+                           layout=layout, stage=stage, pipe=pipe_ops_for(layout, peer), rank=peer,
+                           stage_ops=stage_ops, expert_placement=config.expert_placement,
+                           redundant_experts=config.redundant_experts)
         try:
             model = build(ctx)
         except (PlanError, ConfigError, LayoutError) as err:
@@ -218,7 +221,7 @@ def _merge(comm: Comm, config: LoadConfig, layout: Layout, ckpt: Checkpoint, pla
                                 dtype=tracking.count_dtype(layout.world_size))
         verdict = tracking.classify(plan, comm.sum_counts(local))
         rows = None
-        if verdict.failed or verdict.mismatched:  # the second, small exchange names loaded_by
+        if verdict.failed or verdict.mismatched or verdict.nonfinite:  # a second, small exchange names the ranks
             rows = comm.gather_rows(tracking.exchange_rows(plan, verdict, local))
         findings = tracking.findings(plan, verdict, rows)
     not_loaded = len(set(rank_plan.owned) - set(result.loaded))

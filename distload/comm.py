@@ -226,16 +226,30 @@ class Comm:
         """Returns this rank's hand-off to its neighbours in the pipeline."""
         return pipe_ops_for(layout, self.rank)
 
+    def stage_collectives(self, layout: Layout) -> Collectives:
+        """Returns collectives over all ranks of this rank's pipeline stage (bound by ``create_groups``)."""
+        key = layout.stage_ranks(layout.coords(self.rank).pp)
+        if len(key) == 1:
+            return SOLO
+        if key not in self._tp:
+            self._tp[key] = Collectives(None, len(key))
+        return self._tp[key]
+
     def create_groups(self, layout: Layout) -> None:
-        """Creates every TP subgroup, in the same order on every rank, and binds this rank's."""
-        ops = self.tp_collectives(layout)
-        if layout.tp == 1 or layout.tp == self.world_size or ops.group is not None:
-            return  # one rank, or the whole world (the default group)
-        mine = layout.tp_group(self.rank)
-        for ranks in layout.tp_groups():
-            group = dist.new_group(list(ranks))
-            if ranks == mine:
-                ops.group = group
+        """Creates every TP subgroup (and stage group, when experts span a stage), in the same
+        order on every rank, and binds this rank's."""
+        wanted = [layout.tp_groups()] if 1 < layout.tp < self.world_size else []
+        if layout.ep > 1 and layout.pp > 1:
+            wanted.append(tuple(layout.stage_ranks(s) for s in range(layout.pp)))
+        for groups in wanted:
+            mine = next(g for g in groups if self.rank in g)
+            ops = self._tp.get(mine)
+            if ops is not None and ops.group is not None:
+                continue
+            for ranks in groups:
+                group = dist.new_group(list(ranks))
+                if ranks == mine and ops is not None:
+                    ops.group = group
 
     def sum_counts(self, counts: torch.Tensor) -> torch.Tensor:
         """Sums an integer tensor over all ranks (the one tracking collective)."""

@@ -38,6 +38,12 @@ class LoadConfig:
     """pipeline stages (decoder layers split evenly, the first stages taking one more)"""
     dp: int | None = None
     """data-parallel replicas; None: world size / (tp x pp)"""
+    ep: int = 1
+    """expert-parallel groups per stage (see Layout.ep)"""
+    expert_placement: str = "linear"
+    """``linear`` (contiguous slots per group) or ``round_robin``"""
+    redundant_experts: int = 0
+    """extra expert slots holding replicas of the first experts"""
     device: str | None = None
     """``cpu`` or ``cuda``; None: cuda when available"""
     dtype: str | None = None

@@ -36,9 +36,10 @@ def dry_run(checkpoint: str, config: LoadConfig = LoadConfig(), *, world_size: i
     from .api import prepare
 
     start = time.perf_counter()
-    layout = Layout.for_world(world_size, tp=config.tp, pp=config.pp, dp=config.dp)
-    # shapes and specs do not depend on the rank; the collectives are never called
-    ckpt, _, _, plan = prepare(checkpoint, config, layout, build, rank=0, ops=Collectives(None, layout.tp))
+    layout = Layout.for_world(world_size, tp=config.tp, pp=config.pp, dp=config.dp, ep=config.ep)
+    # the unit table does not depend on the rank; the collectives are never called
+    ckpt, _, _, plan = prepare(checkpoint, config, layout, build, rank=0, ops=Collectives(None, layout.tp),
+                               stage_ops=Collectives(None, layout.tp * layout.dp))
     per_class: dict[tuple, RankStats] = {}
     ranks = []
     for rank in range(world_size):

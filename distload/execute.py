@@ -123,6 +123,8 @@ class Executor:
                 inflight -= read.nbytes
                 src = buf.view(read.tensor.dtype).reshape(read.shape)
                 dest = params[read.param]
+                if read.slot is not None:
+                    dest = dest[read.slot]
                 if read.dim is not None:
                     dest = dest.narrow(read.dim, read.dest[0], read.dest[1] - read.dest[0])
                 if src.dtype != dest.dtype:

@@ -43,18 +43,55 @@ class Layout:
     """data-parallel replicas"""
     pp: int = 1
     """pipeline stages"""
+    ep: int = 1
+    """expert-parallel groups per stage: with ep > 1 the experts are split over ep groups of
+    (dp x tp) / ep consecutive ranks, shared by all replicas; with 1, every DP replica holds
+    every expert, sharded over its tp ranks"""
 
     def __post_init__(self) -> None:
-        for axis in ("world_size", "tp", "dp", "pp"):
+        for axis in ("world_size", "tp", "dp", "pp", "ep"):
             _check_positive(axis, getattr(self, axis))
         if self.tp * self.dp * self.pp != self.world_size:
             raise LayoutError(
                 f"layout does not fill the world: tp={self.tp} x dp={self.dp} x pp={self.pp} = "
                 f"{self.tp * self.dp * self.pp}, but world size is {self.world_size}; "
                 f"choose tp, dp and pp whose product is {self.world_size}")
+        if (self.dp * self.tp) % self.ep:
+            raise LayoutError(f"ep={self.ep} does not divide the {self.dp * self.tp} ranks of a pipeline stage "
+                              f"(dp={self.dp} x tp={self.tp}); choose an ep that divides {self.dp * self.tp}")
+
+    @property
+    def expert_tp(self) -> int:
+        """Ranks one expert is sharded over: tp when ep is 1, else (dp x tp) / ep."""
+        return self.tp if self.ep == 1 else self.dp * self.tp // self.ep
+
+    def expert_coords(self, rank: int) -> tuple[int, int]:
+        """Returns (the expert group ``rank`` hosts, its index among that expert's shards).
+
+        The group is in ``range(ep)``; with ep = 1 it is 0 in every replica.
+        """
+        c = self.coords(rank)
+        if self.ep == 1:
+            return 0, c.tp
+        local = c.dp * self.tp + c.tp
+        return local // self.expert_tp, local % self.expert_tp
+
+    def expert_ranks(self, *, group: int, shard: int, pp: int) -> tuple[int, ...]:
+        """Returns the ranks of stage ``pp`` that host expert group ``group``'s shard ``shard``
+        (one per DP replica when ep is 1, else exactly one)."""
+        if self.ep == 1:
+            return tuple(self.rank(tp=shard, dp=d, pp=pp) for d in range(self.dp))
+        local = group * self.expert_tp + shard
+        return (self.rank(tp=local % self.tp, dp=local // self.tp, pp=pp),)
+
+    def stage_ranks(self, pp: int) -> tuple[int, ...]:
+        """Returns the ranks of pipeline stage ``pp``."""
+        per = self.tp * self.dp
+        return tuple(range(pp * per, (pp + 1) * per))
 
     @classmethod
-    def for_world(cls, world_size: int, *, tp: int = 1, pp: int = 1, dp: int | None = None) -> "Layout":
+    def for_world(cls, world_size: int, *, tp: int = 1, pp: int = 1, dp: int | None = None,
+                  ep: int = 1) -> "Layout":
         """Builds a layout, deriving ``dp`` from the world size when it is not given.
 
         Example:
@@ -69,7 +106,7 @@ class Layout:
                     f"world size {world_size} is not divisible by tp={tp} x pp={pp}; "
                     f"choose tp and pp whose product divides {world_size}")
             dp = world_size // (tp * pp)
-        return cls(world_size=world_size, tp=tp, dp=dp, pp=pp)
+        return cls(world_size=world_size, tp=tp, dp=dp, pp=pp, ep=ep)
 
     def coords(self, rank: int) -> Coords:
         """Returns the (tp, dp, pp) coordinates of ``rank``."""
@@ -118,10 +155,10 @@ class Layout:
         return self.rank(tp=c.tp, dp=c.dp, pp=c.pp + step) if 0 <= c.pp + step < self.pp else None
 
     def describe(self) -> str:
-        return f"world={self.world_size} (tp={self.tp}, dp={self.dp}, pp={self.pp})"
+        return f"world={self.world_size} (tp={self.tp}, dp={self.dp}, pp={self.pp}, ep={self.ep})"
 
     def to_dict(self) -> dict[str, int]:
-        return {"world_size": self.world_size, "tp": self.tp, "dp": self.dp, "pp": self.pp}
+        return {"world_size": self.world_size, "tp": self.tp, "dp": self.dp, "pp": self.pp, "ep": self.ep}
 
     def _check_rank(self, rank: int) -> None:
         if not 0 <= rank < self.world_size:

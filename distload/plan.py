@@ -17,6 +17,7 @@ from typing import Iterable, Mapping
 
 from .checkpoint.header import TensorInfo
 from .errors import PlanError
+from .experts import ExpertPlacement
 from .layout import Layout
 from .spec import ParamSpec, Role, Source
 
@@ -48,6 +49,10 @@ class Unit:
     stages: tuple[int, ...] = (0,)
     """pipeline stages whose ranks own it (the embedding: the first, and the last when a
     tied LM head there is filled from it)"""
+    expert: int | None = None
+    """the logical expert, for a unit of an expert-stacked parameter"""
+    placement: ExpertPlacement | None = None
+    """where that expert's copies live (owners are the ranks hosting one)"""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -78,6 +83,8 @@ class Read:
     """parameter dim the piece is placed along; None: the piece is the whole parameter"""
     dest: tuple[int, int]
     """``[start, stop)`` in the parameter along ``dim``"""
+    slot: int | None = None
+    """local expert slot (index along the parameter's dim 0) the piece goes into, first"""
     verify: bool = False
     """compare with the parameter instead of writing it"""
 
@@ -134,6 +141,12 @@ class Plan:
     def owners(self, unit: int) -> tuple[int, ...]:
         """Returns the ranks that own ``unit``, in rank order."""
         u = self.units[unit]
+        if u.placement is not None:  # every shard-holder of every group hosting a copy of the expert
+            lay = self.layout
+            width = lay.expert_tp // u.num_shards
+            return tuple(sorted(r for pp in u.stages for g in set(u.placement.groups_of(u.expert))
+                                for k in range(u.index * width, (u.index + 1) * width)
+                                for r in lay.expert_ranks(group=g, shard=k, pp=pp)))
         width = self.layout.tp // u.num_shards
         lo = u.index * width
         per_stage = self.layout.tp * self.layout.dp
@@ -149,7 +162,7 @@ class Plan:
         """Returns what ``for_rank(rank)`` depends on: ranks with equal classes read the same
         bytes (today the TP index; the same piece in every replica)."""
         c = self.layout.coords(rank)
-        return (c.tp, c.pp)
+        return (c.tp, c.pp, *self.layout.expert_coords(rank))
 
     def for_rank(self, rank: int) -> RankPlan:
         """Returns the reads and fills of ``rank``."""
@@ -175,10 +188,28 @@ class Plan:
                     unit = self._own(src, tp_i, spec, owned)
                     if unit is not None:
                         reads.append(_read(unit, self.units[unit], src, self.tensors[src.name], spec))
+            if spec.experts is not None:
+                self._expert_reads(spec, rank, owned, reads)
             if padded:
                 zero.append(spec.name)
         return RankPlan(rank=rank, reads=tuple(reads), defaults=tuple(defaults), zero=tuple(zero),
                         owned=tuple(owned))
+
+    def _expert_reads(self, spec: ParamSpec, rank: int, owned: list[int], reads: list[Read]) -> None:
+        """Reads of the experts this rank's group hosts, slot by slot (no other expert's bytes)."""
+        experts = spec.experts
+        group, shard_i = self.layout.expert_coords(rank)
+        for slot, physical in enumerate(experts.placement.group_slots(group)):
+            expert = experts.placement.slots[physical]
+            for part in experts.parts:
+                name = experts.name(part, expert)
+                unit = self.unit_ids.get((name, part.shard.index(shard_i, self.layout.expert_tp)))
+                if unit is None:
+                    continue
+                owned.append(unit)
+                if name in self.tensors:
+                    src = dataclasses.replace(part, name=name)
+                    reads.append(_read(unit, self.units[unit], src, self.tensors[name], spec, slot=slot))
 
     def _own(self, src: Source, tp_i: int, spec: ParamSpec, owned: list[int]) -> int | None:
         unit = self.unit_ids.get((src.name, src.shard.index(tp_i, self.layout.tp)))
@@ -216,6 +247,8 @@ def plan(tensors: Mapping[str, TensorInfo], specs: Iterable[ParamSpec], layout: 
     unit_ids: dict[tuple[str, int], int] = {}
     for spec in specs:
         check_tiling(spec, layout.tp)
+        if spec.experts is not None:
+            _add_expert_units(units, unit_ids, spec, tensors, layout)
         for src in spec.sources:
             _add_units(units, unit_ids, spec, src, tensors, layout, verify=False)
         for src in spec.verify:
@@ -226,21 +259,39 @@ def plan(tensors: Mapping[str, TensorInfo], specs: Iterable[ParamSpec], layout: 
     leftover = sorted(n for n in tensors if n not in consumed)
     ignored = tuple(n for n in leftover if any(p.search(n) for p in patterns))
     unexpected = tuple(n for n in leftover if n not in set(ignored))
-    # each TP index appears once per replica, in every stage that holds the unit
-    owner_counts = array("i", [layout.tp // u.num_shards * layout.dp * len(u.stages) for u in units])
+    owner_counts = array("i", [_num_owners(u, layout) for u in units])
     verify_units = tuple(i for i, u in enumerate(units) if u.verify)
     return Plan(layout, specs, tuple(units), unit_ids, tensors, unexpected, ignored, owner_counts, verify_units)
 
 
+def _add_expert_units(units: list[Unit], unit_ids: dict, spec: ParamSpec, tensors: Mapping[str, TensorInfo],
+                      layout: Layout) -> None:
+    experts = spec.experts
+    placement = experts.placement
+    if placement.ep != layout.ep or spec.shape[0] != placement.slots_per_group:
+        raise PlanError(f"expert parameter {spec.name} has {spec.shape[0]} slots for ep={placement.ep}; the layout "
+                        f"has ep={layout.ep} and {placement.slots_per_group} slots per group")
+    check_tiling(ParamSpec(name=spec.name, shape=spec.shape[1:],
+                           sources=tuple(dataclasses.replace(p, name=experts.name(p, 0)) for p in experts.parts)),
+                 layout.expert_tp)
+    for expert in range(placement.num_experts):
+        for part in experts.parts:
+            src = dataclasses.replace(part, name=experts.name(part, expert))
+            _add_units(units, unit_ids, spec, src, tensors, layout, verify=False, expert=expert,
+                       placement=placement)
+
+
 def _add_units(units: list[Unit], unit_ids: dict, spec: ParamSpec, src: Source,
-               tensors: Mapping[str, TensorInfo], layout: Layout, *, verify: bool) -> None:
+               tensors: Mapping[str, TensorInfo], layout: Layout, *, verify: bool, expert: int | None = None,
+               placement: ExpertPlacement | None = None) -> None:
     shard = src.shard
     info = tensors.get(src.name)
     if info is not None and info.shape != src.shape:
         raise PlanError(f"checkpoint shape {list(info.shape)} differs from the model's {list(src.shape)} "
                         f"(parameter {spec.name})", file=info.file, tensor=src.name)
-    if layout.tp % shard.num_shards:
-        raise PlanError(f"{shard.num_shards} pieces do not spread over tp={layout.tp} "
+    axis, ranks = ("expert tp", layout.expert_tp) if placement is not None else ("tp", layout.tp)
+    if ranks % shard.num_shards:
+        raise PlanError(f"{shard.num_shards} pieces do not spread over {axis}={ranks} "
                         f"(parameter {spec.name})", tensor=src.name)
     if shard.dim is not None and not shard.pad and src.shape[shard.dim] % shard.num_shards:
         raise PlanError(f"dim {shard.dim} of size {src.shape[shard.dim]} does not split into "
@@ -252,7 +303,8 @@ def _add_units(units: list[Unit], unit_ids: dict, spec: ParamSpec, src: Source,
         if shard.dim is not None and span[0] == span[1]:
             continue  # a piece made only of padding rows: no unit
         unit = Unit(name=src.name, param=spec.name, role=role, dim=shard.dim, index=index,
-                    num_shards=shard.num_shards, span=span, verify=verify, stages=(spec.stage,))
+                    num_shards=shard.num_shards, span=span, verify=verify, stages=(spec.stage,), expert=expert,
+                    placement=placement)
         if (src.name, index) in unit_ids:
             other = units[unit_ids[(src.name, index)]]
             if spec.stage in other.stages or (other.dim, other.num_shards, other.verify) != (unit.dim, unit.num_shards,
@@ -266,17 +318,26 @@ def _add_units(units: list[Unit], unit_ids: dict, spec: ParamSpec, src: Source,
         units.append(unit)
 
 
+def _num_owners(u: Unit, layout: Layout) -> int:
+    if u.placement is not None:  # one shard-holder per hosting group (per replica when ep is 1)
+        copies = len(set(u.placement.groups_of(u.expert))) * (layout.dp if layout.ep == 1 else 1)
+        return copies * (layout.expert_tp // u.num_shards) * len(u.stages)
+    # each TP index appears once per replica, in every stage that holds the unit
+    return layout.tp // u.num_shards * layout.dp * len(u.stages)
+
+
 def _is_short(src: Source, tp_i: int, tp: int) -> bool:
     shard = src.shard
     start, stop = shard.span(size=src.shape[shard.dim], index=shard.index(tp_i, tp))
     return stop - start < shard.piece_len(src.shape[shard.dim])
 
 
-def _read(unit_id: int, unit: Unit, src: Source, info: TensorInfo, spec: ParamSpec) -> Read:
+def _read(unit_id: int, unit: Unit, src: Source, info: TensorInfo, spec: ParamSpec, *,
+          slot: int | None = None) -> Read:
     shape, dim = info.shape, unit.dim
     if dim is None:
         return Read(unit=unit_id, param=spec.name, tensor=info, offset=info.begin, run=info.nbytes,
-                    stride=info.nbytes, count=1, shape=shape, dim=None, dest=(0, 0), verify=unit.verify)
+                    stride=info.nbytes, count=1, shape=shape, dim=None, dest=(0, 0), verify=unit.verify, slot=slot)
     start, stop = unit.span
     inner = math.prod(shape[dim + 1:]) * info.itemsize
     outer = math.prod(shape[:dim])
@@ -286,7 +347,7 @@ def _read(unit_id: int, unit: Unit, src: Source, info: TensorInfo, spec: ParamSp
         run, count = run * count, 1
     return Read(unit=unit_id, param=spec.name, tensor=info, offset=info.begin + start * inner, run=run,
                 stride=stride, count=count, shape=piece, dim=dim,
-                dest=(src.offset, src.offset + stop - start), verify=unit.verify)
+                dest=(src.offset, src.offset + stop - start), verify=unit.verify, slot=slot)
 
 
 def check_tiling(spec: ParamSpec, tp: int, tp_ranks: Iterable[int] = (0,)) -> None:

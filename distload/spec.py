@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 from torch import nn
 
 from .errors import PlanError
+
+if TYPE_CHECKING:
+    from .experts import ExpertPlacement
 
 
 class Role(str, enum.Enum):
@@ -80,6 +83,24 @@ class Source:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class ExpertSources:
+    """The per-expert checkpoint tensors stacked into one expert parameter ``[local slots, ...]``.
+
+    Each ``part`` names its tensor with an ``{expert}`` field and is placed in the
+    slot's sub-tensor like a ``Source`` (``offset`` along ``shard.dim``, which counts
+    the per-expert dims, and ``shard.num_shards`` pieces over the expert's ranks).
+    """
+
+    placement: "ExpertPlacement"
+    """which slots this rank's group hosts and which expert each slot holds"""
+    parts: tuple[Source, ...]
+    """one per source matrix (gate, up; or down); ``name`` has an ``{expert}`` field"""
+
+    def name(self, part: Source, expert: int) -> str:
+        return part.name.format(expert=expert)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class ParamSpec:
     """Declares how one parameter (or persistent buffer) of a rank's model is filled.
 
@@ -107,6 +128,8 @@ class ParamSpec:
     ``lm_head.weight`` saved beside the embedding); read, compared, counted as consumed"""
     stage: int = 0
     """the pipeline stage whose ranks hold this parameter (set by the loader)"""
+    experts: ExpertSources | None = None
+    """for an expert-stacked parameter: its per-expert sources (``sources`` stays empty)"""
 
     def __post_init__(self) -> None:
         if self.role is Role.DERIVED and self.sources:

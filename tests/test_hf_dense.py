@@ -143,7 +143,7 @@ def expected_params(ckpt: dict[str, torch.Tensor], spec: HFSpec, tp: int, tp_i: 
 def _clean(report: dict, world: int, tp: int) -> None:
     assert report["complete"] is True and report["ok"] is True, report
     assert report["mode"] == "load"
-    assert report["layout"] == {"world_size": world, "tp": tp, "dp": world // tp, "pp": 1}
+    assert report["layout"] == {"world_size": world, "tp": tp, "dp": world // tp, "pp": 1, "ep": 1}
     for kind in ("missing", "inconsistent", "unexpected", "mismatched", "defaulted"):
         assert report[kind] == [], (kind, report[kind])
 
@@ -320,7 +320,7 @@ def test_report_json_has_the_public_keys(pool, ckpts):
                 "seconds"):
         assert key in report, key
     assert report["complete"] is False and report["mode"] == "load"
-    assert report["layout"] == {"world_size": 2, "tp": 2, "dp": 1, "pp": 1}
+    assert report["layout"] == {"world_size": 2, "tp": 2, "dp": 1, "pp": 1, "ep": 1}
     assert report["missing"] == [{"name": "model.layers.0.input_layernorm.weight", "owners": [0, 1]}]
     assert report["inconsistent"] == [{"name": "model.norm.weight", "owners": [0, 1], "loaded_by": [0]}]
     assert report["unexpected"] == [{"name": "stray"}]

@@ -108,7 +108,7 @@ def test_rank_outside_world_is_refused(rank):
                                     dict(tp=-1, dp=0)])
 def test_coordinates_outside_layout_are_refused(coords):
     layout = Layout(world_size=8, tp=4, dp=2)
-    with pytest.raises(LayoutError, match="lie outside world=8 \\(tp=4, dp=2, pp=1\\)"):
+    with pytest.raises(LayoutError, match="lie outside world=8 \\(tp=4, dp=2, pp=1, ep=1\\)"):
         layout.rank(**coords)
 
 
@@ -149,5 +149,5 @@ def test_layout_is_frozen_and_describes_itself():
     layout = Layout(world_size=8, tp=2, dp=4)
     with pytest.raises(AttributeError):
         layout.tp = 4  # type: ignore[misc]
-    assert layout.describe() == "world=8 (tp=2, dp=4, pp=1)"
-    assert layout.to_dict() == {"world_size": 8, "tp": 2, "dp": 4, "pp": 1}
+    assert layout.describe() == "world=8 (tp=2, dp=4, pp=1, ep=1)"
+    assert layout.to_dict() == {"world_size": 8, "tp": 2, "dp": 4, "pp": 1, "ep": 1}

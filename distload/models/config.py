@@ -8,6 +8,8 @@ from typing import Mapping
 from ..errors import ConfigError
 
 ROPE_TYPES = ("default", "llama3")
+BASE_TYPES = {"mixtral": "mistral", "qwen2_moe": "qwen2", "qwen3_moe": "qwen3"}
+"""MoE model types whose attention and norms follow a dense type"""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -54,7 +56,7 @@ class DecoderConfig:
     @classmethod
     def from_json(cls, cfg: Mapping) -> "DecoderConfig":
         """Reads a Hugging Face config.json dict; raises ConfigError naming a bad field."""
-        mt = cfg.get("model_type")
+        mt = BASE_TYPES.get(cfg.get("model_type"), cfg.get("model_type"))  # MoE models share attention
         try:
             hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
             layers = int(cfg["num_hidden_layers"])

@@ -8,6 +8,7 @@ name their checkpoint siblings in their specs.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -106,17 +107,24 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
+MLPFactory = Callable[[int], "tuple[str, nn.Module]"]
+"""layer index -> (the feed-forward module's checkpoint name, the module): MoE models plug in here"""
+
+
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: DecoderConfig, layer: int, *, tp: int, ops: Collectives, dtype, device) -> None:
+    def __init__(self, cfg: DecoderConfig, layer: int, *, tp: int, ops: Collectives, dtype, device,
+                 mlp: MLPFactory | None = None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, device=device)
         self.self_attn = Attention(cfg, layer, tp=tp, ops=ops, dtype=dtype, device=device)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, device=device)
-        self.mlp = MLP(cfg, tp=tp, ops=ops, dtype=dtype, device=device)
+        name, module = mlp(layer) if mlp is not None else ("mlp", MLP(cfg, tp=tp, ops=ops, dtype=dtype, device=device))
+        self.ffn_name = name
+        self.add_module(name, module)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + getattr(self, self.ffn_name)(self.post_attention_layernorm(x))
 
 
 class DecoderBody(nn.Module):
@@ -124,13 +132,13 @@ class DecoderBody(nn.Module):
     (last stage). Layers keep their global index as their name (``model.layers.5``)."""
 
     def __init__(self, cfg: DecoderConfig, layers: range, *, first: bool, last: bool, tp: int, tp_rank: int,
-                 ops: Collectives, dtype, device) -> None:
+                 ops: Collectives, dtype, device, mlp: MLPFactory | None = None) -> None:
         super().__init__()
         if first:
             self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp=tp, tp_rank=tp_rank,
                                                        ops=ops, dtype=dtype, device=device)
-        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, i, tp=tp, ops=ops, dtype=dtype, device=device)
-                                     for i in layers})
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, i, tp=tp, ops=ops, dtype=dtype, device=device,
+                                                          mlp=mlp) for i in layers})
         if last:
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, device=device)
 
@@ -153,14 +161,14 @@ class DecoderForCausalLM(nn.Module):
     """
 
     def __init__(self, cfg: DecoderConfig, *, tp: int = 1, tp_rank: int = 0, ops: Collectives = SOLO,
-                 pipe: PipeOps = SINGLE_STAGE, layers: range | None = None,
+                 pipe: PipeOps = SINGLE_STAGE, layers: range | None = None, mlp: MLPFactory | None = None,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
         super().__init__()
         self.config = cfg
         self.pipe = pipe
         layers = range(cfg.num_hidden_layers) if layers is None else layers
         self.model = DecoderBody(cfg, layers, first=pipe.first, last=pipe.last, tp=tp, tp_rank=tp_rank, ops=ops,
-                                 dtype=dtype, device=device)
+                                 dtype=dtype, device=device, mlp=mlp)
         if pipe.last:
             shared = self.model.embed_tokens if (cfg.tie_word_embeddings and pipe.first) else None
             self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp=tp, ops=ops, dtype=dtype,

@@ -12,9 +12,12 @@ from ..comm import SINGLE_STAGE, SOLO, Collectives, PipeOps
 from ..layout import Layout
 from ..errors import ConfigError
 from .config import DecoderConfig
+from ..layers.moe import ExpertExchange
 from .llama import DecoderForCausalLM
+from .moe import build_moe_model
 
 DENSE_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -37,6 +40,14 @@ class BuildContext:
     """this rank's pipeline stage"""
     pipe: PipeOps = SINGLE_STAGE
     """hand-off to the neighbouring stages"""
+    rank: int = 0
+    """the rank whose model this is (its expert group follows from the layout)"""
+    stage_ops: Collectives = SOLO
+    """collectives over all ranks of the stage (the expert exchange when ep > 1)"""
+    expert_placement: str = "linear"
+    """``linear`` or ``round_robin``"""
+    redundant_experts: int = 0
+    """extra expert slots replicating the first experts"""
     device: str = "meta"
     """build here; ``load`` materializes on the rank's device afterwards"""
 
@@ -50,12 +61,23 @@ def reference_model(ctx: BuildContext) -> nn.Module:
     layers = None
     if ctx.layout.pp > 1:
         layers = ctx.layout.stage_layers(int(ctx.config.get("num_hidden_layers", 0)), ctx.stage)
+    model_type = ctx.config.get("model_type")
+    if model_type in MOE_TYPES:
+        lay = ctx.layout
+        group, _ = lay.expert_coords(ctx.rank)
+        stage_start = lay.stage_ranks(ctx.stage)[0]
+        exchange = ExpertExchange(tp_ops=ctx.ops, stage_ops=ctx.stage_ops if lay.ep > 1 else None,
+                                  stage_index=ctx.rank - stage_start)
+        return build_moe_model(ctx.config, tp=ctx.tp, tp_rank=ctx.tp_rank, ops=ctx.ops, pipe=ctx.pipe,
+                               layers=layers, layout=lay, rank_group=group, etp=lay.expert_tp, exchange=exchange,
+                               placement_kind=ctx.expert_placement, redundant=ctx.redundant_experts,
+                               dtype=ctx.dtype, device=ctx.device)
     return build_model(ctx.config, tp=ctx.tp, tp_rank=ctx.tp_rank, ops=ctx.ops, pipe=ctx.pipe, layers=layers,
                        dtype=ctx.dtype, device=ctx.device)
 
 
 def supported_model_types() -> tuple[str, ...]:
-    return DENSE_TYPES
+    return DENSE_TYPES + MOE_TYPES
 
 
 def build_model(config: Mapping, *, tp: int = 1, tp_rank: int = 0, ops: Collectives = SOLO,
@@ -74,6 +96,9 @@ def build_model(config: Mapping, *, tp: int = 1, tp_rank: int = 0, ops: Collecti
         PlanError: a size does not split over ``tp``.
     """
     model_type = config.get("model_type")
+    if model_type in MOE_TYPES:
+        raise ConfigError(f"model_type {model_type!r} is a mixture of experts: build it with reference_model, "
+                          "which knows the layout's expert groups")
     if model_type not in DENSE_TYPES:
         raise ConfigError(f"config.json model_type {model_type!r} is not supported "
                           f"(supported: {', '.join(supported_model_types())})")

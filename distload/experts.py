@@ -1,0 +1,90 @@
+"""PURE expert placement: which physical expert slots each expert-parallel group hosts, and
+which logical expert each slot holds (redundant slots replicate hot experts)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import LayoutError
+
+PLACEMENTS = ("linear", "round_robin")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ExpertPlacement:
+    """Physical slots of one MoE layer, spread over ``ep`` groups.
+
+    ``slots[s]`` is the logical expert physical slot ``s`` holds. ``linear`` gives group
+    g the contiguous slots ``[g * S / ep, (g + 1) * S / ep)``; ``round_robin`` the slots
+    ``s`` with ``s % ep == g``.
+
+    Example:
+        >>> p = ExpertPlacement.make(num_experts=4, ep=2, redundant=2)
+        >>> p.slots, p.group_slots(0), p.groups_of(0)
+        ((0, 1, 2, 3, 0, 1), (0, 1, 2), (0, 1))
+    """
+
+    num_experts: int
+    """logical experts"""
+    ep: int
+    """groups"""
+    kind: str
+    """``linear`` or ``round_robin``"""
+    slots: tuple[int, ...]
+    """physical slot -> logical expert"""
+
+    @classmethod
+    def make(cls, *, num_experts: int, ep: int, kind: str = "linear", redundant: int = 0,
+             hot: tuple[int, ...] | None = None) -> "ExpertPlacement":
+        """Places ``num_experts`` experts plus ``redundant`` replicas of the ``hot`` ones (default:
+        the first ``redundant`` experts) on ``ep`` groups.
+
+        Raises:
+            LayoutError: the slots do not divide over ep, or a replica would share a group
+                with another copy of its expert; the message says what to change.
+        """
+        hot = tuple(range(redundant)) if hot is None else tuple(hot)
+        if len(hot) != redundant or any(not 0 <= e < num_experts for e in hot):
+            raise LayoutError(f"redundant experts {list(hot)} must be {redundant} experts in [0, {num_experts})")
+        return cls.from_slots(num_experts=num_experts, ep=ep, kind=kind, slots=tuple(range(num_experts)) + hot)
+
+    @classmethod
+    def from_slots(cls, *, num_experts: int, ep: int, kind: str, slots: tuple[int, ...]) -> "ExpertPlacement":
+        """Validates an explicit slot -> expert map (an expert-map file's layer entry)."""
+        if kind not in PLACEMENTS:
+            raise LayoutError(f"expert placement {kind!r} is unknown (known: {', '.join(PLACEMENTS)})")
+        if len(slots) % ep:
+            raise LayoutError(f"{len(slots)} expert slots ({num_experts} experts + {len(slots) - num_experts} "
+                              f"redundant) do not divide over ep={ep}; choose a redundant count that makes "
+                              f"experts + redundant a multiple of {ep}")
+        if any(not 0 <= e < num_experts for e in slots) or set(slots) != set(range(num_experts)):
+            missing = sorted(set(range(num_experts)) - set(slots))
+            raise LayoutError(f"expert slots must cover experts 0..{num_experts - 1} and no others"
+                              + (f"; missing {missing}" if missing else ""))
+        placement = cls(num_experts=num_experts, ep=ep, kind=kind, slots=tuple(slots))
+        for expert in range(num_experts):
+            groups = [placement.group_of_slot(s) for s, e in enumerate(slots) if e == expert]
+            if len(set(groups)) != len(groups):
+                raise LayoutError(f"expert {expert} has two copies in expert group {groups[0]}: every replica "
+                                  "must be on another group than its original (change the redundant experts, "
+                                  "the placement or ep)")
+        return placement
+
+    @property
+    def slots_per_group(self) -> int:
+        return len(self.slots) // self.ep
+
+    def group_of_slot(self, slot: int) -> int:
+        per = self.slots_per_group
+        return slot // per if self.kind == "linear" else slot % self.ep
+
+    def group_slots(self, group: int) -> tuple[int, ...]:
+        """Physical slots group ``group`` hosts, in the order of its local parameter."""
+        per = self.slots_per_group
+        if self.kind == "linear":
+            return tuple(range(group * per, (group + 1) * per))
+        return tuple(range(group, len(self.slots), self.ep))
+
+    def groups_of(self, expert: int) -> tuple[int, ...]:
+        """Groups hosting a copy of ``expert``, in slot order."""
+        return tuple(self.group_of_slot(s) for s, e in enumerate(self.slots) if e == expert)

@@ -30,6 +30,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--expert-placement", choices=("linear", "round_robin"), default="linear")
     p.add_argument("--redundant-experts", type=int, default=0, metavar="R",
                    help="extra slots replicating the first R experts")
+    p.add_argument("--expert-map", metavar="FILE",
+                   help='per-layer expert -> slots JSON: {"layers": {"<layer>|default": {"<expert>": [slots]}}}')
     p.add_argument("--dp", type=int, default=None, help="data-parallel replicas (default: world / (tp x pp))")
     p.add_argument("--json", metavar="PATH", help="write the full report as JSON (rank 0)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available (NCCL), else cpu (gloo)")
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     out = _Printer(rank == 0)
     try:
         config = LoadConfig(tp=args.tp, pp=args.pp, dp=args.dp, ep=args.ep, expert_placement=args.expert_placement,
-                            redundant_experts=args.redundant_experts, device=args.device, dtype=args.dtype,
+                            redundant_experts=args.redundant_experts, expert_map=args.expert_map, device=args.device, dtype=args.dtype,
                             track=None if args.track is None else args.track == "on",
                             ignore=tuple(args.ignore), strict=args.strict, failure_timeout=args.failure_timeout,
                             check_finite=args.check_finite, strict_dtype=args.strict_dtype,

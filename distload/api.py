@@ -19,6 +19,7 @@ from .comm import Collectives, Comm, WorldInfo, pipe_ops_for, world_from_env
 from .config import LoadConfig
 from .errors import ConfigError, DistloadError, LayoutError, MissingWeightsError, PeerFailedError, PlanError
 from .execute import ExecResult, Executor
+from .experts import ExpertPlacement, parse_expert_map
 from .layout import Layout
 from .models import BuildContext, ModelBuilder, reference_model
 from .fingerprint import Fingerprint, fingerprint
@@ -155,6 +156,7 @@ def prepare(directory: str, config: LoadConfig, layout: Layout, build: ModelBuil
     ckpt = open_checkpoint(directory, allow_pickle=config.allow_pickle_format)
     dtype = config.torch_dtype() or checkpoint_dtype(ckpt)
     coords = layout.coords(rank)
+    expert_map = _read_expert_map(config.expert_map, ckpt.config, layout, config) if config.expert_map else None
     specs: list[ParamSpec] = []
     mine: nn.Module | None = None
     for stage in range(layout.pp):
@@ -162,7 +164,7 @@ def prepare(directory: str, config: LoadConfig, layout: Layout, build: ModelBuil
         ctx = BuildContext(config=ckpt.config, tp=layout.tp, tp_rank=coords.tp, ops=ops, dtype=dtype,
                            layout=layout, stage=stage, pipe=pipe_ops_for(layout, peer), rank=peer,
                            stage_ops=stage_ops, expert_placement=config.expert_placement,
-                           redundant_experts=config.redundant_experts)
+                           redundant_experts=config.redundant_experts, expert_map=expert_map)
         try:
             model = build(ctx)
         except (PlanError, ConfigError, LayoutError) as err:
@@ -173,6 +175,28 @@ def prepare(directory: str, config: LoadConfig, layout: Layout, build: ModelBuil
             mine = model
     assert mine is not None
     return ckpt, mine, tuple(specs), make_plan(ckpt.tensors, specs, layout, ignore=config.ignore)
+
+
+def _read_expert_map(path: str, model_config, layout: Layout, config: LoadConfig) -> dict[int, tuple[int, ...]]:
+    import json
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"expert map is unreadable: {err}", file=path) from None
+    experts = int(model_config.get("num_local_experts") or model_config.get("num_experts") or 0)
+    if not experts:
+        raise ConfigError("an expert map was given, but config.json names no experts", file=path)
+    try:
+        slots = parse_expert_map(value, num_experts=experts, num_layers=int(model_config["num_hidden_layers"]),
+                                 path=path)
+        for layer_slots in slots.values():  # placement rules (groups, replicas) checked here, naming the map
+            ExpertPlacement.from_slots(num_experts=experts, ep=layout.ep, kind=config.expert_placement,
+                                       slots=layer_slots)
+        return slots
+    except LayoutError as err:
+        err.file = path
+        raise
 
 
 def _record_shape(config: LoadConfig) -> dict:

@@ -44,6 +44,8 @@ class LoadConfig:
     """``linear`` (contiguous slots per group) or ``round_robin``"""
     redundant_experts: int = 0
     """extra expert slots holding replicas of the first experts"""
+    expert_map: str | None = None
+    """JSON file mapping, per layer, each logical expert to its physical slots"""
     device: str | None = None
     """``cpu`` or ``cuda``; None: cuda when available"""
     dtype: str | None = None

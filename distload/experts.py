@@ -88,3 +88,44 @@ class ExpertPlacement:
     def groups_of(self, expert: int) -> tuple[int, ...]:
         """Groups hosting a copy of ``expert``, in slot order."""
         return tuple(self.group_of_slot(s) for s, e in enumerate(self.slots) if e == expert)
+
+
+def parse_expert_map(value: object, *, num_experts: int, num_layers: int, path: str = "expert map") \
+        -> dict[int, tuple[int, ...]]:
+    """Turns an expert-map document into ``{layer: slots}`` (slot -> logical expert).
+
+    The document is ``{"layers": {"<layer>" or "default": {"<expert>": [slot, ...]}}}``:
+    for each layer (``default`` for the others) the physical slots holding each
+    logical expert. Every expert must have a slot, and the slots must be exactly
+    ``0 .. S-1``, each used once.
+
+    Raises:
+        LayoutError: naming the file, the layer and what is wrong.
+    """
+    layers = value.get("layers") if isinstance(value, dict) else None
+    if not isinstance(layers, dict) or not layers:
+        raise LayoutError(f"{path}: expected {{\"layers\": {{\"<layer>|default\": {{\"<expert>\": [slots]}}}}}}")
+    out: dict[int, tuple[int, ...]] = {}
+    for key, entry in layers.items():
+        if key != "default" and not (isinstance(key, str) and key.isdigit() and int(key) < num_layers):
+            raise LayoutError(f"{path}: layer key {key!r} is not 'default' or a layer in 0..{num_layers - 1}")
+        if not isinstance(entry, dict):
+            raise LayoutError(f"{path}: layer {key}: expected an object of expert -> slot list")
+        slot_of: dict[int, int] = {}
+        for expert, slots in entry.items():
+            if not (isinstance(expert, str) and expert.isdigit() and int(expert) < num_experts):
+                raise LayoutError(f"{path}: layer {key}: expert {expert!r} is not in 0..{num_experts - 1}")
+            if not isinstance(slots, list) or not slots or not all(type(s) is int and s >= 0 for s in slots):
+                raise LayoutError(f"{path}: layer {key}: expert {expert} needs a list of slot numbers")
+            for s in slots:
+                if s in slot_of:
+                    raise LayoutError(f"{path}: layer {key}: slot {s} is given to experts {slot_of[s]} and {expert}")
+                slot_of[s] = int(expert)
+        missing = sorted(set(range(num_experts)) - set(slot_of.values()))
+        if missing:
+            raise LayoutError(f"{path}: layer {key}: experts {missing} have no slot")
+        if sorted(slot_of) != list(range(len(slot_of))):
+            raise LayoutError(f"{path}: layer {key}: slots must be 0..{len(slot_of) - 1}, each once; "
+                              f"got {sorted(slot_of)}")
+        out[-1 if key == "default" else int(key)] = tuple(slot_of[s] for s in range(len(slot_of)))
+    return out

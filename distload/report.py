@@ -117,7 +117,8 @@ class LoadReport:
         total = sum(r.bytes_read for r in self.ranks)
         slowest = max((r.seconds for r in self.ranks), default=0.0)
         lines = [f"distload {self.mode}: {status} - {self.checkpoint}",
-                 f"  layout: world {lay['world_size']} (tp {lay['tp']}, dp {lay['dp']}, pp {lay['pp']}); "
+                 f"  layout: world {lay['world_size']} (tp {lay['tp']}, dp {lay['dp']}, pp {lay['pp']}, "
+                 f"ep {lay.get('ep', 1)}); "
                  f"{self.num_units} units",
                  f"  read: {_size(total)} over {len(self.ranks)} rank(s) in {self.seconds:.2f} s "
                  f"(slowest rank {slowest:.2f} s)" if self.mode == "load" else

@@ -107,18 +107,26 @@ class _DenseFFN(nn.Module):
 
 def build_moe_model(config: Mapping, *, tp: int, tp_rank: int, ops, pipe, layers, layout, rank_group: int,
                     etp: int, exchange: ExpertExchange, placement_kind: str, redundant: int,
-                    dtype, device) -> nn.Module:
-    """The reference MoE model of this rank (its stage, its expert group)."""
+                    expert_map: Mapping[int, tuple[int, ...]] | None, dtype, device) -> nn.Module:
+    """The reference MoE model of this rank (its stage, its expert group).
+
+    ``expert_map`` (layer -> slot list, ``-1`` for the default) overrides the redundant-expert
+    rule per layer; see ``experts.parse_expert_map``.
+    """
     dense = DecoderConfig.from_json(config)
     try:
         moe = MoEConfig.from_json(config)
     except KeyError as err:
         raise ConfigError(f"config.json has no {err.args[0]!r}, which model_type "
                           f"{config.get('model_type')!r} needs") from None
-    placement = ExpertPlacement.make(num_experts=moe.num_experts, ep=layout.ep, kind=placement_kind,
-                                     redundant=redundant)
+    default = ExpertPlacement.make(num_experts=moe.num_experts, ep=layout.ep, kind=placement_kind,
+                                   redundant=redundant)
+    placements = {layer: ExpertPlacement.from_slots(num_experts=moe.num_experts, ep=layout.ep, kind=placement_kind,
+                                                    slots=slots)
+                  for layer, slots in (expert_map or {}).items()}
 
     def ffn(layer: int) -> tuple[str, nn.Module]:
+        placement = placements.get(layer, placements.get(-1, default))
         if layer in moe.sparse_layers:
             return moe.block_name, SparseMoE(dense, moe, placement, group=rank_group, etp=etp, tp=tp,
                                              exchange=exchange, dtype=dtype, device=device)

@@ -48,6 +48,8 @@ class BuildContext:
     """``linear`` or ``round_robin``"""
     redundant_experts: int = 0
     """extra expert slots replicating the first experts"""
+    expert_map: Mapping[int, tuple[int, ...]] | None = None
+    """per-layer slot -> expert lists (``-1``: every other layer), from an expert-map file"""
     device: str = "meta"
     """build here; ``load`` materializes on the rank's device afterwards"""
 
@@ -71,6 +73,7 @@ def reference_model(ctx: BuildContext) -> nn.Module:
         return build_moe_model(ctx.config, tp=ctx.tp, tp_rank=ctx.tp_rank, ops=ctx.ops, pipe=ctx.pipe,
                                layers=layers, layout=lay, rank_group=group, etp=lay.expert_tp, exchange=exchange,
                                placement_kind=ctx.expert_placement, redundant=ctx.redundant_experts,
+                               expert_map=ctx.expert_map,
                                dtype=ctx.dtype, device=ctx.device)
     return build_model(ctx.config, tp=ctx.tp, tp_rank=ctx.tp_rank, ops=ctx.ops, pipe=ctx.pipe, layers=layers,
                        dtype=ctx.dtype, device=ctx.device)

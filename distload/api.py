@@ -21,7 +21,7 @@ from .errors import ConfigError, DistloadError, LayoutError, MissingWeightsError
 from .execute import ExecResult, Executor
 from .experts import ExpertPlacement, parse_expert_map
 from .layout import Layout
-from .models import BuildContext, ModelBuilder, reference_model
+from .models import BuildContext, ModelBuilder, default_ignores, reference_model
 from .fingerprint import Fingerprint, fingerprint
 from .plan import Plan, RankPlan, plan as make_plan
 from .report import LoadReport, RankStats
@@ -174,7 +174,8 @@ def prepare(directory: str, config: LoadConfig, layout: Layout, build: ModelBuil
         if stage == coords.pp:
             mine = model
     assert mine is not None
-    return ckpt, mine, tuple(specs), make_plan(ckpt.tensors, specs, layout, ignore=config.ignore)
+    ignore = (*default_ignores(ckpt.config), *config.ignore)
+    return ckpt, mine, tuple(specs), make_plan(ckpt.tensors, specs, layout, ignore=ignore)
 
 
 def _read_expert_map(path: str, model_config, layout: Layout, config: LoadConfig) -> dict[int, tuple[int, ...]]:

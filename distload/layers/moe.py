@@ -69,17 +69,19 @@ class FusedExperts(nn.Module, SpecProvider):
 
 
 class Router(nn.Module):
-    """``gate.weight [E, H]``: replicated (a plain required unit on every rank)."""
+    """``gate.weight [E, H]``, replicated: softmax over experts in float32, then top-k."""
 
-    def __init__(self, num_experts: int, hidden: int, dtype=None, device=None) -> None:
+    def __init__(self, num_experts: int, hidden: int, *, top_k: int, renormalize: bool, dtype=None,
+                 device=None) -> None:
         super().__init__()
+        self.top_k, self.renormalize = top_k, renormalize
         self.weight = nn.Parameter(torch.empty(num_experts, hidden, dtype=dtype, device=device))
 
-    def forward(self, tokens: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (weights, experts), each ``[N, k]``: softmax in float32, then top-k."""
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (weights, experts), each ``[N, k]``."""
         probs = torch.softmax(F.linear(tokens, self.weight).float(), dim=-1)
-        weights, experts = torch.topk(probs, top_k, dim=-1)
-        if renormalize:
+        weights, experts = torch.topk(probs, self.top_k, dim=-1)
+        if self.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights.to(tokens.dtype), experts
 

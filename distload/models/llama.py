@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..comm import SINGLE_STAGE, SOLO, Collectives, PipeOps
-from ..errors import PlanError
+from ..errors import ConfigError, PlanError
 from ..layers import ColumnParallelLinear, ParallelLMHead, Part, RMSNorm, RowParallelLinear, VocabParallelEmbedding
 from ..layers.linear import shards_for
 from .config import DecoderConfig
@@ -111,12 +111,17 @@ MLPFactory = Callable[[int], "tuple[str, nn.Module]"]
 """layer index -> (the feed-forward module's checkpoint name, the module): MoE models plug in here"""
 
 
+AttentionFactory = Callable[[int], nn.Module]
+"""layer index -> its attention (``forward(x, cos, sin)``): DeepSeek's MLA plugs in here"""
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: DecoderConfig, layer: int, *, tp: int, ops: Collectives, dtype, device,
-                 mlp: MLPFactory | None = None) -> None:
+                 mlp: MLPFactory | None = None, attention: AttentionFactory | None = None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, device=device)
-        self.self_attn = Attention(cfg, layer, tp=tp, ops=ops, dtype=dtype, device=device)
+        self.self_attn = attention(layer) if attention is not None else \
+            Attention(cfg, layer, tp=tp, ops=ops, dtype=dtype, device=device)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, device=device)
         name, module = mlp(layer) if mlp is not None else ("mlp", MLP(cfg, tp=tp, ops=ops, dtype=dtype, device=device))
         self.ffn_name = name
@@ -132,13 +137,14 @@ class DecoderBody(nn.Module):
     (last stage). Layers keep their global index as their name (``model.layers.5``)."""
 
     def __init__(self, cfg: DecoderConfig, layers: range, *, first: bool, last: bool, tp: int, tp_rank: int,
-                 ops: Collectives, dtype, device, mlp: MLPFactory | None = None) -> None:
+                 ops: Collectives, dtype, device, mlp: MLPFactory | None = None,
+                 attention: AttentionFactory | None = None) -> None:
         super().__init__()
         if first:
             self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp=tp, tp_rank=tp_rank,
                                                        ops=ops, dtype=dtype, device=device)
         self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, i, tp=tp, ops=ops, dtype=dtype, device=device,
-                                                          mlp=mlp) for i in layers})
+                                                          mlp=mlp, attention=attention) for i in layers})
         if last:
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, device=device)
 
@@ -162,13 +168,15 @@ class DecoderForCausalLM(nn.Module):
 
     def __init__(self, cfg: DecoderConfig, *, tp: int = 1, tp_rank: int = 0, ops: Collectives = SOLO,
                  pipe: PipeOps = SINGLE_STAGE, layers: range | None = None, mlp: MLPFactory | None = None,
+                 attention: AttentionFactory | None = None, forward_error: str | None = None,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
         super().__init__()
         self.config = cfg
         self.pipe = pipe
+        self.forward_error = forward_error  # why this model's reference forward cannot be trusted
         layers = range(cfg.num_hidden_layers) if layers is None else layers
         self.model = DecoderBody(cfg, layers, first=pipe.first, last=pipe.last, tp=tp, tp_rank=tp_rank, ops=ops,
-                                 dtype=dtype, device=device, mlp=mlp)
+                                 dtype=dtype, device=device, mlp=mlp, attention=attention)
         if pipe.last:
             shared = self.model.embed_tokens if (cfg.tie_word_embeddings and pipe.first) else None
             self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp=tp, ops=ops, dtype=dtype,
@@ -178,6 +186,8 @@ class DecoderForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor | None:
         """Returns float logits ``[batch, seq, vocab]`` (full vocabulary, every TP rank) on the
         last pipeline stage; earlier stages hand their output on and return None."""
+        if self.forward_error:
+            raise ConfigError(self.forward_error)
         b, s = input_ids.shape
         weight = next(self.parameters())
         if self.pipe.first:

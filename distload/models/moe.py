@@ -65,32 +65,36 @@ class MoEConfig:
 
 
 class SparseMoE(nn.Module):
-    """Router, this rank's experts and (qwen2_moe) the gated shared expert."""
+    """A router, this rank's experts and, optionally, shared experts (gated for qwen2_moe)."""
 
-    def __init__(self, dense: DecoderConfig, moe: MoEConfig, placement: ExpertPlacement, *, group: int, etp: int,
-                 tp: int, exchange: ExpertExchange, dtype, device) -> None:
+    def __init__(self, router: nn.Module, experts: FusedExperts, exchange: ExpertExchange, *,
+                 shared: tuple[str, nn.Module] | None = None, shared_gate: nn.Module | None = None,
+                 router_name: str = "gate") -> None:
         super().__init__()
-        self.moe, self.exchange = moe, exchange
-        self.gate = Router(moe.num_experts, dense.hidden_size, dtype=dtype, device=device)
-        self.experts = FusedExperts(dense.hidden_size, moe.intermediate, placement, group=group, etp=etp,
-                                    names=moe.expert_names, dtype=dtype, device=device)
-        if moe.shared_intermediate:
-            h, i = dense.hidden_size, moe.shared_intermediate
-            self.shared_expert = _DenseFFN(h, i, tp=tp, ops=exchange.tp_ops, dtype=dtype, device=device)
-            self.shared_expert_gate = nn.Linear(h, 1, bias=False, dtype=dtype, device=device)
+        self.exchange, self.router_name = exchange, router_name
+        self.add_module(router_name, router)
+        self.experts = experts
+        self.shared_name = None
+        if shared is not None:
+            self.shared_name = shared[0]
+            self.add_module(shared[0], shared[1])
+        if shared_gate is not None:
+            self.shared_expert_gate = shared_gate
+        self.gated = shared_gate is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, h = x.shape
         tokens = x.reshape(-1, h)
         everyone = self.exchange.gather(tokens)
-        weights, experts = self.gate(everyone, self.moe.top_k, self.moe.renormalize)
+        weights, experts = getattr(self, self.router_name)(everyone)
         out = self.exchange.scatter_sum(self.experts(everyone, weights, experts), tokens.shape[0])
-        if self.moe.shared_intermediate:
-            out = out + torch.sigmoid(self.shared_expert_gate(tokens)) * self.shared_expert(tokens)
+        if self.shared_name is not None:
+            shared = getattr(self, self.shared_name)(tokens)
+            out = out + (torch.sigmoid(self.shared_expert_gate(tokens)) * shared if self.gated else shared)
         return out.reshape(b, s, h)
 
 
-class _DenseFFN(nn.Module):
+class DenseFFN(nn.Module):
     """A TP-split SiLU MLP with unfused checkpoint names (gate_proj, up_proj, down_proj)."""
 
     def __init__(self, hidden: int, inter: int, *, tp: int, ops, dtype, device) -> None:
@@ -128,8 +132,17 @@ def build_moe_model(config: Mapping, *, tp: int, tp_rank: int, ops, pipe, layers
     def ffn(layer: int) -> tuple[str, nn.Module]:
         placement = placements.get(layer, placements.get(-1, default))
         if layer in moe.sparse_layers:
-            return moe.block_name, SparseMoE(dense, moe, placement, group=rank_group, etp=etp, tp=tp,
-                                             exchange=exchange, dtype=dtype, device=device)
+            h = dense.hidden_size
+            router = Router(moe.num_experts, h, top_k=moe.top_k, renormalize=moe.renormalize, dtype=dtype,
+                            device=device)
+            experts = FusedExperts(h, moe.intermediate, placement, group=rank_group, etp=etp,
+                                   names=moe.expert_names, dtype=dtype, device=device)
+            shared = gate = None
+            if moe.shared_intermediate:
+                shared = ("shared_expert", DenseFFN(h, moe.shared_intermediate, tp=tp, ops=ops, dtype=dtype,
+                                                    device=device))
+                gate = nn.Linear(h, 1, bias=False, dtype=dtype, device=device)
+            return moe.block_name, SparseMoE(router, experts, exchange, shared=shared, shared_gate=gate)
         return "mlp", MLP(dense, tp=tp, ops=ops, dtype=dtype, device=device)
 
     return DecoderForCausalLM(dense, tp=tp, tp_rank=tp_rank, ops=ops, pipe=pipe, layers=layers, mlp=ffn,

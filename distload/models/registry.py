@@ -14,10 +14,11 @@ from ..errors import ConfigError
 from .config import DecoderConfig
 from ..layers.moe import ExpertExchange
 from .llama import DecoderForCausalLM
+from .deepseek import build_deepseek_model, mtp_ignore_patterns
 from .moe import build_moe_model
 
 DENSE_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
+MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -70,13 +71,19 @@ def reference_model(ctx: BuildContext) -> nn.Module:
         stage_start = lay.stage_ranks(ctx.stage)[0]
         exchange = ExpertExchange(tp_ops=ctx.ops, stage_ops=ctx.stage_ops if lay.ep > 1 else None,
                                   stage_index=ctx.rank - stage_start)
-        return build_moe_model(ctx.config, tp=ctx.tp, tp_rank=ctx.tp_rank, ops=ctx.ops, pipe=ctx.pipe,
+        builder = build_deepseek_model if model_type == "deepseek_v3" else build_moe_model
+        return builder(ctx.config, tp=ctx.tp, tp_rank=ctx.tp_rank, ops=ctx.ops, pipe=ctx.pipe,
                                layers=layers, layout=lay, rank_group=group, etp=lay.expert_tp, exchange=exchange,
                                placement_kind=ctx.expert_placement, redundant=ctx.redundant_experts,
                                expert_map=ctx.expert_map,
                                dtype=ctx.dtype, device=ctx.device)
     return build_model(ctx.config, tp=ctx.tp, tp_rank=ctx.tp_rank, ops=ctx.ops, pipe=ctx.pipe, layers=layers,
                        dtype=ctx.dtype, device=ctx.device)
+
+
+def default_ignores(config: Mapping) -> tuple[str, ...]:
+    """Checkpoint names a model type leaves unused on purpose (listed as ignored, not unexpected)."""
+    return mtp_ignore_patterns(config) if config.get("model_type") == "deepseek_v3" else ()
 
 
 def supported_model_types() -> tuple[str, ...]:

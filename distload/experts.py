@@ -3,7 +3,7 @@ which logical expert each slot holds (redundant slots replicate hot experts)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .errors import LayoutError
 
@@ -32,6 +32,15 @@ class ExpertPlacement:
     """``linear`` or ``round_robin``"""
     slots: tuple[int, ...]
     """physical slot -> logical expert"""
+    _groups: tuple[tuple[int, ...], ...] = field(default=(), init=False, repr=False, compare=False)
+    """expert -> groups hosting it (derived once: owners are asked for per unit)"""
+
+    def __post_init__(self) -> None:
+        groups: list[list[int]] = [[] for _ in range(self.num_experts)]
+        for slot, expert in enumerate(self.slots):
+            if 0 <= expert < self.num_experts:
+                groups[expert].append(self.group_of_slot(slot))
+        object.__setattr__(self, "_groups", tuple(tuple(g) for g in groups))
 
     @classmethod
     def make(cls, *, num_experts: int, ep: int, kind: str = "linear", redundant: int = 0,
@@ -87,7 +96,7 @@ class ExpertPlacement:
 
     def groups_of(self, expert: int) -> tuple[int, ...]:
         """Groups hosting a copy of ``expert``, in slot order."""
-        return tuple(self.group_of_slot(s) for s, e in enumerate(self.slots) if e == expert)
+        return self._groups[expert]
 
 
 def parse_expert_map(value: object, *, num_experts: int, num_layers: int, path: str = "expert map") \

@@ -137,6 +137,9 @@ class Plan:
     load's summed records equal, kept as one buffer so tracking compares without a loop"""
     verify_units: tuple[int, ...]
     """indices of the units read only to be compared (their mismatch flags trail each record)"""
+    _dense: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+    """cache: (tp index, stage) -> the part of a rank plan that does not depend on expert
+    groups; ("names", expert parameter) -> its checkpoint names per part and expert"""
 
     def owners(self, unit: int) -> tuple[int, ...]:
         """Returns the ranks that own ``unit``, in rank order."""
@@ -167,13 +170,24 @@ class Plan:
     def for_rank(self, rank: int) -> RankPlan:
         """Returns the reads and fills of ``rank``."""
         coords = self.layout.coords(rank)
-        tp_i = coords.tp
+        key = (coords.tp, coords.pp)
+        if key not in self._dense:  # every replica (and expert group) shares this part
+            self._dense[key] = self._dense_part(coords.tp, coords.pp)
+        reads, defaults, zero, owned = (list(part) for part in self._dense[key])
+        group, shard_i = self.layout.expert_coords(rank)
+        for spec in self.specs:
+            if spec.stage == coords.pp and spec.experts is not None:
+                self._expert_reads(spec, group, shard_i, owned, reads)
+        return RankPlan(rank=rank, reads=tuple(reads), defaults=tuple(defaults), zero=tuple(zero),
+                        owned=tuple(owned))
+
+    def _dense_part(self, tp_i: int, stage: int) -> tuple[tuple, tuple, tuple, tuple]:
         reads: list[Read] = []
         defaults: list[tuple[str, float]] = []
         zero: list[str] = []
         owned: list[int] = []
         for spec in self.specs:
-            if spec.stage != coords.pp:
+            if spec.stage != stage:
                 continue
             if spec.role is Role.OPTIONAL:
                 defaults.append((spec.name, float(spec.default)))  # type: ignore[arg-type]
@@ -182,34 +196,41 @@ class Plan:
                 unit = self._own(src, tp_i, spec, owned)
                 padded |= src.shard.pad and _is_short(src, tp_i, self.layout.tp)
                 if unit is not None and src.name in self.tensors:
-                    reads.append(_read(unit, self.units[unit], src, self.tensors[src.name], spec))
+                    reads.append(_read(unit, self.units[unit], src.offset, self.tensors[src.name], spec))
             for src in spec.verify:
                 if src.name in self.tensors:
                     unit = self._own(src, tp_i, spec, owned)
                     if unit is not None:
-                        reads.append(_read(unit, self.units[unit], src, self.tensors[src.name], spec))
-            if spec.experts is not None:
-                self._expert_reads(spec, rank, owned, reads)
+                        reads.append(_read(unit, self.units[unit], src.offset, self.tensors[src.name], spec))
             if padded:
                 zero.append(spec.name)
-        return RankPlan(rank=rank, reads=tuple(reads), defaults=tuple(defaults), zero=tuple(zero),
-                        owned=tuple(owned))
+        return tuple(reads), tuple(defaults), tuple(zero), tuple(owned)
 
-    def _expert_reads(self, spec: ParamSpec, rank: int, owned: list[int], reads: list[Read]) -> None:
+    def _expert_reads(self, spec: ParamSpec, group: int, shard_i: int, owned: list[int], reads: list[Read]) -> None:
         """Reads of the experts this rank's group hosts, slot by slot (no other expert's bytes)."""
         experts = spec.experts
-        group, shard_i = self.layout.expert_coords(rank)
+        etp = self.layout.expert_tp
+        names = self._expert_names(spec)
         for slot, physical in enumerate(experts.placement.group_slots(group)):
             expert = experts.placement.slots[physical]
-            for part in experts.parts:
-                name = experts.name(part, expert)
-                unit = self.unit_ids.get((name, part.shard.index(shard_i, self.layout.expert_tp)))
+            for part, part_names in zip(experts.parts, names):
+                name = part_names[expert]
+                unit = self.unit_ids.get((name, part.shard.index(shard_i, etp)))
                 if unit is None:
                     continue
                 owned.append(unit)
-                if name in self.tensors:
-                    src = dataclasses.replace(part, name=name)
-                    reads.append(_read(unit, self.units[unit], src, self.tensors[name], spec, slot=slot))
+                info = self.tensors.get(name)
+                if info is not None:
+                    reads.append(_read(unit, self.units[unit], part.offset, info, spec, slot=slot))
+
+    def _expert_names(self, spec: ParamSpec) -> tuple[tuple[str, ...], ...]:
+        """Per part, every expert's checkpoint name (formatted once per plan)."""
+        key = ("names", spec.name)
+        if key not in self._dense:
+            experts = spec.experts
+            self._dense[key] = tuple(tuple(experts.name(p, e) for e in range(experts.placement.num_experts))
+                                     for p in experts.parts)
+        return self._dense[key]
 
     def _own(self, src: Source, tp_i: int, spec: ParamSpec, owned: list[int]) -> int | None:
         unit = self.unit_ids.get((src.name, src.shard.index(tp_i, self.layout.tp)))
@@ -332,7 +353,7 @@ def _is_short(src: Source, tp_i: int, tp: int) -> bool:
     return stop - start < shard.piece_len(src.shape[shard.dim])
 
 
-def _read(unit_id: int, unit: Unit, src: Source, info: TensorInfo, spec: ParamSpec, *,
+def _read(unit_id: int, unit: Unit, offset: int, info: TensorInfo, spec: ParamSpec, *,
           slot: int | None = None) -> Read:
     shape, dim = info.shape, unit.dim
     if dim is None:
@@ -347,7 +368,7 @@ def _read(unit_id: int, unit: Unit, src: Source, info: TensorInfo, spec: ParamSp
         run, count = run * count, 1
     return Read(unit=unit_id, param=spec.name, tensor=info, offset=info.begin + start * inner, run=run,
                 stride=stride, count=count, shape=piece, dim=dim,
-                dest=(src.offset, src.offset + stop - start), verify=unit.verify, slot=slot)
+                dest=(offset, offset + stop - start), verify=unit.verify, slot=slot)
 
 
 def check_tiling(spec: ParamSpec, tp: int, tp_ranks: Iterable[int] = (0,)) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime
 import os
-import pickle
+import json
 import threading
 import time
 from dataclasses import dataclass
@@ -163,7 +163,7 @@ class Comm:
             dist.destroy_process_group()
         self._owns_group = False
 
-    def start_watch(self, *, dead_after: float) -> None:
+    def start_watch(self, *, dead_after: float, timeout: float = 600.0) -> None:
         """Starts publishing this rank's heartbeat and watching for failed or silent peers.
 
         Failures travel out of band, through the rendezvous store: a collective timeout
@@ -174,7 +174,8 @@ class Comm:
             return
         store = _default_store()
         if store is not None:
-            self._watch = FailureWatch(store, rank=self.rank, world_size=self.world_size, dead_after=dead_after)
+            self._watch = FailureWatch(store, rank=self.rank, world_size=self.world_size, dead_after=dead_after,
+                                       timeout=timeout)
 
     def stop_watch(self) -> None:
         """Stops the heartbeat (after the load's last collective)."""
@@ -239,7 +240,7 @@ class Comm:
         """Creates every TP subgroup (and stage group, when experts span a stage), in the same
         order on every rank, and binds this rank's."""
         wanted = [layout.tp_groups()] if 1 < layout.tp < self.world_size else []
-        if layout.ep > 1 and layout.pp > 1:
+        if layout.pp > 1:  # stage collectives (the expert exchange, a custom builder's) need them
             wanted.append(tuple(layout.stage_ranks(s) for s in range(layout.pp)))
         for groups in wanted:
             mine = next(g for g in groups if self.rank in g)
@@ -302,23 +303,33 @@ class FailureWatch:
     watcher. Keys carry a generation so consecutive loads on one group never mix.
     """
 
-    def __init__(self, store, *, rank: int, world_size: int, dead_after: float) -> None:
+    def __init__(self, store, *, rank: int, world_size: int, dead_after: float, timeout: float) -> None:
         self.store, self.rank, self.world_size, self.dead_after = store, rank, world_size, dead_after
+        self.timeout = timeout  # the longest wait for a rank that is alive but has not arrived
         # every rank adds once per load before any collective of that load completes
         self.prefix = f"distload/{(int(store.add('distload/generation', 1)) - 1) // world_size}/"
         self._stop = threading.Event()
         self._failed = False  # once a failure is known, the store may vanish: touch it no more
         self._meetings = 0
+        self._watch_peer = True
+        # the first beat before load() goes on: a peer that has never beaten has not started yet
+        store.add(f"{self.prefix}beat/{rank}", 1)
         self._thread = threading.Thread(target=self._beat, name="distload-heartbeat", daemon=True)
         self._thread.start()
 
     def publish(self, rank: int, err: DistloadError, *, linger: float = 0.0) -> None:
         """Stores ``err`` as rank ``rank``'s failure; with ``linger``, waits (bounded) until every
-        other rank has read it or failed itself, since this process may host the store and exit next."""
+        other rank has read it or failed itself, since this process may host the store and exit next.
+
+        Failures are numbered in the order they are published, so every rank reports the
+        first one (the cause), not a later consequence of it.
+        """
         self._failed = True
         try:
-            self.store.set(f"{self.prefix}error/{rank}", pickle.dumps(err))
-            self.store.add(f"{self.prefix}failed", 1)
+            order = int(self.store.add(f"{self.prefix}failed", 1))
+            # plain JSON, never a pickle: the store is open to anyone who can reach it
+            self.store.set(f"{self.prefix}error/{order}", json.dumps(
+                {"rank": rank, "message": err.message, "file": err.file, "tensor": err.tensor}))
             deadline = time.monotonic() + linger
             # a rank that failed too never reads: counting it avoids waiting out the linger
             # when every rank fails alike (a bad checkpoint)
@@ -332,6 +343,14 @@ class FailureWatch:
         try:
             return int(self.store.add(key, amount))
         except Exception as err:  # the store's host (rank 0 without torchrun) is gone
+            self._failed = True
+            raise PeerFailedError(f"lost the rendezvous store ({type(err).__name__}: {err}); "
+                                  "rank 0 or the launcher died", rank=self.rank) from None
+
+    def _has(self, key: str) -> bool:
+        try:
+            return bool(self.store.check([key]))
+        except Exception as err:
             self._failed = True
             raise PeerFailedError(f"lost the rendezvous store ({type(err).__name__}: {err}); "
                                   "rank 0 or the launcher died", rank=self.rank) from None
@@ -357,26 +376,35 @@ class FailureWatch:
         while time.monotonic() < deadline:
             self.check()
             time.sleep(0.05)
-        raise PeerFailedError(f"a collective failed and no rank explained why: {cause}", rank=self.rank)
+        err = PeerFailedError(f"a collective failed and no rank explained why: {cause}", rank=self.rank)
+        self.publish(self.rank, err)  # so that no other rank waits for this one at the next meeting
+        raise err
 
     def meet(self) -> None:
         """Returns once every rank has called ``meet`` as often as this one (a store barrier).
 
-        The last rank to arrive sets a key the others block on in the store itself
-        (woken at once, no polling), in slices so that failures are still checked.
+        The last rank to arrive sets a key; the others poll for it (backing off to 20 ms),
+        checking for failures between polls.
         """
         self._meetings += 1
         key = f"{self.prefix}meet/{self._meetings}"
         if self._add(key, 1) == self.world_size:
             self.store.set(f"{key}/all", b"1")
             return
+        deadline = time.monotonic() + self.timeout
+        pause = 0.0002
         while True:
             self.check()
-            try:
-                self.store.wait([f"{key}/all"], datetime.timedelta(milliseconds=100))
+            if self._has(f"{key}/all"):
                 return
-            except Exception:  # the slice ran out (or the store is gone: check() says which)
-                continue
+            time.sleep(pause)
+            pause = min(pause * 2, 0.02)
+            if time.monotonic() > deadline:  # alive (heartbeats) but stuck, e.g. a hung read
+                arrived = self._add(key, 0)
+                err = PeerFailedError(f"{self.world_size - arrived} rank(s) did not reach step {self._meetings} "
+                                      f"within {self.timeout:.0f} s (a hung read or a stuck rank?)", rank=self.rank)
+                self.publish(self.rank, err)
+                raise err
 
     def stop(self) -> None:
         if not self._failed:
@@ -386,40 +414,50 @@ class FailureWatch:
         self._thread.join(timeout=0.1 if self._failed else 5)
 
     def _first_error(self) -> PeerFailedError:
-        for rank in range(self.world_size):
-            key = f"{self.prefix}error/{rank}"
-            try:
-                if self.store.check([key]):
-                    err = pickle.loads(self.store.get(key))
-                    return PeerFailedError(err.message, file=err.file, tensor=err.tensor, rank=rank,
-                                           failed_rank=rank)
-            except Exception:
-                continue
-        return PeerFailedError("another rank failed, but its error could not be read", rank=self.rank)
+        try:  # the first failure's number is 1; its text follows its number by a moment
+            deadline = time.monotonic() + 5.0
+            while not self._has(f"{self.prefix}error/1") and time.monotonic() < deadline:
+                time.sleep(0.01)
+            err = json.loads(self.store.get(f"{self.prefix}error/1"))
+            return PeerFailedError(str(err["message"]), file=err.get("file"), tensor=err.get("tensor"),
+                                   rank=int(err["rank"]), failed_rank=int(err["rank"]))
+        except Exception as exc:
+            return PeerFailedError(f"another rank failed, but its error could not be read ({exc})", rank=self.rank)
 
     def _beat(self) -> None:
         peer = (self.rank + 1) % self.world_size
         interval = min(1.0, self.dead_after / 5)
-        last_seen, since = -1, time.monotonic()
+        started = tick = time.monotonic()
+        last_seen, since = 0, started
         while not self._stop.wait(interval):
             try:
                 self.store.add(f"{self.prefix}beat/{self.rank}", 1)
-                if int(self.store.add(f"{self.prefix}done/{peer}", 0)):
+                if not self._watch_peer or int(self.store.add(f"{self.prefix}done/{peer}", 0)):
                     continue  # the peer finished its load: silence is expected
                 seen = int(self.store.add(f"{self.prefix}beat/{peer}", 0))
             except Exception:
                 return  # store gone; check() on the main thread reports it
             now = time.monotonic()
-            if seen != last_seen:
+            # a gap as long as the timeout itself means this process was not running: no verdict
+            starved, tick = now - tick > self.dead_after, now
+            if seen != last_seen or starved:  # after a stall of this process, silence proves nothing
                 last_seen, since = seen, now
+            elif seen == 0 and now - started < self.timeout:
+                continue  # the peer has not started its load yet (ranks may call load() apart)
             elif now - since > self.dead_after:
                 self.publish(peer, DistloadError(
                     f"rank {peer} stopped responding: no heartbeat for {now - since:.0f} s "
                     f"(killed, or its host is gone)", rank=peer))
-                return
+                self._watch_peer = False  # keep beating: this rank is alive, and others watch it
 
     def mark_done(self) -> None:
         try:
             self.store.add(f"{self.prefix}done/{self.rank}", 1)
         except Exception:
             pass
+
+
+def destroy_default_group() -> None:
+    """Destroys the default process group if one exists (test harnesses, between jobs)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -88,7 +88,7 @@ class Executor:
                 for r in reads:
                     if r.tensor.file not in files:
                         files[r.tensor.file] = load_pickle(r.tensor.file) if r.tensor.pickled else \
-                            os.open(r.tensor.file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                            _open_read_only(r)
                 loaded, mismatched, nonfinite, casts = self._pipeline(reads, params, files, progress, abort_check)
             finally:
                 for handle in files.values():
@@ -104,7 +104,7 @@ class Executor:
         mismatched: list[int] = []
         casts: set[str] = set()
         pending: deque[tuple[Read, Future]] = deque()
-        copies: list[tuple[int, torch.cuda.Event, torch.Tensor]] = []
+        copies: deque[tuple[Read, torch.cuda.Event, torch.Tensor]] = deque()  # async copies in flight
         finite: list[tuple[int, torch.Tensor]] = []  # (unit, 0-dim bool on the device), checked at the end
         inflight = 0
         done, total = 0, sum(r.nbytes for r in reads)
@@ -113,14 +113,18 @@ class Executor:
             it = iter(reads)
             nxt = next(it, None)
             while nxt is not None or pending:
-                # keep the pool busy within the memory window
+                # keep the pool busy within the memory window; a pinned buffer counts until its
+                # copy to the device has finished, so the window bounds pinned memory too
+                while copies and nxt is not None and inflight + nxt.nbytes > self.max_inflight_bytes:
+                    inflight -= self._finish_copy(copies.popleft(), loaded)
                 while nxt is not None and (not pending or inflight + nxt.nbytes <= self.max_inflight_bytes):
                     pending.append((nxt, pool.submit(self._read, nxt, files[nxt.tensor.file])))
                     inflight += nxt.nbytes
                     nxt = next(it, None)
                 read, fut = pending.popleft()
                 buf = fut.result()
-                inflight -= read.nbytes
+                if not self._pin:
+                    inflight -= read.nbytes
                 src = buf.view(read.tensor.dtype).reshape(read.shape)
                 dest = params[read.param]
                 if read.slot is not None:
@@ -135,10 +139,12 @@ class Executor:
                     if not same:
                         mismatched.append(read.unit)
                 elif self._pin:
-                    dest.copy_(src, non_blocking=True)
-                    event = torch.cuda.Event()
-                    event.record()
-                    copies.append((read.unit, event, buf))  # buf must outlive the async copy
+                    # on the parameter's own device and stream, whatever the current device is
+                    with torch.cuda.device(dest.device):
+                        dest.copy_(src, non_blocking=True)
+                        event = torch.cuda.Event()
+                        event.record(torch.cuda.current_stream(dest.device))
+                    copies.append((read, event, buf))  # buf must outlive the async copy
                 else:
                     dest.copy_(src)
                     loaded.append(read.unit)
@@ -150,12 +156,19 @@ class Executor:
                 if abort_check is not None and time.monotonic() > next_check:
                     abort_check()
                     next_check = time.monotonic() + 0.05
-        for unit, event, _ in copies:
-            event.synchronize()
-            loaded.append(unit)
+        while copies:
+            self._finish_copy(copies.popleft(), loaded)
         flags = torch.stack([f for _, f in finite]).tolist() if finite else []
         nonfinite = [unit for (unit, _), ok in zip(finite, flags) if not ok]
         return loaded, mismatched, nonfinite, casts
+
+    @staticmethod
+    def _finish_copy(copy: tuple[Read, "torch.cuda.Event", torch.Tensor], loaded: list[int]) -> int:
+        """Waits for one async copy; its unit counts as loaded only now. Returns its bytes."""
+        read, event, _ = copy
+        event.synchronize()
+        loaded.append(read.unit)
+        return read.nbytes
 
     def _read(self, read: Read, handle: int | dict) -> torch.Tensor:
         buf = torch.empty(read.nbytes, dtype=torch.uint8, pin_memory=self._pin)
@@ -172,11 +185,23 @@ class Executor:
         return buf
 
 
+def _open_read_only(read: Read) -> int:
+    try:
+        return os.open(read.tensor.file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError as err:
+        raise CheckpointError(f"cannot open for reading: {err.strerror or err}", file=read.tensor.file,
+                              tensor=read.tensor.name) from None
+
+
 def _pread_exact(fd: int, view: memoryview, offset: int, read: Read) -> None:
     """Fills ``view`` from ``offset``, looping over short reads; EOF is a truncated file."""
     done = 0
     while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
+        try:
+            n = os.preadv(fd, [view[done:]], offset + done)
+        except OSError as err:
+            raise CheckpointError(f"read failed at byte {offset + done}: {err.strerror or err}",
+                                  file=read.tensor.file, tensor=read.tensor.name) from None
         if n == 0:
             raise CheckpointError(f"file ends at byte {offset + done}, before the tensor's data "
                                   f"(needed up to {read.tensor.end}); is it truncated?",

@@ -58,9 +58,8 @@ def _worker(tasks: "mp.Queue", results: "mp.Queue") -> None:
             except Exception:
                 results.put((job, rank, False, RankFailed(f"rank {rank}: unpicklable {err!r}")))
         finally:
-            import torch.distributed as dist
-            if dist.is_initialized():
-                dist.destroy_process_group()
+            from .comm import destroy_default_group
+            destroy_default_group()
             for k, v in saved.items():
                 if v is None:
                     os.environ.pop(k, None)

@@ -77,3 +77,4 @@ def load_with_version(directory: str, tp: int, versions: dict):
         return _outcome(lambda: distload.load(directory, distload.LoadConfig(tp=tp, device="cpu")))
     finally:
         distload.api.__version__ = real
+

@@ -36,7 +36,9 @@ class HFSpec:
 
 
 CONFIG_CLASSES = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config",
-                  "mistral": "MistralConfig"}
+                  "mistral": "MistralConfig", "mixtral": "MixtralConfig", "qwen2_moe": "Qwen2MoeConfig",
+                  "qwen3_moe": "Qwen3MoeConfig"}
+"""model_type -> transformers config class; MoE sizes (experts, top-k, expert widths) go in ``extra``"""
 
 
 def hf_config(spec: HFSpec):

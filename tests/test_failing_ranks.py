@@ -36,9 +36,9 @@ def test_a_rank_failing_before_reading_stops_the_others(pool, example):
 
 @pytest.mark.parametrize("victim", [2, 0])
 def test_a_killed_rank_ends_the_job_within_the_bound(pool, example, victim, tmp_path):
-    timeout = 2.0
+    timeout = 3.0
     stamp = str(tmp_path / "killed-at")
-    out = pool.run(4, failure_jobs.fail_while_reading, example, 2, victim, "kill", timeout, stamp, timeout=60)
+    out = pool.run(4, failure_jobs.fail_while_reading, example, 2, victim, "kill", timeout, stamp, timeout=150)
     assert isinstance(out[victim], WorkerDied)
     with open(stamp) as f:
         killed_at = float(f.read())

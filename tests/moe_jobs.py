@@ -1,0 +1,47 @@
+"""Functions the MoE tests run on every rank (importable by pool workers)."""
+
+from __future__ import annotations
+
+import distload
+
+
+def load_forward_route(directory: str, options: dict, input_ids) -> dict:
+    """Loads with ``LoadConfig(device="cpu", **options)`` and the group kept open, runs the model
+    on ``input_ids`` and returns the report JSON, this rank's parameters (numpy), its logits
+    (None before the last stage) and, per sparse layer, what its router actually computed in
+    that forward: ``routes[layer] = (experts [M, k], weights [M, k])`` over the M tokens it
+    routed (this rank's own with ep = 1; every rank of the stage's, in stage rank order, with
+    ep > 1)."""
+    import torch
+
+    from distload.layers.moe import Router
+
+    with distload.load(directory, distload.LoadConfig(device="cpu", **options), keep_group=True) as loaded:
+        routes: dict[int, tuple] = {}
+        hooks = []
+        for name, module in loaded.model.named_modules():
+            if isinstance(module, Router):
+                layer = int(name.split(".")[2])  # model.layers.<N>.<block>.gate
+
+                def keep(_mod, _args, out, layer=layer):
+                    weights, experts = out
+                    routes[layer] = (experts.numpy().copy(), weights.detach().float().numpy().copy())
+
+                hooks.append(module.register_forward_hook(keep))
+        with torch.no_grad():
+            logits = loaded.model(input_ids)
+        for h in hooks:
+            h.remove()
+        state = {name: t.detach().numpy().copy() for name, t in loaded.model.state_dict().items()}
+        return {"report": loaded.report.to_json(), "state": state, "routes": routes,
+                "logits": None if logits is None else logits.numpy().copy()}
+
+
+def load_report(directory: str, options: dict) -> dict:
+    """Loads with ``LoadConfig(device="cpu", **options)``; returns whether ``load`` raised
+    MissingWeightsError and the report JSON."""
+    try:
+        loaded = distload.load(directory, distload.LoadConfig(device="cpu", **options))
+    except distload.MissingWeightsError as err:
+        return {"raised": True, "report": err.report.to_json()}
+    return {"raised": False, "report": loaded.report.to_json()}

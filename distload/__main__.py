@@ -12,7 +12,8 @@ import os
 import sys
 import time
 
-from .errors import DistloadError, LayoutError, MissingWeightsError
+from .config import DTYPES
+from .errors import ConfigError, DistloadError, LayoutError, MissingWeightsError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INCOMPLETE = 0, 1, 2, 3
 
@@ -22,7 +23,7 @@ def parser() -> argparse.ArgumentParser:
         prog="python -m distload",
         description="Load a Hugging Face safetensors checkpoint into a tensor/data-parallel model and "
                     "prove, across all ranks, that every parameter was filled. Run it once per rank "
-                    "(torchrun --nproc-per-node W -m distload ...), W = tp x dp.")
+                    "(torchrun --nproc-per-node W -m distload ...), W = tp x pp x dp.")
     p.add_argument("checkpoint", nargs="?", help="checkpoint directory (default: the bundled example)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (default 1)")
     p.add_argument("--pp", type=int, default=1, help="pipeline stages (default 1)")
@@ -35,7 +36,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dp", type=int, default=None, help="data-parallel replicas (default: world / (tp x pp))")
     p.add_argument("--json", metavar="PATH", help="write the full report as JSON (rank 0)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available (NCCL), else cpu (gloo)")
-    p.add_argument("--dtype", help="model dtype, e.g. bfloat16, float16, float32 (default: the checkpoint's)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), metavar="DTYPE",
+                   help="model dtype: bfloat16, float16 or float32 (default: the checkpoint's)")
     p.add_argument("--track", choices=("on", "off"), help="merge every rank's record (default on)")
     p.add_argument("--ignore", action="append", default=[], metavar="REGEX",
                    help="checkpoint names matching REGEX are never unexpected (repeatable)")
@@ -66,13 +68,18 @@ def main(argv: list[str] | None = None) -> int:
 
     rank = int(os.environ.get("RANK", "0"))
     out = _Printer(rank == 0)
-    try:
+    try:  # option values a parser cannot check (regexes, timeouts): usage errors, exit 2
         config = LoadConfig(tp=args.tp, pp=args.pp, dp=args.dp, ep=args.ep, expert_placement=args.expert_placement,
-                            redundant_experts=args.redundant_experts, expert_map=args.expert_map, device=args.device, dtype=args.dtype,
+                            redundant_experts=args.redundant_experts, expert_map=args.expert_map,
+                            device=args.device, dtype=args.dtype,
                             track=None if args.track is None else args.track == "on",
                             ignore=tuple(args.ignore), strict=args.strict, failure_timeout=args.failure_timeout,
                             check_finite=args.check_finite, strict_dtype=args.strict_dtype,
                             allow_pickle_format=args.allow_pickle_format)
+    except ConfigError as err:
+        out.error(err)
+        return EXIT_USAGE
+    try:
         directory = args.checkpoint or example_checkpoint()
         if args.dry_run:
             from .dryrun import dry_run

@@ -167,7 +167,7 @@ def prepare(directory: str, config: LoadConfig, layout: Layout, build: ModelBuil
                            redundant_experts=config.redundant_experts, expert_map=expert_map)
         try:
             model = build(ctx)
-        except (PlanError, ConfigError, LayoutError) as err:
+        except (PlanError, ConfigError) as err:  # sizes from config.json (layout options name themselves)
             err.file = err.file or os.path.join(ckpt.directory, "config.json")
             raise
         specs += [dataclasses.replace(spec, stage=stage) for spec in collect_specs(model)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping
@@ -87,6 +88,11 @@ class LoadConfig:
             raise ConfigError(f"failure_timeout must be a positive number of seconds, got {self.failure_timeout!r}")
         if self.device not in (None, "cpu", "cuda"):
             raise ConfigError(f"device must be cpu or cuda, got {self.device!r}")
+        for pattern in self.ignore:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ConfigError(f"--ignore {pattern!r} is not a valid regular expression: {err}") from None
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ConfigError(f"dtype {self.dtype!r} is not supported (supported: {', '.join(DTYPES)})")
 

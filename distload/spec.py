@@ -162,22 +162,29 @@ def collect_specs(model: nn.Module) -> tuple[ParamSpec, ...]:
     """Returns one spec per parameter and persistent buffer of ``model``, in module order.
 
     Raises:
-        PlanError: a spec names no real parameter, or a parameter is declared twice.
+        PlanError: a spec names no registered parameter or persistent buffer; a derived
+            parameter shares no storage with a loaded one (nothing would fill it); or a
+            non-persistent buffer would be left uninitialized by materializing.
     """
     specs: list[ParamSpec] = []
     seen: set[int] = set()
     for path, module in model.named_modules():
-        local = dict(module.named_parameters(recurse=False))
-        local.update({n: b for n, b in module.named_buffers(recurse=False)
-                      if n not in module._non_persistent_buffers_set})
         prefix = f"{path}." if path else ""
+        transient = [prefix + n for n, _ in module.named_buffers(recurse=False)
+                     if n in module._non_persistent_buffers_set]
+        if transient:
+            raise PlanError(f"non-persistent buffer {transient[0]} would hold uninitialized memory after "
+                            "loading (models are built on the meta device): compute it in forward, or make it "
+                            "persistent and give it a spec")
+        local = dict(module.named_parameters(recurse=False))
+        local.update(dict(module.named_buffers(recurse=False)))
         declared: dict[str, ParamSpec] = {}
         if isinstance(module, SpecProvider):
             for spec in module.param_specs(path):
                 attr = spec.name[len(prefix):] if spec.name.startswith(prefix) else None
-                if attr is None or "." in attr or not hasattr(module, attr):
+                if attr is None or attr not in local:
                     raise PlanError(f"module {path or '<root>'} declares a spec for {spec.name}, "
-                                    "which is not one of its parameters")
+                                    "which is not one of its registered parameters or persistent buffers")
                 declared[attr] = spec
         for attr, tensor in local.items():
             if id(tensor) in seen:  # shared (tied) tensors are filled once
@@ -191,6 +198,9 @@ def collect_specs(model: nn.Module) -> tuple[ParamSpec, ...]:
             elif tuple(tensor.shape) != spec.shape:
                 raise PlanError(f"spec of {spec.name} says shape {spec.shape}, "
                                 f"the parameter has {tuple(tensor.shape)}")
+            elif spec.role is Role.DERIVED:  # only tied weights are derived: they share a loaded tensor
+                raise PlanError(f"derived parameter {spec.name} shares no storage with a loaded parameter, "
+                                "so nothing would fill it")
             specs.append(spec)
         # derived views of tied tensors (lm_head.weight = embedding) stay in the table
         specs.extend(declared.values())

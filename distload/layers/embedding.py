@@ -83,6 +83,6 @@ class ParallelLMHead(nn.Module, SpecProvider):
         elif self.tied_copy:
             embed = Source(name=self.tied_name, shape=source.shape, shard=source.shard)
             yield ParamSpec(name=f"{path}.weight", shape=tuple(self.weight.shape), sources=(embed,),
-                            verify=(source,))
+                            derived_from=(self.tied_name,), verify=(source,))
         else:
             yield ParamSpec(name=f"{path}.weight", shape=tuple(self.weight.shape), sources=(source,))

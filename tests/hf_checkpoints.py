@@ -37,26 +37,32 @@ class HFSpec:
 
 CONFIG_CLASSES = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config",
                   "mistral": "MistralConfig", "mixtral": "MixtralConfig", "qwen2_moe": "Qwen2MoeConfig",
-                  "qwen3_moe": "Qwen3MoeConfig"}
+                  "qwen3_moe": "Qwen3MoeConfig", "deepseek_v3": "DeepseekV3Config"}
 """model_type -> transformers config class; MoE sizes (experts, top-k, expert widths) go in ``extra``"""
+
+NO_HEAD_DIM = {"deepseek_v3"}
+"""model types whose head sizes come from ``extra`` (MLA: qk_nope/qk_rope/v_head_dim), not ``head_dim``"""
 
 
 def hf_config(spec: HFSpec):
     import transformers
 
     cls = getattr(transformers, CONFIG_CLASSES[spec.model_type])
+    head_dim = {} if spec.model_type in NO_HEAD_DIM else {"head_dim": spec.head_dim}
     return cls(vocab_size=spec.vocab_size, hidden_size=spec.hidden_size,
                intermediate_size=spec.intermediate_size, num_hidden_layers=spec.num_hidden_layers,
                num_attention_heads=spec.num_attention_heads, num_key_value_heads=spec.num_key_value_heads,
-               head_dim=spec.head_dim, tie_word_embeddings=spec.tie_word_embeddings, rms_norm_eps=1e-6,
-               max_position_embeddings=64, dtype="float32", **spec.extra)
+               tie_word_embeddings=spec.tie_word_embeddings, rms_norm_eps=1e-6,
+               max_position_embeddings=64, dtype="float32", **head_dim, **spec.extra)
 
 
 def write_hf_checkpoint(directory: str, spec: HFSpec, *, max_shard_size: str = "48KB") -> str:
     """Builds a random model of ``spec`` with transformers and saves it in several shards.
 
     Every parameter is re-drawn from a fixed seed (transformers initializes norms to
-    one and biases to zero, which would hide a norm or bias loaded into the wrong place).
+    one and biases to zero, which would hide a norm or bias loaded into the wrong place),
+    and so is DeepSeek-V3's router ``e_score_correction_bias`` buffer (zero by default,
+    which would leave the group / expert choice to the plain scores).
     """
     from transformers import AutoModelForCausalLM
 
@@ -70,6 +76,9 @@ def write_hf_checkpoint(directory: str, spec: HFSpec, *, max_shard_size: str = "
                 p.copy_(0.2 * torch.randn_like(p))
             else:
                 p.copy_(0.15 * torch.randn_like(p))
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.1 * torch.randn_like(b))
     model.save_pretrained(directory, max_shard_size=max_shard_size)
     files = [f for f in os.listdir(directory) if f.endswith(".safetensors")]
     assert len(files) > 2 and os.path.exists(os.path.join(directory, INDEX)), files

@@ -114,6 +114,8 @@ class LoadReport:
         """Returns a human-readable summary (at most ``limit`` names per list)."""
         lay = self.layout
         status = {True: "COMPLETE", False: "INCOMPLETE", None: "NOT TRACKED"}[self.complete]
+        if self.complete and not self.ok:  # every unit loaded, but a check failed (see below)
+            status += ", FAILED CHECKS"
         total = sum(r.bytes_read for r in self.ranks)
         slowest = max((r.seconds for r in self.ranks), default=0.0)
         lines = [f"distload {self.mode}: {status} - {self.checkpoint}",

@@ -151,7 +151,7 @@ def _listed(directory: str, index_name: str, singles: tuple[str, ...], suffixes:
             by_file.setdefault(rel, set()).add(name)
         out = []
         for rel in sorted(by_file):
-            path = _inside(directory, rel, index_path)
+            path = _inside(directory, rel, index_path, tensor=min(by_file[rel]))
             if not os.path.isfile(path):
                 raise CheckpointError(f"the index names {rel}, which does not exist", file=path,
                                       tensor=min(by_file[rel]))
@@ -163,7 +163,7 @@ def _listed(directory: str, index_name: str, singles: tuple[str, ...], suffixes:
     return [(os.path.join(directory, f), None) for f in found if f.endswith(suffixes)]
 
 
-def _inside(directory: str, rel: str, index_path: str) -> str:
+def _inside(directory: str, rel: str, index_path: str, *, tensor: str | None = None) -> str:
     """Joins an index entry to the directory, refusing absolute paths and ``..`` components.
 
     Symlinks inside the directory are followed (the Hugging Face cache links snapshot
@@ -172,5 +172,5 @@ def _inside(directory: str, rel: str, index_path: str) -> str:
     parts = rel.replace("\\", "/").split("/")
     if os.path.isabs(rel) or ".." in parts or not rel:
         raise CheckpointError(f"index entry {rel!r} is an absolute path or leaves the directory",
-                              file=index_path)
+                              file=index_path, tensor=tensor)
     return os.path.join(directory, *parts)

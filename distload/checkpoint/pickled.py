@@ -29,15 +29,25 @@ def load_pickle(path: str) -> dict[str, torch.Tensor]:
                 raise
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"refused: the pickle holds more than plain tensors (weights_only): {first}",
-                              file=path) from None
+        raise CheckpointError(f"refused: the pickle holds more than plain tensors (weights_only): "
+                              f"{_refusal(err)}", file=path) from None
     except (RuntimeError, OSError, EOFError, ValueError) as err:
         raise CheckpointError(f"pickle weight file is unreadable: {err}", file=path) from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in state.items()):
         raise CheckpointError("pickle weight file is not a flat dict of name -> tensor", file=path)
     return state
+
+
+_TORCH_BOILERPLATE = ("Weights only load failed", "Check the documentation", "Please file an issue")
+
+
+def _refusal(err: Exception) -> str:
+    """What torch's weights_only unpickler refused (``unsupported GLOBAL posix.system``), without its
+    boilerplate, whose first line advises re-running with ``weights_only=False``: not for a checkpoint."""
+    lines = [line.strip() for line in str(err).splitlines()]
+    useful = [line for line in lines if line and not line.startswith(_TORCH_BOILERPLATE)]
+    return " ".join(useful) or type(err).__name__
 
 
 def read_pickle_header(path: str) -> dict[str, TensorInfo]:

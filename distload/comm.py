@@ -383,8 +383,8 @@ class FailureWatch:
     def meet(self) -> None:
         """Returns once every rank has called ``meet`` as often as this one (a store barrier).
 
-        The last rank to arrive sets a key; the others poll for it (backing off to 20 ms),
-        checking for failures between polls.
+        The last rank to arrive sets a key; the others poll for it (backing off to 2 ms, or
+        20 ms above 64 ranks), checking for failures between polls.
         """
         self._meetings += 1
         key = f"{self.prefix}meet/{self._meetings}"
@@ -392,13 +392,15 @@ class FailureWatch:
             self.store.set(f"{key}/all", b"1")
             return
         deadline = time.monotonic() + self.timeout
+        # poll fast in small jobs; in large ones every waiting rank polling one store must back off
+        cap = 0.002 if self.world_size <= 64 else 0.02
         pause = 0.0002
         while True:
             self.check()
             if self._has(f"{key}/all"):
                 return
             time.sleep(pause)
-            pause = min(pause * 2, 0.02)
+            pause = min(pause * 2, cap)
             if time.monotonic() > deadline:  # alive (heartbeats) but stuck, e.g. a hung read
                 arrived = self._add(key, 0)
                 err = PeerFailedError(f"{self.world_size - arrived} rank(s) did not reach step {self._meetings} "

@@ -40,6 +40,7 @@ LAYOUTS = [
     L("deepseek_v3", 2, tp=2),                                   # ep 1: each expert split over the TP pair
     L("deepseek_v3", 4, tp=2, dp=2, ep=2),                       # 4 whole experts per TP pair, expert tp 2
     L("deepseek_v3", 4, dp=4, ep=4, placement="round_robin"),    # ep = world: experts g and g + 4 on rank g
+    L("deepseek_v3", 8, tp=2, dp=4, ep=4),                       # 2 experts per group of 2 ranks
 ]
 IDS = [lay.id for lay in LAYOUTS]
 
@@ -276,7 +277,7 @@ def test_correction_bias_changes_the_routing(ckpts):
 # ---------------------------------------------------------------- 2. missing bias, ignored MTP
 
 
-@pytest.mark.parametrize("lay", LAYOUTS[1:3], ids=IDS[1:3])
+@pytest.mark.parametrize("lay", LAYOUTS, ids=IDS)
 def test_deleted_correction_bias_is_missing_with_every_rank_of_the_stage(ckpts, tmp_path, lay):
     directory = copy_checkpoint(ckpts.path, str(tmp_path / "no-bias"))
     delete_tensors(directory, [BIAS])

@@ -16,7 +16,7 @@ from . import tracking
 from ._version import __version__
 from .checkpoint.directory import Checkpoint, open_checkpoint
 from .comm import Collectives, Comm, WorldInfo, pipe_ops_for, world_from_env
-from .config import LoadConfig
+from .config import DTYPES, LoadConfig
 from .errors import ConfigError, DistloadError, LayoutError, MissingWeightsError, PeerFailedError, PlanError
 from .execute import ExecResult, Executor
 from .experts import ExpertPlacement, parse_expert_map
@@ -282,7 +282,6 @@ def _failure_summary(report: LoadReport) -> str:
 def checkpoint_dtype(ckpt: Checkpoint) -> torch.dtype:
     """Returns the model dtype a checkpoint asks for: config's ``dtype``/``torch_dtype``, else its
     most common floating-point tensor dtype."""
-    from .config import DTYPES
     named = ckpt.config.get("dtype") or ckpt.config.get("torch_dtype")
     if isinstance(named, str) and named in DTYPES:
         return DTYPES[named]

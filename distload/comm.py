@@ -221,10 +221,6 @@ class Comm:
             self._tp[key] = Collectives(None, layout.tp)
         return self._tp[key]
 
-    def pipe_ops(self, layout: Layout) -> PipeOps:
-        """Returns this rank's hand-off to its neighbours in the pipeline."""
-        return pipe_ops_for(layout, self.rank)
-
     def stage_collectives(self, layout: Layout) -> Collectives:
         """Returns collectives over all ranks of this rank's pipeline stage (bound by ``create_groups``)."""
         key = layout.stage_ranks(layout.coords(self.rank).pp)

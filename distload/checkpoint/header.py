@@ -27,7 +27,6 @@ DTYPES: dict[str, torch.dtype] = {
 for _name, _attr in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
     if hasattr(torch, _attr):  # unsigned dtypes beyond uint8 exist in torch >= 2.3
         DTYPES[_name] = getattr(torch, _attr)
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 ITEMSIZE = {v: torch.empty((), dtype=v).element_size() for v in DTYPES.values()}
 
 

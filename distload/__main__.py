@@ -38,6 +38,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available (NCCL), else cpu (gloo)")
     p.add_argument("--dtype", choices=sorted(DTYPES), metavar="DTYPE",
                    help="model dtype: bfloat16, float16 or float32 (default: the checkpoint's)")
+    p.add_argument("--quantize", choices=("fp8",),
+                   help="quantize an unquantized checkpoint's linear weights to FP8 (per channel) while loading")
+    p.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
+                   help="fp8: attention loads k_scale/v_scale (optional, default 1.0); auto (default): "
+                        "only when config.json's quantization_config has a KV-cache scheme")
     p.add_argument("--track", choices=("on", "off"), help="merge every rank's record (default on)")
     p.add_argument("--ignore", action="append", default=[], metavar="REGEX",
                    help="checkpoint names matching REGEX are never unexpected (repeatable)")
@@ -71,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     try:  # option values a parser cannot check (regexes, timeouts): usage errors, exit 2
         config = LoadConfig(tp=args.tp, pp=args.pp, dp=args.dp, ep=args.ep, expert_placement=args.expert_placement,
                             redundant_experts=args.redundant_experts, expert_map=args.expert_map,
-                            device=args.device, dtype=args.dtype,
+                            device=args.device, dtype=args.dtype, quantize=args.quantize,
+                            kv_cache_dtype=args.kv_cache_dtype,
                             track=None if args.track is None else args.track == "on",
                             ignore=tuple(args.ignore), strict=args.strict, failure_timeout=args.failure_timeout,
                             check_finite=args.check_finite, strict_dtype=args.strict_dtype,

@@ -24,6 +24,8 @@ from .layout import Layout
 from .models import BuildContext, ModelBuilder, default_ignores, reference_model
 from .fingerprint import Fingerprint, fingerprint
 from .plan import Plan, RankPlan, plan as make_plan
+from .quant import quant_config
+from .quant.apply import check_fp8_dtypes, process_after_loading, quantize_model
 from .report import LoadReport, RankStats
 from .spec import ParamSpec, collect_specs
 
@@ -141,6 +143,7 @@ def _load(directory: str, config: LoadConfig, comm: Comm, device: torch.device,
         comm.stop_watch()
     if not report.ok:
         raise MissingWeightsError(_failure_summary(report), report=report, rank=rank)
+    process_after_loading(model)  # derived parameters (online FP8), only once the load is proven complete
     return Loaded(model=model, report=report, layout=layout, rank=rank)
 
 
@@ -155,6 +158,13 @@ def prepare(directory: str, config: LoadConfig, layout: Layout, build: ModelBuil
     """
     ckpt = open_checkpoint(directory, allow_pickle=config.allow_pickle_format)
     dtype = config.torch_dtype() or checkpoint_dtype(ckpt)
+    config_json = os.path.join(ckpt.directory, "config.json")
+    try:
+        quant = quant_config(ckpt.config, quantize=config.quantize, kv_cache_dtype=config.kv_cache_dtype)
+    except ConfigError as err:
+        err.file = err.file or config_json
+        raise
+    fp8: set[str] = set()
     coords = layout.coords(rank)
     expert_map = _read_expert_map(config.expert_map, ckpt.config, layout, config) if config.expert_map else None
     specs: list[ParamSpec] = []
@@ -167,13 +177,15 @@ def prepare(directory: str, config: LoadConfig, layout: Layout, build: ModelBuil
                            redundant_experts=config.redundant_experts, expert_map=expert_map)
         try:
             model = build(ctx)
+            fp8 |= quantize_model(model, quant, ckpt.tensors, dtype)
         except (PlanError, ConfigError) as err:  # sizes from config.json (layout options name themselves)
-            err.file = err.file or os.path.join(ckpt.directory, "config.json")
+            err.file = err.file or config_json
             raise
         specs += [dataclasses.replace(spec, stage=stage) for spec in collect_specs(model)]
         if stage == coords.pp:
             mine = model
     assert mine is not None
+    check_fp8_dtypes(specs, ckpt.tensors, frozenset(fp8))
     ignore = (*default_ignores(ckpt.config), *config.ignore)
     return ckpt, mine, tuple(specs), make_plan(ckpt.tensors, specs, layout, ignore=ignore)
 
@@ -203,7 +215,7 @@ def _read_expert_map(path: str, model_config, layout: Layout, config: LoadConfig
 def _record_shape(config: LoadConfig) -> dict:
     """The options that change what the ranks exchange: they must agree on them too."""
     return {"track": config.track_enabled, "check_finite": config.check_finite, "strict": config.strict,
-            "ignore": list(config.ignore)}
+            "ignore": list(config.ignore), "quantize": config.quantize, "kv_cache_dtype": config.kv_cache_dtype}
 
 
 def _refuse_casts(rank_plan: RankPlan, params: dict[str, torch.Tensor]) -> None:
@@ -257,10 +269,18 @@ def _merge(comm: Comm, config: LoadConfig, layout: Layout, ckpt: Checkpoint, pla
                             bytes_read=int(s[3]), seconds=float(s[4]), files_opened=int(s[5]))
                   for r, s in enumerate(stats.tolist()))
     notes = tuple(f"cast {c} while loading (model dtype differs from the checkpoint's)" for c in result.casts)
+    notes += quant_notes(ckpt, config)
     return LoadReport(mode="load", checkpoint=ckpt.directory, layout=layout.to_dict(),
                       tracked=config.track_enabled, num_units=len(plan.units), findings=findings,
                       unexpected=plan.unexpected, ignored=plan.ignored, notes=notes, ranks=ranks,
                       seconds=time.perf_counter() - start, strict=config.strict)
+
+
+def quant_notes(ckpt: Checkpoint, config: LoadConfig) -> tuple[str, ...]:
+    """Report notes naming the quantization scheme and the KV-cache dtype, when there are any."""
+    quant = quant_config(ckpt.config, quantize=config.quantize, kv_cache_dtype=config.kv_cache_dtype)
+    notes = (f"quantization: {quant.description}",) if quant.description else ()
+    return notes + (("kv cache: fp8 (k_scale / v_scale optional, default 1.0)",) if quant.kv_cache_fp8 else ())
 
 
 def _failure_summary(report: LoadReport) -> str:
@@ -285,7 +305,8 @@ def checkpoint_dtype(ckpt: Checkpoint) -> torch.dtype:
     named = ckpt.config.get("dtype") or ckpt.config.get("torch_dtype")
     if isinstance(named, str) and named in DTYPES:
         return DTYPES[named]
-    counts = collections.Counter(t.dtype for t in ckpt.tensors.values() if t.dtype.is_floating_point)
+    counts = collections.Counter(t.dtype for t in ckpt.tensors.values()
+                                 if t.dtype.is_floating_point and t.dtype.itemsize > 1)  # not FP8 weights
     return counts.most_common(1)[0][0] if counts else torch.float32
 
 

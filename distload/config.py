@@ -70,6 +70,11 @@ class LoadConfig:
     failure_timeout: float = 30.0
     """seconds without a heartbeat after which a rank counts as dead (killed, host gone);
     a rank that raises is reported to every rank at once, not after this"""
+    quantize: str | None = None
+    """``fp8``: quantize an unquantized checkpoint's linear weights to FP8 while loading"""
+    kv_cache_dtype: str = "auto"
+    """``fp8``: attention declares KV-cache scales; ``auto``: only when config.json's
+    quantization_config has a KV-cache scheme"""
     skip_units: Mapping[int, tuple[str, ...]] = field(default_factory=dict)
     """test hook: rank -> checkpoint names that rank pretends not to load"""
 
@@ -93,6 +98,10 @@ class LoadConfig:
                 re.compile(pattern)
             except re.error as err:
                 raise ConfigError(f"--ignore {pattern!r} is not a valid regular expression: {err}") from None
+        if self.quantize not in (None, "fp8"):
+            raise ConfigError(f"quantize {self.quantize!r} is not supported (supported: fp8)")
+        if self.kv_cache_dtype not in ("auto", "fp8"):
+            raise ConfigError(f"kv_cache_dtype {self.kv_cache_dtype!r} is not supported (supported: auto, fp8)")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ConfigError(f"dtype {self.dtype!r} is not supported (supported: {', '.join(DTYPES)})")
 

@@ -33,7 +33,7 @@ def dry_run(checkpoint: str, config: LoadConfig = LoadConfig(), *, world_size: i
         >>> r.mode, r.complete, len(r.ranks)
         ('dry-run', True, 8)
     """
-    from .api import prepare
+    from .api import prepare, quant_notes
 
     start = time.perf_counter()
     layout = Layout.for_world(world_size, tp=config.tp, pp=config.pp, dp=config.dp, ep=config.ep)
@@ -64,5 +64,6 @@ def dry_run(checkpoint: str, config: LoadConfig = LoadConfig(), *, world_size: i
     return LoadReport(mode="dry-run", checkpoint=ckpt.directory, layout=layout.to_dict(),
                       tracked=config.track_enabled, num_units=len(plan.units), findings=findings,
                       unexpected=plan.unexpected, ignored=plan.ignored, ranks=tuple(ranks),
+                      notes=quant_notes(ckpt, config),
                       seconds=time.perf_counter() - start, strict=config.strict,
                       extra={"planned_rank_classes": len(per_class)})

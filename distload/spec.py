@@ -152,6 +152,14 @@ class SpecProvider:
         raise NotImplementedError
 
 
+class PostLoad:
+    """Mixin for modules that compute derived parameters once the load is proven complete
+    (online quantization, a scale copied from a shared legacy scale)."""
+
+    def process_after_loading(self) -> None:
+        raise NotImplementedError
+
+
 def sibling(path: str, name: str) -> str:
     """Returns the dotted name ``name`` beside the module at ``path`` (``a.b.qkv`` -> ``a.b.q``)."""
     parent, _, _ = path.rpartition(".")
@@ -198,9 +206,10 @@ def collect_specs(model: nn.Module) -> tuple[ParamSpec, ...]:
             elif tuple(tensor.shape) != spec.shape:
                 raise PlanError(f"spec of {spec.name} says shape {spec.shape}, "
                                 f"the parameter has {tuple(tensor.shape)}")
-            elif spec.role is Role.DERIVED:  # only tied weights are derived: they share a loaded tensor
-                raise PlanError(f"derived parameter {spec.name} shares no storage with a loaded parameter, "
-                                "so nothing would fill it")
+            elif spec.role is Role.DERIVED and not isinstance(module, PostLoad):
+                # a derived parameter is a tied view of a loaded one, or computed after loading
+                raise PlanError(f"derived parameter {spec.name} shares no storage with a loaded parameter "
+                                "and its module computes nothing after loading, so nothing would fill it")
             specs.append(spec)
         # derived views of tied tensors (lm_head.weight = embedding) stay in the table
         specs.extend(declared.values())

@@ -10,12 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..comm import SOLO, Collectives
 from ..errors import PlanError
-from ..spec import ParamSpec, Shard, Source, SpecProvider, sibling
+from ..quant.layer import Quantizable
+from ..spec import ParamSpec, Shard, Source, sibling
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -44,7 +44,7 @@ def shards_for(units: int, tp: int, what: str) -> int:
                     f"or be a multiple of it")
 
 
-class ColumnParallelLinear(nn.Module, SpecProvider):
+class ColumnParallelLinear(nn.Module, Quantizable):
     """``y = x W^T + b`` with W's rows split over the TP group; output stays sharded.
 
     With several ``parts`` the local weight is the concatenation of each part's rows
@@ -74,9 +74,9 @@ class ColumnParallelLinear(nn.Module, SpecProvider):
         self.bias = nn.Parameter(torch.empty(out, dtype=dtype, device=device)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.linear(x, self.bias)
 
-    def param_specs(self, path: str):
+    def unquantized_specs(self, path: str):
         for attr, tail in (("weight", (self.in_features,)), ("bias", ())):
             if getattr(self, attr) is None:
                 continue
@@ -89,7 +89,7 @@ class ColumnParallelLinear(nn.Module, SpecProvider):
             yield ParamSpec(name=f"{path}.{attr}", shape=(offset, *tail), sources=tuple(sources))
 
 
-class RowParallelLinear(nn.Module, SpecProvider):
+class RowParallelLinear(nn.Module, Quantizable):
     """``y = sum_tp(x_local W_local^T) + b`` with W's columns split over the TP group.
 
     The input arrives sharded along its last dim (the output of a column-parallel
@@ -107,13 +107,32 @@ class RowParallelLinear(nn.Module, SpecProvider):
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.ops.all_reduce(F.linear(x, self.weight))
+        y = self.ops.all_reduce(self.linear(x, None))
         return y + self.bias if self.bias is not None else y
 
-    def param_specs(self, path: str):
+    def unquantized_specs(self, path: str):
         yield ParamSpec(name=f"{path}.weight", shape=tuple(self.weight.shape),
                         sources=(Source(name=f"{path}.weight", shape=(self.out_features, self.in_features),
                                         shard=Shard(dim=1, num_shards=self.tp)),))
         if self.bias is not None:
             yield ParamSpec(name=f"{path}.bias", shape=(self.out_features,),
                             sources=(Source(name=f"{path}.bias", shape=(self.out_features,)),))
+
+
+class ReplicatedLinear(nn.Module, Quantizable):
+    """``y = x W^T + b`` with the whole weight on every rank (DeepSeek's low-rank projections)."""
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool = False,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x, self.bias)
+
+    def unquantized_specs(self, path: str):
+        for attr, shape in (("weight", (self.out_features, self.in_features)), ("bias", (self.out_features,))):
+            if getattr(self, attr) is not None:
+                yield ParamSpec(name=f"{path}.{attr}", shape=shape, sources=(Source(name=f"{path}.{attr}", shape=shape),))

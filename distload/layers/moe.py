@@ -10,16 +10,19 @@ from torch import nn
 from ..comm import SOLO, Collectives
 from ..experts import ExpertPlacement
 from ..errors import PlanError
-from ..spec import ExpertSources, ParamSpec, Shard, Source, SpecProvider, sibling
+from ..quant.layer import Quantizable
+from ..spec import ExpertSources, ParamSpec, Shard, Source, sibling
 
 
-class FusedExperts(nn.Module, SpecProvider):
+class FusedExperts(nn.Module, Quantizable):
     """The expert slots of one expert group: ``w13 [slots, 2 I / etp, H]`` (gate rows, then up
     rows) and ``w2 [slots, H, I / etp]``, each slot's rows this rank's shard of its expert.
 
     Every slot's gate, up and down are units of their own, per expert, named as in the
     checkpoint (``names`` are templates beside this module with an ``{expert}`` field).
     """
+
+    QUANTIZABLE = ("w13", "w2")
 
     def __init__(self, hidden: int, intermediate: int, placement: ExpertPlacement, *, group: int, etp: int,
                  names: tuple[str, str, str], dtype=None, device=None) -> None:
@@ -32,7 +35,7 @@ class FusedExperts(nn.Module, SpecProvider):
         self.w13 = nn.Parameter(torch.empty(n, 2 * i, hidden, dtype=dtype, device=device))
         self.w2 = nn.Parameter(torch.empty(n, hidden, i, dtype=dtype, device=device))
 
-    def param_specs(self, path: str):
+    def unquantized_specs(self, path: str):
         gate, up, down = (sibling(path, n) + ".weight" for n in self.names)
         i = self.intermediate // self.etp
         rows = Shard(dim=0, num_shards=self.etp)
@@ -55,6 +58,7 @@ class FusedExperts(nn.Module, SpecProvider):
         out = torch.zeros_like(tokens)
         slots = self.placement.slots
         rows_all = torch.arange(tokens.shape[0], device=tokens.device)
+        w13, w2 = self.matrix("w13", tokens.dtype), self.matrix("w2", tokens.dtype)
         for j, physical in enumerate(self.local_slots):
             expert = slots[physical]
             copies = [s for s, e in enumerate(slots) if e == expert]
@@ -62,8 +66,8 @@ class FusedExperts(nn.Module, SpecProvider):
             rows, col = hit.nonzero(as_tuple=True)
             if rows.numel() == 0:
                 continue
-            gate, up = F.linear(tokens[rows], self.w13[j]).chunk(2, dim=-1)
-            y = F.linear(F.silu(gate) * up, self.w2[j])
+            gate, up = F.linear(tokens[rows], w13[j]).chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, w2[j])
             out.index_add_(0, rows, y * weights[rows, col, None].to(y.dtype))
         return out
 

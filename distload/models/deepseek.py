@@ -16,7 +16,8 @@ from torch import nn
 from ..comm import Collectives
 from ..errors import ConfigError, PlanError
 from ..experts import ExpertPlacement
-from ..layers import ColumnParallelLinear, Part, RMSNorm, RowParallelLinear
+from ..layers import ColumnParallelLinear, Part, ReplicatedLinear, RMSNorm, RowParallelLinear
+from ..quant.layer import KVCacheScales
 from ..layers.moe import ExpertExchange, FusedExperts
 from .config import DecoderConfig
 from .llama import MLP, DecoderForCausalLM
@@ -31,8 +32,9 @@ def mtp_ignore_patterns(config: Mapping) -> tuple[str, ...]:
     return tuple(rf"^model\.layers\.{i}\." for i in range(n, n + max(extra, 1)))
 
 
-class LatentAttention(nn.Module):
-    """MLA with this rank's heads: ``forward(x, cos, sin)`` like the GQA attention."""
+class LatentAttention(nn.Module, KVCacheScales):
+    """MLA with this rank's heads: ``forward(x, cos, sin)`` like the GQA attention (with an FP8
+    KV cache, ``k_scale`` / ``v_scale`` are loaded and tracked; the forward keeps no cache)."""
 
     def __init__(self, cfg: Mapping, *, tp: int, ops: Collectives, eps: float, dtype, device) -> None:
         super().__init__()
@@ -52,12 +54,12 @@ class LatentAttention(nn.Module):
             self.q_proj = ColumnParallelLinear(h, [Part(name="", out_features=heads * qk, num_shards=tp)], tp=tp,
                                                dtype=dtype, device=device)
         else:
-            self.q_a_proj = nn.Linear(h, int(self.q_rank), bias=bias, dtype=dtype, device=device)
+            self.q_a_proj = ReplicatedLinear(h, int(self.q_rank), bias=bias, dtype=dtype, device=device)
             self.q_a_layernorm = RMSNorm(int(self.q_rank), eps, dtype=dtype, device=device)
             self.q_b_proj = ColumnParallelLinear(int(self.q_rank), [Part(name="", out_features=heads * qk,
                                                                          num_shards=tp)],
                                                  tp=tp, dtype=dtype, device=device)
-        self.kv_a_proj_with_mqa = nn.Linear(h, self.kv_rank + self.rope, bias=bias, dtype=dtype, device=device)
+        self.kv_a_proj_with_mqa = ReplicatedLinear(h, self.kv_rank + self.rope, bias=bias, dtype=dtype, device=device)
         self.kv_a_layernorm = RMSNorm(self.kv_rank, eps, dtype=dtype, device=device)
         self.kv_b_proj = ColumnParallelLinear(self.kv_rank, [Part(name="", out_features=heads * (self.nope + self.v_dim),
                                                                   num_shards=tp)], tp=tp, dtype=dtype, device=device)

@@ -18,6 +18,7 @@ from ..comm import SINGLE_STAGE, SOLO, Collectives, PipeOps
 from ..errors import ConfigError, PlanError
 from ..layers import ColumnParallelLinear, ParallelLMHead, Part, RMSNorm, RowParallelLinear, VocabParallelEmbedding
 from ..layers.linear import shards_for
+from ..quant.layer import KVCacheScales
 from .config import DecoderConfig
 
 
@@ -42,8 +43,12 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-b, a), dim=-1)
 
 
-class Attention(nn.Module):
-    """Causal GQA attention with this rank's heads; KV heads replicated when tp exceeds them."""
+class Attention(nn.Module, KVCacheScales):
+    """Causal GQA attention with this rank's heads; KV heads replicated when tp exceeds them.
+
+    With an FP8 KV cache it holds ``k_scale`` / ``v_scale``; the reference forward keeps no
+    KV cache (it recomputes every position), so it loads and tracks them but does not use them.
+    """
 
     def __init__(self, cfg: DecoderConfig, layer: int, *, tp: int, ops: Collectives, dtype, device) -> None:
         super().__init__()

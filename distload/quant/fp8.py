@@ -1,0 +1,182 @@
+"""FP8 weights: serialized (block-wise, per-channel, per-tensor) and quantized while loading.
+
+Serialized schemes read the FP8 weight and its scales as they are in the checkpoint
+(units like any other) and dequantize in forward. Online FP8 reads the bf16 / fp16
+weight (the tracked units), then derives the FP8 weight and one scale per row after
+the load is proven complete.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..spec import ParamSpec, Role
+from .base import FP8, FP8_MAX, Declared, QuantMethod, WeightGeometry, checkpoint_names, fp8_weight, param_attr, \
+    rows_scale
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SerializedFP8(QuantMethod):
+    """FP8 weights with float32 scales stored in the checkpoint.
+
+    ``strategy`` is ``block`` (one scale per ``block`` = [rows, cols] tile, the last tile of a
+    dim possibly partial), ``channel`` (one per output row, ``[out, 1]``) or ``tensor``
+    (one per checkpoint matrix, ``[1]``; a fused QKV holds one per part). Scales are named
+    ``X.<scale_suffix>`` beside ``X.weight``: ``weight_scale_inv`` in DeepSeek-style ``fp8``
+    checkpoints, ``weight_scale`` in compressed-tensors ones; both multiply the FP8 values.
+    With ``static_input`` every matrix also has a per-tensor ``X.input_scale``.
+    """
+
+    strategy: str
+    """``block``, ``channel`` or ``tensor``"""
+    scale_suffix: str = "weight_scale"
+    """checkpoint (and attribute) name of the scale beside ``weight``"""
+    block: tuple[int, int] = (128, 128)
+    """rows x columns per scale (block strategy)"""
+    static_input: bool = False
+    """activations use a static scale from the checkpoint (``input_scale``)"""
+    name: str = "fp8"
+    """how reports name the scheme"""
+
+    def declare(self, attr: str, g: WeightGeometry, model_dtype: torch.dtype) -> tuple[Declared, ...]:
+        out = [fp8_weight(attr, g)]
+        if self.strategy == "block":
+            bn, bk = self.block
+            sources = g.split_sources(self.scale_suffix, lambda s: (-(-s[0] // bn), -(-s[1] // bk)), block=(bn, bk))
+            local = (sum(-(-seg.rows // bn) for seg in g.segments), -(-g.cols // bk))
+        elif self.strategy == "channel":
+            sources = g.split_sources(self.scale_suffix, lambda s: (s[0], 1), block=(1, None))
+            local = (sum(seg.rows for seg in g.segments), 1)
+        else:
+            sources = g.per_part_sources(self.scale_suffix, (1,))
+            local = (len(g.segments),)
+        out.append(Declared(attr=param_attr(attr, self.scale_suffix), dtype=torch.float32,
+                            spec=g.declare(attr, self.scale_suffix, sources, local)))
+        if self.static_input:
+            out.append(Declared(attr=param_attr(attr, "input_scale"), dtype=torch.float32,
+                                spec=g.declare(attr, "input_scale", g.per_part_sources("input_scale", (1,)),
+                                               (len(g.segments),))))
+        return tuple(out)
+
+    def dequantize(self, layer, attr: str, g: WeightGeometry) -> torch.Tensor:
+        w = getattr(layer, attr).float()
+        scale = getattr(layer, param_attr(attr, self.scale_suffix))
+        if self.strategy == "channel":
+            return w * scale
+        if self.strategy == "tensor":
+            return w * rows_scale(scale, g)[..., None]
+        return dequantize_blocks(w, scale, self.block, g)
+
+    def row_scales(self, layer, attr: str, g: WeightGeometry) -> torch.Tensor | None:
+        scale = getattr(layer, param_attr(attr, self.scale_suffix))
+        if self.strategy == "channel":
+            return scale[..., 0]
+        if self.strategy == "tensor":
+            return rows_scale(scale, g)
+        return None
+
+    def input_scale(self, layer, attr: str) -> torch.Tensor | None:
+        # one activation scale for a fused layer: the largest part's never overflows
+        return getattr(layer, param_attr(attr, "input_scale")).amax() if self.static_input else None
+
+
+def dequantize_blocks(w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], g: WeightGeometry) -> torch.Tensor:
+    """``w * scale`` with each scale entry spread over its ``block`` tile, part by part (a
+    fused part's blocks start at its own first row; the last tile of a part may be partial)."""
+    bn, bk = block
+    out = torch.empty_like(w)
+    cols = w.shape[-1]
+    srow = 0
+    for seg in g.segments:
+        n = -(-seg.rows // bn)
+        tile = scale[..., srow:srow + n, :].repeat_interleave(bn, dim=-2)[..., :seg.rows, :]
+        tile = tile.repeat_interleave(bk, dim=-1)[..., :cols]
+        out[..., seg.start:seg.start + seg.rows, :] = w[..., seg.start:seg.start + seg.rows, :] * tile
+        srow += n
+    return out
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class OnlineFP8(QuantMethod):
+    """``--quantize fp8``: the checkpoint's bf16 / fp16 / fp32 weight is read into ``<attr>_source``
+    (the tracked units); after the merge, ``<attr>`` becomes FP8 with one float32 scale per
+    output row (``<attr>_scale``, amax / 448), both derived from the source's checkpoint
+    names, and the source is freed."""
+
+    name: str = "online fp8 (per-channel)"
+    checkpoint_dtype = None
+
+    def declare(self, attr: str, g: WeightGeometry, model_dtype: torch.dtype) -> tuple[Declared, ...]:
+        base = g.spec
+        names = checkpoint_names(base)
+        prefix = base.name.rpartition(".")[0]
+        source = ParamSpec(name=f"{prefix}.{attr}_source", shape=base.shape, sources=base.sources,
+                           experts=base.experts)
+        weight = ParamSpec(name=base.name, shape=base.shape, role=Role.DERIVED, derived_from=names)
+        scale = ParamSpec(name=f"{prefix}.{param_attr(attr, 'weight_scale')}", shape=(*base.shape[:-1], 1),
+                          role=Role.DERIVED, derived_from=names)
+        return (Declared(attr=f"{attr}_source", spec=source, dtype=model_dtype),
+                Declared(attr=attr, spec=weight, dtype=FP8),
+                Declared(attr=param_attr(attr, "weight_scale"), spec=scale, dtype=torch.float32))
+
+    def post_load(self, layer, attr: str, g: WeightGeometry) -> None:
+        source = getattr(layer, f"{attr}_source")
+        with torch.no_grad():
+            q, scale = quantize_rows(source)
+            getattr(layer, attr).copy_(q)
+            getattr(layer, param_attr(attr, "weight_scale")).copy_(scale)
+        layer.register_parameter(f"{attr}_source", None)  # frees the bf16 copy
+
+    def dequantize(self, layer, attr: str, g: WeightGeometry) -> torch.Tensor:
+        return getattr(layer, attr).float() * getattr(layer, param_attr(attr, "weight_scale"))
+
+    def row_scales(self, layer, attr: str, g: WeightGeometry) -> torch.Tensor | None:
+        return getattr(layer, param_attr(attr, "weight_scale"))[..., 0]
+
+
+def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (FP8 values, float32 scale ``[..., rows, 1]``) with ``values * scale ~= w``."""
+    amax = w.float().abs().amax(dim=-1, keepdim=True)
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    return (w.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def scaled_mm_supported(x: torch.Tensor, out_features: int) -> bool:
+    """A real FP8 matmul (``torch._scaled_mm``, row-wise scales) runs here: CUDA with compute
+    capability 8.9 or newer, and dims it accepts (multiples of 16)."""
+    if not x.is_cuda or not hasattr(torch, "_scaled_mm"):
+        return False
+    return torch.cuda.get_device_capability(x.device) >= (8, 9) and x.shape[-1] % 16 == 0 and out_features % 16 == 0
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, row_scale: torch.Tensor, input_scale: torch.Tensor | None,
+               bias: torch.Tensor | None) -> torch.Tensor:
+    """``x W^T (+ b)`` through ``torch._scaled_mm``: activations quantized per token (or with the
+    static ``input_scale``), weights scaled per output row; output in bf16, then ``x``'s dtype."""
+    k = x.shape[-1]
+    flat = x.reshape(-1, k).float()
+    if input_scale is None:
+        xs = flat.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / FP8_MAX
+    else:
+        xs = input_scale.float().reshape(1, 1).expand(flat.shape[0], 1).contiguous()
+    xq = (flat / xs).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    y = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=row_scale.float().reshape(1, -1).contiguous(),
+                         out_dtype=torch.bfloat16)
+    y = y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+    return y + bias if bias is not None else y
+
+
+def matmul(method: QuantMethod, layer, attr: str, g: WeightGeometry, x: torch.Tensor,
+           bias: torch.Tensor | None) -> torch.Tensor:
+    """``x W^T (+ b)`` of a quantized 2-D weight: a real FP8 matmul where the scheme has row
+    scales and the device runs one, otherwise the weight dequantized to ``x``'s dtype."""
+    weight = getattr(layer, attr)
+    if weight.dtype == FP8 and scaled_mm_supported(x, weight.shape[0]):
+        rows = method.row_scales(layer, attr, g)
+        if rows is not None:
+            return fp8_linear(x, weight, rows, method.input_scale(layer, attr), bias)
+    return F.linear(x, method.dequantize(layer, attr, g).to(x.dtype), bias)
+

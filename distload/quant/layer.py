@@ -1,0 +1,120 @@
+"""Mixins that let a layer hold quantized weights and FP8 KV-cache scales.
+
+A layer declares its unquantized specs; ``quantize`` hands its weight matrices to a
+method, which replaces each with the parameters the scheme stores (FP8 weight, scales,
+activation scale) and their specs. Nothing else of the layer changes: a bias stays a
+required unit of its own.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from ..spec import ParamSpec, PostLoad, Role, Source, SpecProvider
+from .base import Declared, QuantMethod, WeightGeometry
+from .fp8 import matmul
+
+
+class Quantizable(SpecProvider, PostLoad):
+    """A layer whose weight matrices (``QUANTIZABLE`` attributes) may be stored quantized.
+
+    Subclasses implement ``unquantized_specs(path)`` (what ``param_specs`` would be) and
+    use ``linear`` or ``matrix`` in forward.
+    """
+
+    QUANTIZABLE: tuple[str, ...] = ("weight",)
+    quant: QuantMethod | None = None
+    """the layer's scheme; None: unquantized"""
+
+    def unquantized_specs(self, path: str) -> Iterable[ParamSpec]:
+        raise NotImplementedError
+
+    def quantize(self, method: QuantMethod, path: str, model_dtype: torch.dtype) -> tuple[Declared, ...]:
+        """Replaces each quantizable weight by the parameters ``method`` declares (on the weight's
+        device, normally meta). Returns what was declared."""
+        self.quant, self._quant_path, self._declared = method, path, {}
+        out: list[Declared] = []
+        for spec in self.unquantized_specs(path):
+            attr = spec.name[len(path) + 1:]
+            if attr not in self.QUANTIZABLE:
+                continue
+            geometry = WeightGeometry.of(spec)
+            declared = method.declare(attr, geometry, model_dtype)
+            device = getattr(self, attr).device
+            for d in declared:
+                setattr(self, d.attr, nn.Parameter(torch.empty(d.spec.shape, dtype=d.dtype, device=device),
+                                                   requires_grad=False))
+            self._declared[attr] = (geometry, declared)
+            out += declared
+        return tuple(out)
+
+    def param_specs(self, path: str):
+        for spec in self.unquantized_specs(path):
+            attr = spec.name[len(path) + 1:]
+            if self.quant is not None and attr in self._declared:
+                assert path == self._quant_path, (path, self._quant_path)
+                yield from (d.spec for d in self._declared[attr][1])
+            else:
+                yield spec
+
+    def matrix(self, attr: str, dtype: torch.dtype) -> torch.Tensor:
+        """The weight ``attr`` in ``dtype`` (dequantized when stored quantized)."""
+        if self.quant is None or attr not in self._declared:
+            return getattr(self, attr)
+        return self.quant.dequantize(self, attr, self._declared[attr][0]).to(dtype)
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None, attr: str = "weight") -> torch.Tensor:
+        """``x W^T (+ b)``, with a real FP8 matmul where the scheme and device allow one."""
+        if self.quant is None:
+            return nn.functional.linear(x, getattr(self, attr), bias)
+        return matmul(self.quant, self, attr, self._declared[attr][0], x, bias)
+
+    def process_after_loading(self) -> None:
+        if self.quant is not None:
+            for attr, (geometry, _) in self._declared.items():
+                self.quant.post_load(self, attr, geometry)
+
+
+KV_SCALE_DEFAULT = 1.0
+"""an FP8 KV cache without calibrated scales stores keys and values unscaled"""
+
+
+class KVCacheScales(SpecProvider, PostLoad):
+    """Attention's ``k_scale`` / ``v_scale``: declared only when the KV cache is FP8.
+
+    Both are optional (default 1.0, reported *defaulted* when absent). Checkpoints in
+    the older layout carry one ``kv_scale`` for both: ``k_scale`` is read from it and
+    ``v_scale`` is derived from it (copied after loading).
+    """
+
+    kv_scales: str | None = None
+    """None: no FP8 KV cache; ``split``: k_scale and v_scale; ``legacy``: one kv_scale"""
+
+    def enable_kv_scales(self, layout: str, shape: tuple[int, ...]) -> None:
+        self.kv_scales, self._kv_shape = layout, shape
+        device = next(self.parameters()).device
+        for attr in ("k_scale", "v_scale"):
+            setattr(self, attr, nn.Parameter(torch.empty(shape, dtype=torch.float32, device=device),
+                                             requires_grad=False))
+
+    def param_specs(self, path: str):
+        if self.kv_scales is None:
+            return
+        shape = self._kv_shape
+        if self.kv_scales == "split":
+            for attr in ("k_scale", "v_scale"):
+                yield ParamSpec(name=f"{path}.{attr}", shape=shape, role=Role.OPTIONAL, default=KV_SCALE_DEFAULT,
+                                sources=(Source(name=f"{path}.{attr}", shape=shape),))
+            return
+        legacy = f"{path}.kv_scale"
+        yield ParamSpec(name=f"{path}.k_scale", shape=shape, role=Role.OPTIONAL, default=KV_SCALE_DEFAULT,
+                        sources=(Source(name=legacy, shape=shape),))
+        yield ParamSpec(name=f"{path}.v_scale", shape=shape, role=Role.DERIVED, derived_from=(legacy,))
+
+    def process_after_loading(self) -> None:
+        if self.kv_scales == "legacy":
+            with torch.no_grad():
+                self.v_scale.copy_(self.k_scale)

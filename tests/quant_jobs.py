@@ -1,0 +1,45 @@
+"""Functions the quantization tests run on every rank (importable by pool workers)."""
+
+from __future__ import annotations
+
+import distload
+
+
+def _plain(t):
+    """A tensor as numpy; FP8 (which numpy lacks) as its raw bytes, tagged with its dtype."""
+    import torch
+
+    t = t.detach().cpu()
+    if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        return ("fp8", str(t.dtype), t.view(torch.uint8).numpy().copy())
+    return t.numpy().copy()
+
+
+def load_quantized(directory: str, options: dict, input_ids=None) -> dict:
+    """Loads with ``LoadConfig(device="cpu", **options)``; returns whether ``load`` raised
+    MissingWeightsError (and the report JSON), this rank's state with FP8 tensors as raw bytes,
+    and, given ``input_ids``, its logits (None before the last pipeline stage)."""
+    import torch
+
+    try:
+        loaded = distload.load(directory, distload.LoadConfig(device="cpu", **options),
+                               keep_group=input_ids is not None)
+    except distload.MissingWeightsError as err:
+        return {"raised": True, "report": err.report.to_json()}
+    with loaded:
+        logits = None
+        if input_ids is not None:
+            with torch.no_grad():
+                logits = loaded.model(input_ids)
+        state = {name: _plain(t) for name, t in loaded.model.state_dict().items()}
+        return {"raised": False, "report": loaded.report.to_json(), "state": state,
+                "logits": None if logits is None else logits.float().numpy().copy()}
+
+
+def load_error(directory: str, options: dict) -> str:
+    """Loads and returns the DistloadError text ('' if it loaded)."""
+    try:
+        distload.load(directory, distload.LoadConfig(device="cpu", **options))
+    except distload.DistloadError as err:
+        return f"{type(err).__name__}: {err}"
+    return ""

@@ -40,7 +40,7 @@ def quantize_model(model: nn.Module, config: QuantConfig, tensors: Mapping[str, 
         if isinstance(module, KVCacheScales) and config.kv_cache_fp8:
             name = f"{path}.{'kv_scale' if legacy else 'k_scale'}"
             info = tensors.get(name)
-            shape = info.shape if info is not None else ()
+            shape = info.shape if info is not None else (1,)  # as compressed-tensors writes them
             if math.prod(shape) != 1:
                 raise PlanError(f"a KV-cache scale must hold one value, this one has shape {list(shape)}",
                                 file=info.file, tensor=name)

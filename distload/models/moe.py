@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..experts import ExpertPlacement
-from ..layers import ColumnParallelLinear, Part, RowParallelLinear
+from ..layers import ColumnParallelLinear, Part, ReplicatedLinear, RowParallelLinear
 from ..layers.moe import ExpertExchange, FusedExperts, Router
 from .config import DecoderConfig
 from .llama import MLP, DecoderForCausalLM
@@ -141,7 +141,7 @@ def build_moe_model(config: Mapping, *, tp: int, tp_rank: int, ops, pipe, layers
             if moe.shared_intermediate:
                 shared = ("shared_expert", DenseFFN(h, moe.shared_intermediate, tp=tp, ops=ops, dtype=dtype,
                                                     device=device))
-                gate = nn.Linear(h, 1, bias=False, dtype=dtype, device=device)
+                gate = ReplicatedLinear(h, 1, dtype=dtype, device=device)
             return moe.block_name, SparseMoE(router, experts, exchange, shared=shared, shared_gate=gate)
         return "mlp", MLP(dense, tp=tp, ops=ops, dtype=dtype, device=device)
 

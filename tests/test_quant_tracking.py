@@ -255,3 +255,14 @@ def test_tracking_is_on_by_default_for_quantized_models_and_the_extra_config_tur
     off = pool.run(2, quant_jobs.load_quantized, directory,
                    {"tp": 2, "extra_config": {"enable_weights_track": False}})[0]
     assert not off["raised"] and off["report"]["tracked"] is False and off["report"]["missing"] == []
+
+
+def test_check_finite_scans_fp8_weights(pool, ckpts, tmp_path):
+    name = "model.layers.0.mlp.down_proj.weight"
+    directory = copy_checkpoint(ckpts["llama_fp8"], str(tmp_path / "nan"))
+    w = read_tensors(directory)[name].clone()
+    w.view(torch.uint8)[3, 5] = 0x7F  # a NaN in float8_e4m3fn
+    put_tensors(directory, {name: w})
+    r = pool.run(2, quant_jobs.load_quantized, directory, {"tp": 2, "check_finite": True})
+    assert [e["name"] for e in r[0]["report"]["nonfinite"]] == [name]
+    assert r[0]["report"]["nonfinite"][0]["found_on"] == [0]  # down_proj splits columns: column 5 is rank 0's

@@ -98,10 +98,10 @@ class WeightGeometry:
             else:
                 piece, b = p.shard.piece_len(p.shape[dim]), block[dim]
                 if p.shard.num_shards > 1 and piece % b:
-                    raise PlanError(f"a {'TP' if self.experts is None else 'expert TP'} shard of {piece} "
+                    raise PlanError(f"{'a TP' if self.experts is None else 'an expert TP'} shard of {piece} "
                                     f"{'rows' if dim == 0 else 'columns'} cuts a scale block of {b} "
                                     f"(parameter {self.spec.name}); choose a tp whose shards are whole blocks",
-                                    tensor=p.name)
+                                    tensor=p.name if self.experts is None else self.experts.name(p, 0))
                 shard = Shard(dim=dim, num_shards=p.shard.num_shards)  # whole (1 piece) at a fused offset too
             out.append(Source(name=_beside(p.name, suffix), shape=shape, shard=shard,
                               offset=offset if shard.dim == 0 else 0))

@@ -6,12 +6,14 @@ import distload
 
 
 def _plain(t):
-    """A tensor as numpy; FP8 (which numpy lacks) as its raw bytes, tagged with its dtype."""
+    """A tensor as numpy; FP8 as its raw bytes and bf16 as float32 values, tagged with the dtype."""
     import torch
 
     t = t.detach().cpu()
     if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
         return ("fp8", str(t.dtype), t.view(torch.uint8).numpy().copy())
+    if t.dtype == torch.bfloat16:  # numpy has no bf16 either: its values, exactly, as float32
+        return ("bf16", str(t.dtype), t.float().numpy().copy())
     return t.numpy().copy()
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests import quant_jobs
-from tests.ct_checkpoints import write_ct_checkpoint
+from tests.ct_checkpoints import dequantized_checkpoint, write_ct_checkpoint
 from tests.fp8_checkpoints import write_block_fp8_checkpoint
 from tests.hf_checkpoints import HFSpec, copy_checkpoint, delete_tensors, hf_logits, put_tensors, read_tensors, \
     write_hf_checkpoint
@@ -266,3 +266,22 @@ def test_check_finite_scans_fp8_weights(pool, ckpts, tmp_path):
     r = pool.run(2, quant_jobs.load_quantized, directory, {"tp": 2, "check_finite": True})
     assert [e["name"] for e in r[0]["report"]["nonfinite"]] == [name]
     assert r[0]["report"]["nonfinite"][0]["found_on"] == [0]  # down_proj splits columns: column 5 is rank 0's
+
+
+def test_scales_stored_in_bf16_load_without_a_cast_even_under_strict_dtype(pool, ckpts, tmp_path):
+    """compressed-tensors writes a bf16 model's scales in bf16: the scale parameters take that dtype."""
+    directory = copy_checkpoint(ckpts["ct_static_kv"], str(tmp_path / "bf16_scales"))
+    tensors = read_tensors(directory)
+    bf16 = {n: t.to(torch.bfloat16) for n, t in tensors.items() if n.endswith(("weight_scale", "input_scale"))}
+    put_tensors(directory, bf16)
+    r = pool.run(2, quant_jobs.load_quantized, directory, {"tp": 2, "strict_dtype": True, "dtype": "float32"}, IDS)
+    for res in r:
+        assert not res["raised"] and res["report"]["complete"]
+        assert not any(n.startswith("cast") for n in res["report"]["notes"])
+        tag, dtype, values = res["state"]["model.layers.0.self_attn.qkv_proj.weight_scale"]
+        assert (tag, dtype) == ("bf16", "torch.bfloat16")
+        names = [f"model.layers.0.self_attn.{p}_proj.weight_scale" for p in "qkv"]
+        assert values.tolist() == [bf16[n].float().item() for n in names]
+    reference = hf_logits(dequantized_checkpoint(directory, str(tmp_path / "deq")), IDS)
+    got = torch.from_numpy(r[0]["logits"])
+    assert ((got - reference).abs().max() / reference.abs().max()).item() < 1e-5

@@ -27,6 +27,7 @@ def quantize_model(model: nn.Module, config: QuantConfig, tensors: Mapping[str, 
         The checkpoint names read into FP8 parameters.
     """
     fp8: set[str] = set()
+    stored = {name: info.dtype for name, info in tensors.items()}
     legacy = any(n.endswith(".kv_scale") for n in tensors) and not any(n.endswith(".k_scale") for n in tensors)
     for path, module in list(model.named_modules()):
         if isinstance(module, Quantizable) and config.rules:
@@ -34,7 +35,7 @@ def quantize_model(model: nn.Module, config: QuantConfig, tensors: Mapping[str, 
                      if spec.name[len(path) + 1:] in module.QUANTIZABLE]
             method = config.method_for(path, [p for group in parts for p in group]) if parts else None
             if method is not None:
-                for d in module.quantize(method, path, dtype):
+                for d in module.quantize(method, path, dtype, stored):
                     if d.dtype == FP8 and d.spec.role is not Role.DERIVED:
                         fp8.update(checkpoint_names(d.spec))
         if isinstance(module, KVCacheScales) and config.kv_cache_fp8:

@@ -8,7 +8,8 @@ required unit of its own.
 
 from __future__ import annotations
 
-from typing import Iterable
+import dataclasses
+from typing import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -32,9 +33,16 @@ class Quantizable(SpecProvider, PostLoad):
     def unquantized_specs(self, path: str) -> Iterable[ParamSpec]:
         raise NotImplementedError
 
-    def quantize(self, method: QuantMethod, path: str, model_dtype: torch.dtype) -> tuple[Declared, ...]:
+    def quantize(self, method: QuantMethod, path: str, model_dtype: torch.dtype,
+                 stored: Mapping[str, torch.dtype] | None = None) -> tuple[Declared, ...]:
         """Replaces each quantizable weight by the parameters ``method`` declares (on the weight's
-        device, normally meta). Returns what was declared."""
+        device, normally meta). Returns what was declared.
+
+        Args:
+            stored: checkpoint name -> dtype. A float32 scale the checkpoint stores in another
+                floating dtype (compressed-tensors keeps the model's, e.g. bf16) takes that
+                dtype, so nothing is cast and ``--strict-dtype`` accepts it.
+        """
         self.quant, self._quant_path, self._declared = method, path, {}
         out: list[Declared] = []
         for spec in self.unquantized_specs(path):
@@ -42,7 +50,7 @@ class Quantizable(SpecProvider, PostLoad):
             if attr not in self.QUANTIZABLE:
                 continue
             geometry = WeightGeometry.of(spec)
-            declared = method.declare(attr, geometry, model_dtype)
+            declared = tuple(_stored_dtype(d, stored or {}) for d in method.declare(attr, geometry, model_dtype))
             device = getattr(self, attr).device
             for d in declared:
                 setattr(self, d.attr, nn.Parameter(torch.empty(d.spec.shape, dtype=d.dtype, device=device),
@@ -76,6 +84,17 @@ class Quantizable(SpecProvider, PostLoad):
         if self.quant is not None:
             for attr, (geometry, _) in self._declared.items():
                 self.quant.post_load(self, attr, geometry)
+
+
+def _stored_dtype(d: Declared, stored: Mapping[str, torch.dtype]) -> Declared:
+    if d.dtype != torch.float32 or d.spec.role is Role.DERIVED:
+        return d
+    spec = d.spec
+    name = spec.experts.name(spec.experts.parts[0], 0) if spec.experts is not None else spec.sources[0].name
+    dtype = stored.get(name)
+    if dtype is None or not dtype.is_floating_point or dtype.itemsize == 1:
+        return d
+    return dataclasses.replace(d, dtype=dtype)
 
 
 KV_SCALE_DEFAULT = 1.0

@@ -3,12 +3,13 @@
 The checkpoint is built from shapes alone: real DeepSeek-V3 sizes (61 layers, 256 routed
 experts, an MTP layer, tens of thousands of tensors over 163 files), safetensors headers
 written for real, and each file's data area left as a hole (a sparse file: no disk used,
-no data read, since a dry run reads headers only). Weights are bf16-shaped (the FP8
-variant is the quantization issue's).
+no data read, since a dry run reads headers only). Weights are bf16, or with ``--fp8`` as
+the released checkpoint stores them: every projection of the decoder layers F8_E4M3 with a
+float32 ``weight_scale_inv`` per 128 x 128 block, and ``quant_method: fp8`` in config.json.
 
-    .venv/bin/python benchmarks/dryrun_deepseek.py [--world 4096 --tp 8 --ep 256] [--dir DIR]
+    .venv/bin/python benchmarks/dryrun_deepseek.py [--world 4096 --tp 8 --ep 256] [--fp8] [--dir DIR]
 
-Prints one JSON line and writes benchmarks/results/dryrun_deepseek.json. Target: under
+Prints one JSON line and writes benchmarks/results/dryrun_deepseek[_fp8].json. Target: under
 30 s and 2 GiB peak memory on the 2-core, 24 GiB development machine.
 """
 
@@ -33,6 +34,25 @@ CONFIG = {
     "norm_topk_prob": True, "routed_scaling_factor": 2.5, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
 }
+
+
+FP8_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+"""DeepSeek-V3's own quantization_config"""
+SIZES = {"F32": 4, "BF16": 2, "F8_E4M3": 1}
+
+
+def to_fp8(shapes: dict) -> dict:
+    """The released layout: decoder-layer projections FP8 with block scales (routers, norms,
+    embeddings and the LM head as they were)."""
+    out = {}
+    for name, (shape, dtype) in shapes.items():
+        if name.startswith("model.layers.") and name.endswith(("proj.weight", "proj_with_mqa.weight")) \
+                and "eh_proj" not in name:
+            out[name] = (shape, "F8_E4M3")
+            out[name[:-len("weight")] + "weight_scale_inv"] = ((-(-shape[0] // 128), -(-shape[1] // 128)), "F32")
+        else:
+            out[name] = (shape, dtype)
+    return out
 
 
 def tensor_shapes(c: dict) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -72,7 +92,7 @@ def tensor_shapes(c: dict) -> dict[str, tuple[tuple[int, ...], str]]:
     return out
 
 
-def write_header_only(directory: str, shapes: dict, num_files: int = 163) -> None:
+def write_header_only(directory: str, shapes: dict, config: dict, num_files: int = 163) -> None:
     """Writes real safetensors headers; each file's data area is a hole (sparse file)."""
     names = list(shapes)
     per = -(-len(names) // num_files)
@@ -83,7 +103,7 @@ def write_header_only(directory: str, shapes: dict, num_files: int = 163) -> Non
         header, offset = {}, 0
         for n in part:
             shape, dtype = shapes[n]
-            size = (4 if dtype == "F32" else 2)
+            size = SIZES[dtype]
             for d in shape:
                 size *= d
             header[n] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
@@ -97,7 +117,7 @@ def write_header_only(directory: str, shapes: dict, num_files: int = 163) -> Non
     with open(os.path.join(directory, "model.safetensors.index.json"), "w") as fh:
         json.dump({"metadata": {}, "weight_map": weight_map}, fh)
     with open(os.path.join(directory, "config.json"), "w") as fh:
-        json.dump(CONFIG, fh)
+        json.dump(config, fh)
 
 
 def main() -> int:
@@ -105,6 +125,7 @@ def main() -> int:
     ap.add_argument("--world", type=int, default=4096)
     ap.add_argument("--tp", type=int, default=8)
     ap.add_argument("--ep", type=int, default=256)
+    ap.add_argument("--fp8", action="store_true", help="the FP8 checkpoint layout (block scales)")
     ap.add_argument("--dir")
     args = ap.parse_args()
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -112,16 +133,17 @@ def main() -> int:
     from distload.dryrun import dry_run
 
     directory = args.dir or tempfile.mkdtemp(prefix="distload-ds3-")
-    shapes = tensor_shapes(CONFIG)
+    config = {**CONFIG, "quantization_config": FP8_CONFIG} if args.fp8 else CONFIG
+    shapes = to_fp8(tensor_shapes(CONFIG)) if args.fp8 else tensor_shapes(CONFIG)
     os.makedirs(directory, exist_ok=True)
     if not os.path.exists(os.path.join(directory, "config.json")):
-        write_header_only(directory, shapes)
+        write_header_only(directory, shapes, config)
     start = time.perf_counter()
     report = dry_run(directory, LoadConfig(tp=args.tp, ep=args.ep), world_size=args.world)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     per = sorted(r.bytes_read for r in report.ranks)
-    result = {"benchmark": "dryrun_deepseek_v3", "world": args.world, "tp": args.tp, "ep": args.ep,
+    result = {"benchmark": "dryrun_deepseek_v3" + ("_fp8" if args.fp8 else ""), "world": args.world, "tp": args.tp, "ep": args.ep,
               "tensors": len(shapes), "units": report.num_units, "complete": report.complete,
               "ignored": len(report.ignored), "unexpected": len(report.unexpected),
               "seconds": round(seconds, 2), "peak_rss_gib": round(peak / 2**30, 3),
@@ -131,7 +153,8 @@ def main() -> int:
               "meets_targets": seconds < 30 and peak < 2 * 2**30}
     print(json.dumps(result))
     os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
-    with open(os.path.join(os.path.dirname(__file__), "results", "dryrun_deepseek.json"), "w") as fh:
+    name = "dryrun_deepseek_fp8.json" if args.fp8 else "dryrun_deepseek.json"
+    with open(os.path.join(os.path.dirname(__file__), "results", name), "w") as fh:
         json.dump(result, fh, indent=2)
     return 0 if result["meets_targets"] else 1
 

@@ -45,11 +45,10 @@ def dry_run(checkpoint: str, config: LoadConfig = LoadConfig(), *, world_size: i
     for rank in range(world_size):
         key = plan.rank_class(rank)
         if key not in per_class:
-            rp = plan.for_rank(rank)
-            present = {r.unit for r in rp.reads}
-            per_class[key] = RankStats(rank=rank, units_loaded=len(present), units_owned=len(rp.owned),
-                                       units_not_loaded=len(set(rp.owned) - present), bytes_read=rp.nbytes,
-                                       seconds=0.0, files_opened=len(rp.files))
+            s = plan.summary(rank)
+            per_class[key] = RankStats(rank=rank, units_loaded=s.units_present, units_owned=s.units_owned,
+                                       units_not_loaded=s.units_owned - s.units_present, bytes_read=s.nbytes,
+                                       seconds=0.0, files_opened=s.files)
         c = per_class[key]
         ranks.append(RankStats(rank=rank, units_loaded=c.units_loaded, units_owned=c.units_owned,
                                units_not_loaded=c.units_not_loaded, bytes_read=c.bytes_read, seconds=0.0,

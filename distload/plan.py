@@ -117,6 +117,20 @@ class RankPlan:
         return frozenset(r.tensor.file for r in self.reads)
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RankSummary:
+    """What one rank's plan amounts to (a dry run's per-rank numbers)."""
+
+    units_present: int
+    """distinct owned units present in the checkpoint (what a sound load fills)"""
+    units_owned: int
+    """distinct units the rank owns"""
+    nbytes: int
+    """bytes its reads request"""
+    files: int
+    """files its reads touch"""
+
+
 @dataclass(frozen=True, slots=True)
 class Plan:
     """The canonical unit table and the data to derive any rank's ``RankPlan``."""
@@ -175,11 +189,46 @@ class Plan:
             self._dense[key] = self._dense_part(coords.tp, coords.pp)
         reads, defaults, zero, owned = (list(part) for part in self._dense[key])
         group, shard_i = self.layout.expert_coords(rank)
-        for spec in self.specs:
-            if spec.stage == coords.pp and spec.experts is not None:
-                self._expert_reads(spec, group, shard_i, owned, reads)
+        for spec in self._expert_specs(coords.pp):
+            self._expert_reads(spec, group, shard_i, owned, reads)
         return RankPlan(rank=rank, reads=tuple(reads), defaults=tuple(defaults), zero=tuple(zero),
                         owned=tuple(owned))
+
+    def summary(self, rank: int) -> RankSummary:
+        """Returns what ``for_rank(rank)`` amounts to (units, bytes, files) without building its
+        reads: a dry run of thousands of ranks with a million expert units needs only this."""
+        coords = self.layout.coords(rank)
+        key = ("summary", coords.tp, coords.pp)
+        if key not in self._dense:
+            if (coords.tp, coords.pp) not in self._dense:
+                self._dense[(coords.tp, coords.pp)] = self._dense_part(coords.tp, coords.pp)
+            reads, _, _, owned = self._dense[(coords.tp, coords.pp)]
+            self._dense[key] = ({r.unit for r in reads}, set(owned), sum(r.nbytes for r in reads),
+                                {r.tensor.file for r in reads})
+        present, owned, nbytes, files = (set(x) if isinstance(x, set) else x for x in self._dense[key])
+        group, shard_i = self.layout.expert_coords(rank)
+        etp = self.layout.expert_tp
+        for spec in self._expert_specs(coords.pp):
+            placement = spec.experts.placement
+            parts = [(part.shard.index(shard_i, etp), names)
+                     for part, names in zip(spec.experts.parts, self._expert_names(spec))]
+            for physical in placement.group_slots(group):
+                expert = placement.slots[physical]
+                for piece, part_names in parts:
+                    name = part_names[expert]
+                    unit = self.unit_ids.get((name, piece))
+                    if unit is None:
+                        continue
+                    owned.add(unit)
+                    info = self.tensors.get(name)
+                    if info is not None and unit not in present:
+                        present.add(unit)
+                        u = self.units[unit]
+                        nbytes += info.nbytes if u.dim is None else \
+                            info.nbytes // info.shape[u.dim] * (u.span[1] - u.span[0])
+                        files.add(info.file)
+        return RankSummary(units_present=len(present), units_owned=len(owned), nbytes=nbytes,
+                           files=len(files))
 
     def _dense_part(self, tp_i: int, stage: int) -> tuple[tuple, tuple, tuple, tuple]:
         reads: list[Read] = []
@@ -222,6 +271,13 @@ class Plan:
                 info = self.tensors.get(name)
                 if info is not None:
                     reads.append(_read(unit, self.units[unit], part.offset, info, spec, slot=slot))
+
+    def _expert_specs(self, stage: int) -> list[ParamSpec]:
+        """The expert-stacked specs of a stage (found once per plan)."""
+        key = ("experts", stage)
+        if key not in self._dense:
+            self._dense[key] = [s for s in self.specs if s.stage == stage and s.experts is not None]
+        return self._dense[key]
 
     def _expert_names(self, spec: ParamSpec) -> tuple[tuple[str, ...], ...]:
         """Per part, every expert's checkpoint name (formatted once per plan)."""
@@ -280,7 +336,9 @@ def plan(tensors: Mapping[str, TensorInfo], specs: Iterable[ParamSpec], layout: 
     leftover = sorted(n for n in tensors if n not in consumed)
     ignored = tuple(n for n in leftover if any(p.search(n) for p in patterns))
     unexpected = tuple(n for n in leftover if n not in set(ignored))
-    owner_counts = array("i", [_num_owners(u, layout) for u in units])
+    memo: dict = {}
+    owner_counts = array("i", [_num_owners(u, layout) if u.placement is None else
+                               _memo_owners(memo, u, layout) for u in units])
     verify_units = tuple(i for i, u in enumerate(units) if u.verify)
     return Plan(layout, specs, tuple(units), unit_ids, tensors, unexpected, ignored, owner_counts, verify_units)
 
@@ -292,24 +350,36 @@ def _add_expert_units(units: list[Unit], unit_ids: dict, spec: ParamSpec, tensor
     if placement.ep != layout.ep or spec.shape[0] != placement.slots_per_group:
         raise PlanError(f"expert parameter {spec.name} has {spec.shape[0]} slots for ep={placement.ep}; the layout "
                         f"has ep={layout.ep} and {placement.slots_per_group} slots per group")
-    check_tiling(ParamSpec(name=spec.name, shape=spec.shape[1:],
-                           sources=tuple(dataclasses.replace(p, name=experts.name(p, 0)) for p in experts.parts)),
-                 layout.expert_tp)
+    first = tuple(dataclasses.replace(p, name=experts.name(p, 0)) for p in experts.parts)
+    check_tiling(ParamSpec(name=spec.name, shape=spec.shape[1:], sources=first), layout.expert_tp)
+    for src in first:  # every expert's part has the same shape and split: checked once
+        _check_split(spec, src, tensors.get(src.name), layout, placement)
+    # one template unit per part and piece; each expert's units differ only in name and expert
+    templates = [[Unit(name="", param=spec.name, role=spec.role, dim=p.shard.dim, index=i,
+                       num_shards=p.shard.num_shards, stages=(spec.stage,), placement=placement,
+                       span=p.shard.span(size=p.shape[p.shard.dim], index=i) if p.shard.dim is not None else (0, 0))
+                  for i in range(p.shard.num_shards)] for p in experts.parts]
     for expert in range(placement.num_experts):
-        for part in experts.parts:
-            src = dataclasses.replace(part, name=experts.name(part, expert))
-            _add_units(units, unit_ids, spec, src, tensors, layout, verify=False, expert=expert,
-                       placement=placement)
+        for part, pieces in zip(experts.parts, templates):
+            name = experts.name(part, expert)
+            info = tensors.get(name)
+            if info is not None and info.shape != part.shape:
+                raise PlanError(f"checkpoint shape {list(info.shape)} differs from the model's {list(part.shape)} "
+                                f"(parameter {spec.name})", file=info.file, tensor=name)
+            for unit in pieces:
+                if unit.dim is not None and unit.span[0] == unit.span[1]:
+                    continue
+                if (name, unit.index) in unit_ids:
+                    raise PlanError(f"checkpoint tensor feeds two parameters, "
+                                    f"{units[unit_ids[(name, unit.index)]].param} and {spec.name}", tensor=name)
+                unit_ids[(name, unit.index)] = len(units)
+                units.append(dataclasses.replace(unit, name=name, expert=expert))
 
 
-def _add_units(units: list[Unit], unit_ids: dict, spec: ParamSpec, src: Source,
-               tensors: Mapping[str, TensorInfo], layout: Layout, *, verify: bool, expert: int | None = None,
-               placement: ExpertPlacement | None = None) -> None:
+def _check_split(spec: ParamSpec, src: Source, info: TensorInfo | None, layout: Layout,
+                 placement: ExpertPlacement | None) -> None:
+    """The source's pieces spread over its TP (or expert TP) ranks and divide its dim."""
     shard = src.shard
-    info = tensors.get(src.name)
-    if info is not None and info.shape != src.shape:
-        raise PlanError(f"checkpoint shape {list(info.shape)} differs from the model's {list(src.shape)} "
-                        f"(parameter {spec.name})", file=info.file, tensor=src.name)
     axis, ranks = ("expert tp", layout.expert_tp) if placement is not None else ("tp", layout.tp)
     if ranks % shard.num_shards:
         raise PlanError(f"{shard.num_shards} pieces do not spread over {axis}={ranks} "
@@ -318,14 +388,23 @@ def _add_units(units: list[Unit], unit_ids: dict, spec: ParamSpec, src: Source,
         raise PlanError(f"dim {shard.dim} of size {src.shape[shard.dim]} does not split into "
                         f"{shard.num_shards} pieces for tp={layout.tp}", tensor=src.name,
                         file=info.file if info else None)
+
+
+def _add_units(units: list[Unit], unit_ids: dict, spec: ParamSpec, src: Source,
+               tensors: Mapping[str, TensorInfo], layout: Layout, *, verify: bool) -> None:
+    shard = src.shard
+    info = tensors.get(src.name)
+    if info is not None and info.shape != src.shape:
+        raise PlanError(f"checkpoint shape {list(info.shape)} differs from the model's {list(src.shape)} "
+                        f"(parameter {spec.name})", file=info.file, tensor=src.name)
+    _check_split(spec, src, info, layout, None)
     role = Role.REQUIRED if verify else spec.role
     for index in range(shard.num_shards):
         span = shard.span(size=src.shape[shard.dim], index=index) if shard.dim is not None else (0, 0)
         if shard.dim is not None and span[0] == span[1]:
             continue  # a piece made only of padding rows: no unit
         unit = Unit(name=src.name, param=spec.name, role=role, dim=shard.dim, index=index,
-                    num_shards=shard.num_shards, span=span, verify=verify, stages=(spec.stage,), expert=expert,
-                    placement=placement)
+                    num_shards=shard.num_shards, span=span, verify=verify, stages=(spec.stage,))
         if (src.name, index) in unit_ids:
             other = units[unit_ids[(src.name, index)]]
             if spec.stage in other.stages or (other.dim, other.num_shards, other.verify) != (unit.dim, unit.num_shards,
@@ -337,6 +416,13 @@ def _add_units(units: list[Unit], unit_ids: dict, spec: ParamSpec, src: Source,
             continue
         unit_ids[(src.name, index)] = len(units)
         units.append(unit)
+
+
+def _memo_owners(memo: dict, u: Unit, layout: Layout) -> int:
+    key = (u.expert, id(u.placement), u.num_shards, u.stages)
+    if key not in memo:
+        memo[key] = _num_owners(u, layout)
+    return memo[key]
 
 
 def _num_owners(u: Unit, layout: Layout) -> int:

@@ -281,3 +281,20 @@ def test_unknown_quant_method_fails_the_load_naming_config_json(tmp_path):
         distload.load(directory, LoadConfig(device="cpu"))
     assert "quant_method 'gptq' is not supported (supported: fp8, compressed-tensors" in str(err.value)
     assert err.value.file == path
+
+
+@pytest.mark.parametrize("world, tp, pp, ep, redundant", [(16, 2, 1, 8, 0), (32, 2, 2, 8, 8), (8, 4, 2, 1, 0)])
+def test_the_dry_run_summary_of_every_rank_equals_its_planned_reads(fp8_moe, tmp_path, world, tp, pp, ep, redundant):
+    directory = copy_checkpoint(fp8_moe, str(tmp_path / "ckpt"))
+    from tests.hf_checkpoints import delete_tensors
+    delete_tensors(directory, ["model.layers.1.mlp.experts.9.up_proj.weight_scale_inv",
+                               "model.layers.0.self_attn.q_proj.weight"])
+    config = LoadConfig(tp=tp, pp=pp, ep=ep, redundant_experts=redundant)
+    layout = Layout.for_world(world, tp=tp, pp=pp, ep=ep)
+    *_, plan = prepare(directory, config, layout, reference_model, rank=0, ops=Collectives(None, tp),
+                       stage_ops=Collectives(None, world // pp))
+    for rank in range(world):
+        rp, s = plan.for_rank(rank), plan.summary(rank)
+        present = {r.unit for r in rp.reads}
+        assert (s.units_present, s.units_owned, s.nbytes, s.files) == \
+               (len(present), len(set(rp.owned)), rp.nbytes, len(rp.files)), rank

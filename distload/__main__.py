@@ -13,6 +13,7 @@ import sys
 import time
 
 from .config import DTYPES
+from .quant.config import KV_CACHE_DTYPES, ONLINE
 from .errors import ConfigError, DistloadError, LayoutError, MissingWeightsError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INCOMPLETE = 0, 1, 2, 3
@@ -38,9 +39,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available (NCCL), else cpu (gloo)")
     p.add_argument("--dtype", choices=sorted(DTYPES), metavar="DTYPE",
                    help="model dtype: bfloat16, float16 or float32 (default: the checkpoint's)")
-    p.add_argument("--quantize", choices=("fp8",),
+    p.add_argument("--quantize", choices=ONLINE,
                    help="quantize an unquantized checkpoint's linear weights to FP8 (per channel) while loading")
-    p.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
+    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
                    help="fp8: attention loads k_scale/v_scale (optional, default 1.0); auto (default): "
                         "only when config.json's quantization_config has a KV-cache scheme")
     p.add_argument("--track", choices=("on", "off"), help="merge every rank's record (default on)")

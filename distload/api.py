@@ -131,6 +131,9 @@ def _load(directory: str, config: LoadConfig, comm: Comm, device: torch.device,
                           check_finite=config.check_finite).run(
             rank_plan, params, skip=skip, progress=progress, abort_check=comm.check_peers)
         report = _merge(comm, config, layout, ckpt, plan, rank_plan, result, start)
+        if report.ok:  # derived parameters (online FP8) are computed only once the load is proven complete
+            process_after_loading(model)
+            comm.meet()  # and every rank has computed them: one that failed has published why
     except PeerFailedError:
         raise
     except DistloadError as err:
@@ -143,7 +146,6 @@ def _load(directory: str, config: LoadConfig, comm: Comm, device: torch.device,
         comm.stop_watch()
     if not report.ok:
         raise MissingWeightsError(_failure_summary(report), report=report, rank=rank)
-    process_after_loading(model)  # derived parameters (online FP8), only once the load is proven complete
     return Loaded(model=model, report=report, layout=layout, rank=rank)
 
 
@@ -300,14 +302,18 @@ def _failure_summary(report: LoadReport) -> str:
 
 
 def checkpoint_dtype(ckpt: Checkpoint) -> torch.dtype:
-    """Returns the model dtype a checkpoint asks for: config's ``dtype``/``torch_dtype``, else its
-    most common floating-point tensor dtype."""
+    """Returns the model dtype a checkpoint asks for: config's ``dtype``/``torch_dtype``, else the
+    floating-point dtype holding most of its bytes (FP8 aside)."""
     named = ckpt.config.get("dtype") or ckpt.config.get("torch_dtype")
     if isinstance(named, str) and named in DTYPES:
         return DTYPES[named]
-    counts = collections.Counter(t.dtype for t in ckpt.tensors.values()
-                                 if t.dtype.is_floating_point and t.dtype.itemsize > 1)  # not FP8 weights
-    return counts.most_common(1)[0][0] if counts else torch.float32
+    # by bytes, not tensor count: an FP8 checkpoint holds more float32 scales than bf16 tensors,
+    # and its FP8 weights are no model dtype
+    sizes: collections.Counter = collections.Counter()
+    for t in ckpt.tensors.values():
+        if t.dtype.is_floating_point and t.dtype.itemsize > 1:
+            sizes[t.dtype] += t.nbytes
+    return sizes.most_common(1)[0][0] if sizes else torch.float32
 
 
 def materialize(model: nn.Module, device: torch.device) -> nn.Module:

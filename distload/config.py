@@ -10,6 +10,7 @@ from typing import Mapping
 import torch
 
 from .errors import ConfigError
+from .quant.config import KV_CACHE_DTYPES, ONLINE
 
 EXTRA_CONFIG_KEYS: Mapping[str, str] = MappingProxyType({
     "enable_weights_track": "true / false / unset (= on): merge every rank's record and report missing units",
@@ -98,10 +99,11 @@ class LoadConfig:
                 re.compile(pattern)
             except re.error as err:
                 raise ConfigError(f"--ignore {pattern!r} is not a valid regular expression: {err}") from None
-        if self.quantize not in (None, "fp8"):
-            raise ConfigError(f"quantize {self.quantize!r} is not supported (supported: fp8)")
-        if self.kv_cache_dtype not in ("auto", "fp8"):
-            raise ConfigError(f"kv_cache_dtype {self.kv_cache_dtype!r} is not supported (supported: auto, fp8)")
+        if self.quantize is not None and self.quantize not in ONLINE:
+            raise ConfigError(f"quantize {self.quantize!r} is not supported (supported: {', '.join(ONLINE)})")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(f"kv_cache_dtype {self.kv_cache_dtype!r} is not supported "
+                              f"(supported: {', '.join(KV_CACHE_DTYPES)})")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ConfigError(f"dtype {self.dtype!r} is not supported (supported: {', '.join(DTYPES)})")
 

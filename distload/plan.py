@@ -225,7 +225,7 @@ class Plan:
                         present.add(unit)
                         u = self.units[unit]
                         nbytes += info.nbytes if u.dim is None else \
-                            info.nbytes // info.shape[u.dim] * (u.span[1] - u.span[0])
+                            info.nbytes // (info.shape or (1,))[u.dim] * (u.span[1] - u.span[0])
                         files.add(info.file)
         return RankSummary(units_present=len(present), units_owned=len(owned), nbytes=nbytes,
                            files=len(files))
@@ -363,7 +363,7 @@ def _add_expert_units(units: list[Unit], unit_ids: dict, spec: ParamSpec, tensor
         for part, pieces in zip(experts.parts, templates):
             name = experts.name(part, expert)
             info = tensors.get(name)
-            if info is not None and info.shape != part.shape:
+            if info is not None and not _same_shape(info.shape, part.shape):
                 raise PlanError(f"checkpoint shape {list(info.shape)} differs from the model's {list(part.shape)} "
                                 f"(parameter {spec.name})", file=info.file, tensor=name)
             for unit in pieces:
@@ -394,7 +394,7 @@ def _add_units(units: list[Unit], unit_ids: dict, spec: ParamSpec, src: Source,
                tensors: Mapping[str, TensorInfo], layout: Layout, *, verify: bool) -> None:
     shard = src.shard
     info = tensors.get(src.name)
-    if info is not None and info.shape != src.shape:
+    if info is not None and not _same_shape(info.shape, src.shape):
         raise PlanError(f"checkpoint shape {list(info.shape)} differs from the model's {list(src.shape)} "
                         f"(parameter {spec.name})", file=info.file, tensor=src.name)
     _check_split(spec, src, info, layout, None)
@@ -416,6 +416,11 @@ def _add_units(units: list[Unit], unit_ids: dict, spec: ParamSpec, src: Source,
             continue
         unit_ids[(src.name, index)] = len(units)
         units.append(unit)
+
+
+def _same_shape(stored: tuple[int, ...], declared: tuple[int, ...]) -> bool:
+    """Shapes agree; a scalar stored 0-d (per-tensor scales of some FP8 tools) is a ``[1]`` vector."""
+    return stored == declared or (stored == () and declared == (1,))
 
 
 def _memo_owners(memo: dict, u: Unit, layout: Layout) -> int:
@@ -442,6 +447,8 @@ def _is_short(src: Source, tp_i: int, tp: int) -> bool:
 def _read(unit_id: int, unit: Unit, offset: int, info: TensorInfo, spec: ParamSpec, *,
           slot: int | None = None) -> Read:
     shape, dim = info.shape, unit.dim
+    if dim is not None and not shape:
+        shape = (1,)  # a 0-d scalar placed along a dim is read as a 1-element vector
     if dim is None:
         return Read(unit=unit_id, param=spec.name, tensor=info, offset=info.begin, run=info.nbytes,
                     stride=info.nbytes, count=1, shape=shape, dim=None, dest=(0, 0), verify=unit.verify, slot=slot)

@@ -156,6 +156,10 @@ class PostLoad:
     """Mixin for modules that compute derived parameters once the load is proven complete
     (online quantization, a scale copied from a shared legacy scale)."""
 
+    def computed_params(self) -> tuple[str, ...]:
+        """The module's own parameters that ``process_after_loading`` fills."""
+        return ()
+
     def process_after_loading(self) -> None:
         raise NotImplementedError
 
@@ -206,7 +210,7 @@ def collect_specs(model: nn.Module) -> tuple[ParamSpec, ...]:
             elif tuple(tensor.shape) != spec.shape:
                 raise PlanError(f"spec of {spec.name} says shape {spec.shape}, "
                                 f"the parameter has {tuple(tensor.shape)}")
-            elif spec.role is Role.DERIVED and not isinstance(module, PostLoad):
+            elif spec.role is Role.DERIVED and not (isinstance(module, PostLoad) and attr in module.computed_params()):
                 # a derived parameter is a tied view of a loaded one, or computed after loading
                 raise PlanError(f"derived parameter {spec.name} shares no storage with a loaded parameter "
                                 "and its module computes nothing after loading, so nothing would fill it")

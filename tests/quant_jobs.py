@@ -45,3 +45,27 @@ def load_error(directory: str, options: dict) -> str:
     except distload.DistloadError as err:
         return f"{type(err).__name__}: {err}"
     return ""
+
+
+def load_with_failing_post_load(directory: str, options: dict, failing_rank: int) -> str:
+    """Loads with ``failing_rank``'s online-FP8 post-load step raising; returns what ``load``
+    raised on this rank ('' if it returned a model)."""
+    import torch.distributed as dist
+
+    from distload.quant.fp8 import OnlineFP8
+
+    real = OnlineFP8.post_load
+
+    def post_load(self, layer, attr, geometry):
+        if dist.get_rank() == failing_rank:
+            raise MemoryError("simulated: no memory for the FP8 copy")
+        return real(self, layer, attr, geometry)
+
+    OnlineFP8.post_load = post_load
+    try:
+        distload.load(directory, distload.LoadConfig(device="cpu", **options))
+    except BaseException as err:  # the failing rank's own MemoryError, or a peer's failure
+        return f"{type(err).__name__}: {err}"
+    finally:
+        OnlineFP8.post_load = real
+    return ""

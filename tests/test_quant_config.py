@@ -298,3 +298,70 @@ def test_the_dry_run_summary_of_every_rank_equals_its_planned_reads(fp8_moe, tmp
         present = {r.unit for r in rp.reads}
         assert (s.units_present, s.units_owned, s.nbytes, s.files) == \
                (len(present), len(set(rp.owned)), rp.nbytes, len(rp.files)), rank
+
+
+def test_two_groups_with_the_same_scheme_are_one_scheme():
+    qc = ct_config({"strategy": "channel"})
+    group = qc["config_groups"]["group_0"]
+    qc["config_groups"] = {"group_0": {**group, "targets": ["re:.*q_proj$", "re:.*k_proj$"]},
+                           "group_1": {**group, "targets": ["re:.*v_proj$", "re:.*o_proj$"]}}
+    q = quant_config({"quantization_config": qc})
+    method = q.method_for("m.qkv_proj", ["m.q_proj", "m.k_proj", "m.v_proj"])
+    assert method is not None and method.strategy == "channel"
+
+
+def test_fp8_ignore_entries_match_whole_dotted_components():
+    q = quant_config({"quantization_config": {**BLOCK_FP8,
+                                              "modules_to_not_convert": ["lm_head", "model.layers.1", "mlp.gate"]}})
+    assert q.method_for("x", ["model.layers.1.self_attn.q_proj"]) is None
+    assert q.method_for("x", ["model.layers.12.self_attn.q_proj"]) is not None
+    assert q.method_for("x", ["model.layers.3.mlp.gate"]) is None
+    assert q.method_for("x", ["model.layers.3.mlp.gate_proj"]) is not None
+    with pytest.raises(ConfigError, match="modules_to_not_convert must be a list of module names, got 'lm_head'"):
+        quant_config({"quantization_config": {**BLOCK_FP8, "modules_to_not_convert": "lm_head"}})
+    with pytest.raises(ConfigError, match=r"group_0 weights: None-bit float is not supported"):
+        quant_config({"quantization_config": ct_config({"strategy": "channel", "num_bits": None})})
+
+
+def test_an_e5m2_weight_is_refused_not_cast(tmp_path):
+    directory = _fp8_llama(tmp_path)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    put_tensors(directory, {name: read_tensors(directory)[name].float().to(torch.float8_e5m2)})
+    with pytest.raises(PlanError) as err:
+        dry_run(directory, LoadConfig(), world_size=1)
+    assert "stores this weight as float8_e5m2; the FP8 schemes read float8_e4m3fn only" in str(err.value)
+    assert err.value.tensor == name
+
+
+def test_the_model_dtype_of_an_fp8_checkpoint_is_that_of_most_bytes():
+    from types import SimpleNamespace
+
+    from distload.api import checkpoint_dtype
+    from distload.checkpoint.header import TensorInfo
+
+    def info(name, dtype, n):
+        return TensorInfo(name=name, file="f", dtype=dtype, shape=(n,), begin=0, end=n * dtype.itemsize)
+
+    tensors = {"embed": info("embed", torch.bfloat16, 4096), "w": info("w", torch.float8_e4m3fn, 65536)}
+    tensors.update({f"s{i}": info(f"s{i}", torch.float32, 4) for i in range(20)})  # many small scales
+    assert checkpoint_dtype(SimpleNamespace(config={}, tensors=tensors)) == torch.bfloat16
+
+
+def test_a_derived_parameter_nothing_computes_is_refused():
+    from torch import nn
+
+    from distload.spec import ParamSpec, PostLoad, SpecProvider, collect_specs
+
+    class Forgetful(nn.Module, SpecProvider, PostLoad):
+        """Declares a derived scale, but its post-load step computes nothing."""
+
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.empty(1, device="meta"))
+
+        def param_specs(self, path):
+            yield ParamSpec(name=f"{path}.scale", shape=(1,), role=Role.DERIVED, derived_from=("w",))
+
+    with pytest.raises(PlanError, match="derived parameter m.scale shares no storage with a loaded parameter and its "
+                                        "module computes nothing after loading"):
+        collect_specs(nn.ModuleDict({"m": Forgetful()}))

@@ -16,6 +16,7 @@ from .config import QuantConfig
 from .layer import KVCacheScales, Quantizable
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+"""what counts as FP8 in a checkpoint; the schemes read e4m3 only"""
 
 
 def quantize_model(model: nn.Module, config: QuantConfig, tensors: Mapping[str, TensorInfo],
@@ -39,13 +40,16 @@ def quantize_model(model: nn.Module, config: QuantConfig, tensors: Mapping[str, 
                     if d.dtype == FP8 and d.spec.role is not Role.DERIVED:
                         fp8.update(checkpoint_names(d.spec))
         if isinstance(module, KVCacheScales) and config.kv_cache_fp8:
-            name = f"{path}.{'kv_scale' if legacy else 'k_scale'}"
-            info = tensors.get(name)
-            shape = info.shape if info is not None else (1,)  # as compressed-tensors writes them
-            if math.prod(shape) != 1:
-                raise PlanError(f"a KV-cache scale must hold one value, this one has shape {list(shape)}",
-                                file=info.file, tensor=name)
-            module.enable_kv_scales("legacy" if legacy else "split", tuple(shape))
+            names = [f"{path}.kv_scale"] if legacy else [f"{path}.k_scale", f"{path}.v_scale"]
+            found = [tensors[n] for n in names if n in tensors]
+            for info in found:
+                if math.prod(info.shape) != 1:
+                    raise PlanError(f"a KV-cache scale must hold one value, this one has shape {list(info.shape)}",
+                                    file=info.file, tensor=info.name)
+            # one value, declared [1] (a 0-d scalar in the checkpoint fills it as well)
+            dtype = found[0].dtype if found and found[0].dtype.is_floating_point and found[0].dtype.itemsize > 1 \
+                else torch.float32
+            module.enable_kv_scales("legacy" if legacy else "split", (1,), dtype)
     return frozenset(fp8)
 
 
@@ -68,6 +72,10 @@ def check_fp8_dtypes(specs: Iterable[ParamSpec], tensors: Mapping[str, TensorInf
             if info is None:
                 continue
             stored = info.dtype in FP8_DTYPES
+            if name in fp8 and stored and info.dtype != FP8:
+                raise PlanError(f"the checkpoint stores this weight as {str(info.dtype).removeprefix('torch.')}; "
+                                f"the FP8 schemes read float8_e4m3fn only (parameter {spec.name})",
+                                file=info.file, tensor=name)
             if name in fp8 and not stored:
                 raise PlanError(f"the quantization config makes this layer FP8, but the checkpoint stores its "
                                 f"weight as {str(info.dtype).removeprefix('torch.')} (parameter {spec.name})",

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
 
@@ -54,8 +53,6 @@ class WeightGeometry:
 
     spec: ParamSpec
     """the unquantized weight spec"""
-    parts: tuple[Source, ...]
-    """its checkpoint sources (per-expert templates for expert weights)"""
     segments: tuple[Segment, ...]
     """local row ranges per part (one segment when rows are not fused)"""
     cols: int
@@ -76,7 +73,7 @@ class WeightGeometry:
             segs = tuple(Segment(start=p.offset, rows=p.shard.piece_len(p.shape[0]), source=p) for p in parts)
         else:  # split by columns (row-parallel) or whole: one part
             segs = (Segment(start=0, rows=rows, source=parts[0]),)
-        return cls(spec=spec, parts=tuple(parts), segments=segs, cols=cols)
+        return cls(spec=spec, segments=segs, cols=cols)
 
     def split_sources(self, suffix: str, shape_of, *, block: tuple[int | None, int | None]) -> tuple[Source, ...]:
         """One scale source per part, named ``X.<suffix>`` beside ``X.weight``, split like the weight.
@@ -147,13 +144,11 @@ class QuantMethod:
     """How a quantized weight is stored in the checkpoint, declared, post-processed and applied.
 
     A method instance describes a scheme (e.g. FP8 with 16x16 blocks); it keeps no
-    per-layer state. Layers call it through ``layers.quantizable.Quantizable``.
+    per-layer state. Layers call it through ``quant.layer.Quantizable``.
     """
 
     name: str = ""
     """the scheme, as reports and errors name it"""
-    checkpoint_dtype: torch.dtype | None = FP8
-    """dtype of the weight in the checkpoint (None: the model's, for online quantization)"""
 
     def declare(self, attr: str, geometry: WeightGeometry, model_dtype: torch.dtype) -> tuple[Declared, ...]:
         """Every parameter replacing the unquantized weight ``attr``, the weight itself included."""
@@ -185,7 +180,3 @@ def rows_scale(scales: torch.Tensor, geometry: WeightGeometry) -> torch.Tensor:
     counts = torch.tensor([s.rows for s in geometry.segments], device=scales.device)
     return scales.repeat_interleave(counts, dim=-1)
 
-
-def unquantized_names(specs: Iterable[ParamSpec]) -> Iterable[str]:
-    for spec in specs:
-        yield from checkpoint_names(spec)

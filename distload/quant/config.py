@@ -62,7 +62,7 @@ class QuantConfig:
             ConfigError: the parts of one fused layer are not all quantized the same way.
         """
         chosen = {p: self._match(p) for p in parts}
-        if len({id(m) for m in chosen.values()}) > 1:
+        if len(set(chosen.values())) > 1:  # schemes compare by value (two groups may repeat one)
             listed = ", ".join(f"{p}: {m.name if m else 'unquantized'}" for p, m in chosen.items())
             raise ConfigError(f"the parts of the fused layer {module} are quantized differently ({listed}); "
                               "they must share one scheme")
@@ -78,10 +78,13 @@ class QuantConfig:
 
 
 def _matches(name: str, pattern: str, *, fragment: bool) -> bool:
+    """``re:`` patterns match from the start of the name; others the whole name, or with
+    ``fragment`` a run of whole dotted components (``mlp.gate`` is not ``mlp.gate_proj``,
+    ``model.layers.1`` is not ``model.layers.12``)."""
     if pattern.startswith("re:"):
         return re.match(pattern[3:], name) is not None
     if fragment:
-        return pattern in name
+        return f".{pattern}." in f".{name}."
     return name == pattern
 
 
@@ -134,7 +137,7 @@ def _fp8(q: Mapping, kv: bool) -> QuantConfig:
                                name=f"fp8 block {block[0]}x{block[1]}")
     else:
         method = SerializedFP8(strategy="tensor", static_input=scheme == "static", name=f"fp8 per-tensor ({scheme})")
-    ignore = tuple(q.get("modules_to_not_convert") or q.get("ignored_layers") or ())
+    ignore = _names(q.get("modules_to_not_convert") or q.get("ignored_layers") or (), "modules_to_not_convert")
     return QuantConfig(rules=(Rule(method=method, targets=("Linear",)),), ignore=ignore, ignore_fragments=True,
                        kv_cache_fp8=kv, description=f"{method.name}, activations {scheme}")
 
@@ -146,6 +149,8 @@ def _compressed_tensors(q: Mapping, kv: bool) -> QuantConfig:
         raise ConfigError("compressed-tensors quantization_config has no config_groups")
     rules = []
     for name, group in groups.items():
+        if not isinstance(group, Mapping):
+            raise ConfigError(f"compressed-tensors config group {name} must be an object")
         group_fmt = group.get("format") or fmt
         if group_fmt not in CT_FORMATS:
             raise ConfigError(f"compressed-tensors format {group_fmt!r} (group {name}) is not supported "
@@ -155,7 +160,7 @@ def _compressed_tensors(q: Mapping, kv: bool) -> QuantConfig:
     if scheme is not None:
         _fp8_args(scheme, "kv_cache_scheme")
         kv = True
-    ignore = tuple(q.get("ignore") or ())
+    ignore = _names(q.get("ignore") or (), "ignore")
     names = ", ".join(r.method.name for r in rules)
     return QuantConfig(rules=tuple(rules), ignore=ignore, kv_cache_fp8=kv, description=f"compressed-tensors {names}")
 
@@ -188,9 +193,17 @@ def _ct_scheme(group: str, spec: Mapping) -> SerializedFP8:
     return SerializedFP8(strategy=strategy, block=block, static_input=static, scale_suffix="weight_scale", name=label)
 
 
+def _names(value, key: str) -> tuple[str, ...]:
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"quantization_config {key} must be a list of module names, got {value!r}")
+    return tuple(value)
+
+
 def _fp8_args(args: Mapping, what: str) -> None:
     """Only symmetric 8-bit float quantization is FP8."""
-    if args.get("type") != "float" or int(args.get("num_bits", 0)) != 8:
+    if not isinstance(args, Mapping):
+        raise ConfigError(f"compressed-tensors {what} must be an object, got {args!r}")
+    if args.get("type") != "float" or args.get("num_bits") != 8:
         raise ConfigError(f"compressed-tensors {what}: {args.get('num_bits')}-bit {args.get('type')} is not "
                           "supported (supported: 8-bit float, i.e. FP8)")
     if args.get("symmetric") is False:

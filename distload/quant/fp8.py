@@ -107,7 +107,6 @@ class OnlineFP8(QuantMethod):
     names, and the source is freed."""
 
     name: str = "online fp8 (per-channel)"
-    checkpoint_dtype = None
 
     def declare(self, attr: str, g: WeightGeometry, model_dtype: torch.dtype) -> tuple[Declared, ...]:
         base = g.spec
@@ -147,7 +146,7 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def scaled_mm_supported(x: torch.Tensor, out_features: int) -> bool:
     """A real FP8 matmul (``torch._scaled_mm``, row-wise scales) runs here: CUDA with compute
     capability 8.9 or newer, and dims it accepts (multiples of 16)."""
-    if not x.is_cuda or not hasattr(torch, "_scaled_mm"):
+    if not x.is_cuda:
         return False
     return torch.cuda.get_device_capability(x.device) >= (8, 9) and x.shape[-1] % 16 == 0 and out_features % 16 == 0
 

@@ -80,6 +80,10 @@ class Quantizable(SpecProvider, PostLoad):
             return nn.functional.linear(x, getattr(self, attr), bias)
         return matmul(self.quant, self, attr, self._declared[attr][0], x, bias)
 
+    def computed_params(self) -> tuple[str, ...]:
+        return tuple(d.attr for _, declared in getattr(self, "_declared", {}).values() for d in declared
+                     if d.spec.role is Role.DERIVED)
+
     def process_after_loading(self) -> None:
         if self.quant is not None:
             for attr, (geometry, _) in self._declared.items():
@@ -112,12 +116,13 @@ class KVCacheScales(SpecProvider, PostLoad):
     kv_scales: str | None = None
     """None: no FP8 KV cache; ``split``: k_scale and v_scale; ``legacy``: one kv_scale"""
 
-    def enable_kv_scales(self, layout: str, shape: tuple[int, ...]) -> None:
+    def enable_kv_scales(self, layout: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> None:
+        """Declares the scales: ``layout`` is ``split`` or ``legacy``; ``shape`` and ``dtype`` as
+        the checkpoint stores them (float32 and ``[1]`` when it has none)."""
         self.kv_scales, self._kv_shape = layout, shape
         device = next(self.parameters()).device
         for attr in ("k_scale", "v_scale"):
-            setattr(self, attr, nn.Parameter(torch.empty(shape, dtype=torch.float32, device=device),
-                                             requires_grad=False))
+            setattr(self, attr, nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False))
 
     def param_specs(self, path: str):
         if self.kv_scales is None:
@@ -132,6 +137,9 @@ class KVCacheScales(SpecProvider, PostLoad):
         yield ParamSpec(name=f"{path}.k_scale", shape=shape, role=Role.OPTIONAL, default=KV_SCALE_DEFAULT,
                         sources=(Source(name=legacy, shape=shape),))
         yield ParamSpec(name=f"{path}.v_scale", shape=shape, role=Role.DERIVED, derived_from=(legacy,))
+
+    def computed_params(self) -> tuple[str, ...]:
+        return ("v_scale",) if self.kv_scales == "legacy" else ()
 
     def process_after_loading(self) -> None:
         if self.kv_scales == "legacy":

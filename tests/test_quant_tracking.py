@@ -310,3 +310,20 @@ def test_per_tensor_scales_stored_as_scalars_load(pool, ckpts, tmp_path):
         assert (a["logits"] == b["logits"]).all()
         assert b["state"]["model.layers.1.self_attn.qkv_proj.input_scale"].tolist() == \
             a["state"]["model.layers.1.self_attn.qkv_proj.input_scale"].tolist()
+
+
+def test_online_fp8_of_experts_quantizes_every_slot_row_by_row(pool, tmp_path):
+    directory = write_hf_checkpoint(str(tmp_path / "moe"), SPECS["qwen3_moe"])
+    tensors = read_tensors(directory)
+    results = pool.run(2, quant_jobs.load_quantized, directory, {"dp": 2, "ep": 2, "quantize": "fp8"})
+    for rank, res in enumerate(results):
+        assert res["report"]["complete"]
+        state = res["state"]
+        for layer in (0, 2):  # layer 1 is dense (mlp_only_layers)
+            p = f"model.layers.{layer}.mlp.experts."
+            for slot, expert in enumerate(range(4 * rank, 4 * rank + 4)):  # 8 experts, 4 per group, linear
+                gate_up = torch.cat([tensors[f"{p}{expert}.{m}_proj.weight"] for m in ("gate", "up")])
+                for attr, w in (("w13", gate_up), ("w2", tensors[f"{p}{expert}.down_proj.weight"])):
+                    q, scale = _quantize_rows(w)
+                    assert torch.equal(_fp8(state[p + attr])[slot].view(torch.uint8), q.view(torch.uint8))
+                    assert torch.equal(torch.from_numpy(state[p + attr + "_weight_scale"][slot]), scale)

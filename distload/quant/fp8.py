@@ -123,10 +123,13 @@ class OnlineFP8(QuantMethod):
 
     def post_load(self, layer, attr: str, g: WeightGeometry) -> None:
         source = getattr(layer, f"{attr}_source")
+        weight, scale = getattr(layer, attr), getattr(layer, param_attr(attr, "weight_scale"))
         with torch.no_grad():
-            q, scale = quantize_rows(source)
-            getattr(layer, attr).copy_(q)
-            getattr(layer, param_attr(attr, "weight_scale")).copy_(scale)
+            # an expert stack slot by slot: float32 temporaries of one expert, not of the stack
+            for src, w, s in zip(*(t.unsqueeze(0) if t.dim() == 2 else t for t in (source, weight, scale))):
+                q, row_scale = quantize_rows(src)
+                w.copy_(q)
+                s.copy_(row_scale)
         layer.register_parameter(f"{attr}_source", None)  # frees the bf16 copy
 
     def dequantize(self, layer, attr: str, g: WeightGeometry) -> torch.Tensor:

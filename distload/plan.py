@@ -210,8 +210,11 @@ class Plan:
         etp = self.layout.expert_tp
         for spec in self._expert_specs(coords.pp):
             placement = spec.experts.placement
-            parts = [(part.shard.index(shard_i, etp), names)
-                     for part, names in zip(spec.experts.parts, self._expert_names(spec))]
+            key = ("pieces", spec.name, shard_i)  # the same for every expert group
+            if key not in self._dense:
+                self._dense[key] = [(part.shard.index(shard_i, etp), names)
+                                    for part, names in zip(spec.experts.parts, self._expert_names(spec))]
+            parts = self._dense[key]
             for physical in placement.group_slots(group):
                 expert = placement.slots[physical]
                 for piece, part_names in parts:
@@ -373,7 +376,9 @@ def _add_expert_units(units: list[Unit], unit_ids: dict, spec: ParamSpec, tensor
                     raise PlanError(f"checkpoint tensor feeds two parameters, "
                                     f"{units[unit_ids[(name, unit.index)]].param} and {spec.name}", tensor=name)
                 unit_ids[(name, unit.index)] = len(units)
-                units.append(dataclasses.replace(unit, name=name, expert=expert))
+                units.append(Unit(name=name, param=unit.param, role=unit.role, dim=unit.dim, index=unit.index,
+                                  num_shards=unit.num_shards, span=unit.span, stages=unit.stages, expert=expert,
+                                  placement=placement))  # not dataclasses.replace: 3x slower at 10^6 units
 
 
 def _check_split(spec: ParamSpec, src: Source, info: TensorInfo | None, layout: Layout,

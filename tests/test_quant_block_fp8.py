@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from tests import quant_jobs
+from tests.quant_slices import Piece, block_range, part
 from tests.fp8_checkpoints import (
     FP8_DTYPE,
     is_quantized,
@@ -128,21 +129,6 @@ class Facts:
         return p + "gate_proj.weight", p + "up_proj.weight", p + "down_proj.weight"
 
 
-@dataclass(frozen=True)
-class Piece:
-    """Rows [r0, r1) and columns [c0, c1) of the checkpoint matrix ``name`` (None: all of them)."""
-
-    name: str
-    rows: tuple[int, int] | None = None
-    cols: tuple[int, int] | None = None
-
-
-def part(i: int, n: int, size: int) -> tuple[int, int]:
-    """The ``i``-th of ``n`` equal contiguous pieces of ``size``."""
-    assert size % n == 0, (size, n)
-    return i * size // n, (i + 1) * size // n
-
-
 def expected_pieces(f: Facts, lay: L, rank: int) -> dict[str, list]:
     """Every FP8 parameter of ``rank``: its parts in row order (a list of Pieces concatenated
     along the rows), or for stacked experts one such list per local slot."""
@@ -194,14 +180,6 @@ def scale_param(pname: str) -> str:
     """``X.weight`` -> ``X.weight_scale_inv``; ``experts.w13`` -> ``experts.w13_weight_scale_inv``."""
     return pname.removesuffix(".weight") + ".weight_scale_inv" if pname.endswith(".weight") \
         else pname + "_weight_scale_inv"
-
-
-def block_range(span: tuple[int, int] | None, size: int, b: int) -> slice:
-    """The scale entries covering ``span`` of a dimension of ``size`` in blocks of ``b``: the span
-    starts on a block boundary and ends on one or at the end (the last block may be partial)."""
-    lo, hi = span if span is not None else (0, size)
-    assert lo % b == 0 and (hi % b == 0 or hi == size), (span, size, b)
-    return slice(lo // b, -(-hi // b))
 
 
 def build(ckpt: dict[str, torch.Tensor], pieces: list[Piece], block) -> tuple[np.ndarray, np.ndarray]:

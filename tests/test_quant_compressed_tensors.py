@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from tests import quant_jobs
+from tests.quant_slices import Piece, block_range, part
 from tests.ct_checkpoints import dequantized_checkpoint, write_ct_checkpoint
 from tests.hf_checkpoints import HFSpec, hf_logits, put_tensors, read_tensors
 from tests.test_hf_moe import SPECS as MOE_SPECS
@@ -110,21 +111,6 @@ class Facts:
                    expert_width=c.get("moe_intermediate_size") or 0)
 
 
-@dataclass(frozen=True)
-class Piece:
-    """Rows [r0, r1) and columns [c0, c1) of the checkpoint matrix ``name`` (None: all of them)."""
-
-    name: str
-    rows: tuple[int, int] | None = None
-    cols: tuple[int, int] | None = None
-
-
-def part(i: int, n: int, size: int) -> tuple[int, int]:
-    """The ``i``-th of ``n`` equal contiguous pieces of ``size``."""
-    assert size % n == 0, (size, n)
-    return i * size // n, (i + 1) * size // n
-
-
 def quantized_pieces(f: Facts, lay: L, rank: int) -> dict[str, list]:
     """Every FP8 parameter of ``rank``: its parts in row order (Pieces concatenated along the rows),
     or, for stacked experts, one such list per local slot."""
@@ -189,14 +175,6 @@ def companion(pname: str, suffix: str) -> str:
 def beside(weight: str, suffix: str) -> str:
     """The checkpoint tensor ``X.<suffix>`` beside ``X.weight``."""
     return weight.removesuffix("weight") + suffix
-
-
-def block_range(span: tuple[int, int] | None, size: int, b: int) -> slice:
-    """The scale entries covering ``span`` of a dimension of ``size`` in blocks of ``b``: the span
-    starts on a block boundary and ends on one or at the end (the last block may be partial)."""
-    lo, hi = span if span is not None else (0, size)
-    assert lo % b == 0 and (hi % b == 0 or hi == size), (span, size, b)
-    return slice(lo // b, -(-hi // b))
 
 
 def build(ckpt: dict[str, torch.Tensor], pieces: list[Piece], strategy: str, static: bool) -> tuple[dict, set]:

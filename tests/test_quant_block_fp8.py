@@ -67,6 +67,7 @@ LAYOUTS = [
     L("mixtral", 8, tp=2, dp=4, ep=4),                       # 2 experts per group of 2 ranks
     L("deepseek_v3", 1),
     L("deepseek_v3", 2, tp=2),
+    L("deepseek_v3", 4, tp=2, pp=2),  # stages: dense layer 0 and MoE layer 1 on the first, MoE layer 2 last
     L("deepseek_v3", 8, tp=2, dp=4, ep=4),
 ]
 PARAMS = [pytest.param(lay, id=lay.id, marks=[pytest.mark.slow] if lay.world == 8 else []) for lay in LAYOUTS]

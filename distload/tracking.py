@@ -173,7 +173,8 @@ def findings(plan: Plan, verdict: Verdict, rows: torch.Tensor | None) -> Finding
         entry = Entry(name=name, owners=_owners(plan, units), loaded_by=tuple(got),
                       affects=tuple(affects.get(name, ())))
         (inconsistent if got else missing).append(entry)
-    defaulted = [Entry(name=n, owners=_owners(plan, us)) for n, us in _by_name(plan, verdict.defaulted).items()]
+    defaulted = [Entry(name=n, owners=_owners(plan, us), affects=tuple(affects.get(n, ())))
+                 for n, us in _by_name(plan, verdict.defaulted).items()]
     unloaded = {e.name for e in (*missing, *inconsistent)}
     mismatched = []
     for name, units in _by_name(plan, verdict.mismatched).items():

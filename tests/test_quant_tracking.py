@@ -149,6 +149,14 @@ def test_legacy_kv_scale_fills_both_scales(pool, ckpts, tmp_path):
         assert res["state"]["model.layers.0.self_attn.k_scale"].tolist() == [0.25]
         assert res["state"]["model.layers.0.self_attn.v_scale"].tolist() == [0.25]
         assert res["state"]["model.layers.1.self_attn.v_scale"].tolist() == [0.5]
+    # a layer without its kv_scale: k_scale defaulted, and v_scale (derived from it) named as affected
+    delete_tensors(directory, ["model.layers.1.self_attn.kv_scale"])
+    r = _same_report_everywhere(pool.run(2, quant_jobs.load_quantized, directory, {"tp": 2, "kv_cache_dtype": "fp8"}))
+    assert r["report"]["complete"] and r["report"]["defaulted"] == [
+        {"name": "model.layers.1.self_attn.kv_scale", "owners": [0, 1],
+         "affects": ["model.layers.1.self_attn.v_scale"]}]
+    assert r["state"]["model.layers.1.self_attn.v_scale"].tolist() == [1.0]
+    put_tensors(directory, {"model.layers.1.self_attn.kv_scale": torch.tensor([0.5])})
     # without the option the same checkpoint's kv_scale tensors are nobody's: unexpected
     plain = pool.run(1, quant_jobs.load_quantized, directory, {})[0]["report"]
     assert _names(plain["unexpected"]) == ["model.layers.0.self_attn.kv_scale", "model.layers.1.self_attn.kv_scale"]

@@ -94,6 +94,14 @@ def quant_config(model_config: Mapping, *, quantize: str | None = None, kv_cache
     Raises:
         ConfigError: an unknown ``quant_method``, format or scheme (the message lists the
             supported ones), or ``--quantize`` on an already quantized checkpoint.
+
+    Example:
+        >>> q = quant_config({"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128],
+        ...                                           "modules_to_not_convert": ["lm_head"]}})
+        >>> q.method_for("model.layers.0.mlp.down_proj", ["model.layers.0.mlp.down_proj"]).name
+        'fp8 block 128x128'
+        >>> q.method_for("lm_head", ["lm_head"]) is None
+        True
     """
     if kv_cache_dtype not in KV_CACHE_DTYPES:
         raise ConfigError(f"kv cache dtype {kv_cache_dtype!r} is not supported (supported: {', '.join(KV_CACHE_DTYPES)})")

@@ -140,7 +140,13 @@ class OnlineFP8(QuantMethod):
 
 
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (FP8 values, float32 scale ``[..., rows, 1]``) with ``values * scale ~= w``."""
+    """Returns (FP8 values, float32 scale ``[..., rows, 1]``) with ``values * scale ~= w``.
+
+    Example:
+        >>> q, scale = quantize_rows(torch.tensor([[1.0, -2.0], [0.0, 0.0]]))
+        >>> q.float().tolist(), scale.flatten().tolist()
+        ([[224.0, -448.0], [0.0, 0.0]], [0.004464285913854837, 1.0])
+    """
     amax = w.float().abs().amax(dim=-1, keepdim=True)
     scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
     return (w.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale

@@ -1,0 +1,1 @@
+"""Safetensors (and, on request, pickle) checkpoints: headers, the index, byte ranges."""

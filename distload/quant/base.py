@@ -165,6 +165,10 @@ class QuantMethod:
         """One float32 scale per output row, when the scheme has them (for scaled FP8 matmuls)."""
         return None
 
+    def block_scales(self, layer, attr: str, geometry: WeightGeometry) -> torch.Tensor | None:
+        """Scales of whole 128 x 128 blocks, ``[rows / 128, cols / 128]``, when the scheme has them."""
+        return None
+
     def input_scale(self, layer, attr: str) -> torch.Tensor | None:
         """A static per-tensor activation scale, when the checkpoint has one."""
         return None

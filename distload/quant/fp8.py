@@ -78,6 +78,16 @@ class SerializedFP8(QuantMethod):
             return rows_scale(scale, g)
         return None
 
+    def block_scales(self, layer, attr: str, g: WeightGeometry) -> torch.Tensor | None:
+        """The ``[rows / 128, cols / 128]`` scales when they tile the local weight in whole
+        128 x 128 blocks (every fused part too): the layout DeepSeek-style FP8 matmuls take."""
+        # K a multiple of 512: the [K/128, N/128] scales' stride must be 16-byte aligned, and torch
+        # takes no padded stride; measured on an H100, other K give wrong results without an error
+        if self.strategy != "block" or self.block != (128, 128) or g.cols % 512 or \
+                any(seg.rows % 128 for seg in g.segments):
+            return None
+        return getattr(layer, param_attr(attr, self.scale_suffix))
+
     def input_scale(self, layer, attr: str) -> torch.Tensor | None:
         # one activation scale for a fused layer: the largest part's never overflows
         return getattr(layer, param_attr(attr, "input_scale")).amax() if self.static_input else None
@@ -177,14 +187,36 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, row_scale: torch.Tensor, i
     return y + bias if bias is not None else y
 
 
+def fp8_block_linear(x: torch.Tensor, weight: torch.Tensor, block_scale: torch.Tensor,
+                     bias: torch.Tensor | None) -> torch.Tensor:
+    """``x W^T (+ b)`` through ``torch._scaled_mm`` with DeepSeek-style scales: activations
+    quantized per token and 128 columns, weights per 128 x 128 block (Hopper, CUDA 12.9+;
+    ``K`` a multiple of 512, see ``SerializedFP8.block_scales``)."""
+    k, m = x.shape[-1], x[..., 0].numel()
+    flat = x.reshape(m, k).float()
+    flat = F.pad(flat, (0, 0, 0, -m % 4))  # cuBLASLt wants rows in multiples of 4
+    groups = flat.view(flat.shape[0], k // 128, 128)
+    xs = groups.abs().amax(dim=-1).clamp(min=1e-12) / FP8_MAX
+    xq = (groups / xs[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8).view(flat.shape[0], k)
+    # both scales outer-dim-major: [M, K/128] column-major, [K/128, N/128] as the weight's transpose
+    y = torch._scaled_mm(xq, weight.t(), scale_a=xs.t().contiguous().t(),
+                         scale_b=block_scale.float().contiguous().t(), out_dtype=torch.bfloat16)
+    y = y[:m].to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+    return y + bias if bias is not None else y
+
+
 def matmul(method: QuantMethod, layer, attr: str, g: WeightGeometry, x: torch.Tensor,
            bias: torch.Tensor | None) -> torch.Tensor:
     """``x W^T (+ b)`` of a quantized 2-D weight: a real FP8 matmul where the scheme has row
-    scales and the device runs one, otherwise the weight dequantized to ``x``'s dtype."""
+    scales (or whole 128 x 128 blocks, on Hopper) and the device runs one, otherwise the
+    weight dequantized to ``x``'s dtype."""
     weight = getattr(layer, attr)
     if weight.dtype == FP8 and scaled_mm_supported(x, weight.shape[0]):
         rows = method.row_scales(layer, attr, g)
         if rows is not None:
             return fp8_linear(x, weight, rows, method.input_scale(layer, attr), bias)
+        blocks = method.block_scales(layer, attr, g)
+        if blocks is not None and torch.cuda.get_device_capability(x.device) == (9, 0):
+            return fp8_block_linear(x, weight, blocks, bias)
     return F.linear(x, method.dequantize(layer, attr, g).to(x.dtype), bias)
 

@@ -1,13 +1,15 @@
 """A DeepSeek-V3 checkpoint written by Hugging Face transformers (multi-head latent attention
 with low-rank q and kv, a dense first layer, grouped sigmoid routing with a float32
-``e_score_correction_bias``, a shared expert) loaded at world sizes 1, 2 and 4 over tensor,
-data and expert parallel layouts, linear and round-robin expert placement.
+``e_score_correction_bias``, a shared expert) loaded at world sizes 1, 2, 4 and 8 over tensor,
+data, pipeline and expert parallel layouts, linear and round-robin expert placement.
 
 Everything expected is computed here, by arithmetic written for this test, not by distload:
-which rows / columns of each MLA projection a TP rank holds (by heads), which experts each rank
-hosts, which checkpoint tensors (and how many bytes of each) every rank needs, the owners of a
-deleted tensor. Reference logits and routing decisions come from transformers itself; the
-correction bias is drawn at random, so it changes which groups and experts are chosen.
+which decoder layers each pipeline stage holds (the first stage also the embedding, the last
+the final norm and lm_head), which rows / columns of each MLA projection a TP rank holds (by
+heads), which experts each rank hosts, which checkpoint tensors (and how many bytes of each)
+every rank needs, the owners of a deleted tensor (the ranks of the stage holding it). Reference
+logits and routing decisions come from transformers itself; the correction bias is drawn at
+random, so it changes which groups and experts are chosen.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 
 from tests import moe_jobs
 from tests.hf_checkpoints import HFSpec, copy_checkpoint, delete_tensors, put_tensors, read_tensors, write_hf_checkpoint
-from tests.test_hf_moe import TOLERANCE, L, by_expert, coords, headers, hosted
+from tests.test_hf_moe import TOLERANCE, L, by_expert, coords, headers, hosted, stage_of_layer
 
 pytest.importorskip("transformers")
 
@@ -40,9 +42,11 @@ LAYOUTS = [
     L("deepseek_v3", 2, tp=2),                                   # ep 1: each expert split over the TP pair
     L("deepseek_v3", 4, tp=2, dp=2, ep=2),                       # 4 whole experts per TP pair, expert tp 2
     L("deepseek_v3", 4, dp=4, ep=4, placement="round_robin"),    # ep = world: experts g and g + 4 on rank g
+    L("deepseek_v3", 4, dp=2, pp=2, ep=2),                       # stages: layers 0 (dense), 1 | 2; 4 experts per rank
     L("deepseek_v3", 8, tp=2, dp=4, ep=4),                       # 2 experts per group of 2 ranks
+    L("deepseek_v3", 8, tp=2, dp=2, pp=2, ep=2),                 # stages of 4 ranks, 4 experts per TP pair
 ]
-IDS = [lay.id for lay in LAYOUTS]
+PARAMS = [pytest.param(lay, id=lay.id, marks=[pytest.mark.slow] if lay.world == 8 else []) for lay in LAYOUTS]
 
 
 @dataclass(frozen=True)
@@ -72,12 +76,15 @@ def needs(m: Model, lay: L, rank: int, names) -> dict[str, int]:
     """Checkpoint tensors ``rank`` needs a piece of -> into how many pieces that tensor is cut.
     q_b_proj / kv_b_proj / o_proj, dense and shared MLPs, embeddings and head split over tp;
     experts over the expert tp; the low-rank projections, norms, router and bias whole.
-    Nothing of the MTP layer (``model.layers.{num_layers}``)."""
+    Only the layers of the rank's stage; the embedding on the first stage, the final norm and
+    lm_head on the last. Nothing of the MTP layer (``model.layers.{num_layers}``)."""
+    _, _, pp_i = coords(lay, rank)
     experts, _, etp = hosted(m, lay, rank)
     out = {}
     for name in names:
         if name.startswith("model.layers."):
-            if int(name.split(".")[2]) >= m.num_layers:
+            layer = int(name.split(".")[2])
+            if layer >= m.num_layers or stage_of_layer(m, lay, layer) != pp_i:
                 continue
             if ".mlp.experts." in name:
                 if int(name.split(".experts.")[1].split(".")[0]) in experts:
@@ -86,17 +93,24 @@ def needs(m: Model, lay: L, rank: int, names) -> dict[str, int]:
                 out[name] = lay.tp  # incl. the dense layer's MLP and the shared expert
             else:
                 out[name] = 1  # q_a_proj, kv_a_proj_with_mqa, every norm, router weight and bias
-        elif name in ("model.embed_tokens.weight", "lm_head.weight"):
+        elif name == "model.embed_tokens.weight" and pp_i == 0:
             out[name] = lay.tp
-        elif name == "model.norm.weight":
+        elif name == "lm_head.weight" and pp_i == lay.pp - 1:
+            out[name] = lay.tp
+        elif name == "model.norm.weight" and pp_i == lay.pp - 1:
             out[name] = 1
     return out
+
+
+def owners_of(m: Model, lay: L, name: str) -> list[int]:
+    """Ranks that need a piece of ``name``."""
+    return [r for r in range(lay.world) if name in needs(m, lay, r, [name])]
 
 
 def expected_state(ckpt: dict[str, torch.Tensor], m: Model, lay: L, rank: int) -> dict[str, torch.Tensor]:
     """The parameters ``rank`` must hold, sliced from the checkpoint by hand."""
     tp = lay.tp
-    tp_i, _, _ = coords(lay, rank)
+    tp_i, _, pp_i = coords(lay, rank)
     my_heads = range(tp_i * m.heads // tp, (tp_i + 1) * m.heads // tp)
 
     def heads(t, size, dim=0):
@@ -106,9 +120,15 @@ def expected_state(ckpt: dict[str, torch.Tensor], m: Model, lay: L, rank: int) -
         size = t.shape[dim] // n
         return t.narrow(dim, i * size, size)
 
-    out = {"model.embed_tokens.weight": block(ckpt["model.embed_tokens.weight"], 0),
-           "model.norm.weight": ckpt["model.norm.weight"], "lm_head.weight": block(ckpt["lm_head.weight"], 0)}
+    out = {}
+    if pp_i == 0:
+        out["model.embed_tokens.weight"] = block(ckpt["model.embed_tokens.weight"], 0)
+    if pp_i == lay.pp - 1:
+        out["model.norm.weight"] = ckpt["model.norm.weight"]
+        out["lm_head.weight"] = block(ckpt["lm_head.weight"], 0)
     for layer in range(m.num_layers):
+        if stage_of_layer(m, lay, layer) != pp_i:
+            continue
         p = f"model.layers.{layer}."
         a = p + "self_attn."
         for whole in (a + "q_a_proj.weight", a + "q_a_layernorm.weight", a + "kv_a_proj_with_mqa.weight",
@@ -211,7 +231,7 @@ def test_checkpoint_holds_mla_router_bias_and_per_expert_tensors_in_several_shar
 # ---------------------------------------------------------------- 1. exact parameters, logits, routing
 
 
-@pytest.mark.parametrize("lay", LAYOUTS, ids=IDS)
+@pytest.mark.parametrize("lay", PARAMS)
 def test_params_exact_logits_and_routing_match_transformers(ckpts, lay):
     m = Model.of(ckpts.path)
     ckpt = read_tensors(ckpts.path)
@@ -243,8 +263,11 @@ def test_params_exact_logits_and_routing_match_transformers(ckpts, lay):
         assert stats["bytes_read"] == sum((hdr[n][2] - hdr[n][1]) // k for n, k in need.items()), f"rank {rank}"
         assert stats["files_opened"] == len({hdr[n][0] for n in need}), f"rank {rank}"
 
-        assert sorted(got["routes"]) == sorted(m.sparse), f"rank {rank}"
-        for layer in m.sparse:
+        _, _, pp_i = coords(lay, rank)
+        # the routing each sparse layer of this rank's stage used in that forward is transformers'
+        mine = sorted(layer for layer in m.sparse if stage_of_layer(m, lay, layer) == pp_i)
+        assert sorted(got["routes"]) == mine, f"rank {rank}"
+        for layer in mine:
             ref_experts, ref_weights = by_expert(*ref_routes[layer])
             experts, weights = by_expert(*(torch.from_numpy(x) for x in got["routes"][layer]))
             copies = lay.tp * lay.dp if lay.ep > 1 else 1  # ep > 1: the router sees every token of the stage
@@ -252,10 +275,13 @@ def test_params_exact_logits_and_routing_match_transformers(ckpts, lay):
             assert torch.equal(experts, ref_experts.repeat(copies, 1)), f"rank {rank}: layer {layer} routes differ"
             assert (weights - ref_weights.repeat(copies, 1)).abs().max().item() < TOLERANCE
 
-        logits = torch.from_numpy(got["logits"])
-        assert logits.shape == ref_logits.shape
-        err = ((logits - ref_logits).abs().max() / ref_logits.abs().max()).item()
-        assert err < TOLERANCE, f"rank {rank}: relative logits error {err:.3g}"
+        if pp_i == lay.pp - 1:  # logits come back from the last stage only
+            logits = torch.from_numpy(got["logits"])
+            assert logits.shape == ref_logits.shape
+            err = ((logits - ref_logits).abs().max() / ref_logits.abs().max()).item()
+            assert err < TOLERANCE, f"rank {rank}: relative logits error {err:.3g}"
+        else:
+            assert got["logits"] is None, f"rank {rank}"
 
 
 def test_correction_bias_changes_the_routing(ckpts):
@@ -277,7 +303,7 @@ def test_correction_bias_changes_the_routing(ckpts):
 # ---------------------------------------------------------------- 2. missing bias, ignored MTP
 
 
-@pytest.mark.parametrize("lay", LAYOUTS, ids=IDS)
+@pytest.mark.parametrize("lay", PARAMS)
 def test_deleted_correction_bias_is_missing_with_every_rank_of_the_stage(ckpts, tmp_path, lay):
     directory = copy_checkpoint(ckpts.path, str(tmp_path / "no-bias"))
     delete_tensors(directory, [BIAS])
@@ -285,11 +311,17 @@ def test_deleted_correction_bias_is_missing_with_every_rank_of_the_stage(ckpts, 
     assert all(o["raised"] for o in out)
     report = out[0]["report"]
     assert report["complete"] is False and report["inconsistent"] == [] and report["unexpected"] == []
-    assert report["missing"] == [{"name": BIAS, "owners": list(range(lay.world))}]
+    m = Model.of(ckpts.path)
+    stage = stage_of_layer(m, lay, int(BIAS.split(".")[2]))
+    owners = owners_of(m, lay, BIAS)
+    assert owners == list(range(stage * lay.tp * lay.dp, (stage + 1) * lay.tp * lay.dp))  # the whole stage
+    assert report["missing"] == [{"name": BIAS, "owners": owners}]
     for o in out[1:]:
         assert o["report"]["missing"] == report["missing"]
-    for stats in report["ranks"]:
-        assert stats["units_not_loaded"] == 1 and stats["units_owned"] == stats["units_loaded"] + 1
+    for rank, stats in enumerate(report["ranks"]):
+        lost = int(rank in owners)  # ranks of other stages own no unit of it
+        assert stats["units_not_loaded"] == lost, f"rank {rank}"
+        assert stats["units_owned"] == stats["units_loaded"] + lost, f"rank {rank}"
 
 
 def test_mtp_tensor_is_ignored_not_unexpected(ckpts, tmp_path):

@@ -136,8 +136,13 @@ def main() -> int:
     config = {**CONFIG, "quantization_config": FP8_CONFIG} if args.fp8 else CONFIG
     shapes = to_fp8(tensor_shapes(CONFIG)) if args.fp8 else tensor_shapes(CONFIG)
     os.makedirs(directory, exist_ok=True)
-    if not os.path.exists(os.path.join(directory, "config.json")):
+    existing = os.path.join(directory, "config.json")
+    if not os.path.exists(existing):
         write_header_only(directory, shapes, config)
+    else:
+        with open(existing) as fh:
+            if ("quantization_config" in json.load(fh)) != args.fp8:
+                ap.error(f"{directory} holds the {'bf16' if args.fp8 else 'FP8'} layout; give another --dir")
     start = time.perf_counter()
     report = dry_run(directory, LoadConfig(tp=args.tp, ep=args.ep), world_size=args.world)
     seconds = time.perf_counter() - start

@@ -130,10 +130,8 @@ def _load(directory: str, config: LoadConfig, comm: Comm, device: torch.device,
         result = Executor(device=device, num_threads=config.num_read_threads,
                           check_finite=config.check_finite).run(
             rank_plan, params, skip=skip, progress=progress, abort_check=comm.check_peers)
-        report = _merge(comm, config, layout, ckpt, plan, rank_plan, result, start)
-        if report.ok:  # derived parameters (online FP8) are computed only once the load is proven complete
-            process_after_loading(model)
-            comm.meet()  # and every rank has computed them: one that failed has published why
+        report = _merge(comm, config, layout, ckpt, plan, rank_plan, result, start,
+                        after_merge=lambda: process_after_loading(model))
     except PeerFailedError:
         raise
     except DistloadError as err:
@@ -251,8 +249,13 @@ def _agree(comm: Comm, mine: Fingerprint) -> None:
 
 
 def _merge(comm: Comm, config: LoadConfig, layout: Layout, ckpt: Checkpoint, plan: Plan, rank_plan: RankPlan,
-           result: ExecResult, start: float) -> LoadReport:
-    """Combines every rank's record (one collective, plus one when something failed) into the report."""
+           result: ExecResult, start: float, after_merge: Callable[[], None]) -> LoadReport:
+    """Combines every rank's record (one collective, plus one when something failed) into the report.
+
+    ``after_merge`` (post-load work: derived parameters) runs only when the merged report says the
+    load may be used, and before the last collective (the per-rank statistics): a rank that fails
+    in it has published why before any other rank can leave ``load``.
+    """
     findings = None
     if config.track_enabled:
         local = tracking.record(plan, result.loaded, result.mismatched,
@@ -263,6 +266,14 @@ def _merge(comm: Comm, config: LoadConfig, layout: Layout, ckpt: Checkpoint, pla
         if verdict.failed or verdict.mismatched or verdict.nonfinite:  # a second, small exchange names the ranks
             rows = comm.gather_rows(tracking.exchange_rows(plan, verdict, local))
         findings = tracking.findings(plan, verdict, rows)
+    notes = tuple(f"cast {c} while loading (model dtype differs from the checkpoint's)" for c in result.casts)
+    notes += quant_notes(ckpt, config)
+    report = LoadReport(mode="load", checkpoint=ckpt.directory, layout=layout.to_dict(),
+                        tracked=config.track_enabled, num_units=len(plan.units), findings=findings,
+                        unexpected=plan.unexpected, ignored=plan.ignored, notes=notes, ranks=(),
+                        seconds=0.0, strict=config.strict)
+    if report.ok:
+        after_merge()
     not_loaded = len(set(rank_plan.owned) - set(result.loaded))
     stats = comm.gather_rows(torch.tensor([len(result.loaded), len(rank_plan.owned), not_loaded,
                                            result.bytes_read, result.seconds, result.files_opened],
@@ -270,12 +281,7 @@ def _merge(comm: Comm, config: LoadConfig, layout: Layout, ckpt: Checkpoint, pla
     ranks = tuple(RankStats(rank=r, units_loaded=int(s[0]), units_owned=int(s[1]), units_not_loaded=int(s[2]),
                             bytes_read=int(s[3]), seconds=float(s[4]), files_opened=int(s[5]))
                   for r, s in enumerate(stats.tolist()))
-    notes = tuple(f"cast {c} while loading (model dtype differs from the checkpoint's)" for c in result.casts)
-    notes += quant_notes(ckpt, config)
-    return LoadReport(mode="load", checkpoint=ckpt.directory, layout=layout.to_dict(),
-                      tracked=config.track_enabled, num_units=len(plan.units), findings=findings,
-                      unexpected=plan.unexpected, ignored=plan.ignored, notes=notes, ranks=ranks,
-                      seconds=time.perf_counter() - start, strict=config.strict)
+    return dataclasses.replace(report, ranks=ranks, seconds=time.perf_counter() - start)
 
 
 def quant_notes(ckpt: Checkpoint, config: LoadConfig) -> tuple[str, ...]:

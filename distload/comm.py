@@ -274,12 +274,6 @@ class Comm:
         dist.all_gather_object(out, obj)
         return out
 
-    def meet(self) -> None:
-        """Returns once every rank got here, or raises PeerFailedError naming one that failed
-        first (a store barrier: no collective is left pending if one never arrives)."""
-        if self._watch is not None:
-            self._watch.meet()
-
     def barrier(self) -> None:
         if self._grouped:
             dist.barrier()

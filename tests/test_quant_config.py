@@ -264,8 +264,8 @@ def test_an_fp8_weight_of_a_layer_the_config_leaves_unquantized_is_refused(tmp_p
         json.dump(config, f)
     with pytest.raises(PlanError) as err:
         dry_run(directory, LoadConfig(), world_size=1)
-    assert re.search(r"stores this tensor as float8_e4m3fn, but the quantization config leaves its layer "
-                     r"unquantized", str(err.value))
+    assert re.search(r"stores this tensor as float8_e4m3fn, but its layer is left unquantized \(parameter "
+                     r"model.layers.0.self_attn.o_proj.weight\) by quantization_config's ignore list", str(err.value))
     assert err.value.tensor == "model.layers.0.self_attn.o_proj.weight"
 
 

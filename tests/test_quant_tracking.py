@@ -335,3 +335,14 @@ def test_online_fp8_of_experts_quantizes_every_slot_row_by_row(pool, tmp_path):
                     q, scale = _quantize_rows(w)
                     assert torch.equal(_fp8(state[p + attr])[slot].view(torch.uint8), q.view(torch.uint8))
                     assert torch.equal(torch.from_numpy(state[p + attr + "_weight_scale"][slot]), scale)
+
+
+def test_routers_and_the_shared_expert_gate_stay_unquantized(pool, tmp_path):
+    directory = write_hf_checkpoint(str(tmp_path / "qwen2_moe"), SPECS["qwen2_moe"])
+    state = pool.run(1, quant_jobs.load_quantized, directory, {"quantize": "fp8"})[0]["state"]
+    fp8 = {k for k, v in state.items() if isinstance(v, tuple) and v[0] == "fp8"}
+    assert "model.layers.0.mlp.shared_expert.gate_up_proj.weight" in fp8 and "model.layers.0.mlp.experts.w13" in fp8
+    for name in ("model.layers.0.mlp.shared_expert_gate.weight", "model.layers.0.mlp.gate.weight",
+                 "model.embed_tokens.weight", "lm_head.weight"):
+        assert name not in fp8 and str(state[name].dtype) == "float32", name
+    assert "model.layers.0.mlp.shared_expert_gate.weight_scale" not in state

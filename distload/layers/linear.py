@@ -122,10 +122,10 @@ class RowParallelLinear(nn.Module, Quantizable):
 class ReplicatedLinear(nn.Module, Quantizable):
     """``y = x W^T + b`` with the whole weight on every rank (DeepSeek's low-rank projections)."""
 
-    def __init__(self, in_features: int, out_features: int, *, bias: bool = False,
+    def __init__(self, in_features: int, out_features: int, *, bias: bool = False, quantizable: bool = True,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
         super().__init__()
-        self.in_features, self.out_features = in_features, out_features
+        self.in_features, self.out_features, self.quantizable = in_features, out_features, quantizable
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
 

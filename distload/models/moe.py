@@ -141,7 +141,8 @@ def build_moe_model(config: Mapping, *, tp: int, tp_rank: int, ops, pipe, layers
             if moe.shared_intermediate:
                 shared = ("shared_expert", DenseFFN(h, moe.shared_intermediate, tp=tp, ops=ops, dtype=dtype,
                                                     device=device))
-                gate = ReplicatedLinear(h, 1, dtype=dtype, device=device)
+                # like the router, never quantized (serving engines build it unquantized too)
+                gate = ReplicatedLinear(h, 1, quantizable=False, dtype=dtype, device=device)
             return moe.block_name, SparseMoE(router, experts, exchange, shared=shared, shared_gate=gate)
         return "mlp", MLP(dense, tp=tp, ops=ops, dtype=dtype, device=device)
 

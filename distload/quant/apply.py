@@ -31,7 +31,7 @@ def quantize_model(model: nn.Module, config: QuantConfig, tensors: Mapping[str, 
     stored = {name: info.dtype for name, info in tensors.items()}
     legacy = any(n.endswith(".kv_scale") for n in tensors) and not any(n.endswith(".k_scale") for n in tensors)
     for path, module in list(model.named_modules()):
-        if isinstance(module, Quantizable) and config.rules:
+        if isinstance(module, Quantizable) and module.quantizable and config.rules:
             parts = [_module_of(spec) for spec in module.unquantized_specs(path)
                      if spec.name[len(path) + 1:] in module.QUANTIZABLE]
             method = config.method_for(path, [p for group in parts for p in group]) if parts else None
@@ -82,8 +82,9 @@ def check_fp8_dtypes(specs: Iterable[ParamSpec], tensors: Mapping[str, TensorInf
                                 file=info.file, tensor=name)
             if stored and name not in fp8:
                 raise PlanError(f"the checkpoint stores this tensor as {str(info.dtype).removeprefix('torch.')}, "
-                                f"but the quantization config leaves its layer unquantized (parameter {spec.name}); "
-                                "check quantization_config's ignore list", file=info.file, tensor=name)
+                                f"but its layer is left unquantized (parameter {spec.name}) by quantization_config's "
+                                "ignore list or by the model (routers, shared-expert gates, embeddings and the LM head "
+                                "are never quantized)", file=info.file, tensor=name)
 
 
 def process_after_loading(model: nn.Module) -> None:

@@ -163,11 +163,39 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def scaled_mm_supported(x: torch.Tensor, out_features: int) -> bool:
-    """A real FP8 matmul (``torch._scaled_mm``, row-wise scales) runs here: CUDA with compute
-    capability 8.9 or newer, and dims it accepts (multiples of 16)."""
-    if not x.is_cuda:
+    """A real FP8 matmul (``torch._scaled_mm``) may run here: CUDA with compute capability 8.9
+    or newer, dims it accepts (multiples of 16), and some rows."""
+    if not x.is_cuda or x.numel() == 0:
         return False
     return torch.cuda.get_device_capability(x.device) >= (8, 9) and x.shape[-1] % 16 == 0 and out_features % 16 == 0
+
+
+_PROBED: dict[tuple, bool] = {}
+
+
+def _path_works(kind: str, device: torch.device) -> bool:
+    """Whether this torch build runs the ``row`` or ``block`` scaled FP8 matmul correctly on
+    ``device``: tried once on a small product against the dequantized one. Older builds raise
+    ("Invalid scaling configuration") or, for some block shapes, return wrong numbers."""
+    key = (kind, device)
+    if key not in _PROBED:
+        gen = torch.Generator(device=device).manual_seed(0)
+        x = torch.randn(8, 512, device=device, generator=gen)
+        w = torch.randn(128, 512, device=device, generator=gen) * 0.05
+        try:
+            if kind == "row":
+                q, scale = quantize_rows(w)
+                got, ref = fp8_linear(x, q, scale[:, 0], None, None), x @ (q.float() * scale).t()
+            else:
+                blocks = w.view(1, 128, 4, 128)
+                scale = blocks.abs().amax(dim=(1, 3)) / FP8_MAX
+                q = (blocks / scale[:, None, :, None]).to(FP8).view(128, 512)
+                got = fp8_block_linear(x, q, scale, None)
+                ref = x @ (q.float().view(1, 128, 4, 128) * scale[:, None, :, None]).view(128, 512).t()
+            _PROBED[key] = bool(((got.float() - ref).abs().max() / ref.abs().max()) < 0.1)
+        except RuntimeError:
+            _PROBED[key] = False
+    return _PROBED[key]
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, row_scale: torch.Tensor, input_scale: torch.Tensor | None,
@@ -213,10 +241,11 @@ def matmul(method: QuantMethod, layer, attr: str, g: WeightGeometry, x: torch.Te
     weight = getattr(layer, attr)
     if weight.dtype == FP8 and scaled_mm_supported(x, weight.shape[0]):
         rows = method.row_scales(layer, attr, g)
-        if rows is not None:
+        if rows is not None and _path_works("row", x.device):
             return fp8_linear(x, weight, rows, method.input_scale(layer, attr), bias)
         blocks = method.block_scales(layer, attr, g)
-        if blocks is not None and torch.cuda.get_device_capability(x.device) == (9, 0):
+        if blocks is not None and torch.cuda.get_device_capability(x.device) == (9, 0) and \
+                _path_works("block", x.device):
             return fp8_block_linear(x, weight, blocks, bias)
     return F.linear(x, method.dequantize(layer, attr, g).to(x.dtype), bias)
 

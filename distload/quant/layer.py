@@ -29,6 +29,8 @@ class Quantizable(SpecProvider, PostLoad):
     QUANTIZABLE: tuple[str, ...] = ("weight",)
     quant: QuantMethod | None = None
     """the layer's scheme; None: unquantized"""
+    quantizable: bool = True
+    """False: never quantized, whatever the config's targets (a model's own default, like a router)"""
 
     def unquantized_specs(self, path: str) -> Iterable[ParamSpec]:
         raise NotImplementedError

@@ -58,6 +58,7 @@ def test_one_layer_fp8_matmul_is_close_to_the_dequantized_matmul():
 
 @pytest.mark.skipif(not _has_fp8_matmul(), reason="needs compute capability 8.9+ for FP8 matmuls")
 def test_online_fp8_on_cuda_runs_real_fp8_matmuls(llama, monkeypatch):
+    assert fp8_module._path_works("row", torch.device("cuda", 0))  # probed before counting calls
     calls = []
     real = fp8_module.fp8_linear
     monkeypatch.setattr(fp8_module, "fp8_linear", lambda *a: calls.append(1) or real(*a))
@@ -101,6 +102,7 @@ def test_block_128_checkpoint_on_hopper_runs_block_scaled_fp8_matmuls(tmp_path, 
                   num_key_value_heads=4, head_dim=128, seed=9)
     f32 = write_hf_checkpoint(str(tmp_path / "f32"), spec)
     fp8 = write_block_fp8_checkpoint(f32, str(tmp_path / "fp8"), block=(128, 128))
+    assert fp8_module._path_works("block", torch.device("cuda", 0))  # probed before counting calls
     calls = []
     real = fp8_module.fp8_block_linear
     monkeypatch.setattr(fp8_module, "fp8_block_linear", lambda *a: calls.append(1) or real(*a))

@@ -1,7 +1,7 @@
 """Tiny random checkpoints written by Hugging Face transformers, and ways to damage them.
 
 Builders run in the test process (never in pool workers): they import transformers.
-Every checkpoint is float32, written by ``save_pretrained(max_shard_size=...)`` so it
+Checkpoints are float32 (``HFSpec.dtype`` may make them bf16), written by ``save_pretrained(max_shard_size=...)`` so it
 has several shards and a ``model.safetensors.index.json``.
 """
 
@@ -33,6 +33,8 @@ class HFSpec:
     extra: dict = field(default_factory=dict)
     """further config fields (attention_bias, sliding_window, ...)"""
     seed: int = 0
+    dtype: str = "float32"
+    """dtype the checkpoint is saved in (parameters are drawn in float32, then cast)"""
 
 
 CONFIG_CLASSES = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config",
@@ -53,7 +55,7 @@ def hf_config(spec: HFSpec):
                intermediate_size=spec.intermediate_size, num_hidden_layers=spec.num_hidden_layers,
                num_attention_heads=spec.num_attention_heads, num_key_value_heads=spec.num_key_value_heads,
                tie_word_embeddings=spec.tie_word_embeddings, rms_norm_eps=1e-6,
-               max_position_embeddings=64, dtype="float32", **head_dim, **spec.extra)
+               max_position_embeddings=64, dtype=spec.dtype, **head_dim, **spec.extra)
 
 
 def write_hf_checkpoint(directory: str, spec: HFSpec, *, max_shard_size: str = "48KB") -> str:
@@ -79,6 +81,8 @@ def write_hf_checkpoint(directory: str, spec: HFSpec, *, max_shard_size: str = "
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 b.copy_(0.1 * torch.randn_like(b))
+    if spec.dtype != "float32":
+        model = model.to(getattr(torch, spec.dtype))
     model.save_pretrained(directory, max_shard_size=max_shard_size)
     files = [f for f in os.listdir(directory) if f.endswith(".safetensors")]
     assert len(files) > 2 and os.path.exists(os.path.join(directory, INDEX)), files

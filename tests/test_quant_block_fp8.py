@@ -12,6 +12,7 @@ from transformers on the checkpoint dequantized by the test writer (``write_dequ
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -47,11 +48,13 @@ TOLERANCE = 1e-5
 # (intermediate 128), down 32/64 columns; qwen3_moe / mixtral experts 16 or 32 rows (width 32),
 # qwen3_moe's dense layer 48 rows (96 / 2); deepseek_v3 ([8, 8] blocks) q_b_proj 24 rows per TP
 # rank, kv_b_proj 32, o_proj 16 columns, experts and the shared expert 8 rows
+# the sources are bf16 checkpoints written by transformers, as released FP8 checkpoints come
+# from bf16 models (norms, embeddings, routers and the LM head stay bf16 beside the FP8 weights)
 MODELS = {
-    "llama": (HFSpec(model_type="llama", intermediate_size=128, seed=41), (16, 16)),
-    "qwen3_moe": (MOE_SPECS["qwen3_moe"], (16, 16)),
-    "mixtral": (MOE_SPECS["mixtral"], (16, 16)),
-    "deepseek_v3": (DEEPSEEK_SPEC, (8, 8)),
+    "llama": (HFSpec(model_type="llama", intermediate_size=128, seed=41, dtype="bfloat16"), (16, 16)),
+    "qwen3_moe": (dataclasses.replace(MOE_SPECS["qwen3_moe"], dtype="bfloat16"), (16, 16)),
+    "mixtral": (dataclasses.replace(MOE_SPECS["mixtral"], dtype="bfloat16"), (16, 16)),
+    "deepseek_v3": (dataclasses.replace(DEEPSEEK_SPEC, dtype="bfloat16"), (8, 8)),
 }
 
 LAYOUTS = [

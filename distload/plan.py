@@ -156,13 +156,13 @@ class Plan:
     def for_rank(self, rank: int) -> RankPlan:
         """Returns the reads and fills of ``rank``."""
         coords = self.layout.coords(rank)
-        key = (coords.tp, coords.pp)
-        if key not in self._dense:  # every replica (and expert group) shares this part
-            self._dense[key] = self._dense_part(coords.tp, coords.pp)
-        reads, defaults, zero, owned = (list(part) for part in self._dense[key])
+        reads, defaults, zero, owned = (list(part) for part in self._dense_for(coords.tp, coords.pp))
         group, shard_i = self.layout.expert_coords(rank)
         for spec in self._expert_specs(coords.pp):
-            self._expert_reads(spec, group, shard_i, owned, reads)
+            for slot, part, unit, info in self._hosted_units(spec, group, shard_i):
+                owned.append(unit)
+                if info is not None:
+                    reads.append(_read(unit, self.units[unit], part.offset, info, spec, slot=slot))
         return RankPlan(rank=rank, reads=tuple(reads), defaults=tuple(defaults), zero=tuple(zero),
                         owned=tuple(owned))
 
@@ -172,36 +172,21 @@ class Plan:
         coords = self.layout.coords(rank)
         key = ("summary", coords.tp, coords.pp)
         if key not in self._dense:
-            if (coords.tp, coords.pp) not in self._dense:
-                self._dense[(coords.tp, coords.pp)] = self._dense_part(coords.tp, coords.pp)
-            reads, _, _, owned = self._dense[(coords.tp, coords.pp)]
-            self._dense[key] = ({r.unit for r in reads}, set(owned), sum(r.nbytes for r in reads),
-                                {r.tensor.file for r in reads})
-        present, owned, nbytes, files = (set(x) if isinstance(x, set) else x for x in self._dense[key])
+            reads, _, _, owned = self._dense_for(coords.tp, coords.pp)
+            self._dense[key] = (frozenset(r.unit for r in reads), frozenset(owned), sum(r.nbytes for r in reads),
+                                frozenset(r.tensor.file for r in reads))
+        dense_present, dense_owned, nbytes, dense_files = self._dense[key]
+        present, owned, files = set(dense_present), set(dense_owned), set(dense_files)
         group, shard_i = self.layout.expert_coords(rank)
-        etp = self.layout.expert_tp
         for spec in self._expert_specs(coords.pp):
-            placement = spec.experts.placement
-            key = ("pieces", spec.name, shard_i)  # the same for every expert group
-            if key not in self._dense:
-                self._dense[key] = [(part.shard.index(shard_i, etp), names)
-                                    for part, names in zip(spec.experts.parts, self._expert_names(spec))]
-            parts = self._dense[key]
-            for physical in placement.group_slots(group):
-                expert = placement.slots[physical]
-                for piece, part_names in parts:
-                    name = part_names[expert]
-                    unit = self.unit_ids.get((name, piece))
-                    if unit is None:
-                        continue
-                    owned.add(unit)
-                    info = self.tensors.get(name)
-                    if info is not None and unit not in present:
-                        present.add(unit)
-                        u = self.units[unit]
-                        nbytes += info.nbytes if u.dim is None else \
-                            info.nbytes // (info.shape or (1,))[u.dim] * (u.span[1] - u.span[0])
-                        files.add(info.file)
+            for _, _, unit, info in self._hosted_units(spec, group, shard_i):
+                owned.add(unit)
+                if info is not None and unit not in present:
+                    present.add(unit)
+                    u = self.units[unit]  # the bytes its read would request (``_read``'s runs x count)
+                    nbytes += info.nbytes if u.dim is None else \
+                        info.nbytes // (info.shape or (1,))[u.dim] * (u.span[1] - u.span[0])
+                    files.add(info.file)
         return RankSummary(units_present=len(present), units_owned=len(owned), nbytes=nbytes,
                            files=len(files))
 
@@ -230,22 +215,29 @@ class Plan:
                 zero.append(spec.name)
         return tuple(reads), tuple(defaults), tuple(zero), tuple(owned)
 
-    def _expert_reads(self, spec: ParamSpec, group: int, shard_i: int, owned: list[int], reads: list[Read]) -> None:
-        """Reads of the experts this rank's group hosts, slot by slot (no other expert's bytes)."""
-        experts = spec.experts
-        etp = self.layout.expert_tp
-        names = self._expert_names(spec)
-        for slot, physical in enumerate(experts.placement.group_slots(group)):
-            expert = experts.placement.slots[physical]
-            for part, part_names in zip(experts.parts, names):
+    def _dense_for(self, tp_i: int, stage: int) -> tuple[tuple, tuple, tuple, tuple]:
+        """The part of a rank plan that every replica and expert group of (TP index, stage) shares."""
+        if (tp_i, stage) not in self._dense:
+            self._dense[(tp_i, stage)] = self._dense_part(tp_i, stage)
+        return self._dense[(tp_i, stage)]
+
+    def _hosted_units(self, spec: ParamSpec, group: int, shard_i: int):
+        """Yields ``(slot, part, unit, tensor info or None)`` for the experts ``group`` hosts, slot
+        by slot: this expert shard's units, and no other expert's."""
+        key = ("pieces", spec.name, shard_i)  # the same for every expert group
+        if key not in self._dense:
+            etp = self.layout.expert_tp
+            self._dense[key] = [(part, part.shard.index(shard_i, etp), names)
+                                for part, names in zip(spec.experts.parts, self._expert_names(spec))]
+        parts = self._dense[key]
+        placement = spec.experts.placement
+        for slot, physical in enumerate(placement.group_slots(group)):
+            expert = placement.slots[physical]
+            for part, piece, part_names in parts:
                 name = part_names[expert]
-                unit = self.unit_ids.get((name, part.shard.index(shard_i, etp)))
-                if unit is None:
-                    continue
-                owned.append(unit)
-                info = self.tensors.get(name)
-                if info is not None:
-                    reads.append(_read(unit, self.units[unit], part.offset, info, spec, slot=slot))
+                unit = self.unit_ids.get((name, piece))
+                if unit is not None:
+                    yield slot, part, unit, self.tensors.get(name)
 
     def _expert_specs(self, stage: int) -> list[ParamSpec]:
         """The expert-stacked specs of a stage (found once per plan)."""

@@ -65,10 +65,7 @@ def add_expert_units(units: list[Unit], unit_ids: dict, spec: ParamSpec, tensors
     for expert in range(placement.num_experts):
         for part, pieces in zip(experts.parts, templates):
             name = experts.name(part, expert)
-            info = tensors.get(name)
-            if info is not None and not _same_shape(info.shape, part.shape):
-                raise PlanError(f"checkpoint shape {list(info.shape)} differs from the model's {list(part.shape)} "
-                                f"(parameter {spec.name})", file=info.file, tensor=name)
+            _check_shape(spec, name, tensors.get(name), part.shape)
             for unit in pieces:
                 if unit.dim is not None and unit.span[0] == unit.span[1]:
                     continue
@@ -99,9 +96,7 @@ def add_units(units: list[Unit], unit_ids: dict, spec: ParamSpec, src: Source,
                tensors: Mapping[str, TensorInfo], layout: Layout, *, verify: bool) -> None:
     shard = src.shard
     info = tensors.get(src.name)
-    if info is not None and not _same_shape(info.shape, src.shape):
-        raise PlanError(f"checkpoint shape {list(info.shape)} differs from the model's {list(src.shape)} "
-                        f"(parameter {spec.name})", file=info.file, tensor=src.name)
+    _check_shape(spec, src.name, info, src.shape)
     _check_split(spec, src, info, layout, None)
     role = Role.REQUIRED if verify else spec.role
     for index in range(shard.num_shards):
@@ -123,9 +118,12 @@ def add_units(units: list[Unit], unit_ids: dict, spec: ParamSpec, src: Source,
         units.append(unit)
 
 
-def _same_shape(stored: tuple[int, ...], declared: tuple[int, ...]) -> bool:
-    """Shapes agree; a scalar stored 0-d (per-tensor scales of some FP8 tools) is a ``[1]`` vector."""
-    return stored == declared or (stored == () and declared == (1,))
+def _check_shape(spec: ParamSpec, name: str, info: TensorInfo | None, declared: tuple[int, ...]) -> None:
+    """A present tensor has the shape the model declares; a scalar stored 0-d (per-tensor scales of
+    some FP8 tools) counts as a ``[1]`` vector."""
+    if info is not None and info.shape != declared and not (info.shape == () and declared == (1,)):
+        raise PlanError(f"checkpoint shape {list(info.shape)} differs from the model's {list(declared)} "
+                        f"(parameter {spec.name})", file=info.file, tensor=name)
 
 
 def owner_counts(units: Iterable[Unit], layout: Layout) -> array:

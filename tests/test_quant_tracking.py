@@ -346,3 +346,15 @@ def test_routers_and_the_shared_expert_gate_stay_unquantized(pool, tmp_path):
                  "model.embed_tokens.weight", "lm_head.weight"):
         assert name not in fp8 and str(state[name].dtype) == "float32", name
     assert "model.layers.0.mlp.shared_expert_gate.weight_scale" not in state
+
+
+def test_online_fp8_sources_take_the_model_dtype_with_an_fp8_kv_cache(pool):
+    """The bf16 example: read into bf16 sources (no cast) at the checkpoint's dtype, into float32
+    ones (a cast, noted) at --dtype float32; the KV-cache scales never change either."""
+    import distload
+
+    example = distload.example_checkpoint()
+    for dtype, cast in ((None, False), ("float32", True)):
+        options = {"quantize": "fp8", "kv_cache_dtype": "fp8", **({"dtype": dtype} if dtype else {})}
+        notes = pool.run(1, quant_jobs.load_quantized, example, options)[0]["report"]["notes"]
+        assert any(n.startswith("cast bfloat16 -> float32") for n in notes) is cast, notes

@@ -13,7 +13,7 @@ from ..errors import PlanError
 from ..spec import ParamSpec, PostLoad, Role
 from .base import FP8, checkpoint_names
 from .config import QuantConfig
-from .layer import KVCacheScales, Quantizable
+from .layer import KVCacheScales, Quantizable, stored_float
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 """what counts as FP8 in a checkpoint; the schemes read e4m3 only"""
@@ -28,15 +28,15 @@ def quantize_model(model: nn.Module, config: QuantConfig, tensors: Mapping[str, 
         The checkpoint names read into FP8 parameters.
     """
     fp8: set[str] = set()
-    stored = {name: info.dtype for name, info in tensors.items()}
-    legacy = any(n.endswith(".kv_scale") for n in tensors) and not any(n.endswith(".k_scale") for n in tensors)
+    legacy = config.kv_cache_fp8 and any(n.endswith(".kv_scale") for n in tensors) and \
+        not any(n.endswith(".k_scale") for n in tensors)
     for path, module in list(model.named_modules()):
         if isinstance(module, Quantizable) and module.quantizable and config.rules:
             parts = [_module_of(spec) for spec in module.unquantized_specs(path)
                      if spec.name[len(path) + 1:] in module.QUANTIZABLE]
             method = config.method_for(path, [p for group in parts for p in group]) if parts else None
             if method is not None:
-                for d in module.quantize(method, path, dtype, stored):
+                for d in module.quantize(method, path, dtype, tensors):
                     if d.dtype == FP8 and d.spec.role is not Role.DERIVED:
                         fp8.update(checkpoint_names(d.spec))
         if isinstance(module, KVCacheScales) and config.kv_cache_fp8:
@@ -47,9 +47,8 @@ def quantize_model(model: nn.Module, config: QuantConfig, tensors: Mapping[str, 
                     raise PlanError(f"a KV-cache scale must hold one value, this one has shape {list(info.shape)}",
                                     file=info.file, tensor=info.name)
             # one value, declared [1] (a 0-d scalar in the checkpoint fills it as well)
-            dtype = found[0].dtype if found and found[0].dtype.is_floating_point and found[0].dtype.itemsize > 1 \
-                else torch.float32
-            module.enable_kv_scales("legacy" if legacy else "split", (1,), dtype)
+            kv_dtype = stored_float(found[0] if found else None) or torch.float32
+            module.enable_kv_scales("legacy" if legacy else "split", (1,), kv_dtype)
     return frozenset(fp8)
 
 

@@ -45,6 +45,9 @@ class Declared:
     """how it is filled"""
     dtype: torch.dtype
     """its dtype"""
+    stored_dtype: bool = False
+    """take the floating dtype the checkpoint stores it in instead, when wider than FP8 (scales:
+    compressed-tensors keeps a bf16 model's in bf16), so nothing is cast"""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -53,10 +53,10 @@ class SerializedFP8(QuantMethod):
         else:
             sources = g.per_part_sources(self.scale_suffix, (1,))
             local = (len(g.segments),)
-        out.append(Declared(attr=param_attr(attr, self.scale_suffix), dtype=torch.float32,
+        out.append(Declared(attr=param_attr(attr, self.scale_suffix), dtype=torch.float32, stored_dtype=True,
                             spec=g.declare(attr, self.scale_suffix, sources, local)))
         if self.static_input:
-            out.append(Declared(attr=param_attr(attr, "input_scale"), dtype=torch.float32,
+            out.append(Declared(attr=param_attr(attr, "input_scale"), dtype=torch.float32, stored_dtype=True,
                                 spec=g.declare(attr, "input_scale", g.per_part_sources("input_scale", (1,)),
                                                (len(g.segments),))))
         return tuple(out)

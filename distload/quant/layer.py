@@ -14,6 +14,7 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
+from ..checkpoint.header import TensorInfo
 from ..spec import ParamSpec, PostLoad, Role, Source, SpecProvider
 from .base import Declared, QuantMethod, WeightGeometry
 from .fp8 import matmul
@@ -36,14 +37,12 @@ class Quantizable(SpecProvider, PostLoad):
         raise NotImplementedError
 
     def quantize(self, method: QuantMethod, path: str, model_dtype: torch.dtype,
-                 stored: Mapping[str, torch.dtype] | None = None) -> tuple[Declared, ...]:
+                 tensors: Mapping[str, TensorInfo] | None = None) -> tuple[Declared, ...]:
         """Replaces each quantizable weight by the parameters ``method`` declares (on the weight's
         device, normally meta). Returns what was declared.
 
         Args:
-            stored: checkpoint name -> dtype. A float32 scale the checkpoint stores in another
-                floating dtype (compressed-tensors keeps the model's, e.g. bf16) takes that
-                dtype, so nothing is cast and ``--strict-dtype`` accepts it.
+            tensors: the checkpoint's headers, for parameters declared ``stored_dtype``.
         """
         self.quant, self._quant_path, self._declared = method, path, {}
         out: list[Declared] = []
@@ -52,7 +51,7 @@ class Quantizable(SpecProvider, PostLoad):
             if attr not in self.QUANTIZABLE:
                 continue
             geometry = WeightGeometry.of(spec)
-            declared = tuple(_stored_dtype(d, stored or {}) for d in method.declare(attr, geometry, model_dtype))
+            declared = tuple(_stored_dtype(d, tensors or {}) for d in method.declare(attr, geometry, model_dtype))
             device = getattr(self, attr).device
             for d in declared:
                 setattr(self, d.attr, nn.Parameter(torch.empty(d.spec.shape, dtype=d.dtype, device=device),
@@ -92,15 +91,18 @@ class Quantizable(SpecProvider, PostLoad):
                 self.quant.post_load(self, attr, geometry)
 
 
-def _stored_dtype(d: Declared, stored: Mapping[str, torch.dtype]) -> Declared:
-    if d.dtype != torch.float32 or d.spec.role is Role.DERIVED:
+def _stored_dtype(d: Declared, tensors: Mapping[str, TensorInfo]) -> Declared:
+    if not d.stored_dtype:
         return d
     spec = d.spec
-    name = spec.experts.name(spec.experts.parts[0], 0) if spec.experts is not None else spec.sources[0].name
-    dtype = stored.get(name)
-    if dtype is None or not dtype.is_floating_point or dtype.itemsize == 1:
-        return d
-    return dataclasses.replace(d, dtype=dtype)
+    dtype = stored_float(tensors.get(spec.experts.name(spec.experts.parts[0], 0) if spec.experts is not None
+                                     else spec.sources[0].name))
+    return d if dtype is None else dataclasses.replace(d, dtype=dtype)
+
+
+def stored_float(info: TensorInfo | None) -> torch.dtype | None:
+    """The checkpoint dtype of a scale, when it is a float wider than FP8."""
+    return info.dtype if info is not None and info.dtype.is_floating_point and info.dtype.itemsize > 1 else None
 
 
 KV_SCALE_DEFAULT = 1.0

@@ -82,8 +82,9 @@ class Quantizable(SpecProvider, PostLoad):
         return matmul(self.quant, self, attr, self._declared[attr][0], x, bias)
 
     def computed_params(self) -> tuple[str, ...]:
-        return tuple(d.attr for _, declared in getattr(self, "_declared", {}).values() for d in declared
-                     if d.spec.role is Role.DERIVED)
+        if self.quant is None:
+            return ()
+        return tuple(d.attr for _, declared in self._declared.values() for d in declared if d.spec.role is Role.DERIVED)
 
     def process_after_loading(self) -> None:
         if self.quant is not None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 from .config import DTYPES
 from .quant.config import KV_CACHE_DTYPES, ONLINE
@@ -59,6 +58,11 @@ def parser() -> argparse.ArgumentParser:
                         "no tensor data); exit 3 when units would be missing")
     p.add_argument("--world", type=int, default=None, metavar="N",
                    help="world size for --dry-run (default: WORLD_SIZE, else tp x dp)")
+    p.add_argument("--read-threads", type=int, metavar="N",
+                   help="reader threads per rank (default: the node's cores / its local ranks)")
+    p.add_argument("--staging-mib", type=int, metavar="MIB",
+                   help="host staging memory per rank, pinned on CUDA (default 256)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--failure-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="a rank silent this long (killed, host gone) fails the job (default 30); "
                         "a rank that raises stops every rank at once")
@@ -71,11 +75,14 @@ def main(argv: list[str] | None = None) -> int:
     from .comm import world_from_env
     from .config import LoadConfig
     from .examples import example_checkpoint
+    from .progress import Progress
 
     rank = int(os.environ.get("RANK", "0"))
     out = _Printer(rank == 0)
+    extra = {key: value for key, value in (("num_read_threads", args.read_threads),
+                                           ("staging_mib", args.staging_mib)) if value is not None}
     try:  # option values a parser cannot check (regexes, timeouts): usage errors, exit 2
-        config = LoadConfig(tp=args.tp, pp=args.pp, dp=args.dp, ep=args.ep, expert_placement=args.expert_placement,
+        config = LoadConfig(extra_config=extra, tp=args.tp, pp=args.pp, dp=args.dp, ep=args.ep, expert_placement=args.expert_placement,
                             redundant_experts=args.redundant_experts, expert_map=args.expert_map,
                             device=args.device, dtype=args.dtype, quantize=args.quantize,
                             kv_cache_dtype=args.kv_cache_dtype,
@@ -94,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
             report = dry_run(directory, config, world_size=world)
             out.report(report, args.json)
             return EXIT_OK if report.ok else EXIT_INCOMPLETE
-        loaded = api.load(directory, config, world=world_from_env(), progress=out.progress)
+        loaded = api.load(directory, config, world=world_from_env(),
+                          progress=Progress() if rank == 0 and not args.quiet else None)
     except MissingWeightsError as err:
         out.report(err.report, args.json)
         return EXIT_INCOMPLETE
@@ -109,22 +117,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 class _Printer:
-    """Rank 0's output: the report, one-line errors, and progress on a TTY only."""
+    """Rank 0's output: the report and one-line errors."""
 
     def __init__(self, active: bool) -> None:
         self.active = active
-        self.tty = active and sys.stderr.isatty()
-        self._last = 0.0
-
-    def progress(self, done: int, total: int) -> None:
-        now = time.monotonic()
-        if self.tty and (now - self._last > 0.2 or done == total):
-            self._last = now
-            sys.stderr.write(f"\rloading: {100 * done // max(total, 1):3d}% "
-                             f"({done / 2**20:.1f} of {total / 2**20:.1f} MiB)")
-            if done == total:
-                sys.stderr.write("\n")
-            sys.stderr.flush()
 
     def report(self, report, json_path: str | None) -> None:
         if not self.active:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
+import gc
 import os
 import time
 from dataclasses import dataclass
@@ -93,11 +95,30 @@ def load(checkpoint: str, config: LoadConfig = LoadConfig(), *, world: WorldInfo
         >>> loaded.report.complete
         True
     """
-    world = world or world_from_env()
+    with _collector_paused():
+        return _connect_and_load(checkpoint, config, world or world_from_env(), progress, build, keep_group)
+
+
+@contextlib.contextmanager
+def _collector_paused():
+    """Pauses Python's cyclic garbage collector during a load: with torch imported, its full
+    passes over every live object cost more than planning itself (a load makes few cycles)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def _connect_and_load(checkpoint: str, config: LoadConfig, world: WorldInfo,
+                      progress: Callable[[int, int], None] | None, build: ModelBuilder,
+                      keep_group: bool) -> Loaded:
     device = _device(config, world)
     comm = Comm.connect(world, device=device)
     try:
-        loaded = _load(checkpoint, config, comm, device, progress, build)
+        loaded = _load(checkpoint, config, comm, device, progress, build, local_ranks=world.local_world_size)
     except BaseException:
         comm.close()
         raise
@@ -108,7 +129,7 @@ def load(checkpoint: str, config: LoadConfig = LoadConfig(), *, world: WorldInfo
 
 
 def _load(directory: str, config: LoadConfig, comm: Comm, device: torch.device,
-          progress: Callable[[int, int], None] | None, build: ModelBuilder) -> Loaded:
+          progress: Callable[[int, int], None] | None, build: ModelBuilder, *, local_ranks: int) -> Loaded:
     start = time.perf_counter()
     rank = comm.rank
     comm.start_watch(dead_after=config.failure_timeout)
@@ -127,8 +148,8 @@ def _load(directory: str, config: LoadConfig, comm: Comm, device: torch.device,
             _refuse_casts(rank_plan, params)
         skip_names = set(config.skip_units.get(rank, ()))
         skip = frozenset(r.unit for r in rank_plan.reads if r.tensor.name in skip_names)
-        result = Executor(device=device, num_threads=config.num_read_threads,
-                          check_finite=config.check_finite).run(
+        result = Executor(device=device, num_threads=config.read_threads(local_ranks),
+                          staging_bytes=config.staging_bytes, check_finite=config.check_finite).run(
             rank_plan, params, skip=skip, progress=progress, abort_check=comm.check_peers)
         report = _merge(comm, config, layout, ckpt, plan, rank_plan, result, start,
                         after_merge=lambda: process_after_loading(model))
@@ -257,6 +278,7 @@ def _merge(comm: Comm, config: LoadConfig, layout: Layout, ckpt: Checkpoint, pla
     in it has published why before any other rank can leave ``load``.
     """
     findings = None
+    merge_start = time.perf_counter()
     if config.track_enabled:
         local = tracking.record(plan, result.loaded, result.mismatched,
                                 result.nonfinite if config.check_finite else None,
@@ -266,6 +288,7 @@ def _merge(comm: Comm, config: LoadConfig, layout: Layout, ckpt: Checkpoint, pla
         if verdict.failed or verdict.mismatched or verdict.nonfinite:  # a second, small exchange names the ranks
             rows = comm.gather_rows(tracking.exchange_rows(plan, verdict, local))
         findings = tracking.findings(plan, verdict, rows)
+    merge_seconds = time.perf_counter() - merge_start
     notes = tuple(f"cast {c} while loading (model dtype differs from the checkpoint's)" for c in result.casts)
     notes += quant_notes(ckpt, config)
     report = LoadReport(mode="load", checkpoint=ckpt.directory, layout=layout.to_dict(),
@@ -276,10 +299,12 @@ def _merge(comm: Comm, config: LoadConfig, layout: Layout, ckpt: Checkpoint, pla
         after_merge()
     not_loaded = len(set(rank_plan.owned) - set(result.loaded))
     stats = comm.gather_rows(torch.tensor([len(result.loaded), len(rank_plan.owned), not_loaded,
-                                           result.bytes_read, result.seconds, result.files_opened],
+                                           result.bytes_read, result.seconds, result.files_opened,
+                                           result.staging_bytes, merge_seconds],
                                           dtype=torch.float64))
     ranks = tuple(RankStats(rank=r, units_loaded=int(s[0]), units_owned=int(s[1]), units_not_loaded=int(s[2]),
-                            bytes_read=int(s[3]), seconds=float(s[4]), files_opened=int(s[5]))
+                            bytes_read=int(s[3]), seconds=float(s[4]), files_opened=int(s[5]),
+                            staging_bytes=int(s[6]), merge_seconds=float(s[7]))
                   for r, s in enumerate(stats.tolist()))
     return dataclasses.replace(report, ranks=ranks, seconds=time.perf_counter() - start)
 
@@ -325,17 +350,20 @@ def checkpoint_dtype(ckpt: Checkpoint) -> torch.dtype:
 def materialize(model: nn.Module, device: torch.device) -> nn.Module:
     """Allocates a meta-device model on ``device`` (uninitialized memory), keeping tied weights tied.
 
-    ``to_empty`` gives every parameter its own storage, so names that shared one
-    parameter (a tied LM head) are pointed back at a single one afterwards.
+    Each parameter and buffer gets ``torch.empty`` storage; one object reached under several
+    names (a tied LM head) becomes one tensor again. (``Module.to_empty`` would do the same
+    through ``empty_like`` on meta tensors, whose first call imports sympy: seconds per rank.)
     """
-    shared: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        shared.setdefault(id(param), []).append(name)
-    model = model.to_empty(device=device)
-    for first, *others in shared.values():
-        for name in others:
-            module_name, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(module_name), attr, _tensor(model, first))
+    made: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (meta tensor kept alive, new one)
+    for module in model.modules():
+        for table, wrap in ((module._parameters, True), (module._buffers, False)):
+            for name, old in table.items():
+                if old is None:
+                    continue
+                if id(old) not in made:
+                    new = torch.empty(old.shape, dtype=old.dtype, device=device)
+                    made[id(old)] = (old, nn.Parameter(new, requires_grad=old.requires_grad) if wrap else new)
+                table[name] = made[id(old)][1]
     return model
 
 

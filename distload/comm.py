@@ -101,6 +101,8 @@ class WorldInfo:
     """number of ranks"""
     local_rank: int
     """rank within this node"""
+    local_world_size: int = 1
+    """ranks on this node (torchrun's LOCAL_WORLD_SIZE): they share its cores"""
 
 
 def world_from_env() -> WorldInfo:
@@ -109,11 +111,12 @@ def world_from_env() -> WorldInfo:
         rank = int(os.environ.get("RANK", "0"))
         world = int(os.environ.get("WORLD_SIZE", "1"))
         local = int(os.environ.get("LOCAL_RANK", str(rank)))
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
     except ValueError as err:
-        raise ConfigError(f"RANK / WORLD_SIZE / LOCAL_RANK must be integers: {err}") from None
+        raise ConfigError(f"RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE must be integers: {err}") from None
     if world < 1 or not 0 <= rank < world:
         raise ConfigError(f"RANK={rank} does not fit WORLD_SIZE={world}")
-    return WorldInfo(rank=rank, world_size=world, local_rank=local)
+    return WorldInfo(rank=rank, world_size=world, local_rank=local, local_world_size=max(1, local_world))
 
 
 class Comm:

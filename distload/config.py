@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -14,9 +15,13 @@ from .quant.config import KV_CACHE_DTYPES, ONLINE
 
 EXTRA_CONFIG_KEYS: Mapping[str, str] = MappingProxyType({
     "enable_weights_track": "true / false / unset (= on): merge every rank's record and report missing units",
-    "num_read_threads": "positive integer: concurrent reads per rank (default 4)",
+    "num_read_threads": "positive integer: reader threads per rank (default: the node's cores / its local ranks)",
+    "staging_mib": "positive integer: host staging memory per rank in MiB, pinned on CUDA (default 256)",
 })
 """the keys a loader extra-config may hold, with what each means"""
+
+DEFAULT_STAGING_MIB = 256
+"""host staging memory per rank, in MiB, when the extra-config names none"""
 
 DTYPES: Mapping[str, torch.dtype] = MappingProxyType({
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -87,9 +92,10 @@ class LoadConfig:
         track = self.extra_config.get("enable_weights_track")
         if track is not None and not isinstance(track, bool):
             raise ConfigError(f"enable_weights_track must be true, false or unset, got {track!r}")
-        threads = self.extra_config.get("num_read_threads", 4)
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise ConfigError(f"num_read_threads must be a positive integer, got {threads!r}")
+        for key in ("num_read_threads", "staging_mib"):
+            value = self.extra_config.get(key, 1)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{key} must be a positive integer, got {value!r}")
         if not self.failure_timeout > 0:
             raise ConfigError(f"failure_timeout must be a positive number of seconds, got {self.failure_timeout!r}")
         if self.device not in (None, "cpu", "cuda"):
@@ -114,9 +120,17 @@ class LoadConfig:
         value = self.extra_config.get("enable_weights_track")
         return True if value is None else value
 
+    def read_threads(self, local_ranks: int) -> int:
+        """Reader threads per rank: the extra-config's, else this node's cores shared by its ranks."""
+        if "num_read_threads" in self.extra_config:
+            return int(self.extra_config["num_read_threads"])
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(1, cores // max(1, local_ranks))
+
     @property
-    def num_read_threads(self) -> int:
-        return int(self.extra_config.get("num_read_threads", 4))
+    def staging_bytes(self) -> int:
+        """Host staging memory per rank (pinned on CUDA)."""
+        return int(self.extra_config.get("staging_mib", DEFAULT_STAGING_MIB)) * 1024 * 1024
 
     def torch_dtype(self) -> torch.dtype | None:
         return DTYPES[self.dtype] if self.dtype is not None else None

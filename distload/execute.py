@@ -1,27 +1,46 @@
 """Runs one rank's planned reads into its parameters.
 
-The executor owns its threads, file descriptors and host buffers: reads go into
-freshly allocated (pinned, for CUDA) host buffers on a small thread pool, and the
-calling thread copies each finished buffer into its parameter slice. A unit counts
-as loaded only after all its bytes arrived and its copy completed (on CUDA: the
-copy's event has been waited on).
+Reads are cut into chunks (``chunks``) that a pool of reader threads takes in file order,
+so one large tensor is read by many threads. Where a chunk's bytes land unchanged in
+contiguous parameter memory on the CPU, it is read straight into the parameter. Otherwise
+it is read into a staging slot, a fixed set allocated once per load (pinned on CUDA; two
+per thread, so a thread reads into one while the other's copy to the device runs on the
+thread's own stream), and copied, cast or compared from there.
+
+A unit counts as loaded only after every chunk of its read arrived and was copied (on
+CUDA: the copy's event was waited on); a failure anywhere loads nothing more and raises.
 """
 
 from __future__ import annotations
 
 import ctypes
+import itertools
+import mmap
 import os
+import threading
 import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
 import torch
 
 from .checkpoint.pickled import load_pickle
+from .config import DEFAULT_STAGING_MIB
+from .chunks import Chunk, cut, segments
 from .errors import CheckpointError
 from .plan import RankPlan, Read
+
+MAX_CHUNK_BYTES = 16 * 1024 * 1024
+"""largest chunk: large enough that per-chunk Python work is small against its copy"""
+STRIDED_RUN_BYTES = 64 * 1024
+"""runs shorter than this (a column shard's rows) are copied out of a read-only map of the
+file: one strided copy per chunk instead of one read call per run"""
+TICK_SECONDS = 0.25
+"""how often the reading thread reports progress and asks whether a peer failed (a store
+round trip: at 50 ms it cost a fifth of an 8-rank load's CPU on 2 cores)"""
+MIN_SLOT_BYTES = 64 * 1024
+"""smallest staging slot a budget is cut into (fewer threads stage when the budget is tiny)"""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -42,6 +61,8 @@ class ExecResult:
     """wall time of the step"""
     casts: tuple[str, ...]
     """``checkpoint dtype -> parameter dtype`` conversions that happened"""
+    staging_bytes: int = 0
+    """host staging memory allocated (pinned on CUDA)"""
 
 
 class Executor:
@@ -49,18 +70,21 @@ class Executor:
 
     Args:
         device: where the parameters live.
-        num_threads: concurrent reads.
-        max_inflight_bytes: host memory held by reads not yet copied (at least one read).
+        num_threads: reader threads (one reads on the calling thread).
+        staging_bytes: host memory for staging slots (pinned on CUDA); the most this rank
+            holds beside its parameters. Cut into two slots per thread.
         check_finite: scan each loaded piece for NaN/Inf, on the device, on that piece only.
     """
 
     def __init__(self, *, device: torch.device, num_threads: int = 4,
-                 max_inflight_bytes: int = 256 * 1024 * 1024, check_finite: bool = False) -> None:
+                 staging_bytes: int = DEFAULT_STAGING_MIB * 1024 * 1024, check_finite: bool = False) -> None:
         self.device = device
         self.check_finite = check_finite
-        self.num_threads = num_threads
-        self.max_inflight_bytes = max_inflight_bytes
-        self._pin = device.type == "cuda"
+        self.cuda = device.type == "cuda"
+        # a budget too small for two slots per thread runs fewer threads, never more memory
+        self.num_threads = max(1, min(num_threads, staging_bytes // (2 * MIN_SLOT_BYTES)))
+        slot = staging_bytes // (2 * self.num_threads)
+        self.slot_bytes = max(MIN_SLOT_BYTES, min(MAX_CHUNK_BYTES, slot - slot % 4096))
 
     def run(self, plan: RankPlan, params: Mapping[str, torch.Tensor], *,
             skip: frozenset[int] = frozenset(),
@@ -70,8 +94,8 @@ class Executor:
 
         Args:
             skip: unit indices not to load (test hook: simulates a rank that dropped a unit).
-            progress: called with (bytes done, bytes total) after each read is placed.
-            abort_check: called between reads; raises to stop early (another rank failed).
+            progress: called with (bytes done, bytes total) while reading, from this thread.
+            abort_check: called every TICK_SECONDS; raises to stop early (another rank failed).
 
         Raises:
             CheckpointError: a file is shorter than its header says, naming file and tensor.
@@ -83,115 +107,309 @@ class Executor:
             for name, value in plan.defaults:
                 params[name].fill_(value)
             reads = [r for r in plan.reads if r.unit not in skip]
-            files: dict[str, int | dict] = {}  # a read-only descriptor, or a pickle's tensors
+            files: dict[str, _File | dict] = {}  # an open file, or a pickle's tensors
             try:
                 for r in reads:
                     if r.tensor.file not in files:
-                        files[r.tensor.file] = load_pickle(r.tensor.file) if r.tensor.pickled else \
-                            _open_read_only(r)
-                loaded, mismatched, nonfinite, casts = self._pipeline(reads, params, files, progress, abort_check)
+                        files[r.tensor.file] = load_pickle(r.tensor.file) if r.tensor.pickled else _File(r)
+                job = _Job(self, reads, params, files)
+                try:
+                    job.run(progress, abort_check)
+                finally:
+                    if self.cuda and job.staging_bytes:
+                        _release_pinned()
             finally:
                 for handle in files.values():
-                    if isinstance(handle, int):
-                        os.close(handle)
-        return ExecResult(loaded=tuple(loaded), mismatched=tuple(mismatched), nonfinite=tuple(nonfinite),
-                          bytes_read=sum(r.nbytes for r in reads), files_opened=len(files),
-                          seconds=time.perf_counter() - start, casts=tuple(sorted(casts)))
-
-    def _pipeline(self, reads: list[Read], params: Mapping[str, torch.Tensor], files: dict[str, int | dict],
-                  progress: Callable[[int, int], None] | None, abort_check: Callable[[], None] | None):
-        loaded: list[int] = []
-        mismatched: list[int] = []
-        casts: set[str] = set()
-        pending: deque[tuple[Read, Future]] = deque()
-        copies: deque[tuple[Read, torch.cuda.Event, torch.Tensor]] = deque()  # async copies in flight
-        finite: list[tuple[int, torch.Tensor]] = []  # (unit, 0-dim bool on the device), checked at the end
-        inflight = 0
-        done, total = 0, sum(r.nbytes for r in reads)
-        next_check = 0.0
-        with ThreadPoolExecutor(self.num_threads, thread_name_prefix="distload-read") as pool:
-            it = iter(reads)
-            nxt = next(it, None)
-            while nxt is not None or pending:
-                # keep the pool busy within the memory window; a pinned buffer counts until its
-                # copy to the device has finished, so the window bounds pinned memory too
-                while copies and nxt is not None and inflight + nxt.nbytes > self.max_inflight_bytes:
-                    inflight -= self._finish_copy(copies.popleft(), loaded)
-                while nxt is not None and (not pending or inflight + nxt.nbytes <= self.max_inflight_bytes):
-                    pending.append((nxt, pool.submit(self._read, nxt, files[nxt.tensor.file])))
-                    inflight += nxt.nbytes
-                    nxt = next(it, None)
-                read, fut = pending.popleft()
-                buf = fut.result()
-                if not self._pin:
-                    inflight -= read.nbytes
-                src = buf.view(read.tensor.dtype).reshape(read.shape)
-                dest = params[read.param]
-                if read.slot is not None:
-                    dest = dest[read.slot]
-                if read.dim is not None:
-                    dest = dest.narrow(read.dim, read.dest[0], read.dest[1] - read.dest[0])
-                if src.dtype != dest.dtype:
-                    casts.add(f"{str(src.dtype).removeprefix('torch.')} -> {str(dest.dtype).removeprefix('torch.')}")
-                if read.verify:
-                    same = torch.equal(src.to(device=dest.device, dtype=dest.dtype), dest)
-                    loaded.append(read.unit)
-                    if not same:
-                        mismatched.append(read.unit)
-                elif self._pin:
-                    # on the parameter's own device and stream, whatever the current device is
-                    with torch.cuda.device(dest.device):
-                        dest.copy_(src, non_blocking=True)
-                        event = torch.cuda.Event()
-                        event.record(torch.cuda.current_stream(dest.device))
-                    copies.append((read, event, buf))  # buf must outlive the async copy
-                else:
-                    dest.copy_(src)
-                    loaded.append(read.unit)
-                if self.check_finite and not read.verify and dest.is_floating_point():
-                    scan = dest.float() if dest.dtype.itemsize == 1 else dest  # FP8 has no isfinite kernel
-                    finite.append((read.unit, torch.isfinite(scan).all()))
-                done += read.nbytes
-                if progress is not None:
-                    progress(done, total)
-                if abort_check is not None and time.monotonic() > next_check:
-                    abort_check()
-                    next_check = time.monotonic() + 0.05
-        while copies:
-            self._finish_copy(copies.popleft(), loaded)
-        flags = torch.stack([f for _, f in finite]).tolist() if finite else []
-        nonfinite = [unit for (unit, _), ok in zip(finite, flags) if not ok]
-        return loaded, mismatched, nonfinite, casts
-
-    @staticmethod
-    def _finish_copy(copy: tuple[Read, "torch.cuda.Event", torch.Tensor], loaded: list[int]) -> int:
-        """Waits for one async copy; its unit counts as loaded only now. Returns its bytes."""
-        read, event, _ = copy
-        event.synchronize()
-        loaded.append(read.unit)
-        return read.nbytes
-
-    def _read(self, read: Read, handle: int | dict) -> torch.Tensor:
-        buf = torch.empty(read.nbytes, dtype=torch.uint8, pin_memory=self._pin)
-        if isinstance(handle, dict):  # a pickle's memory-mapped tensor: copy the same runs
-            flat = handle[read.tensor.name].contiguous().reshape(-1).view(torch.uint8)
-            for i in range(read.count):
-                start = read.offset + i * read.stride
-                buf[i * read.run:(i + 1) * read.run].copy_(flat[start:start + read.run])
-            return buf
-        view = memoryview((ctypes.c_ubyte * read.nbytes).from_address(buf.data_ptr())).cast("B") \
-            if read.nbytes else memoryview(b"")
-        for i in range(read.count):
-            _pread_exact(handle, view[i * read.run:(i + 1) * read.run], read.offset + i * read.stride, read)
-        return buf
+                    if isinstance(handle, _File):
+                        handle.close()
+            nonfinite = job.nonfinite() if self.check_finite else []
+        return ExecResult(loaded=tuple(job.loaded), mismatched=tuple(job.mismatched), nonfinite=tuple(nonfinite),
+                          bytes_read=job.total, files_opened=len(files), seconds=time.perf_counter() - start,
+                          casts=tuple(sorted(job.casts)), staging_bytes=job.staging_bytes)
 
 
-def _open_read_only(read: Read) -> int:
-    try:
-        return os.open(read.tensor.file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    except OSError as err:
-        raise CheckpointError(f"cannot open for reading: {err.strerror or err}", file=read.tensor.file,
-                              tensor=read.tensor.name) from None
+class _Job:
+    """One execute step: its chunks, destinations, per-read progress and the threads' state."""
+
+    def __init__(self, ex: Executor, reads: list[Read], params: Mapping[str, torch.Tensor],
+                 files: dict[str, "_File | dict"]) -> None:
+        self.ex = ex
+        self.reads = reads
+        self.files = files
+        self.dests = [_dest(params, r) for r in reads]
+        # a chunk lands unchanged in contiguous memory: any byte boundary will do
+        self.flat = [not r.verify and not r.tensor.pickled and d.dtype == r.tensor.dtype and d.is_contiguous()
+                     for r, d in zip(reads, self.dests)]
+        self.casts = {f"{_name(r.tensor.dtype)} -> {_name(d.dtype)}" for r, d in zip(reads, self.dests)
+                      if r.tensor.dtype != d.dtype}
+        self.chunks: list[Chunk] = [c for i, r in enumerate(reads)
+                                    for c in cut(i, r, ex.slot_bytes, flat=self.flat[i])]
+        self.chunks.sort(key=lambda c: (reads[c.read].tensor.file, reads[c.read].offset + c.start))
+        self.left = [0] * len(reads)  # chunks not yet complete, per read
+        for c in self.chunks:
+            self.left[c.read] += 1
+        self.loaded = [r.unit for r, n in zip(reads, self.left) if n == 0]  # empty pieces
+        self.mismatched: list[int] = []
+        self.total = sum(r.nbytes for r in reads)
+        self.done = [0] * ex.num_threads  # bytes placed, per thread (summed for progress)
+        # staging: CUDA always (pinned), CPU only for chunks that cannot land directly
+        self.staged = ex.cuda or not all(self.flat[c.read] for c in self.chunks)
+        self.staging_bytes = 0  # allocated so far (slots are allocated by the threads that use them)
+        self._next = itertools.count()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+
+    def run(self, progress: Callable[[int, int], None] | None, abort_check: Callable[[], None] | None) -> None:
+        threads = [threading.Thread(target=self._worker, args=(t,), name=f"distload-read-{t}", daemon=True)
+                   for t in range(1, min(self.ex.num_threads, len(self.chunks)))]
+        for t in threads:
+            t.start()
+        try:
+            self._worker(0, progress=progress, abort_check=abort_check)
+        except BaseException as err:  # an interrupt or a peer's failure: stop the readers
+            self._fail(err)
+        finally:
+            while any(t.is_alive() for t in threads):
+                for t in threads:
+                    t.join(timeout=TICK_SECONDS / len(threads))
+                if not self._stop.is_set():
+                    self._tick(progress, abort_check)
+        if self._error is not None:
+            raise self._error
+        if progress is not None:
+            progress(self.total, self.total)
+
+    def _tick(self, progress, abort_check) -> None:
+        try:
+            if progress is not None:
+                progress(sum(self.done), self.total)
+            if abort_check is not None:
+                abort_check()
+        except BaseException as err:
+            self._fail(err)
+
+    def _fail(self, err: BaseException) -> None:
+        with self._lock:
+            if self._error is None:
+                self._error = err
+        self._stop.set()
+
+    def _worker(self, t: int, *, progress=None, abort_check=None) -> None:
+        """Takes chunks until none is left; thread 0 (the caller's) also reports and checks peers."""
+        slots = _Slots(self)
+        next_tick = 0.0
+        try:
+            torch.set_grad_enabled(False)  # grad mode is per thread: views of parameters are written
+            while not self._stop.is_set():
+                i = next(self._next)
+                if i >= len(self.chunks):
+                    break
+                self._place(self.chunks[i], slots, t)
+                if t == 0 and time.monotonic() > next_tick:
+                    self._tick(progress, abort_check)
+                    next_tick = time.monotonic() + TICK_SECONDS
+            for chunk in slots.drain():
+                self._complete(chunk)
+        except BaseException as err:
+            self._fail(err)
+            slots.drain()  # in-flight copies must finish before their pinned slots are freed
+            if t == 0:
+                raise
+
+    def _place(self, chunk: Chunk, slots: "_Slots", t: int) -> None:
+        read, dest = self.reads[chunk.read], self.dests[chunk.read]
+        handle = self.files[read.tensor.file]
+        if self.flat[chunk.read] and not self.ex.cuda:
+            _fill(_bytes(dest)[chunk.start:chunk.stop], read, chunk, handle)
+            self._complete(chunk, t)
+            return
+        buf, finished = slots.take()
+        for done in finished:
+            self._complete(done)
+        staged = buf[:chunk.nbytes]
+        _fill(staged, read, chunk, handle)
+        if self.flat[chunk.read]:  # CUDA, contiguous: one byte copy; complete once it has run
+            slots.copy(_bytes(dest)[chunk.start:chunk.stop], staged, chunk)
+            self.done[t] += chunk.nbytes
+            return
+        part = dest
+        for i in chunk.prefix:
+            part = part[i]
+        if read.shape:
+            part = part[chunk.lo:chunk.hi]
+        src = staged.view(read.tensor.dtype).reshape(part.shape)
+        if read.verify:
+            if not torch.equal(src.to(device=part.device, dtype=part.dtype), part):
+                with self._lock:
+                    self.mismatched.append(read.unit)
+        elif self.ex.cuda:  # cast or strided: the copy casts on the device
+            slots.copy(part, src, chunk)
+            self.done[t] += chunk.nbytes
+            return
+        else:
+            part.copy_(src)
+        self._complete(chunk, t)
+
+    def _complete(self, chunk: Chunk, t: int | None = None) -> None:
+        """Counts a chunk as placed; its read's unit is loaded with its last chunk."""
+        if t is not None:
+            self.done[t] += chunk.nbytes
+        with self._lock:
+            self.left[chunk.read] -= 1
+            if self.left[chunk.read] == 0:
+                self.loaded.append(self.reads[chunk.read].unit)
+
+    def nonfinite(self) -> list[int]:
+        """Loaded units whose pieces hold NaN or Inf (one device sync for all)."""
+        loaded = set(self.loaded)
+        flags = []
+        for r, d in zip(self.reads, self.dests):
+            if r.unit in loaded and not r.verify and d.is_floating_point():
+                scan = d.float() if d.dtype.itemsize == 1 else d  # FP8 has no isfinite kernel
+                flags.append((r.unit, torch.isfinite(scan).all()))
+        if not flags:
+            return []
+        ok = torch.stack([f for _, f in flags]).tolist()
+        return sorted({unit for (unit, _), good in zip(flags, ok) if not good})
+
+
+class _Slots:
+    """One thread's two staging slots and, on CUDA, its copy stream and the copies in flight."""
+
+    def __init__(self, job: _Job) -> None:
+        self.job = job
+        self.ex = ex = job.ex
+        self.bufs: list[torch.Tensor] = []
+        self.inflight: list[tuple[torch.cuda.Event, Chunk] | None] = [None, None]
+        self.turn = 0
+        self.stream = None
+        if job.staged and ex.cuda:
+            self.stream = torch.cuda.Stream(device=ex.device)
+            # zeroing and default fills run on the default stream before any copy
+            self.stream.wait_stream(torch.cuda.current_stream(ex.device))
+
+    def take(self) -> tuple[torch.Tensor, list[Chunk]]:
+        """Returns the next free slot (waiting for its last copy) and the chunks that copy finished."""
+        if not self.bufs:
+            self.bufs = [torch.empty(self.ex.slot_bytes, dtype=torch.uint8, pin_memory=self.ex.cuda)
+                         for _ in range(2)]
+            with self.job._lock:
+                self.job.staging_bytes += 2 * self.ex.slot_bytes
+        self.turn ^= 1
+        finished = []
+        pending = self.inflight[self.turn]
+        if pending is not None:
+            pending[0].synchronize()
+            finished.append(pending[1])
+            self.inflight[self.turn] = None
+        return self.bufs[self.turn], finished
+
+    def copy(self, dest: torch.Tensor, src: torch.Tensor, chunk: Chunk) -> None:
+        """Starts the copy of the current slot into ``dest`` on this thread's stream."""
+        with torch.cuda.stream(self.stream):
+            dest.copy_(src, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        self.inflight[self.turn] = (event, chunk)
+
+    def drain(self) -> list[Chunk]:
+        """Waits for every copy in flight; returns their chunks."""
+        finished = []
+        for k, pending in enumerate(self.inflight):
+            if pending is not None:
+                pending[0].synchronize()
+                finished.append(pending[1])
+                self.inflight[k] = None
+        return finished
+
+
+def _release_pinned() -> None:
+    """Hands the staging slots' pinned memory back to the system: torch keeps freed pinned blocks
+    cached for reuse, which would hold the staging budget for the life of the process."""
+    for name in ("_accelerator_emptyHostCache", "_host_emptyCache"):  # torch >= 2.9, older
+        empty = getattr(torch._C, name, None)
+        if empty is not None:
+            empty()
+            return
+
+
+def _dest(params: Mapping[str, torch.Tensor], read: Read) -> torch.Tensor:
+    dest = params[read.param]
+    if read.slot is not None:
+        dest = dest[read.slot]
+    if read.dim is not None:
+        dest = dest.narrow(read.dim, read.dest[0], read.dest[1] - read.dest[0])
+    return dest
+
+
+def _bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """The bytes of a contiguous tensor, as a flat uint8 view."""
+    return tensor.reshape(-1).view(torch.uint8)
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _fill(target: torch.Tensor, read: Read, chunk: Chunk, handle: "_File | dict") -> None:
+    """Fills the CPU uint8 tensor ``target`` with bytes ``[chunk.start, chunk.stop)`` of ``read``."""
+    if isinstance(handle, dict):  # a pickle's memory-mapped tensor: copy the same runs
+        flat = handle[read.tensor.name].contiguous().reshape(-1).view(torch.uint8)
+        for offset, at, n in segments(read, chunk.start, chunk.stop):
+            target[at:at + n].copy_(flat[offset:offset + n])
+        return
+    if read.count > 1 and read.run < STRIDED_RUN_BYTES and chunk.start % read.run == chunk.stop % read.run == 0:
+        first, last = chunk.start // read.run, chunk.stop // read.run
+        src = handle.mapped(read).as_strided((last - first, read.run), (read.stride, 1),
+                                             read.offset + first * read.stride)
+        target.view(last - first, read.run).copy_(src)
+        return
+    view = memoryview((ctypes.c_ubyte * chunk.nbytes).from_address(target.data_ptr())).cast("B")
+    for offset, at, n in segments(read, chunk.start, chunk.stop):
+        _pread_exact(handle.fd, view[at:at + n], offset, read)
+
+
+class _File:
+    """A checkpoint file open for reading, and its read-only map once a strided read needs it.
+
+    A file truncated by someone else while it is mapped and copied ends the process with
+    SIGBUS (as any memory-mapped reader would); its size is checked before each map read.
+    """
+
+    def __init__(self, read: Read) -> None:
+        try:
+            self.fd = os.open(read.tensor.file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError as err:
+            raise CheckpointError(f"cannot open for reading: {err.strerror or err}", file=read.tensor.file,
+                                  tensor=read.tensor.name) from None
+        self._lock = threading.Lock()
+        self._map: mmap.mmap | None = None
+        self._bytes: torch.Tensor | None = None
+
+    def mapped(self, read: Read) -> torch.Tensor:
+        """The whole file as a flat uint8 tensor over a read-only map."""
+        with self._lock:
+            if self._bytes is None:
+                try:
+                    self._map = mmap.mmap(self.fd, os.fstat(self.fd).st_size, prot=mmap.PROT_READ)
+                except (OSError, ValueError) as err:  # an empty file cannot be mapped
+                    raise CheckpointError(f"cannot map for reading: {err}", file=read.tensor.file,
+                                          tensor=read.tensor.name) from None
+                with warnings.catch_warnings():  # read-only memory: only ever copied from
+                    warnings.simplefilter("ignore", UserWarning)
+                    self._bytes = torch.frombuffer(self._map, dtype=torch.uint8)
+            if self._bytes.numel() < read.tensor.end:
+                raise CheckpointError(f"file ends at byte {self._bytes.numel()}, before the tensor's data "
+                                      f"(needed up to {read.tensor.end}); is it truncated?",
+                                      file=read.tensor.file, tensor=read.tensor.name)
+            return self._bytes
+
+    def close(self) -> None:
+        self._bytes = None  # the tensor exports the map's buffer: release it first
+        if self._map is not None:
+            self._map.close()
+        os.close(self.fd)
 
 
 def _pread_exact(fd: int, view: memoryview, offset: int, read: Read) -> None:

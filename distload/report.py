@@ -26,6 +26,10 @@ class RankStats:
     """time spent reading and filling"""
     files_opened: int
     """checkpoint files whose data this rank read"""
+    staging_bytes: int = 0
+    """host staging memory this rank allocated for reads (pinned on CUDA)"""
+    merge_seconds: float = 0.0
+    """time this rank spent in the tracking merge (its collectives and classification)"""
 
     @property
     def gbps(self) -> float:
@@ -35,7 +39,8 @@ class RankStats:
         return {"rank": self.rank, "units_loaded": self.units_loaded, "units_owned": self.units_owned,
                 "units_not_loaded": self.units_not_loaded, "bytes_read": self.bytes_read,
                 "seconds": round(self.seconds, 6), "gbps": round(self.gbps, 3),
-                "files_opened": self.files_opened}
+                "files_opened": self.files_opened, "staging_bytes": self.staging_bytes,
+                "merge_seconds": round(self.merge_seconds, 6)}
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -2,7 +2,7 @@
 # then distload with its test extras. GPU users install distload into their own CUDA torch.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-if ! .venv/bin/python -c "import distload, torch, transformers, pytest, hypothesis, compressed_tensors, accelerate" >/dev/null 2>&1; then
+if ! .venv/bin/python -c "import distload, torch, tqdm, transformers, pytest, hypothesis, compressed_tensors, accelerate" >/dev/null 2>&1; then
   python3 -m venv .venv
   .venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0 -e '.[test]'
 fi

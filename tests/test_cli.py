@@ -77,12 +77,11 @@ def test_track_off_and_dtype(tmp_path):
     assert any("bfloat16 -> float32" in note for note in report["notes"])
 
 
-def test_progress_is_shown_on_a_tty_only(tmp_path):
-    quiet = cli("--device", "cpu", cwd=tmp_path)
-    assert "loading:" not in quiet.stderr
+def _on_a_tty(*args: str, cwd) -> tuple[int, bytes]:
+    """Runs the CLI with stderr on a pseudo-terminal; returns its exit code and what the terminal saw."""
     main, child = pty.openpty()
-    proc = subprocess.run([sys.executable, "-m", "distload", "--device", "cpu"], cwd=tmp_path, stdin=subprocess.DEVNULL,
-                          stdout=subprocess.PIPE, stderr=child, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "distload", "--device", "cpu", *args], cwd=cwd,
+                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=child, timeout=300)
     os.close(child)
     seen = b""
     while True:
@@ -94,8 +93,50 @@ def test_progress_is_shown_on_a_tty_only(tmp_path):
             break
         seen += chunk
     os.close(main)
-    assert proc.returncode == 0
-    assert b"loading: 100%" in seen
+    return proc.returncode, seen
+
+
+def test_progress_bar_on_a_tty_and_quiet_turns_it_off(tmp_path):
+    assert "rank 0 read" not in cli("--device", "cpu", cwd=tmp_path).stderr  # a quick load off a TTY: no lines
+    code, seen = _on_a_tty(cwd=tmp_path)
+    assert code == 0 and b"distload: rank 0 read" in seen and b"100%" in seen
+    code, seen = _on_a_tty("--quiet", cwd=tmp_path)
+    assert code == 0 and b"rank 0 read" not in seen
+
+
+def test_plain_progress_lines_carry_rate_and_eta():
+    import io
+    from distload.progress import Progress
+    out = io.StringIO()
+    progress = Progress(out, tty=False, every=0.0)
+    for done in (0, 3 * 2**29, 4 * 2**29):
+        progress(done, 4 * 2**29)
+    lines = out.getvalue().splitlines()
+    assert lines[1].startswith("distload: rank 0 read 1.50 of 2.00 GiB (75%), ") and "GB/s, ETA " in lines[1]
+    assert lines[-1].startswith("distload: rank 0 read 2.00 of 2.00 GiB (100%), ") and "ETA" not in lines[-1]
+
+
+@pytest.mark.parametrize("args,extra", [(["--read-threads", "3"], {"num_read_threads": 3}),
+                                        (["--staging-mib", "64"], {"staging_mib": 64})])
+def test_read_options_reach_the_extra_config(monkeypatch, args, extra):
+    from distload import __main__ as cli_main, api
+    seen = {}
+
+    def fake_load(directory, config, **_):
+        seen.update(config.extra_config)
+        raise distload.DistloadError("stop here")
+
+    monkeypatch.setattr(api, "load", fake_load)
+    assert cli_main.main(["--device", "cpu", "--quiet", *args]) == 1
+    assert seen == extra
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--staging-mib", "0"], "distload: error: staging_mib must be a positive integer, got 0"),
+    (["--read-threads", "-1"], "distload: error: num_read_threads must be a positive integer, got -1")])
+def test_bad_read_options_exit_2_with_one_line(tmp_path, args, message):
+    proc = cli("--device", "cpu", *args, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [message]
 
 
 @pytest.mark.skipif(shutil.which(TORCHRUN) is None and not os.path.exists(TORCHRUN), reason="torchrun not found")

@@ -13,29 +13,22 @@ CUDA: the copy's event was waited on); a failure anywhere loads nothing more and
 
 from __future__ import annotations
 
-import ctypes
 import itertools
-import mmap
-import os
 import threading
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
 import torch
 
 from .checkpoint.pickled import load_pickle
+from .chunks import Chunk, cut
 from .config import DEFAULT_STAGING_MIB
-from .chunks import Chunk, cut, segments
-from .errors import CheckpointError
+from .fileio import CheckpointFile, fill, populate
 from .plan import RankPlan, Read
 
 MAX_CHUNK_BYTES = 16 * 1024 * 1024
 """largest chunk: large enough that per-chunk Python work is small against its copy"""
-STRIDED_RUN_BYTES = 64 * 1024
-"""runs shorter than this (a column shard's rows) are copied out of a read-only map of the
-file: one strided copy per chunk instead of one read call per run"""
 TICK_SECONDS = 0.25
 """how often the reading thread reports progress and asks whether a peer failed (a store
 round trip: at 50 ms it cost a fifth of an 8-rank load's CPU on 2 cores)"""
@@ -107,11 +100,12 @@ class Executor:
             for name, value in plan.defaults:
                 params[name].fill_(value)
             reads = [r for r in plan.reads if r.unit not in skip]
-            files: dict[str, _File | dict] = {}  # an open file, or a pickle's tensors
+            files: dict[str, CheckpointFile | dict] = {}  # an open file, or a pickle's tensors
             try:
                 for r in reads:
                     if r.tensor.file not in files:
-                        files[r.tensor.file] = load_pickle(r.tensor.file) if r.tensor.pickled else _File(r)
+                        files[r.tensor.file] = load_pickle(r.tensor.file) if r.tensor.pickled else \
+                            CheckpointFile(r)
                 job = _Job(self, reads, params, files)
                 try:
                     job.run(progress, abort_check)
@@ -120,7 +114,7 @@ class Executor:
                         _release_pinned()
             finally:
                 for handle in files.values():
-                    if isinstance(handle, _File):
+                    if isinstance(handle, CheckpointFile):
                         handle.close()
             nonfinite = job.nonfinite() if self.check_finite else []
         return ExecResult(loaded=tuple(job.loaded), mismatched=tuple(job.mismatched), nonfinite=tuple(nonfinite),
@@ -132,7 +126,7 @@ class _Job:
     """One execute step: its chunks, destinations, per-read progress and the threads' state."""
 
     def __init__(self, ex: Executor, reads: list[Read], params: Mapping[str, torch.Tensor],
-                 files: dict[str, "_File | dict"]) -> None:
+                 files: dict[str, "CheckpointFile | dict"]) -> None:
         self.ex = ex
         self.reads = reads
         self.files = files
@@ -221,14 +215,16 @@ class _Job:
         read, dest = self.reads[chunk.read], self.dests[chunk.read]
         handle = self.files[read.tensor.file]
         if self.flat[chunk.read] and not self.ex.cuda:
-            _fill(_bytes(dest)[chunk.start:chunk.stop], read, chunk, handle)
+            target = _bytes(dest)[chunk.start:chunk.stop]
+            populate(target)
+            fill(target, read, chunk, handle)
             self._complete(chunk, t)
             return
         buf, finished = slots.take()
         for done in finished:
             self._complete(done)
         staged = buf[:chunk.nbytes]
-        _fill(staged, read, chunk, handle)
+        fill(staged, read, chunk, handle)
         if self.flat[chunk.read]:  # CUDA, contiguous: one byte copy; complete once it has run
             slots.copy(_bytes(dest)[chunk.start:chunk.stop], staged, chunk)
             self.done[t] += chunk.nbytes
@@ -350,79 +346,3 @@ def _bytes(tensor: torch.Tensor) -> torch.Tensor:
 
 def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def _fill(target: torch.Tensor, read: Read, chunk: Chunk, handle: "_File | dict") -> None:
-    """Fills the CPU uint8 tensor ``target`` with bytes ``[chunk.start, chunk.stop)`` of ``read``."""
-    if isinstance(handle, dict):  # a pickle's memory-mapped tensor: copy the same runs
-        flat = handle[read.tensor.name].contiguous().reshape(-1).view(torch.uint8)
-        for offset, at, n in segments(read, chunk.start, chunk.stop):
-            target[at:at + n].copy_(flat[offset:offset + n])
-        return
-    if read.count > 1 and read.run < STRIDED_RUN_BYTES and chunk.start % read.run == chunk.stop % read.run == 0:
-        first, last = chunk.start // read.run, chunk.stop // read.run
-        src = handle.mapped(read).as_strided((last - first, read.run), (read.stride, 1),
-                                             read.offset + first * read.stride)
-        target.view(last - first, read.run).copy_(src)
-        return
-    view = memoryview((ctypes.c_ubyte * chunk.nbytes).from_address(target.data_ptr())).cast("B")
-    for offset, at, n in segments(read, chunk.start, chunk.stop):
-        _pread_exact(handle.fd, view[at:at + n], offset, read)
-
-
-class _File:
-    """A checkpoint file open for reading, and its read-only map once a strided read needs it.
-
-    A file truncated by someone else while it is mapped and copied ends the process with
-    SIGBUS (as any memory-mapped reader would); its size is checked before each map read.
-    """
-
-    def __init__(self, read: Read) -> None:
-        try:
-            self.fd = os.open(read.tensor.file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except OSError as err:
-            raise CheckpointError(f"cannot open for reading: {err.strerror or err}", file=read.tensor.file,
-                                  tensor=read.tensor.name) from None
-        self._lock = threading.Lock()
-        self._map: mmap.mmap | None = None
-        self._bytes: torch.Tensor | None = None
-
-    def mapped(self, read: Read) -> torch.Tensor:
-        """The whole file as a flat uint8 tensor over a read-only map."""
-        with self._lock:
-            if self._bytes is None:
-                try:
-                    self._map = mmap.mmap(self.fd, os.fstat(self.fd).st_size, prot=mmap.PROT_READ)
-                except (OSError, ValueError) as err:  # an empty file cannot be mapped
-                    raise CheckpointError(f"cannot map for reading: {err}", file=read.tensor.file,
-                                          tensor=read.tensor.name) from None
-                with warnings.catch_warnings():  # read-only memory: only ever copied from
-                    warnings.simplefilter("ignore", UserWarning)
-                    self._bytes = torch.frombuffer(self._map, dtype=torch.uint8)
-            if self._bytes.numel() < read.tensor.end:
-                raise CheckpointError(f"file ends at byte {self._bytes.numel()}, before the tensor's data "
-                                      f"(needed up to {read.tensor.end}); is it truncated?",
-                                      file=read.tensor.file, tensor=read.tensor.name)
-            return self._bytes
-
-    def close(self) -> None:
-        self._bytes = None  # the tensor exports the map's buffer: release it first
-        if self._map is not None:
-            self._map.close()
-        os.close(self.fd)
-
-
-def _pread_exact(fd: int, view: memoryview, offset: int, read: Read) -> None:
-    """Fills ``view`` from ``offset``, looping over short reads; EOF is a truncated file."""
-    done = 0
-    while done < len(view):
-        try:
-            n = os.preadv(fd, [view[done:]], offset + done)
-        except OSError as err:
-            raise CheckpointError(f"read failed at byte {offset + done}: {err.strerror or err}",
-                                  file=read.tensor.file, tensor=read.tensor.name) from None
-        if n == 0:
-            raise CheckpointError(f"file ends at byte {offset + done}, before the tensor's data "
-                                  f"(needed up to {read.tensor.end}); is it truncated?",
-                                  file=read.tensor.file, tensor=read.tensor.name)
-        done += n

@@ -19,7 +19,8 @@ from safetensors.torch import load_file, save_file
 from distload.checkpoint.header import read_header
 from distload.chunks import cut, segments
 from distload.errors import CheckpointError
-from distload.execute import MIN_SLOT_BYTES, STRIDED_RUN_BYTES, Executor, _File, _Job
+from distload.execute import MIN_SLOT_BYTES, Executor, _Job
+from distload.fileio import STRIDED_RUN_BYTES, CheckpointFile
 from distload.plan import RankPlan, Read
 
 POISON = -7.0  # what unwritten parameter memory holds; never a checkpoint value here
@@ -201,7 +202,7 @@ def test_a_failure_mid_read_counts_nothing_of_that_read(ckpt, tmp_path):
     reads = [make_read(infos[n], k, n) for k, n in enumerate(sorted(infos, key=lambda n: infos[n].begin))]
     params = {r.param: torch.empty(r.shape, dtype=r.tensor.dtype) for r in reads}
     ex = Executor(device=torch.device("cpu"), num_threads=1, staging_bytes=2 * MIN_SLOT_BYTES)
-    files = {short: _File(reads[0])}
+    files = {short: CheckpointFile(reads[0])}
     job = _Job(ex, reads, params, files)
     try:
         with pytest.raises(CheckpointError) as err:

@@ -1,0 +1,126 @@
+"""Reading a checkpoint file's bytes: descriptors, read-only maps, exact reads, and page population.
+
+A chunk's bytes come from ``os.preadv`` (contiguous runs), from one strided copy out of a
+read-only map (many short runs: a column shard's rows), or from a pickle's memory-mapped
+tensor. Destinations in fresh parameter memory are populated first, in one call per chunk:
+a read that faults its destination in page by page costs a fifth more.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import mmap
+import os
+import sys
+import threading
+import warnings
+
+import torch
+
+from .chunks import Chunk, segments
+from .errors import CheckpointError
+from .plan import Read
+
+STRIDED_RUN_BYTES = 64 * 1024
+"""runs shorter than this (a column shard's rows) are copied out of a read-only map of the
+file: one strided copy per chunk instead of one read call per run"""
+MADV_POPULATE_WRITE = 23
+"""Linux 5.14+: fault a range in for writing in one call"""
+
+
+def fill(target: torch.Tensor, read: Read, chunk: Chunk, handle: "CheckpointFile | dict") -> None:
+    """Fills the CPU uint8 tensor ``target`` with bytes ``[chunk.start, chunk.stop)`` of ``read``.
+
+    Raises:
+        CheckpointError: the file is shorter than the header says, or unreadable.
+    """
+    if isinstance(handle, dict):  # a pickle's memory-mapped tensor: copy the same runs
+        flat = handle[read.tensor.name].contiguous().reshape(-1).view(torch.uint8)
+        for offset, at, n in segments(read, chunk.start, chunk.stop):
+            target[at:at + n].copy_(flat[offset:offset + n])
+        return
+    if read.count > 1 and read.run < STRIDED_RUN_BYTES and chunk.start % read.run == chunk.stop % read.run == 0:
+        first, last = chunk.start // read.run, chunk.stop // read.run
+        src = handle.mapped(read).as_strided((last - first, read.run), (read.stride, 1),
+                                             read.offset + first * read.stride)
+        target.view(last - first, read.run).copy_(src)
+        return
+    view = memoryview((ctypes.c_ubyte * chunk.nbytes).from_address(target.data_ptr())).cast("B")
+    for offset, at, n in segments(read, chunk.start, chunk.stop):
+        _pread_exact(handle.fd, view[at:at + n], offset, read)
+
+
+class CheckpointFile:
+    """A checkpoint file open for reading, and its read-only map once a strided read needs it.
+
+    A file truncated by someone else while it is mapped and copied ends the process with
+    SIGBUS (as any memory-mapped reader would); its size is checked before each map read.
+    """
+
+    def __init__(self, read: Read) -> None:
+        try:
+            self.fd = os.open(read.tensor.file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError as err:
+            raise CheckpointError(f"cannot open for reading: {err.strerror or err}", file=read.tensor.file,
+                                  tensor=read.tensor.name) from None
+        self._lock = threading.Lock()
+        self._map: mmap.mmap | None = None
+        self._bytes: torch.Tensor | None = None
+
+    def mapped(self, read: Read) -> torch.Tensor:
+        """The whole file as a flat uint8 tensor over a read-only map."""
+        with self._lock:
+            if self._bytes is None:
+                try:
+                    self._map = mmap.mmap(self.fd, os.fstat(self.fd).st_size, prot=mmap.PROT_READ)
+                except (OSError, ValueError) as err:  # an empty file cannot be mapped
+                    raise CheckpointError(f"cannot map for reading: {err}", file=read.tensor.file,
+                                          tensor=read.tensor.name) from None
+                with warnings.catch_warnings():  # read-only memory: only ever copied from
+                    warnings.simplefilter("ignore", UserWarning)
+                    self._bytes = torch.frombuffer(self._map, dtype=torch.uint8)
+            if self._bytes.numel() < read.tensor.end:
+                raise CheckpointError(f"file ends at byte {self._bytes.numel()}, before the tensor's data "
+                                      f"(needed up to {read.tensor.end}); is it truncated?",
+                                      file=read.tensor.file, tensor=read.tensor.name)
+            return self._bytes
+
+    def close(self) -> None:
+        self._bytes = None  # the tensor exports the map's buffer: release it first
+        if self._map is not None:
+            self._map.close()
+        os.close(self.fd)
+
+
+def _pread_exact(fd: int, view: memoryview, offset: int, read: Read) -> None:
+    """Fills ``view`` from ``offset``, looping over short reads; EOF is a truncated file."""
+    done = 0
+    while done < len(view):
+        try:
+            n = os.preadv(fd, [view[done:]], offset + done)
+        except OSError as err:
+            raise CheckpointError(f"read failed at byte {offset + done}: {err.strerror or err}",
+                                  file=read.tensor.file, tensor=read.tensor.name) from None
+        if n == 0:
+            raise CheckpointError(f"file ends at byte {offset + done}, before the tensor's data "
+                                  f"(needed up to {read.tensor.end}); is it truncated?",
+                                  file=read.tensor.file, tensor=read.tensor.name)
+        done += n
+
+
+def populate(target: torch.Tensor) -> None:
+    """Faults the pages of the CPU tensor ``target`` in for writing, in one call where the kernel
+    can (a no-op elsewhere, and after the first refusal)."""
+    global _populate_ok
+    if not _populate_ok or target.numel() < 2 * mmap.PAGESIZE:
+        return
+    start = target.data_ptr()
+    lo = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+    hi = (start + target.numel()) // mmap.PAGESIZE * mmap.PAGESIZE
+    if _libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), MADV_POPULATE_WRITE) != 0:
+        _populate_ok = False  # an older kernel: the read faults the pages in itself
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if sys.platform.startswith("linux") else None
+_populate_ok = _libc is not None

@@ -251,3 +251,14 @@ def test_chunks_tile_every_read_in_whole_runs(ckpt, seed):
         got = [off + j for c in chunks for off, _, n in segments(read, c.start, c.stop) for j in range(n)]
         if read.nbytes <= 200_000:
             assert got == want
+
+
+def test_populate_faults_pages_in_and_leaves_bytes_alone():
+    from distload.fileio import populate
+    t = torch.full((1 << 20,), 3, dtype=torch.uint8)
+    populate(t[5:-5])  # unaligned ends: only whole pages inside are touched
+    assert bool((t == 3).all())
+    fresh = torch.empty(1 << 22, dtype=torch.uint8)
+    populate(fresh)
+    fresh.fill_(1)
+    assert int(fresh.sum()) == 1 << 22

@@ -145,6 +145,9 @@ class _Job:
         self.loaded = [r.unit for r, n in zip(reads, self.left) if n == 0]  # empty pieces
         self.mismatched: list[int] = []
         self.total = sum(r.nbytes for r in reads)
+        # slots no larger than the largest chunk staged: a small checkpoint pins little
+        staged_sizes = [c.nbytes for c in self.chunks if ex.cuda or not self.flat[c.read]]
+        self.slot_bytes = -(-max(staged_sizes, default=0) // 4096) * 4096
         self.done = [0] * ex.num_threads  # bytes placed, per thread (summed for progress)
         # staging: CUDA always (pinned), CPU only for chunks that cannot land directly
         self.staged = ex.cuda or not all(self.flat[c.read] for c in self.chunks)
@@ -276,7 +279,7 @@ class _Slots:
     def __init__(self, job: _Job) -> None:
         self.job = job
         self.ex = ex = job.ex
-        self.bufs: list[torch.Tensor] = []
+        self.bufs: list[torch.Tensor | None] = [None, None]
         self.inflight: list[tuple[torch.cuda.Event, Chunk] | None] = [None, None]
         self.turn = 0
         self.stream = None
@@ -287,12 +290,11 @@ class _Slots:
 
     def take(self) -> tuple[torch.Tensor, list[Chunk]]:
         """Returns the next free slot (waiting for its last copy) and the chunks that copy finished."""
-        if not self.bufs:
-            self.bufs = [torch.empty(self.ex.slot_bytes, dtype=torch.uint8, pin_memory=self.ex.cuda)
-                         for _ in range(2)]
-            with self.job._lock:
-                self.job.staging_bytes += 2 * self.ex.slot_bytes
         self.turn ^= 1
+        if self.bufs[self.turn] is None:  # one at a time: a thread that takes one chunk pins one slot
+            self.bufs[self.turn] = torch.empty(self.job.slot_bytes, dtype=torch.uint8, pin_memory=self.ex.cuda)
+            with self.job._lock:
+                self.job.staging_bytes += self.job.slot_bytes
         finished = []
         pending = self.inflight[self.turn]
         if pending is not None:

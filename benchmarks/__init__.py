@@ -1,0 +1,1 @@
+"""Benchmarks: measurements against baselines run in the same process tree (see README.md)."""

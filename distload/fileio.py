@@ -27,6 +27,8 @@ STRIDED_RUN_BYTES = 64 * 1024
 file: one strided copy per chunk instead of one read call per run"""
 MADV_POPULATE_WRITE = 23
 """Linux 5.14+: fault a range in for writing in one call"""
+MADV_DONTNEED = 4
+"""drop a range's mapping (a file's pages stay in the page cache)"""
 
 
 def fill(target: torch.Tensor, read: Read, chunk: Chunk, handle: "CheckpointFile | dict") -> None:
@@ -42,9 +44,13 @@ def fill(target: torch.Tensor, read: Read, chunk: Chunk, handle: "CheckpointFile
         return
     if read.count > 1 and read.run < STRIDED_RUN_BYTES and chunk.start % read.run == chunk.stop % read.run == 0:
         first, last = chunk.start // read.run, chunk.stop // read.run
-        src = handle.mapped(read).as_strided((last - first, read.run), (read.stride, 1),
-                                             read.offset + first * read.stride)
-        target.view(last - first, read.run).copy_(src)
+        mapped = handle.mapped(read)
+        begin = read.offset + first * read.stride
+        target.view(last - first, read.run).copy_(mapped.as_strided((last - first, read.run), (read.stride, 1), begin))
+        # the pages stay in the page cache; only this process's mapping of them goes, so its RSS
+        # holds its shard rather than every column-sharded tensor it copied from
+        _advise(mapped.data_ptr() + begin, mapped.data_ptr() + begin + (last - first - 1) * read.stride + read.run,
+                MADV_DONTNEED, inward=False)
         return
     view = memoryview((ctypes.c_ubyte * chunk.nbytes).from_address(target.data_ptr())).cast("B")
     for offset, at, n in segments(read, chunk.start, chunk.stop):
@@ -113,13 +119,20 @@ def populate(target: torch.Tensor) -> None:
     """Faults the pages of the CPU tensor ``target`` in for writing, in one call where the kernel
     can (a no-op elsewhere, and after the first refusal)."""
     global _populate_ok
-    if not _populate_ok or target.numel() < 2 * mmap.PAGESIZE:
-        return
-    start = target.data_ptr()
-    lo = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
-    hi = (start + target.numel()) // mmap.PAGESIZE * mmap.PAGESIZE
-    if _libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), MADV_POPULATE_WRITE) != 0:
-        _populate_ok = False  # an older kernel: the read faults the pages in itself
+    if _populate_ok and target.numel() >= 2 * mmap.PAGESIZE:
+        _populate_ok = _advise(target.data_ptr(), target.data_ptr() + target.numel(), MADV_POPULATE_WRITE,
+                               inward=True)  # an older kernel refuses: the read faults pages in itself
+
+
+def _advise(start: int, stop: int, advice: int, *, inward: bool) -> bool:
+    """``madvise`` over the pages of ``[start, stop)``: the whole pages inside it (``inward``), or every
+    page it touches. Returns whether the kernel accepted it."""
+    page = mmap.PAGESIZE
+    lo = -(-start // page) * page if inward else start // page * page
+    hi = stop // page * page if inward else -(-stop // page) * page
+    if _libc is None or hi <= lo:
+        return _libc is not None
+    return _libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), advice) == 0
 
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if sys.platform.startswith("linux") else None

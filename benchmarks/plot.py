@@ -17,7 +17,7 @@ import json
 import os
 import sys
 
-COLORS = {"distload": "#1f77b4", "floor": "#7f7f7f", "h2d": "#bcbd22", "engine": "#ff7f0e", "eager": "#d62728",
+COLORS = {"distload": "#1f77b4", "floor": "#7f7f7f", "floor_fresh": "#8c564b", "h2d": "#bcbd22", "engine": "#ff7f0e", "eager": "#d62728",
           "load_file": "#9467bd", "fastsafetensors": "#2ca02c", "instanttensor": "#17becf"}
 
 
@@ -96,7 +96,7 @@ def lines(results: list[dict], path: str) -> bool:
     for name, points in per_loader.items():
         xs = sorted(points)
         ax.plot(xs, [points[x] for x in xs], marker="o", label=name, color=COLORS.get(name),
-                ls="--" if name in ("floor", "h2d") else "-")
+                ls="--" if name in ("floor", "floor_fresh", "h2d") else "-")
     ax.set_xscale("log", base=2)
     ax.set_xticks(worlds, [str(w) for w in worlds])
     ax.set_xlabel("world size (ranks)")

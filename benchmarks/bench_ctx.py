@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from distload.execute import destination
+
 
 @dataclass
 class Ctx:
@@ -134,19 +136,9 @@ def slices_of(read) -> tuple[slice, ...] | None:
     return (slice(None),) * dim + (slice(start, start + length),)
 
 
-def dest_of(params: dict[str, torch.Tensor], read) -> torch.Tensor:
-    """The parameter slice ``read`` fills."""
-    dest = params[read.param]
-    if read.slot is not None:
-        dest = dest[read.slot]
-    if read.dim is not None:
-        dest = dest.narrow(read.dim, read.dest[0], read.dest[1] - read.dest[0])
-    return dest
-
-
 def place(params: dict[str, torch.Tensor], read, piece: torch.Tensor) -> None:
     """Copies ``piece`` (any device) into its parameter slice."""
-    dest = dest_of(params, read)
+    dest = destination(params, read)
     with torch.no_grad():
         dest.copy_(piece.reshape(dest.shape), non_blocking=piece.is_pinned())
 
@@ -203,7 +195,7 @@ def verify_params(ctx: Ctx, limit: int | None = 3) -> dict:
     cap = None if limit is None else SAMPLE_BYTES
     chosen = sample_reads(ctx.reads(), limit)
     for r in chosen:
-        dest = dest_of(params, r).detach()
+        dest = destination(params, r).detach()
         got = _windows(dest, cap).cpu()
         want = _windows(expected_piece(r).reshape(dest.shape), cap)
         if got.dtype != want.dtype or not torch.equal(_bytes(got), _bytes(want)):

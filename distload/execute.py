@@ -77,7 +77,7 @@ class Executor:
         # a budget too small for two slots per thread runs fewer threads, never more memory
         self.num_threads = max(1, min(num_threads, staging_bytes // (2 * MIN_SLOT_BYTES)))
         slot = staging_bytes // (2 * self.num_threads)
-        self.slot_bytes = max(MIN_SLOT_BYTES, min(MAX_CHUNK_BYTES, slot - slot % 4096))
+        self.chunk_bytes = max(MIN_SLOT_BYTES, min(MAX_CHUNK_BYTES, slot - slot % 4096))  # a slot's share
 
     def run(self, plan: RankPlan, params: Mapping[str, torch.Tensor], *,
             skip: frozenset[int] = frozenset(),
@@ -130,14 +130,14 @@ class _Job:
         self.ex = ex
         self.reads = reads
         self.files = files
-        self.dests = [_dest(params, r) for r in reads]
+        self.dests = [destination(params, r) for r in reads]
         # a chunk lands unchanged in contiguous memory: any byte boundary will do
         self.flat = [not r.verify and not r.tensor.pickled and d.dtype == r.tensor.dtype and d.is_contiguous()
                      for r, d in zip(reads, self.dests)]
         self.casts = {f"{_name(r.tensor.dtype)} -> {_name(d.dtype)}" for r, d in zip(reads, self.dests)
                       if r.tensor.dtype != d.dtype}
         self.chunks: list[Chunk] = [c for i, r in enumerate(reads)
-                                    for c in cut(i, r, ex.slot_bytes, flat=self.flat[i])]
+                                    for c in cut(i, r, ex.chunk_bytes, flat=self.flat[i])]
         self.chunks.sort(key=lambda c: (reads[c.read].tensor.file, reads[c.read].offset + c.start))
         self.left = [0] * len(reads)  # chunks not yet complete, per read
         for c in self.chunks:
@@ -149,8 +149,7 @@ class _Job:
         staged_sizes = [c.nbytes for c in self.chunks if ex.cuda or not self.flat[c.read]]
         self.slot_bytes = -(-max(staged_sizes, default=0) // 4096) * 4096
         self.done = [0] * ex.num_threads  # bytes placed, per thread (summed for progress)
-        # staging: CUDA always (pinned), CPU only for chunks that cannot land directly
-        self.staged = ex.cuda or not all(self.flat[c.read] for c in self.chunks)
+        self.staged = bool(staged_sizes)  # CUDA always (pinned); CPU only for chunks that cannot land directly
         self.staging_bytes = 0  # allocated so far (slots are allocated by the threads that use them)
         self._next = itertools.count()
         self._lock = threading.Lock()
@@ -332,7 +331,8 @@ def _release_pinned() -> None:
             return
 
 
-def _dest(params: Mapping[str, torch.Tensor], read: Read) -> torch.Tensor:
+def destination(params: Mapping[str, torch.Tensor], read: Read) -> torch.Tensor:
+    """The part of its parameter that ``read`` fills: its expert slot, narrowed along its dim."""
     dest = params[read.param]
     if read.slot is not None:
         dest = dest[read.slot]

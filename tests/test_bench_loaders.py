@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from benchmarks import page_cache, synth_checkpoints
-from benchmarks.bench_ctx import Ctx, dest_of, verify_params
+from benchmarks.bench_ctx import Ctx, verify_params
+from distload.execute import destination
 from benchmarks.load_worker import pool_job
 from benchmarks.loaders import run_engine, unavailable
 
@@ -71,7 +72,7 @@ def test_a_wrong_slice_is_caught(tiny):
     assert verify_params(ctx, None)["ok"]
     read = next(r for r in ctx.reads() if r.tensor.name.endswith("o_proj.weight"))
     with torch.no_grad():
-        dest_of(ctx.params, read)[0, 0] += 1
+        destination(ctx.params, read)[0, 0] += 1
     bad = verify_params(ctx, None)
     assert not bad["ok"] and any("o_proj" in b for b in bad["bad"])
 

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from .errors import ConfigError, DistloadError
+from .errors import ConfigError, DistloadError, PeerFailedError
 from .layout import Layout
 from .watch import FailureWatch
 
@@ -201,14 +201,20 @@ class Comm:
         reached it: a failure before that leaves no operation pending, and the group
         can still be torn down at once (a pending gloo operation would hold it).
         """
-        if self._watch is None:
-            run()
-            return
-        self._watch.meet()
+        if self._watch is not None:
+            self._watch.meet()
+        self._guarded(run)
+
+    def _guarded(self, run: Callable[[], object]) -> object:
+        """Runs a torch.distributed call; a peer lost inside it (a reset connection, the store's
+        host gone) becomes the PeerFailedError that names it, never torch's own error."""
         try:
-            run()
-        except RuntimeError as err:  # a peer died inside the collective
+            return run()
+        except RuntimeError as err:
+            if self._watch is None:
+                raise PeerFailedError(f"a collective failed: {type(err).__name__}: {err}", rank=self.rank) from None
             self._watch.await_failure(err)
+            raise  # await_failure always raises; this keeps type checkers honest
 
     def tp_collectives(self, layout: Layout) -> Collectives:
         """Returns collectives over this rank's tensor-parallel group (bound by ``create_groups``).
@@ -245,7 +251,7 @@ class Comm:
             if ops is not None and ops.group is not None:
                 continue
             for ranks in groups:
-                group = dist.new_group(list(ranks))
+                group = self._guarded(lambda: dist.new_group(list(ranks)))
                 if ranks == mine and ops is not None:
                     ops.group = group
 

@@ -16,14 +16,15 @@ from torch import nn
 
 from . import tracking
 from ._version import __version__
+from .casts import refuse_casts
 from .checkpoint.directory import Checkpoint, open_checkpoint
 from .comm import Collectives, Comm, WorldInfo, pipe_ops_for, world_from_env
 from .config import DTYPES, LoadConfig
 from .errors import ConfigError, DistloadError, LayoutError, MissingWeightsError, PeerFailedError, PlanError
 from .execute import ExecResult, Executor
-from .experts import ExpertPlacement, parse_expert_map
+from .expert_map import read_expert_map
 from .layout import Layout
-from .models import BuildContext, ModelBuilder, default_ignores, reference_model
+from .models import BuildContext, ModelBuilder, check_config, default_ignores, expert_facts, reference_model
 from .fingerprint import Fingerprint, fingerprint
 from .plan import Plan, RankPlan, plan as make_plan
 from .quant import quant_config
@@ -134,7 +135,7 @@ def _load(directory: str, config: LoadConfig, comm: Comm, device: torch.device,
     rank = comm.rank
     comm.start_watch(dead_after=config.failure_timeout)
     try:  # everything a single rank can fail at is published to the others
-        layout = Layout.for_world(comm.world_size, tp=config.tp, pp=config.pp, dp=config.dp, ep=config.ep)
+        layout = config.layout(comm.world_size)
         ops = comm.tp_collectives(layout)  # bound to its subgroup once the ranks agree
         ckpt, model, specs, plan = prepare(directory, config, layout, build, rank=rank, ops=ops,
                                            stage_ops=comm.stage_collectives(layout))
@@ -144,8 +145,6 @@ def _load(directory: str, config: LoadConfig, comm: Comm, device: torch.device,
         model = materialize(model, device)
         own_stage = layout.coords(rank).pp
         params = {spec.name: _tensor(model, spec.name) for spec in plan.specs if spec.stage == own_stage}
-        if config.strict_dtype:
-            _refuse_casts(rank_plan, params)
         skip_names = set(config.skip_units.get(rank, ()))
         skip = frozenset(r.unit for r in rank_plan.reads if r.tensor.name in skip_names)
         result = Executor(device=device, num_threads=config.read_threads(local_ranks),
@@ -182,13 +181,19 @@ def prepare(directory: str, config: LoadConfig, layout: Layout, build: ModelBuil
     config_json = os.path.join(ckpt.directory, "config.json")
     try:
         quant = quant_config(ckpt.config, quantize=config.quantize, kv_cache_dtype=config.kv_cache_dtype)
+        if build is reference_model:  # every field typed and the layer count bounded, before any layer is built
+            check_config(ckpt.config, ckpt.tensors)
+        experts = expert_facts(ckpt.config) if config.expert_map else None
+        model_ignores = default_ignores(ckpt.config)
     except ConfigError as err:
         err.file = err.file or config_json
         raise
     fp8: set[str] = set()
     coords = layout.coords(rank)
-    expert_map = _read_expert_map(config.expert_map, ckpt.config, layout, config) if config.expert_map else None
+    expert_map = read_expert_map(config.expert_map, experts, ep=layout.ep, placement=config.expert_placement,
+                                 model_type=ckpt.config.get("model_type")) if config.expert_map else None
     specs: list[ParamSpec] = []
+    dtypes: list[torch.dtype] = []  # each spec's parameter dtype, for the cast rule
     mine: nn.Module | None = None
     for stage in range(layout.pp):
         peer = layout.rank(tp=coords.tp, dp=coords.dp, pp=stage)  # this rank's place in that stage
@@ -203,50 +208,35 @@ def prepare(directory: str, config: LoadConfig, layout: Layout, build: ModelBuil
             err.file = err.file or config_json
             raise
         specs += [dataclasses.replace(spec, stage=stage) for spec in collect_specs(model)]
+        dtypes += [_tensor(model, spec.name).dtype for spec in specs[len(dtypes):]]
         if stage == coords.pp:
             mine = model
     assert mine is not None
+    _refuse_expert_options(config, specs, ckpt.config)
     check_fp8_dtypes(specs, ckpt.tensors, frozenset(fp8))
-    ignore = (*default_ignores(ckpt.config), *config.ignore)
+    # every stage's casts, on every rank: a load and a dry run refuse the same ones, before any read
+    refuse_casts(zip(specs, dtypes), ckpt.tensors, strict_dtype=config.strict_dtype)
+    ignore = (*model_ignores, *config.ignore)
     return ckpt, mine, tuple(specs), make_plan(ckpt.tensors, specs, layout, ignore=ignore)
 
 
-def _read_expert_map(path: str, model_config, layout: Layout, config: LoadConfig) -> dict[int, tuple[int, ...]]:
-    import json
-    try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"expert map is unreadable: {err}", file=path) from None
-    experts = int(model_config.get("num_local_experts") or model_config.get("num_experts") or 0)
-    if not experts:
-        raise ConfigError("an expert map was given, but config.json names no experts", file=path)
-    try:
-        slots = parse_expert_map(value, num_experts=experts, num_layers=int(model_config["num_hidden_layers"]),
-                                 path=path)
-        for layer_slots in slots.values():  # placement rules (groups, replicas) checked here, naming the map
-            ExpertPlacement.from_slots(num_experts=experts, ep=layout.ep, kind=config.expert_placement,
-                                       slots=layer_slots)
-        return slots
-    except LayoutError as err:
-        err.file = path
-        raise
+def _refuse_expert_options(config: LoadConfig, specs: list[ParamSpec], model_config) -> None:
+    """Expert options for a model without experts are a mistake in the command, not a no-op."""
+    if any(spec.experts is not None for spec in specs):
+        return
+    given = [f"{name}={value}" for name, value, default in
+             (("ep", config.ep, 1), ("expert_parallel", config.expert_parallel, False),
+              ("redundant_experts", config.redundant_experts, 0),
+              ("expert_placement", config.expert_placement, "linear")) if value != default]
+    if given:
+        raise LayoutError(f"{given[0]} applies to mixture-of-experts models, and model_type "
+                          f"{model_config.get('model_type')!r} has no experts; split it with tp, pp and dp")
 
 
 def _record_shape(config: LoadConfig) -> dict:
     """The options that change what the ranks exchange: they must agree on them too."""
     return {"track": config.track_enabled, "check_finite": config.check_finite, "strict": config.strict,
             "ignore": list(config.ignore), "quantize": config.quantize, "kv_cache_dtype": config.kv_cache_dtype}
-
-
-def _refuse_casts(rank_plan: RankPlan, params: dict[str, torch.Tensor]) -> None:
-    """Under ``strict_dtype``: a checkpoint dtype other than the parameter's is an error."""
-    for read in rank_plan.reads:
-        want = params[read.param].dtype
-        if read.tensor.dtype != want:
-            raise PlanError(f"checkpoint dtype {str(read.tensor.dtype).removeprefix('torch.')} differs from the "
-                            f"model's {str(want).removeprefix('torch.')} (parameter {read.param}); "
-                            "--strict-dtype refuses to cast", file=read.tensor.file, tensor=read.tensor.name)
 
 
 def _agree(comm: Comm, mine: Fingerprint) -> None:

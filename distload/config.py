@@ -11,6 +11,7 @@ from typing import Mapping
 import torch
 
 from .errors import ConfigError
+from .layout import Layout
 from .quant.config import KV_CACHE_DTYPES, ONLINE
 
 EXTRA_CONFIG_KEYS: Mapping[str, str] = MappingProxyType({
@@ -20,8 +21,15 @@ EXTRA_CONFIG_KEYS: Mapping[str, str] = MappingProxyType({
 })
 """the keys a loader extra-config may hold, with what each means"""
 
+MIN_FAILURE_TIMEOUT = 1.0
+"""the shortest failure timeout the watch can honour: heartbeats go every timeout / 5 s, and a
+loaded host must be able to beat that often without being called dead"""
+
 DEFAULT_STAGING_MIB = 256
 """host staging memory per rank, in MiB, when the extra-config names none"""
+
+EXPERT_PLACEMENTS = ("linear", "round_robin")
+"""how expert slots are assigned to expert-parallel groups"""
 
 DTYPES: Mapping[str, torch.dtype] = MappingProxyType({
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -47,6 +55,8 @@ class LoadConfig:
     """data-parallel replicas; None: world size / (tp x pp)"""
     ep: int = 1
     """expert-parallel groups per stage (see Layout.ep)"""
+    expert_parallel: bool = False
+    """experts over every rank of a stage (vLLM's enable_expert_parallel): ep = tp x dp"""
     expert_placement: str = "linear"
     """``linear`` (contiguous slots per group) or ``round_robin``"""
     redundant_experts: int = 0
@@ -96,8 +106,19 @@ class LoadConfig:
             value = self.extra_config.get(key, 1)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{key} must be a positive integer, got {value!r}")
-        if not self.failure_timeout > 0:
-            raise ConfigError(f"failure_timeout must be a positive number of seconds, got {self.failure_timeout!r}")
+        timeout = self.failure_timeout
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= MIN_FAILURE_TIMEOUT \
+                or timeout == float("inf"):
+            raise ConfigError(f"failure_timeout must be a number of seconds of at least {MIN_FAILURE_TIMEOUT:g} "
+                              f"(the watch cannot tell a shorter silence from a busy host), got {timeout!r}")
+        if isinstance(self.redundant_experts, bool) or not isinstance(self.redundant_experts, int) \
+                or self.redundant_experts < 0:
+            raise ConfigError(f"redundant_experts must be 0 or a positive integer, got {self.redundant_experts!r}")
+        if self.expert_parallel and self.ep != 1:
+            raise ConfigError(f"ep={self.ep} and expert_parallel both set the expert-parallel size; give one")
+        if self.expert_placement not in EXPERT_PLACEMENTS:
+            raise ConfigError(f"expert_placement must be {' or '.join(EXPERT_PLACEMENTS)}, "
+                              f"got {self.expert_placement!r}")
         if self.device not in (None, "cpu", "cuda"):
             raise ConfigError(f"device must be cpu or cuda, got {self.device!r}")
         for pattern in self.ignore:
@@ -112,6 +133,18 @@ class LoadConfig:
                               f"(supported: {', '.join(KV_CACHE_DTYPES)})")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ConfigError(f"dtype {self.dtype!r} is not supported (supported: {', '.join(DTYPES)})")
+
+    def layout(self, world_size: int) -> Layout:
+        """The layout of this load on ``world_size`` ranks.
+
+        Example:
+            >>> LoadConfig(tp=2, expert_parallel=True).layout(8).ep
+            8
+        """
+        if not self.expert_parallel:
+            return Layout.for_world(world_size, tp=self.tp, pp=self.pp, dp=self.dp, ep=self.ep)
+        plain = Layout.for_world(world_size, tp=self.tp, pp=self.pp, dp=self.dp)
+        return Layout.for_world(world_size, tp=self.tp, pp=self.pp, dp=self.dp, ep=plain.tp * plain.dp)
 
     @property
     def track_enabled(self) -> bool:

@@ -13,7 +13,6 @@ import time
 from . import tracking
 from .comm import Collectives
 from .config import LoadConfig
-from .layout import Layout
 from .models import ModelBuilder, reference_model
 from .report import LoadReport, RankStats
 from .spec import Role
@@ -24,35 +23,34 @@ def dry_run(checkpoint: str, config: LoadConfig = LoadConfig(), *, world_size: i
     """Plans a load of ``checkpoint`` on ``world_size`` ranks and reports what it would find.
 
     Returns:
-        A ``LoadReport`` with ``mode == "dry-run"``: planned bytes per rank instead of
-        measured ones, and missing / defaulted / unexpected from the headers.
+        A ``LoadReport`` with ``mode == "dry-run"``: planned bytes instead of measured ones, one
+        row per class of ranks that read alike (``num_ranks`` of them, from ``rank`` on, sharing
+        ``coords``), and missing / defaulted / unexpected from the headers.
 
     Example:
         >>> import distload
         >>> r = dry_run(distload.example_checkpoint(), LoadConfig(tp=2), world_size=8)
-        >>> r.mode, r.complete, len(r.ranks)
-        ('dry-run', True, 8)
+        >>> r.mode, r.complete, [(c.rank, c.num_ranks) for c in r.ranks]  # one row per TP index
+        ('dry-run', True, [(0, 4), (1, 4)])
     """
     from .api import prepare, quant_notes
 
     start = time.perf_counter()
-    layout = Layout.for_world(world_size, tp=config.tp, pp=config.pp, dp=config.dp, ep=config.ep)
+    layout = config.layout(world_size)
     # the unit table does not depend on the rank; the collectives are never called
     ckpt, _, _, plan = prepare(checkpoint, config, layout, build, rank=0, ops=Collectives(None, layout.tp),
                                stage_ops=Collectives(None, layout.tp * layout.dp))
-    per_class: dict[tuple, RankStats] = {}
-    ranks = []
-    for rank in range(world_size):
-        key = plan.rank_class(rank)
-        if key not in per_class:
-            s = plan.summary(rank)
-            per_class[key] = RankStats(rank=rank, units_loaded=s.units_present, units_owned=s.units_owned,
-                                       units_not_loaded=s.units_owned - s.units_present, bytes_read=s.nbytes,
-                                       seconds=0.0, files_opened=s.files)
-        c = per_class[key]
-        ranks.append(RankStats(rank=rank, units_loaded=c.units_loaded, units_owned=c.units_owned,
-                               units_not_loaded=c.units_not_loaded, bytes_read=c.bytes_read, seconds=0.0,
-                               files_opened=c.files_opened))
+    # one row per class of ranks that read alike: the report grows with tp x pp x ep, not the world
+    classes = []
+    for rank, count in layout.rank_classes():
+        s = plan.summary(rank)
+        group, shard = layout.expert_coords(rank)
+        c = layout.coords(rank)
+        classes.append(RankStats(rank=rank, units_loaded=s.units_present, units_owned=s.units_owned,
+                                 units_not_loaded=s.units_owned - s.units_present, bytes_read=s.nbytes,
+                                 seconds=0.0, files_opened=s.files, num_ranks=count,
+                                 coords=(("tp", c.tp), ("pp", c.pp), ("expert_group", group),
+                                         ("expert_shard", shard))))
     findings = None
     if config.track_enabled:
         absent = [u for u, unit in enumerate(plan.units) if unit.name not in plan.tensors]
@@ -62,7 +60,7 @@ def dry_run(checkpoint: str, config: LoadConfig = LoadConfig(), *, world_size: i
         findings = tracking.findings(plan, verdict, None)
     return LoadReport(mode="dry-run", checkpoint=ckpt.directory, layout=layout.to_dict(),
                       tracked=config.track_enabled, num_units=len(plan.units), findings=findings,
-                      unexpected=plan.unexpected, ignored=plan.ignored, ranks=tuple(ranks),
+                      unexpected=plan.unexpected, ignored=plan.ignored, ranks=tuple(classes),
                       notes=quant_notes(ckpt, config),
                       seconds=time.perf_counter() - start, strict=config.strict,
-                      extra={"planned_rank_classes": len(per_class)})
+                      extra={"planned_rank_classes": len(classes)})

@@ -10,7 +10,8 @@ import time
 
 import torch
 
-from .errors import DistloadError
+from .checkpoint.files import reason
+from .errors import CheckpointError, DistloadError
 
 EXAMPLE_NAME = "example-llama-v1"
 EXAMPLE_CONFIG = {
@@ -36,6 +37,10 @@ def example_checkpoint(*, timeout: float = 120.0) -> str:
     Local rank 0 writes it into a temporary directory and renames it into place;
     other local ranks wait for the rename. Same bytes on every machine (fixed seed).
 
+    Raises:
+        CheckpointError: the cache directory (``cache_dir()``) cannot hold it: not a
+            directory, not writable, or the disk is full; names the directory.
+
     Example:
         >>> import os
         >>> os.path.exists(os.path.join(example_checkpoint(), "config.json"))
@@ -45,15 +50,21 @@ def example_checkpoint(*, timeout: float = 120.0) -> str:
     if os.path.isfile(os.path.join(target, "config.json")):
         return target
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-        os.makedirs(cache_dir(), exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{EXAMPLE_NAME}-", dir=cache_dir())
+        from safetensors import SafetensorError
+
+        cache = cache_dir()
+        try:
+            os.makedirs(cache, exist_ok=True)
+            tmp = tempfile.mkdtemp(prefix=f".{EXAMPLE_NAME}-", dir=cache)
+        except OSError as err:
+            raise _unusable_cache(cache, err) from None
         try:
             write_example(tmp)
             os.rename(tmp, target)
-        except OSError:
+        except (OSError, SafetensorError) as err:  # the library reports a full disk as its own error
             shutil.rmtree(tmp, ignore_errors=True)
-            if not os.path.isdir(target):  # lost a race with another writer: fine if it exists
-                raise
+            if not os.path.isfile(os.path.join(target, "config.json")):  # else: lost a race to another writer
+                raise _unusable_cache(cache, err) from None
         return target
     deadline = time.monotonic() + timeout
     while not os.path.isfile(os.path.join(target, "config.json")):
@@ -62,6 +73,15 @@ def example_checkpoint(*, timeout: float = 120.0) -> str:
                                 file=target)
         time.sleep(0.1)
     return target
+
+
+def _unusable_cache(cache: str, err: Exception) -> CheckpointError:
+    if os.path.lexists(cache) and not os.path.isdir(cache):
+        why = "it exists and is not a directory"
+    else:
+        why = reason(err) if isinstance(err, OSError) else (str(err).splitlines() or [type(err).__name__])[0]
+    return CheckpointError(f"cannot write the example checkpoint into its cache directory: {why} "
+                           "(set DISTLOAD_CACHE to a writable directory)", file=cache)
 
 
 def example_tensors(config: dict = EXAMPLE_CONFIG, seed: int = 0) -> dict[str, torch.Tensor]:

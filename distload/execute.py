@@ -104,7 +104,7 @@ class Executor:
             try:
                 for r in reads:
                     if r.tensor.file not in files:
-                        files[r.tensor.file] = load_pickle(r.tensor.file) if r.tensor.pickled else \
+                        files[r.tensor.file] = _open_pickle(r.tensor.file, reads) if r.tensor.pickled else \
                             CheckpointFile(r)
                 job = _Job(self, reads, params, files)
                 try:
@@ -319,6 +319,12 @@ class _Slots:
                 finished.append(pending[1])
                 self.inflight[k] = None
         return finished
+
+
+def _open_pickle(path: str, reads: list[Read]) -> dict[str, torch.Tensor]:
+    """A pickle's tensors, those ``reads`` take from it contiguous: a strided view is copied once
+    here, not once per chunk read from it."""
+    return load_pickle(path, contiguous=frozenset(r.tensor.name for r in reads if r.tensor.file == path))
 
 
 def _release_pinned() -> None:

@@ -3,9 +3,11 @@ which logical expert each slot holds (redundant slots replicate hot experts)."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from .errors import LayoutError
+from .jsondoc import quoted, show
 
 PLACEMENTS = ("linear", "round_robin")
 
@@ -99,42 +101,77 @@ class ExpertPlacement:
         return self._groups[expert]
 
 
-def parse_expert_map(value: object, *, num_experts: int, num_layers: int, path: str = "expert map") \
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ExpertFacts:
+    """What an expert map is checked against: the model's experts and the layers that have them."""
+
+    num_experts: int
+    """logical experts of each sparse layer"""
+    num_layers: int
+    """decoder layers"""
+    sparse_layers: frozenset[int]
+    """layers with experts (the others have a dense MLP)"""
+
+
+MAP_SHAPE = '{"layers": {"<layer>|default": {"<expert>": [slot, ...]}}}'
+"""an expert-map document, as the messages describe it"""
+
+_INDEX = re.compile(r"0|[1-9][0-9]{0,8}")
+"""a layer or expert key: a decimal number as ``str(int)`` writes it ("01" would alias "1")"""
+
+
+def parse_expert_map(value: object, *, num_experts: int, num_layers: int,
+                     sparse_layers: frozenset[int] | None = None, path: str | None = None) \
         -> dict[int, tuple[int, ...]]:
-    """Turns an expert-map document into ``{layer: slots}`` (slot -> logical expert).
+    """Turns an expert-map document into ``{layer: slots}`` (slot -> logical expert; layer -1: default).
 
     The document is ``{"layers": {"<layer>" or "default": {"<expert>": [slot, ...]}}}``:
     for each layer (``default`` for the others) the physical slots holding each
     logical expert. Every expert must have a slot, and the slots must be exactly
     ``0 .. S-1``, each used once.
 
+    Args:
+        value: the parsed document.
+        num_experts: the model's experts.
+        num_layers: the model's decoder layers.
+        sparse_layers: the layers with experts (default: all); a key naming another is refused.
+        path: the map file, named by the errors.
+
     Raises:
-        LayoutError: naming the file, the layer and what is wrong.
+        LayoutError: naming the file, the layer key and what is wrong.
     """
     layers = value.get("layers") if isinstance(value, dict) else None
     if not isinstance(layers, dict) or not layers:
-        raise LayoutError(f"{path}: expected {{\"layers\": {{\"<layer>|default\": {{\"<expert>\": [slots]}}}}}}")
+        raise LayoutError(f"expert map: expected {MAP_SHAPE}, got {show(value)}", file=path)
     out: dict[int, tuple[int, ...]] = {}
     for key, entry in layers.items():
-        if key != "default" and not (isinstance(key, str) and key.isdigit() and int(key) < num_layers):
-            raise LayoutError(f"{path}: layer key {key!r} is not 'default' or a layer in 0..{num_layers - 1}")
+        if key != "default":
+            if not (_INDEX.fullmatch(key) and int(key) < num_layers):
+                raise LayoutError(f"expert map: layer key {quoted(key)} is not 'default' or a layer in "
+                                  f"0..{num_layers - 1}", file=path)
+            if sparse_layers is not None and int(key) not in sparse_layers:
+                raise LayoutError(f"expert map: layer key {key!r} names a layer without experts (a dense MLP)",
+                                  file=path)
+        where = f"expert map layer {key}"
         if not isinstance(entry, dict):
-            raise LayoutError(f"{path}: layer {key}: expected an object of expert -> slot list")
+            raise LayoutError(f"{where}: expected an object of expert -> slot list, got {show(entry)}", file=path)
         slot_of: dict[int, int] = {}
         for expert, slots in entry.items():
-            if not (isinstance(expert, str) and expert.isdigit() and int(expert) < num_experts):
-                raise LayoutError(f"{path}: layer {key}: expert {expert!r} is not in 0..{num_experts - 1}")
+            if not (_INDEX.fullmatch(expert) and int(expert) < num_experts):
+                raise LayoutError(f"{where}: expert {quoted(expert)} is not in 0..{num_experts - 1}", file=path)
             if not isinstance(slots, list) or not slots or not all(type(s) is int and s >= 0 for s in slots):
-                raise LayoutError(f"{path}: layer {key}: expert {expert} needs a list of slot numbers")
+                raise LayoutError(f"{where}: expert {expert} needs a list of slot numbers (integers >= 0), "
+                                  f"got {show(slots)}", file=path)
             for s in slots:
                 if s in slot_of:
-                    raise LayoutError(f"{path}: layer {key}: slot {s} is given to experts {slot_of[s]} and {expert}")
+                    raise LayoutError(f"{where}: slot {s} is given to experts {slot_of[s]} and {expert}", file=path)
                 slot_of[s] = int(expert)
         missing = sorted(set(range(num_experts)) - set(slot_of.values()))
         if missing:
-            raise LayoutError(f"{path}: layer {key}: experts {missing} have no slot")
+            raise LayoutError(f"{where}: experts {show(missing)} have no slot", file=path)
         if sorted(slot_of) != list(range(len(slot_of))):
-            raise LayoutError(f"{path}: layer {key}: slots must be 0..{len(slot_of) - 1}, each once; "
-                              f"got {sorted(slot_of)}")
+            raise LayoutError(f"{where}: slots must be 0..{len(slot_of) - 1}, each once; got {show(sorted(slot_of))}",
+                              file=path)
         out[-1 if key == "default" else int(key)] = tuple(slot_of[s] for s in range(len(slot_of)))
     return out
+

@@ -8,6 +8,7 @@ a read that faults its destination in page by page costs a fifth more.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import mmap
@@ -18,6 +19,7 @@ import warnings
 
 import torch
 
+from .checkpoint.files import open_regular
 from .chunks import Chunk, segments
 from .errors import CheckpointError
 from .plan import Read
@@ -60,16 +62,18 @@ def fill(target: torch.Tensor, read: Read, chunk: Chunk, handle: "CheckpointFile
 class CheckpointFile:
     """A checkpoint file open for reading, and its read-only map once a strided read needs it.
 
-    A file truncated by someone else while it is mapped and copied ends the process with
-    SIGBUS (as any memory-mapped reader would); its size is checked before each map read.
+    Opened as a regular file only (``checkpoint.files.open_regular``: a FIFO swapped in after
+    planning cannot block). A file truncated by someone else while it is mapped and copied ends
+    the process with SIGBUS (as any memory-mapped reader would); its size is checked before each
+    map read, and a ``pread`` past its end is a CheckpointError.
     """
 
     def __init__(self, read: Read) -> None:
         try:
-            self.fd = os.open(read.tensor.file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except OSError as err:
-            raise CheckpointError(f"cannot open for reading: {err.strerror or err}", file=read.tensor.file,
-                                  tensor=read.tensor.name) from None
+            self.fd, _ = open_regular(read.tensor.file, what="safetensors file", tensor=read.tensor.name)
+        except CheckpointError as err:  # deleted, replaced or locked away since its header was read
+            raise CheckpointError(f"{err.message} (its header was read earlier: did it change since?)",
+                                  file=err.file, tensor=err.tensor) from None
         self._lock = threading.Lock()
         self._map: mmap.mmap | None = None
         self._bytes: torch.Tensor | None = None
@@ -96,7 +100,8 @@ class CheckpointFile:
         self._bytes = None  # the tensor exports the map's buffer: release it first
         if self._map is not None:
             self._map.close()
-        os.close(self.fd)
+        with contextlib.suppress(OSError):  # read-only: nothing is lost, and an error here would mask another
+            os.close(self.fd)
 
 
 def _pread_exact(fd: int, view: memoryview, offset: int, read: Read) -> None:

@@ -33,8 +33,8 @@ class Fingerprint:
 
 def fingerprint(ckpt: Checkpoint, layout: Layout, specs: Iterable[ParamSpec], version: str,
                 options: dict) -> Fingerprint:
-    """Digests what must be equal on every rank (sizes are read with ``stat``, no data)."""
-    files = {os.path.basename(f): os.path.getsize(f) for f in ckpt.files}
+    """Digests what must be equal on every rank (file sizes as their headers were read, no data)."""
+    files = {os.path.basename(f): ckpt.sizes[f] for f in ckpt.files}
     headers = sorted((t.name, os.path.basename(t.file), str(t.dtype), t.shape, t.end - t.begin)
                      for t in ckpt.tensors.values())
     index = sorted((t.name, os.path.basename(t.file)) for t in ckpt.tensors.values())

@@ -84,6 +84,20 @@ class Layout:
         local = group * self.expert_tp + shard
         return (self.rank(tp=local % self.tp, dp=local // self.tp, pp=pp),)
 
+    def rank_classes(self) -> tuple[tuple[int, int], ...]:
+        """Returns (first rank, number of ranks) for each set of ranks sharing TP index, stage,
+        expert group and expert shard (ranks that read alike), in rank order, without visiting
+        every rank: with ep = 1 the DP replicas of a TP index form one class.
+
+        Example:
+            >>> Layout(world_size=8, tp=2, dp=4).rank_classes()
+            ((0, 4), (1, 4))
+        """
+        per_stage = self.dp * self.tp
+        if self.ep == 1:
+            return tuple((stage * per_stage + t, self.dp) for stage in range(self.pp) for t in range(self.tp))
+        return tuple((rank, 1) for rank in range(self.world_size))  # expert coordinates differ on every rank
+
     def stage_ranks(self, pp: int) -> tuple[int, ...]:
         """Returns the ranks of pipeline stage ``pp``."""
         per = self.tp * self.dp
@@ -98,9 +112,15 @@ class Layout:
             >>> Layout.for_world(8, tp=2).dp
             4
         """
+        for axis, value in (("world_size", world_size), ("tp", tp), ("pp", pp), ("dp", dp or 1)):
+            _check_positive(axis, value)
+        need = tp * pp * (dp or 1)
+        if need > world_size:
+            raise LayoutError(
+                f"tp={tp} x pp={pp}{f' x dp={dp}' if dp else ''} needs {need} ranks, but the world has "
+                f"{world_size}: start {need} (torchrun --nproc-per-node {need} -m distload ...), or plan "
+                f"the layout without them: python -m distload CHECKPOINT --dry-run --world {need} ...")
         if dp is None:
-            for axis, value in (("world_size", world_size), ("tp", tp), ("pp", pp)):
-                _check_positive(axis, value)
             if world_size % (tp * pp):
                 raise LayoutError(
                     f"world size {world_size} is not divisible by tp={tp} x pp={pp}; "

@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+from ._version import __version__
 from .tracking import Entry, Findings
+
+SCHEMA_VERSION = 2
+"""the JSON report's format: 2 added rank_classes (dry runs), exit verdicts and these two keys"""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -30,6 +34,11 @@ class RankStats:
     """host staging memory this rank allocated for reads (pinned on CUDA)"""
     merge_seconds: float = 0.0
     """time this rank spent in the tracking merge (its collectives and classification)"""
+    num_ranks: int = 1
+    """ranks this row stands for: 1 in a load; in a dry run, the ranks of one class (``rank``
+    is the first), which read alike"""
+    coords: tuple[tuple[str, int], ...] = ()
+    """a dry run's class: the coordinates its ranks share (tp, pp, expert group and shard)"""
 
     @property
     def gbps(self) -> float:
@@ -40,7 +49,8 @@ class RankStats:
                 "units_not_loaded": self.units_not_loaded, "bytes_read": self.bytes_read,
                 "seconds": round(self.seconds, 6), "gbps": round(self.gbps, 3),
                 "files_opened": self.files_opened, "staging_bytes": self.staging_bytes,
-                "merge_seconds": round(self.merge_seconds, 6)}
+                "merge_seconds": round(self.merge_seconds, 6),
+                **({"num_ranks": self.num_ranks, **dict(self.coords)} if self.coords else {})}
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -89,13 +99,33 @@ class LoadReport:
             return False
         return not (self.strict and (self.unexpected or self._entries("nonfinite")))
 
+    def stats_of(self, rank: int) -> RankStats:
+        """What ``rank`` read (a load), or would read (a dry run: the row of its class of ranks).
+
+        Example:
+            >>> import distload
+            >>> from distload.dryrun import dry_run
+            >>> dry_run(distload.example_checkpoint(), distload.LoadConfig(tp=2), world_size=8).stats_of(5).rank
+            1
+        """
+        if not any(r.coords for r in self.ranks):
+            return self.ranks[rank]
+        from .layout import Layout
+        lay = Layout(**self.layout)
+        c = lay.coords(rank)
+        group, shard = lay.expert_coords(rank)
+        want = (("tp", c.tp), ("pp", c.pp), ("expert_group", group), ("expert_shard", shard))
+        return next(r for r in self.ranks if r.coords == want)
+
     def _entries(self, kind: str) -> tuple[Entry, ...]:
         return getattr(self.findings, kind) if self.findings is not None else ()
 
     def to_json(self) -> dict:
         """Returns the public JSON form (keys documented in the README)."""
-        bytes_read = sum(r.bytes_read for r in self.ranks)
+        bytes_read = sum(r.bytes_read * r.num_ranks for r in self.ranks)
+        rows = "rank_classes" if self.mode == "dry-run" else "ranks"
         return {
+            "schema_version": SCHEMA_VERSION, "distload_version": __version__,
             "complete": self.complete, "ok": self.ok, "mode": self.mode, "tracked": self.tracked,
             "checkpoint": self.checkpoint, "layout": dict(self.layout), "num_units": self.num_units,
             "missing": [e.to_json() for e in self._entries("missing")],
@@ -107,7 +137,7 @@ class LoadReport:
             "ignored": [{"name": n} for n in self.ignored],
             "notes": list(self.notes),
             "bytes_read": bytes_read,
-            "ranks": [r.to_json() for r in self.ranks],
+            rows: [r.to_json() for r in self.ranks],
             "seconds": round(self.seconds, 6),
             **self.extra,
         }
@@ -121,22 +151,23 @@ class LoadReport:
         status = {True: "COMPLETE", False: "INCOMPLETE", None: "NOT TRACKED"}[self.complete]
         if self.complete and not self.ok:  # every unit loaded, but a check failed (see below)
             status += ", FAILED CHECKS"
-        total = sum(r.bytes_read for r in self.ranks)
+        total = sum(r.bytes_read * r.num_ranks for r in self.ranks)
         slowest = max((r.seconds for r in self.ranks), default=0.0)
+        num_ranks = sum(r.num_ranks for r in self.ranks)
         lines = [f"distload {self.mode}: {status} - {self.checkpoint}",
                  f"  layout: world {lay['world_size']} (tp {lay['tp']}, dp {lay['dp']}, pp {lay['pp']}, "
                  f"ep {lay.get('ep', 1)}); "
                  f"{self.num_units} units",
-                 f"  read: {_size(total)} over {len(self.ranks)} rank(s) in {self.seconds:.2f} s "
-                 f"(slowest rank {slowest:.2f} s)" if self.mode == "load" else
-                 f"  planned: {_size(total)} over {len(self.ranks)} rank(s), planned in {self.seconds:.2f} s"]
+                 f"  read: {_size(total)} over {num_ranks} rank(s); load took {self.seconds:.2f} s on rank 0 "
+                 f"(wall time), the slowest rank's read step {slowest:.2f} s" if self.mode == "load" else
+                 f"  planned: {_size(total)} over {num_ranks} rank(s) in {len(self.ranks)} class(es) of ranks "
+                 f"that read alike, planned in {self.seconds:.2f} s"]
         if self.ranks:
-            per = sorted(r.bytes_read for r in self.ranks)
-            lines.append(f"  bytes per rank: min {_size(per[0])}, median {_size(per[len(per) // 2])}, "
-                         f"max {_size(per[-1])}")
+            lo, mid, hi = _spread(self.ranks, "bytes_read")
+            lines.append(f"  bytes per rank: min {_size(lo)}, median {_size(mid)}, max {_size(hi)}")
             for what, attr in (("units", "units_owned"), ("files", "files_opened")):
-                vals = sorted(getattr(r, attr) for r in self.ranks)
-                lines.append(f"  {what} per rank: min {vals[0]}, median {vals[len(vals) // 2]}, max {vals[-1]}")
+                lo, mid, hi = _spread(self.ranks, attr)
+                lines.append(f"  {what} per rank: min {lo}, median {mid}, max {hi}")
         for kind in ("missing", "inconsistent", "defaulted", "mismatched", "nonfinite"):
             entries = self._entries(kind)
             if entries:
@@ -146,7 +177,7 @@ class LoadReport:
                     extra += f"; affects {', '.join(e.affects)}" if e.affects else ""
                     extra += f"; differs from {e.against}" if e.against else ""
                     extra += f"; NaN/Inf on {_ranks(e.found_on)}" if e.found_on else ""
-                    lines.append(f"    {e.name}  (owners {_ranks(e.owners)}{extra})")
+                    lines.append(f"    {e.name}  (owner ranks {_ranks(e.owners)}{extra})")
                 if len(entries) > limit:
                     lines.append(f"    ... and {len(entries) - limit} more (see --json)")
         if self.unexpected:
@@ -154,8 +185,24 @@ class LoadReport:
             lines += [f"    {n}" for n in self.unexpected[:limit]]
             if len(self.unexpected) > limit:
                 lines.append(f"    ... and {len(self.unexpected) - limit} more (see --json)")
+        if self.ignored:
+            lines.append(f"  ignored ({len(self.ignored)}), by an ignore rule:")
+            lines += [f"    {n}" for n in self.ignored[:limit]]
+            if len(self.ignored) > limit:
+                lines.append(f"    ... and {len(self.ignored) - limit} more (see --json)")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+
+def _spread(rows: tuple[RankStats, ...], attr: str) -> tuple[int, int, int]:
+    """Min, median and max of ``attr`` over ranks, each row counting for its ``num_ranks``."""
+    values = sorted((getattr(r, attr), r.num_ranks) for r in rows)
+    middle, seen = sum(n for _, n in values) // 2, 0
+    for value, n in values:
+        seen += n
+        if seen > middle:
+            return values[0][0], value, values[-1][0]
+    raise AssertionError("no ranks")
 
 
 def _ranks(ranks: tuple[int, ...]) -> str:

@@ -25,9 +25,14 @@ def test_dry_run_equals_the_real_load_at_world_8(pool, tmp_path):
     assert planned["mode"] == "dry-run" and real["mode"] == "load"
     assert _strip(planned) == _strip(real)
     assert [m["name"] for m in planned["missing"]] == ["model.layers.1.self_attn.v_proj.weight", "model.norm.weight"]
-    for p, r in zip(planned["ranks"], real["ranks"]):
-        assert {k: p[k] for k in ("rank", "bytes_read", "units_loaded", "units_owned", "files_opened")} == \
-               {k: r[k] for k in ("rank", "bytes_read", "units_loaded", "units_owned", "files_opened")}
+    # one planned row per TP index, standing for its 4 replicas; every real rank reads as its row says
+    classes = {c["tp"]: c for c in planned["rank_classes"]}
+    assert [(c["rank"], c["num_ranks"]) for c in planned["rank_classes"]] == [(0, 4), (1, 4)]
+    for r in real["ranks"]:
+        p = classes[r["rank"] % 2]
+        assert {k: p[k] for k in ("bytes_read", "units_loaded", "units_owned", "files_opened")} == \
+               {k: r[k] for k in ("bytes_read", "units_loaded", "units_owned", "files_opened")}
+    assert planned["bytes_read"] == real["bytes_read"]
 
 
 def test_dry_run_at_4096_ranks_from_the_cli(tmp_path):
@@ -36,7 +41,8 @@ def test_dry_run_at_4096_ranks_from_the_cli(tmp_path):
                          "--json", "ok.json"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr
     report = json.loads((tmp_path / "ok.json").read_text())
-    assert report["mode"] == "dry-run" and report["complete"] is True and len(report["ranks"]) == 4096
+    assert report["mode"] == "dry-run" and report["complete"] is True and "ranks" not in report
+    assert [(c["rank"], c["num_ranks"], c["tp"]) for c in report["rank_classes"]] == [(t, 1024, t) for t in range(4)]
     assert "bytes per rank" in ok.stdout and "files per rank" in ok.stdout
 
     delete_tensors(directory, ["model.layers.0.mlp.up_proj.weight"])

@@ -144,7 +144,7 @@ def test_identical_offsets_overlap(tmp_path):
     raises(write_raw(tmp_path / "m.safetensors", header, bytes(8)), match="overlap")
 
 
-@pytest.mark.parametrize("offsets, match", [((8, 0), "run backwards"), ((-8, 0), "run backwards"),
+@pytest.mark.parametrize("offsets, match", [((8, 0), "run backwards"), ((-8, 0), "data_offsets [-8, 0] are negative"),
                                             ((0, 24), "run past the end of the data (16 bytes)"),
                                             ((16, 24), "run past the end")])
 def test_bad_offsets(tmp_path, offsets, match):

@@ -151,3 +151,11 @@ def test_layout_is_frozen_and_describes_itself():
         layout.tp = 4  # type: ignore[misc]
     assert layout.describe() == "world=8 (tp=2, dp=4, pp=1, ep=1)"
     assert layout.to_dict() == {"world_size": 8, "tp": 2, "dp": 4, "pp": 1, "ep": 1}
+
+
+def test_a_layout_larger_than_the_world_says_how_to_get_the_ranks():
+    with pytest.raises(LayoutError) as info:
+        Layout.for_world(1, tp=2, pp=2)
+    assert str(info.value) == ("tp=2 x pp=2 needs 4 ranks, but the world has 1: start 4 (torchrun --nproc-per-node 4 "
+                               "-m distload ...), or plan the layout without them: python -m distload CHECKPOINT "
+                               "--dry-run --world 4 ...")

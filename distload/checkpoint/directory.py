@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
+import stat
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Mapping
 
+from .. import jsondoc
 from ..errors import CheckpointError
-from .header import TensorInfo, read_header
+from .files import kind, read_regular, reason, require_regular
+from .header import TensorInfo, read_file_header
 from .pickled import read_pickle_header
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -28,6 +32,8 @@ class Checkpoint:
     """every tensor of every file, by name"""
     files: tuple[str, ...]
     """the safetensors files, in a fixed order"""
+    sizes: Mapping[str, int]
+    """each file's size in bytes when its header was read (no later ``stat`` can fail)"""
 
 
 def open_checkpoint(directory: str, *, allow_pickle: bool = False) -> Checkpoint:
@@ -45,18 +51,23 @@ def open_checkpoint(directory: str, *, allow_pickle: bool = False) -> Checkpoint
         True
 
     Raises:
-        CheckpointError: naming the file (and tensor) that is missing or malformed.
+        CheckpointError: naming the file (and tensor) that is missing, malformed, not a
+            regular file, or unreadable (every OSError on the way becomes one).
     """
     directory = os.path.abspath(directory)
-    if not os.path.isdir(directory):
-        raise CheckpointError("checkpoint directory does not exist", file=directory)
-    if not os.listdir(directory):
-        raise CheckpointError("checkpoint directory is empty", file=directory)
-    config = _read_json(os.path.join(directory, "config.json"), what="config.json")
-    kind, files = _weight_files(directory, allow_pickle)
+    found = _list_directory(directory)
+    config_path = os.path.join(directory, "config.json")
+    config = _read_json(config_path, what="config.json")
+    fmt, files = _weight_files(directory, allow_pickle, found)
     tensors: dict[str, TensorInfo] = {}
+    sizes: dict[str, int] = {}
     for path, expected in files:
-        header = read_header(path) if kind == "safetensors" else read_pickle_header(path)
+        if fmt == "safetensors":
+            read = read_file_header(path)
+            header, sizes[path] = read.tensors, read.size
+        else:
+            sizes[path] = require_regular(path, what="pickle weight file").st_size
+            header = read_pickle_header(path)
         for name, info in header.items():
             if name in tensors:
                 raise CheckpointError(f"tensor is stored twice, also in {tensors[name].file}",
@@ -66,17 +77,38 @@ def open_checkpoint(directory: str, *, allow_pickle: bool = False) -> Checkpoint
             for name in sorted(expected - header.keys()):
                 raise CheckpointError(f"the index places this tensor in {os.path.basename(path)}, "
                                       "which does not hold it", file=path, tensor=name)
-    return Checkpoint(directory=directory, config=MappingProxyType(config),
-                      tensors=MappingProxyType(tensors), files=tuple(p for p, _ in files))
+    return Checkpoint(directory=directory, config=MappingProxyType(config), tensors=MappingProxyType(tensors),
+                      files=tuple(p for p, _ in files), sizes=MappingProxyType(sizes))
+
+
+def _list_directory(directory: str) -> list[str]:
+    """The sorted names in ``directory``, which must be a listable, non-empty directory."""
+    try:
+        st = os.stat(directory)
+    except FileNotFoundError:
+        raise CheckpointError("checkpoint directory does not exist", file=directory) from None
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"cannot open the checkpoint directory: {reason(err)}", file=directory) from None
+    if not stat.S_ISDIR(st.st_mode):
+        what = "a regular file" if stat.S_ISREG(st.st_mode) else kind(st.st_mode)
+        raise CheckpointError(f"checkpoint path is {what}, not a directory", file=directory)
+    try:
+        found = sorted(os.listdir(directory))
+    except OSError as err:  # e.g. mode 0o111: it can be entered but not listed
+        raise CheckpointError(f"cannot list the checkpoint directory: {reason(err)}", file=directory) from None
+    if not found:
+        raise CheckpointError("checkpoint directory is empty", file=directory)
+    return found
 
 
 def _read_json(path: str, *, what: str) -> dict:
+    if not os.path.lexists(path):
+        raise CheckpointError(f"{what} is missing", file=path)
+    # opened as a regular file only (a FIFO swapped in after the listing cannot block it)
+    raw = read_regular(path, what=what, limit=MAX_INDEX_BYTES)
     try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{what} is missing", file=path) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        value = jsondoc.parse(raw)
+    except ValueError as err:  # not UTF-8, not JSON, nested too deep, a number of too many digits
         raise CheckpointError(f"{what} is unreadable: {err}", file=path) from None
     if not isinstance(value, dict):
         raise CheckpointError(f"{what} is not a JSON object", file=path)
@@ -111,24 +143,17 @@ def parse_index(raw: bytes, *, path: str) -> dict[str, str]:
 
 
 def _read_index(path: str) -> dict[str, str]:
-    try:
-        size = os.path.getsize(path)
-        if size > MAX_INDEX_BYTES:
-            raise CheckpointError(f"index is {size} bytes, over the {MAX_INDEX_BYTES}-byte limit", file=path)
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as err:
-        raise CheckpointError(f"index is unreadable: {err.strerror or err}", file=path) from None
-    return parse_index(raw, path=path)
+    return parse_index(read_regular(path, what="index", limit=MAX_INDEX_BYTES), path=path)
 
 
-def _weight_files(directory: str, allow_pickle: bool) -> tuple[str, list[tuple[str, set[str] | None]]]:
+def _weight_files(directory: str, allow_pickle: bool,
+                  found: list[str]) -> tuple[str, list[tuple[str, set[str] | None]]]:
     """Returns the format and (path, names the index places there or None) for each file.
 
     Safetensors files win whenever there are any; pickle files (``.bin``/``.pt``) are
-    used only when there are no others and ``allow_pickle`` is set.
+    used only when there are no others and ``allow_pickle`` is set. ``found``: the
+    directory's names, sorted.
     """
-    found = sorted(os.listdir(directory))
     if any(f.endswith(".safetensors") for f in found) or INDEX_NAME in found:
         return "safetensors", _listed(directory, INDEX_NAME, (SINGLE_NAME,), (".safetensors",), found)
     pickles = [f for f in found if f.endswith(PICKLE_SUFFIXES) or f == PICKLE_INDEX_NAME]
@@ -146,13 +171,13 @@ def _listed(directory: str, index_name: str, singles: tuple[str, ...], suffixes:
             found: list[str]) -> list[tuple[str, set[str] | None]]:
     if index_name in found:
         index_path = os.path.join(directory, index_name)
-        by_file: dict[str, set[str]] = {}
+        by_file: dict[str, set[str]] = {}  # normalized first: ./a and x/../a are one file, not two
         for name, rel in _read_index(index_path).items():
-            by_file.setdefault(rel, set()).add(name)
+            by_file.setdefault(_normalized(rel, index_path, tensor=name), set()).add(name)
         out = []
         for rel in sorted(by_file):
-            path = _inside(directory, rel, index_path, tensor=min(by_file[rel]))
-            if not os.path.isfile(path):
+            path = os.path.join(directory, *rel.split("/"))
+            if not os.path.lexists(path):  # anything else that is no regular file: read_file_header says so
                 raise CheckpointError(f"the index names {rel}, which does not exist", file=path,
                                       tensor=min(by_file[rel]))
             out.append((path, by_file[rel]))
@@ -163,14 +188,20 @@ def _listed(directory: str, index_name: str, singles: tuple[str, ...], suffixes:
     return [(os.path.join(directory, f), None) for f in found if f.endswith(suffixes)]
 
 
-def _inside(directory: str, rel: str, index_path: str, *, tensor: str | None = None) -> str:
-    """Joins an index entry to the directory, refusing absolute paths and ``..`` components.
+def _normalized(rel: str, index_path: str, *, tensor: str | None = None) -> str:
+    """An index entry as a normalized ``/``-separated path inside the directory.
 
-    Symlinks inside the directory are followed (the Hugging Face cache links snapshot
-    files to blobs elsewhere): the check is on the entry's text, not its target.
+    ``.`` and ``x/..`` collapse on the text (``posixpath.normpath``), so ``./a`` and
+    ``sub/../a`` are ``a``; what is absolute, empty, the directory itself or outside it
+    after that is refused. Symlinks inside the directory are followed (the Hugging Face
+    cache links snapshot files to blobs elsewhere): the check is on the entry's text.
     """
-    parts = rel.replace("\\", "/").split("/")
-    if os.path.isabs(rel) or ".." in parts or not rel:
+    if "\0" in rel:
+        raise CheckpointError(f"index entry {rel!r} holds a NUL byte: no file has that name", file=index_path,
+                              tensor=tensor)
+    text = rel.replace("\\", "/")
+    norm = posixpath.normpath(text) if text else ""
+    if not text or text.startswith("/") or os.path.isabs(rel) or norm in (".", "..") or norm.startswith("../"):
         raise CheckpointError(f"index entry {rel!r} is an absolute path or leaves the directory",
                               file=index_path, tensor=tensor)
-    return os.path.join(directory, *parts)
+    return norm

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from ..errors import ConfigError
+from ..jsondoc import quoted
+from .fields import MAX_SIZE, Fields
 
 ROPE_TYPES = ("default", "llama3")
 BASE_TYPES = {"mixtral": "mistral", "qwen2_moe": "qwen2", "qwen3_moe": "qwen3"}
@@ -54,46 +56,103 @@ class DecoderConfig:
     """MLP activation (silu)"""
 
     @classmethod
-    def from_json(cls, cfg: Mapping) -> "DecoderConfig":
-        """Reads a Hugging Face config.json dict; raises ConfigError naming a bad field."""
-        mt = BASE_TYPES.get(cfg.get("model_type"), cfg.get("model_type"))  # MoE models share attention
-        try:
-            hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
-            layers = int(cfg["num_hidden_layers"])
-            rope = dict(cfg.get("rope_parameters") or {})
-            if not rope:  # transformers 4.x keys
-                rope = dict(cfg.get("rope_scaling") or {})
-                rope.setdefault("rope_theta", cfg.get("rope_theta", 10000.0))
-                rope.setdefault("rope_type", rope.get("type", "default"))
-            rope_type = rope.get("rope_type", "default")
-            if rope_type not in ROPE_TYPES:
-                raise ConfigError(f"config.json rope_type {rope_type!r} is not supported "
-                                  f"(supported: {', '.join(ROPE_TYPES)})")
-            window = cfg.get("sliding_window")
-            if mt == "mistral":
-                windows = tuple(window for _ in range(layers))
-            else:  # qwen2 / qwen3: only layers marked sliding, and only if enabled
-                types = cfg.get("layer_types") or ["full_attention"] * layers
-                on = bool(cfg.get("use_sliding_window", False))
-                windows = tuple(window if (on and t == "sliding_attention") else None for t in types)
-            act = cfg.get("hidden_act", "silu")
-            if act != "silu":
-                raise ConfigError(f"config.json hidden_act {act!r} is not supported (supported: silu)")
-            # which projections have biases follows each transformers model class
-            bias = {"qwen2": True, "mistral": False}.get(mt, bool(cfg.get("attention_bias", False)))
-            o_bias = bias and mt in ("llama", "qwen3")
-            return cls(
-                model_type=mt, vocab_size=int(cfg["vocab_size"]), hidden_size=hidden,
-                intermediate_size=int(cfg["intermediate_size"]), num_hidden_layers=layers,
-                num_attention_heads=heads, num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
-                head_dim=int(cfg.get("head_dim") or hidden // heads), rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-                rope_theta=float(rope.get("rope_theta", 10000.0)),
-                rope_scaling=rope if rope_type == "llama3" else None,
-                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-                attention_bias=bias, o_bias=o_bias,
-                mlp_bias=mt == "llama" and bool(cfg.get("mlp_bias", False)), qk_norm=mt == "qwen3",
-                sliding_windows=windows, hidden_act=act)
-        except KeyError as err:
-            raise ConfigError(f"config.json has no {err.args[0]!r}, which model_type {mt!r} needs") from None
-        except (TypeError, ValueError) as err:
-            raise ConfigError(f"config.json has a malformed value: {err}") from None
+    def from_json(cls, cfg: Mapping, *, family: str | None = None, head_dim: int | None = None,
+                  default_rope: bool = False) -> "DecoderConfig":
+        """Reads a Hugging Face config.json dict, every field type- and range-checked.
+
+        Args:
+            cfg: the parsed config.json.
+            family: read it as this dense type (DeepSeek-V3's dense parts are ``llama``'s);
+                default: its own ``model_type``, a mixture of experts as its dense type.
+            head_dim: the rotary width where the config names it otherwise (DeepSeek-V3).
+            default_rope: the default rotary embedding at the config's ``rope_theta``, whatever
+                ``rope_type`` says (the DeepSeek-V3 forward knows no other).
+
+        Raises:
+            ConfigError: naming the field and its value (the caller adds the file).
+        """
+        f = Fields(cfg)
+        own = f.text("model_type")
+        mt = family or BASE_TYPES.get(own, own)  # MoE models share the attention of a dense type
+        layers = f.integer("num_hidden_layers")
+        hidden, heads = f.integer("hidden_size"), f.integer("num_attention_heads")
+        kv_heads = f.integer("num_key_value_heads", heads, nullable=True)
+        if heads % kv_heads:
+            raise ConfigError(f"config.json num_key_value_heads must divide num_attention_heads ({heads}), "
+                              f"got {kv_heads}")
+        derived = ""
+        if head_dim is None:
+            head_dim = f.integer("head_dim", None, nullable=True)
+        if head_dim is None:  # transformers' default
+            head_dim, derived = hidden // heads, " (hidden_size // num_attention_heads)"
+            if not head_dim:
+                raise ConfigError(f"config.json num_attention_heads ({heads}) must not exceed hidden_size "
+                                  f"({hidden}) when head_dim is not given")
+        if head_dim % 2:  # the rotary embedding turns pairs of channels
+            raise ConfigError(f"config.json head_dim must be even, got {head_dim}{derived}")
+        f.at_most("num_attention_heads * head_dim", heads * head_dim, MAX_SIZE)
+        theta, rope_type, scaling = read_rope(f)
+        if default_rope:
+            rope_type, scaling = "default", None
+        elif rope_type not in ROPE_TYPES:
+            raise ConfigError(f"config.json rope_type {quoted(rope_type)} is not supported "
+                              f"(supported: {', '.join(ROPE_TYPES)})")
+        act = f.text("hidden_act", "silu", choices=("silu",))
+        # which projections have biases follows each transformers model class
+        bias = True if mt == "qwen2" else False if mt == "mistral" else f.flag("attention_bias", False)
+        return cls(
+            model_type=mt, vocab_size=f.integer("vocab_size"), hidden_size=hidden,
+            intermediate_size=f.integer("intermediate_size"), num_hidden_layers=layers,
+            num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+            rms_norm_eps=f.number("rms_norm_eps", 1e-6), rope_theta=theta,
+            rope_scaling=_llama3(scaling) if rope_type == "llama3" else None,
+            tie_word_embeddings=f.flag("tie_word_embeddings", False),
+            attention_bias=bias, o_bias=bias and mt in ("llama", "qwen3"),
+            mlp_bias=mt == "llama" and f.flag("mlp_bias", False), qk_norm=mt == "qwen3",
+            sliding_windows=_windows(f, mt, layers), hidden_act=act)
+
+
+LAYER_TYPES = ("full_attention", "sliding_attention")
+"""the attention kinds of qwen2 / qwen3 ``layer_types``"""
+
+
+def read_rope(f: Fields) -> tuple[float, str, Fields | None]:
+    """``(rope_theta, rope_type, the fields of its parameters)``, from ``rope_parameters``
+    (transformers 5) or else ``rope_scaling`` and ``rope_theta`` (4.x)."""
+    params = f.section("rope_parameters", needed_by="rope_parameters")
+    if params is None:
+        params = f.section("rope_scaling", needed_by="rope_scaling")
+        theta = f.number("rope_theta", 10000.0)
+    else:
+        theta = 10000.0
+    if params is None:
+        return theta, "default", None
+    kind = params.text("rope_type", params.text("type", "default"))  # "type": the 4.x name
+    return params.number("rope_theta", theta), kind, params
+
+
+def _llama3(params: Fields) -> dict[str, float]:
+    """The llama3 frequency-scaling parameters, checked as transformers checks them."""
+    params = Fields(params.values, prefix=params.prefix, needed_by="rope_type 'llama3'")
+    low, high = params.number("low_freq_factor", 1.0), params.number("high_freq_factor", 4.0)
+    if high <= low:
+        raise params.error("high_freq_factor", f"greater than low_freq_factor ({low})", high)
+    return {"rope_type": "llama3", "factor": params.number("factor"), "low_freq_factor": low,
+            "high_freq_factor": high,
+            "original_max_position_embeddings": params.number("original_max_position_embeddings")}
+
+
+def _windows(f: Fields, mt: str, layers: int) -> tuple[int | None, ...]:
+    """The attention window of each layer (None: full causal attention)."""
+    if mt == "mistral":
+        return (f.integer("sliding_window", None, nullable=True),) * layers
+    if mt not in ("qwen2", "qwen3"):
+        return (None,) * layers
+    # only layers marked sliding, and only when enabled (qwen2_moe writes sliding_window 0 when off)
+    on = f.flag("use_sliding_window", False)
+    window = f.integer("sliding_window", None, minimum=0, nullable=True)
+    types = f.strings("layer_types", ("full_attention",) * layers, length=layers, choices=LAYER_TYPES,
+                      nullable=True)
+    if on and "sliding_attention" in types and not window:
+        raise f.error("sliding_window", "a positive integer when use_sliding_window is true", window)
+    return tuple(window if on and t == "sliding_attention" else None for t in types)

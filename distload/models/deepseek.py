@@ -7,6 +7,7 @@ are replicated; ``q_b_proj`` (or ``q_proj``), ``kv_b_proj`` and ``o_proj`` split
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Mapping
 
 import torch
@@ -19,45 +20,146 @@ from ..experts import ExpertPlacement
 from ..layers import ColumnParallelLinear, Part, ReplicatedLinear, RMSNorm, RowParallelLinear
 from ..quant.layer import KVCacheScales
 from ..layers.moe import ExpertExchange, FusedExperts
-from .config import DecoderConfig
+from .config import DecoderConfig, read_rope
+from .fields import MAX_EXPERTS, MAX_SIZE, MAX_VALUES, Fields
 from .llama import MLP, DecoderForCausalLM
-from .moe import DenseFFN, SparseMoE
+from .moe import DenseFFN, SparseMoE, expert_count
+
+
+EXPERT_KEYS = ("n_routed_experts", "num_local_experts")
+"""config.json keys of the expert count (transformers' attribute_map accepts the second)"""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DeepseekConfig:
+    """The config.json fields of DeepSeek-V3's latent attention and routed experts."""
+
+    dense: DecoderConfig
+    """embedding, norms, dense MLPs and the rotary width (``qk_rope_head_dim``)"""
+    rope_type: str
+    """the configured rotary kind (the reference forward implements ``default`` only)"""
+    num_heads: int
+    """attention heads"""
+    q_lora_rank: int | None
+    """rank of the low-rank query projection; None: one full ``q_proj``"""
+    kv_lora_rank: int
+    """rank of the low-rank key/value projection"""
+    qk_nope_head_dim: int
+    """per-head query/key width without rotary"""
+    qk_rope_head_dim: int
+    """per-head query/key width with rotary"""
+    v_head_dim: int
+    """per-head value width"""
+    attention_bias: bool
+    """the low-rank and output projections have biases"""
+    rope_interleave: bool
+    """rotary pairs are adjacent channels"""
+    num_experts: int
+    """routed experts"""
+    top_k: int
+    """experts per token"""
+    num_groups: int
+    """expert groups of the router (``n_group``)"""
+    topk_group: int
+    """groups a token may use"""
+    renormalize: bool
+    """rescale the top-k weights to sum to one"""
+    routed_scaling_factor: float
+    """factor on the routed experts' weights"""
+    moe_intermediate: int
+    """one expert's width"""
+    shared_intermediate: int
+    """width of the shared experts together, 0: none"""
+    first_dense: int
+    """the first layers with a dense MLP (``first_k_dense_replace``)"""
+    num_mtp_layers: int
+    """multi-token-prediction layers after the decoder layers (ignored when loading)"""
+
+    @classmethod
+    def from_json(cls, cfg: Mapping) -> "DeepseekConfig":
+        """Reads a DeepSeek-V3 config.json dict, every field type- and range-checked.
+
+        Raises:
+            ConfigError: naming the field and its value.
+        """
+        f = Fields(cfg)
+        layers, hidden = f.integer("num_hidden_layers"), f.integer("hidden_size")
+        heads = f.integer("num_attention_heads")
+        rope_dim = f.integer("qk_rope_head_dim")
+        if rope_dim % 2:  # the rotary embedding turns pairs of channels
+            raise ConfigError(f"config.json qk_rope_head_dim must be even, got {rope_dim}")
+        _, rope_type, _ = read_rope(f)
+        # rotary tables span the rope part of a head only; the reference forward knows the default one
+        dense = DecoderConfig.from_json(cfg, family="llama", head_dim=rope_dim, default_rope=True)
+        nope, v_dim, kv_rank = f.integer("qk_nope_head_dim"), f.integer("v_head_dim"), f.integer("kv_lora_rank")
+        f.at_most("num_attention_heads * (qk_nope_head_dim + qk_rope_head_dim)", heads * (nope + rope_dim), MAX_SIZE)
+        f.at_most("num_attention_heads * (qk_nope_head_dim + v_head_dim)", heads * (nope + v_dim), MAX_SIZE)
+        f.at_most("kv_lora_rank + qk_rope_head_dim", kv_rank + rope_dim, MAX_SIZE)
+        experts = expert_count(f, EXPERT_KEYS)
+        groups = f.integer("n_group", 1, nullable=True)
+        if experts % groups:
+            raise ConfigError(f"config.json n_group must divide {EXPERT_KEYS[0]} ({experts}), got {groups}")
+        inter = f.integer("moe_intermediate_size")
+        f.at_most(f"{EXPERT_KEYS[0]} * moe_intermediate_size * hidden_size", experts * inter * hidden, MAX_VALUES)
+        shared = f.integer("n_shared_experts", 1, minimum=0, cap=MAX_EXPERTS) * inter
+        f.at_most("n_shared_experts * moe_intermediate_size", shared, MAX_SIZE)
+        return cls(dense=dense, rope_type=rope_type, num_heads=heads,
+                   q_lora_rank=f.integer("q_lora_rank", None, nullable=True), kv_lora_rank=kv_rank,
+                   qk_nope_head_dim=nope, qk_rope_head_dim=rope_dim, v_head_dim=v_dim,
+                   attention_bias=f.flag("attention_bias", False),
+                   rope_interleave=f.flag("rope_interleave", True, nullable=True),
+                   num_experts=experts, top_k=f.integer("num_experts_per_tok", maximum=experts),
+                   num_groups=groups, topk_group=f.integer("topk_group", 1, maximum=groups, nullable=True),
+                   renormalize=f.flag("norm_topk_prob", True, nullable=True),
+                   routed_scaling_factor=f.number("routed_scaling_factor", 1.0),
+                   moe_intermediate=inter, shared_intermediate=shared,
+                   first_dense=f.integer("first_k_dense_replace", 0, minimum=0, maximum=layers, nullable=True),
+                   num_mtp_layers=_mtp_layers(f, layers))
 
 
 def mtp_ignore_patterns(config: Mapping) -> tuple[str, ...]:
     """The multi-token-prediction layers real checkpoints carry after the last decoder layer
-    (``model.layers.{num_hidden_layers}.*``): ignored, and listed as ignored."""
-    n = int(config.get("num_hidden_layers", 0))
-    extra = int(config.get("num_nextn_predict_layers") or 0)
-    return tuple(rf"^model\.layers\.{i}\." for i in range(n, n + max(extra, 1)))
+    (``model.layers.{num_hidden_layers}.*``): ignored, and listed as ignored.
+
+    Raises:
+        ConfigError: ``num_hidden_layers`` or ``num_nextn_predict_layers`` (at most one per
+            decoder layer) out of range.
+    """
+    f = Fields(config)
+    n = f.integer("num_hidden_layers")
+    return tuple(rf"^model\.layers\.{i}\." for i in range(n, n + max(_mtp_layers(f, n), 1)))
+
+
+def _mtp_layers(f: Fields, layers: int) -> int:
+    return f.integer("num_nextn_predict_layers", 0, minimum=0, maximum=layers)
 
 
 class LatentAttention(nn.Module, KVCacheScales):
     """MLA with this rank's heads: ``forward(x, cos, sin)`` like the GQA attention (with an FP8
     KV cache, ``k_scale`` / ``v_scale`` are loaded and tracked; the forward keeps no cache)."""
 
-    def __init__(self, cfg: Mapping, *, tp: int, ops: Collectives, eps: float, dtype, device) -> None:
+    def __init__(self, cfg: DeepseekConfig, *, tp: int, ops: Collectives, eps: float, dtype, device) -> None:
         super().__init__()
-        heads = int(cfg["num_attention_heads"])
+        heads = cfg.num_heads
         if heads % tp:
             raise PlanError(f"num_attention_heads={heads} is not divisible by tp={tp}")
-        h = int(cfg["hidden_size"])
-        self.nope, self.rope = int(cfg["qk_nope_head_dim"]), int(cfg["qk_rope_head_dim"])
-        self.v_dim, self.kv_rank = int(cfg["v_head_dim"]), int(cfg["kv_lora_rank"])
-        self.q_rank = cfg.get("q_lora_rank")
+        h = cfg.dense.hidden_size
+        self.nope, self.rope = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
+        self.v_dim, self.kv_rank = cfg.v_head_dim, cfg.kv_lora_rank
+        self.q_rank = cfg.q_lora_rank
         self.heads = heads // tp
-        self.interleave = bool(cfg.get("rope_interleave", True))
+        self.interleave = cfg.rope_interleave
         qk = self.nope + self.rope
         self.scaling = qk ** -0.5
-        bias = bool(cfg.get("attention_bias", False))
+        bias = cfg.attention_bias
         if self.q_rank is None:
             self.q_proj = ColumnParallelLinear(h, [Part(name="", out_features=heads * qk, num_shards=tp)], tp=tp,
                                                dtype=dtype, device=device)
         else:
-            self.q_a_proj = ReplicatedLinear(h, int(self.q_rank), bias=bias, dtype=dtype, device=device)
-            self.q_a_layernorm = RMSNorm(int(self.q_rank), eps, dtype=dtype, device=device)
-            self.q_b_proj = ColumnParallelLinear(int(self.q_rank), [Part(name="", out_features=heads * qk,
-                                                                         num_shards=tp)],
+            self.q_a_proj = ReplicatedLinear(h, self.q_rank, bias=bias, dtype=dtype, device=device)
+            self.q_a_layernorm = RMSNorm(self.q_rank, eps, dtype=dtype, device=device)
+            self.q_b_proj = ColumnParallelLinear(self.q_rank, [Part(name="", out_features=heads * qk,
+                                                                    num_shards=tp)],
                                                  tp=tp, dtype=dtype, device=device)
         self.kv_a_proj_with_mqa = ReplicatedLinear(h, self.kv_rank + self.rope, bias=bias, dtype=dtype, device=device)
         self.kv_a_layernorm = RMSNorm(self.kv_rank, eps, dtype=dtype, device=device)
@@ -97,14 +199,11 @@ class GroupedRouter(nn.Module):
     ``topk_group`` expert groups, then the top-k experts in them; weights come from the
     plain scores, optionally renormalized, times ``routed_scaling_factor``. Float32 always."""
 
-    def __init__(self, cfg: Mapping, num_experts: int, hidden: int, device) -> None:
+    def __init__(self, cfg: DeepseekConfig, hidden: int, device) -> None:
         super().__init__()
-        self.top_k, self.groups = int(cfg["num_experts_per_tok"]), int(cfg.get("n_group") or 1)
-        self.topk_group = int(cfg.get("topk_group") or 1)
-        self.renormalize = bool(cfg.get("norm_topk_prob", True))
-        self.scale = float(cfg.get("routed_scaling_factor") or 1.0)
-        if num_experts % self.groups:
-            raise PlanError(f"n_routed_experts={num_experts} is not divisible by n_group={self.groups}")
+        self.top_k, self.groups, self.topk_group = cfg.top_k, cfg.num_groups, cfg.topk_group
+        self.renormalize, self.scale = cfg.renormalize, cfg.routed_scaling_factor
+        num_experts = cfg.num_experts
         self.weight = nn.Parameter(torch.empty(num_experts, hidden, dtype=torch.float32, device=device))
         self.register_buffer("e_score_correction_bias", torch.empty(num_experts, dtype=torch.float32, device=device))
 
@@ -126,30 +225,20 @@ def build_deepseek_model(config: Mapping, *, tp: int, tp_rank: int, ops, pipe, l
                          etp: int, exchange: ExpertExchange, placement_kind: str, redundant: int,
                          expert_map, dtype, device) -> nn.Module:
     """The reference DeepSeek-V3 model of this rank (its stage, its expert group)."""
-    try:
-        # rotary tables span the rope part of a head only
-        base = {**config, "model_type": "llama", "head_dim": int(config["qk_rope_head_dim"])}
-        dense = DecoderConfig.from_json(base)
-        num_experts = int(config["n_routed_experts"])
-        first_dense = int(config.get("first_k_dense_replace") or 0)
-        inter = int(config["moe_intermediate_size"])
-        shared = int(config.get("n_shared_experts") or 0) * inter
-    except KeyError as err:
-        raise ConfigError(f"config.json has no {err.args[0]!r}, which model_type 'deepseek_v3' needs") from None
-    rope = (config.get("rope_parameters") or config.get("rope_scaling") or {}).get("rope_type", "default")
+    cfg = DeepseekConfig.from_json(config)
+    dense, num_experts, inter = cfg.dense, cfg.num_experts, cfg.moe_intermediate
+    first_dense, shared = cfg.first_dense, cfg.shared_intermediate
     forward_error = None
-    if rope not in ("default", None):
+    if cfg.rope_type not in ("default",):
         # loading and tracking do not depend on it; only the reference forward would be wrong
-        forward_error = f"the reference DeepSeek-V3 forward implements rope_type 'default' only, not {rope!r}"
-        dense = DecoderConfig.from_json({**base, "rope_parameters": {
-            "rope_type": "default", "rope_theta": float(config.get("rope_theta", 10000.0))}})
+        forward_error = f"the reference DeepSeek-V3 forward implements rope_type 'default' only, not {cfg.rope_type!r}"
     default = ExpertPlacement.make(num_experts=num_experts, ep=layout.ep, kind=placement_kind, redundant=redundant)
     placements = {layer: ExpertPlacement.from_slots(num_experts=num_experts, ep=layout.ep, kind=placement_kind,
                                                     slots=slots) for layer, slots in (expert_map or {}).items()}
     h = dense.hidden_size
 
     def attention(layer: int) -> nn.Module:
-        return LatentAttention(config, tp=tp, ops=ops, eps=dense.rms_norm_eps, dtype=dtype, device=device)
+        return LatentAttention(cfg, tp=tp, ops=ops, eps=dense.rms_norm_eps, dtype=dtype, device=device)
 
     def ffn(layer: int) -> tuple[str, nn.Module]:
         if layer < first_dense:
@@ -159,7 +248,7 @@ def build_deepseek_model(config: Mapping, *, tp: int, tp_rank: int, ops, pipe, l
                                names=("experts.{expert}.gate_proj", "experts.{expert}.up_proj",
                                       "experts.{expert}.down_proj"), dtype=dtype, device=device)
         common = ("shared_experts", DenseFFN(h, shared, tp=tp, ops=ops, dtype=dtype, device=device)) if shared else None
-        return "mlp", SparseMoE(GroupedRouter(config, num_experts, h, device), experts, exchange, shared=common)
+        return "mlp", SparseMoE(GroupedRouter(cfg, h, device), experts, exchange, shared=common)
 
     return DecoderForCausalLM(dense, tp=tp, tp_rank=tp_rank, ops=ops, pipe=pipe, layers=layers, mlp=ffn,
                               attention=attention, forward_error=forward_error, dtype=dtype, device=device)

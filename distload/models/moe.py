@@ -18,6 +18,7 @@ from ..experts import ExpertPlacement
 from ..layers import ColumnParallelLinear, Part, ReplicatedLinear, RowParallelLinear
 from ..layers.moe import ExpertExchange, FusedExperts, Router
 from .config import DecoderConfig
+from .fields import MAX_EXPERTS, MAX_VALUES, Fields
 from .llama import MLP, DecoderForCausalLM
 
 
@@ -44,24 +45,55 @@ class MoEConfig:
 
     @classmethod
     def from_json(cls, cfg: Mapping) -> "MoEConfig":
-        mt = cfg.get("model_type")
-        layers = int(cfg["num_hidden_layers"])
-        # transformers writes either name, depending on the model and its version
-        experts = int(cfg.get("num_local_experts") or cfg["num_experts"])
+        """Reads the sparse feed-forward's fields of a mixtral / qwen2_moe / qwen3_moe config.json.
+
+        Raises:
+            ConfigError: naming the field and its value.
+        """
+        f = Fields(cfg)
+        mt = f.text("model_type")
+        layers, hidden = f.integer("num_hidden_layers"), f.integer("hidden_size")
+        experts = expert_count(f, EXPERT_KEYS[mt])
+        top_k = f.integer("num_experts_per_tok", maximum=experts)
         if mt == "mixtral":
+            inter = f.integer("intermediate_size")
+            f.at_most(f"{EXPERT_KEYS[mt][0]} * intermediate_size * hidden_size", experts * inter * hidden, MAX_VALUES)
             return cls(block_name="block_sparse_moe", expert_names=("experts.{expert}.w1", "experts.{expert}.w3",
                                                                     "experts.{expert}.w2"),
-                       num_experts=experts, top_k=int(cfg["num_experts_per_tok"]),
-                       intermediate=int(cfg["intermediate_size"]), renormalize=True, shared_intermediate=0,
+                       num_experts=experts, top_k=top_k, intermediate=inter, renormalize=True, shared_intermediate=0,
                        sparse_layers=frozenset(range(layers)))
-        step = int(cfg.get("decoder_sparse_step") or 1)
-        dense = set(cfg.get("mlp_only_layers") or ())
+        step = f.integer("decoder_sparse_step", 1)
+        dense = set(f.integers("mlp_only_layers", (), maximum=layers - 1, what="layer indices", nullable=True))
+        inter = f.integer("moe_intermediate_size")
+        f.at_most(f"{EXPERT_KEYS[mt][0]} * moe_intermediate_size * hidden_size", experts * inter * hidden, MAX_VALUES)
+        shared = f.integer("shared_expert_intermediate_size", 0, minimum=0) if mt == "qwen2_moe" else 0
         return cls(block_name="mlp", expert_names=("experts.{expert}.gate_proj", "experts.{expert}.up_proj",
                                                    "experts.{expert}.down_proj"),
-                   num_experts=experts, top_k=int(cfg["num_experts_per_tok"]),
-                   intermediate=int(cfg["moe_intermediate_size"]), renormalize=bool(cfg.get("norm_topk_prob")),
-                   shared_intermediate=int(cfg.get("shared_expert_intermediate_size") or 0) if mt == "qwen2_moe" else 0,
+                   num_experts=experts, top_k=top_k, intermediate=inter,
+                   renormalize=f.flag("norm_topk_prob", False), shared_intermediate=shared,
                    sparse_layers=frozenset(i for i in range(layers) if i not in dense and (i + 1) % step == 0))
+
+
+EXPERT_KEYS = {"mixtral": ("num_local_experts", "num_experts"), "qwen2_moe": ("num_experts",),
+               "qwen3_moe": ("num_local_experts", "num_experts")}
+"""config.json keys of the expert count, per model type (transformers' attribute_map lets mixtral
+and qwen3_moe configs use either name; transformers 5 writes the first)"""
+
+
+def expert_count(f: Fields, keys: tuple[str, ...]) -> int:
+    """The expert count under the first of ``keys`` present; several present must agree.
+
+    Raises:
+        ConfigError: none present, a count out of range, or two that differ.
+    """
+    present = [key for key in keys if key in f.values]
+    if not present:
+        raise f.absent(keys[0])
+    counts = {key: f.integer(key, cap=MAX_EXPERTS) for key in present}
+    if len(set(counts.values())) > 1:
+        a, b = present[:2]
+        raise ConfigError(f"config.json {a} ({counts[a]}) and {b} ({counts[b]}) disagree")
+    return counts[present[0]]
 
 
 class SparseMoE(nn.Module):
@@ -117,12 +149,7 @@ def build_moe_model(config: Mapping, *, tp: int, tp_rank: int, ops, pipe, layers
     ``expert_map`` (layer -> slot list, ``-1`` for the default) overrides the redundant-expert
     rule per layer; see ``experts.parse_expert_map``.
     """
-    dense = DecoderConfig.from_json(config)
-    try:
-        moe = MoEConfig.from_json(config)
-    except KeyError as err:
-        raise ConfigError(f"config.json has no {err.args[0]!r}, which model_type "
-                          f"{config.get('model_type')!r} needs") from None
+    dense, moe = DecoderConfig.from_json(config), MoEConfig.from_json(config)
     default = ExpertPlacement.make(num_experts=moe.num_experts, ep=layout.ep, kind=placement_kind,
                                    redundant=redundant)
     placements = {layer: ExpertPlacement.from_slots(num_experts=moe.num_experts, ep=layout.ep, kind=placement_kind,

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -11,11 +12,13 @@ from torch import nn
 from ..comm import SINGLE_STAGE, SOLO, Collectives, PipeOps
 from ..layout import Layout
 from ..errors import ConfigError
+from ..experts import ExpertFacts
 from .config import DecoderConfig
 from ..layers.moe import ExpertExchange
 from .llama import DecoderForCausalLM
-from .deepseek import build_deepseek_model, mtp_ignore_patterns
-from .moe import build_moe_model
+from .deepseek import DeepseekConfig, build_deepseek_model, mtp_ignore_patterns
+from .fields import Fields
+from .moe import MoEConfig, build_moe_model
 
 DENSE_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
@@ -63,7 +66,7 @@ def reference_model(ctx: BuildContext) -> nn.Module:
     """The default builder: ``build_model`` for the config's ``model_type``."""
     layers = None
     if ctx.layout.pp > 1:
-        layers = ctx.layout.stage_layers(int(ctx.config.get("num_hidden_layers", 0)), ctx.stage)
+        layers = ctx.layout.stage_layers(Fields(ctx.config).integer("num_hidden_layers"), ctx.stage)
     model_type = ctx.config.get("model_type")
     if model_type in MOE_TYPES:
         lay = ctx.layout
@@ -88,6 +91,71 @@ def default_ignores(config: Mapping) -> tuple[str, ...]:
 
 def supported_model_types() -> tuple[str, ...]:
     return DENSE_TYPES + MOE_TYPES
+
+
+LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d{1,9})\.")
+"""a decoder layer's index in a checkpoint name (``model.layers.5.mlp...``); longer numbers are no layer"""
+
+
+def largest_layer_index(names: Iterable[str]) -> int:
+    """The largest ``layers.<i>.`` index among checkpoint tensor names; -1 when none has one."""
+    top = -1
+    for name in names:
+        found = LAYER_INDEX.search(name)
+        if found is not None:
+            top = max(top, int(found.group(1)))
+    return top
+
+
+def check_config(config: Mapping, tensor_names: Iterable[str]) -> None:
+    """Reads ``config`` as the reference model of its type will, before any layer is built, and
+    bounds its layer count by the checkpoint: at most twice the layers ``tensor_names`` hold
+    (one past their largest layer index). Fewer present than configured is a missing finding;
+    DeepSeek-V3's MTP layer, at index ``num_hidden_layers``, only raises the bound.
+
+    A model type without a reference model is left to its builder.
+
+    Raises:
+        ConfigError: naming the field and its value, or the checkpoint's largest layer index.
+    """
+    model_type = config.get("model_type")
+    if model_type not in supported_model_types():
+        return
+    layers = Fields(config).integer("num_hidden_layers")
+    top = largest_layer_index(tensor_names)
+    # a short checkpoint (its last layers lost) is a missing finding; a count far beyond what it
+    # holds is a config.json that does not describe it, and building that many layers costs minutes
+    if layers > 2 * (top + 1):
+        held = (f"more than twice the {top + 1} layers the checkpoint has tensors for (its largest layer index "
+                f"is {top}): this config.json does not describe the checkpoint" if top >= 0
+                else "but the checkpoint holds no layer tensors (no name has layers.<i>.)")
+        raise ConfigError(f"config.json num_hidden_layers is {layers}, {held}")
+    if model_type == "deepseek_v3":
+        DeepseekConfig.from_json(config)
+        mtp_ignore_patterns(config)
+        return
+    DecoderConfig.from_json(config)
+    if model_type in MOE_TYPES:
+        MoEConfig.from_json(config)
+
+
+def expert_facts(config: Mapping) -> ExpertFacts | None:
+    """The experts of ``config``'s model type (read from its own config key), or None for a dense model.
+
+    Raises:
+        ConfigError: naming a bad field.
+    """
+    model_type = config.get("model_type")
+    if model_type == "deepseek_v3":
+        ds = DeepseekConfig.from_json(config)
+        layers = ds.dense.num_hidden_layers
+        return ExpertFacts(num_experts=ds.num_experts, num_layers=layers,
+                           sparse_layers=frozenset(range(ds.first_dense, layers)))
+    if model_type in MOE_TYPES:
+        moe = MoEConfig.from_json(config)
+        return ExpertFacts(num_experts=moe.num_experts, num_layers=Fields(config).integer("num_hidden_layers"),
+                           sparse_layers=moe.sparse_layers)
+    return None
 
 
 def build_model(config: Mapping, *, tp: int = 1, tp_rank: int = 0, ops: Collectives = SOLO,

@@ -2,6 +2,7 @@
 parameter on every rank was filled."""
 
 from . import comm
+from .comm import WorldInfo
 from ._version import __version__
 from .api import Loaded, load
 from .config import EXTRA_CONFIG_KEYS, LoadConfig
@@ -14,5 +15,5 @@ from .report import LoadReport
 
 
 __all__ = ["BuildContext", "CheckpointError", "ConfigError", "DistloadError", "EXTRA_CONFIG_KEYS", "LayoutError", "LoadConfig",
-           "LoadReport", "Loaded", "MissingWeightsError", "PeerFailedError", "PlanError", "example_checkpoint", "load", "Layout",
-           "__version__"]
+           "LoadReport", "Loaded", "MissingWeightsError", "PeerFailedError", "PlanError", "WorldInfo", "example_checkpoint", "load",
+           "Layout", "__version__"]

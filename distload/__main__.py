@@ -18,7 +18,7 @@ import threading
 from .errors import ConfigError, DistloadError, LayoutError, MissingWeightsError
 from .options import Invocation, parse
 from .verdict import (EXIT_ERROR, EXIT_INCOMPLETE, EXIT_OK, EXIT_USAGE, Verdict, error_json, failure_json,
-                      finishing, write_json)
+                      finishing, lost_peer, write_json)
 
 
 
@@ -122,4 +122,9 @@ def _tolerant_output() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if lost_peer.is_set():  # the verdict is out; nothing is left to clean up that could not hang
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

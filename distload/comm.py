@@ -103,6 +103,10 @@ class WorldInfo:
     """rank within this node"""
     local_world_size: int = 1
     """ranks on this node (torchrun's LOCAL_WORLD_SIZE): they share its cores"""
+    master_addr: str | None = None
+    """rank 0's host for the rendezvous (with ``master_port``); None: ``MASTER_ADDR`` from the environment"""
+    master_port: int | None = None
+    """a free TCP port on ``master_addr``, where rank 0 serves the rendezvous store; None: ``MASTER_PORT``"""
 
 
 def world_from_env() -> WorldInfo:
@@ -135,13 +139,15 @@ class Comm:
         self._grouped = grouped  # collectives go through torch.distributed
         self._tp: dict[tuple[int, ...], Collectives] = {}
         self._watch: FailureWatch | None = None
+        self._group_timeout = datetime.timedelta(minutes=10)  # the collectives' timeout, as connect() makes it
 
     @classmethod
     def connect(cls, world: WorldInfo, *, device: torch.device,
                 timeout: datetime.timedelta = datetime.timedelta(minutes=10)) -> "Comm":
         """Joins (or reuses) the default process group; backend follows the device.
 
-        Uses ``env://`` rendezvous (``MASTER_ADDR``/``MASTER_PORT``) when no group exists yet.
+        Uses ``world.master_addr``/``master_port`` (a ``tcp://`` rendezvous) when given, else
+        ``env://`` (``MASTER_ADDR``/``MASTER_PORT``), when no group exists yet.
         """
         if dist.is_available() and dist.is_initialized():
             if dist.get_world_size() != world.world_size or dist.get_rank() != world.rank:
@@ -154,8 +160,14 @@ class Comm:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend, rank=world.rank, world_size=world.world_size, timeout=timeout)
-        return cls(rank=world.rank, world_size=world.world_size, device=device, owns_group=True, grouped=True)
+        where = {}
+        if world.master_addr is not None and world.master_port is not None:  # Ray: no environment to read
+            host = f"[{world.master_addr}]" if ":" in world.master_addr else world.master_addr
+            where = {"init_method": f"tcp://{host}:{world.master_port}"}
+        dist.init_process_group(backend, rank=world.rank, world_size=world.world_size, timeout=timeout, **where)
+        comm = cls(rank=world.rank, world_size=world.world_size, device=device, owns_group=True, grouped=True)
+        comm._group_timeout = timeout
+        return comm
 
     def close(self) -> None:
         """Stops failure watching and destroys the process group if this object created it."""
@@ -176,13 +188,34 @@ class Comm:
         store = _default_store()
         if store is not None:
             self._watch = FailureWatch(store, rank=self.rank, world_size=self.world_size, dead_after=dead_after,
-                                       timeout=timeout)
+                                       timeout=timeout, store_host=self._store_host())
+            self._set_collective_timeout(datetime.timedelta(seconds=dead_after))
+
+    def _set_collective_timeout(self, timeout: datetime.timedelta) -> None:
+        """Sets the timeout of this object's own gloo group. While watched, each collective starts
+        once every rank has met, so one that waits the failure timeout has lost a rank (stopped
+        inside it): it fails then, not after the group's 10 minutes. NCCL's is left alone (its
+        watchdog would end the process)."""
+        if self._owns_group and self.device.type == "cpu":
+            try:
+                dist.distributed_c10d._set_pg_timeout(timeout)
+            except (AttributeError, AssertionError, RuntimeError, ValueError):  # an older torch: unbounded
+                pass
+
+    def _store_host(self) -> int | None:
+        """The rank whose process serves the rendezvous store: rank 0 for a group this object made
+        without torchrun's agent store (torch's env:// rendezvous); None when the launcher or the
+        caller serves it."""
+        if self._owns_group and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != str(True):
+            return 0
+        return None
 
     def stop_watch(self) -> None:
         """Stops the heartbeat (after the load's last collective)."""
         if self._watch is not None:
             self._watch.stop()
             self._watch = None
+            self._set_collective_timeout(self._group_timeout)  # a kept group's model collectives may wait
 
     def publish_failure(self, err: DistloadError) -> None:
         """Tells every rank, out of band, that this rank failed with ``err``."""
@@ -251,9 +284,30 @@ class Comm:
             if ops is not None and ops.group is not None:
                 continue
             for ranks in groups:
-                group = self._guarded(lambda: dist.new_group(list(ranks)))
-                if ranks == mine and ops is not None:
-                    ops.group = group
+                group = self._guarded(lambda: dist.new_group(list(ranks), timeout=self._connect_timeout()))
+                if ranks == mine:
+                    self._restore_timeout(group)
+                    if ops is not None:
+                        ops.group = group
+            if self._watch is not None:
+                # no rank goes on while others still connect: torch's own store calls in new_group
+                # have no deadline of ours, and would wait out a store host stopped meanwhile
+                self._watch.meet()
+
+    def _connect_timeout(self) -> datetime.timedelta | None:
+        """How long a new group may take to connect: the failure timeout. A rank lost while the
+        others connect (gloo waits for its address, or retries its connection, until the group's
+        timeout) fails them within it, not after the 10 minutes a model's collectives may wait."""
+        return None if self._watch is None else datetime.timedelta(seconds=self._watch.dead_after)
+
+    def _restore_timeout(self, group) -> None:
+        """Gives a group connected under ``_connect_timeout`` the job's timeout for its collectives."""
+        if self._watch is None:
+            return
+        try:
+            dist.distributed_c10d._set_pg_timeout(self._group_timeout, group)
+        except (AttributeError, AssertionError, RuntimeError, ValueError):  # an older torch: the short one stays
+            pass
 
     def sum_counts(self, counts: torch.Tensor) -> torch.Tensor:
         """Sums an integer tensor over all ranks (the one tracking collective)."""

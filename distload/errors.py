@@ -62,13 +62,17 @@ class PlanError(DistloadError):
 class PeerFailedError(DistloadError):
     """Another rank failed (or fell silent); raised on the ranks that did not fail.
 
-    ``file`` and ``tensor`` are the failed rank's; ``failed_rank`` names it.
+    ``file`` and ``tensor`` are the failed rank's; ``failed_rank`` names it. ``lost_ranks``
+    are the ranks that cannot report (fell silent, or hosted the lost store): the lowest
+    rank not among them is the one to print the job's error.
     """
 
     def __init__(self, message: str, *, file: str | None = None, tensor: str | None = None,
-                 rank: int | None = None, failed_rank: int | None = None) -> None:
+                 rank: int | None = None, failed_rank: int | None = None,
+                 lost_ranks: tuple[int, ...] = ()) -> None:
         super().__init__(message, file=file, tensor=tensor, rank=rank)
         self.failed_rank = failed_rank
+        self.lost_ranks = tuple(lost_ranks)
 
 
 class MissingWeightsError(DistloadError):

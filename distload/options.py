@@ -131,15 +131,20 @@ class Invocation:
     """ranks in the job (the planned world in a dry run)"""
 
 
-def parse(argv: list[str] | None, environ: Mapping[str, str] = os.environ) -> Invocation:
+def parse(argv: list[str] | None, environ: Mapping[str, str] = os.environ, *,
+          local_device: bool = True) -> Invocation:
     """Checks the command line and the launcher's variables; returns the run they describe.
+
+    Args:
+        local_device: the ranks run on this machine, so ``--device cuda`` needs CUDA here
+            (a Ray driver passes False: its actors run elsewhere).
 
     Raises:
         UsageError: naming the option or variable that is unusable, and why.
     """
     args = parser().parse_args(argv)
     try:
-        return _checked(args, environ)
+        return _checked(args, environ, local_device)
     except ConfigError as err:  # the verdict still replaces an earlier run's --json, if it can
         if args.json and not isinstance(err, _JsonPathError):
             with contextlib.suppress(ConfigError):
@@ -147,7 +152,7 @@ def parse(argv: list[str] | None, environ: Mapping[str, str] = os.environ) -> In
         raise
 
 
-def _checked(args: argparse.Namespace, environ: Mapping[str, str]) -> Invocation:
+def _checked(args: argparse.Namespace, environ: Mapping[str, str], local_device: bool) -> Invocation:
     if args.checkpoint is not None and not args.checkpoint.strip():
         raise UsageError("the checkpoint argument is empty (an unset shell variable?); name a directory, "
                          "or leave it out to load the bundled example")
@@ -159,7 +164,7 @@ def _checked(args: argparse.Namespace, environ: Mapping[str, str]) -> Invocation
         rank, world = 0, _dry_run_world(args, environ)
     else:
         rank, world = _launch_world(environ)
-        if config.device == "cuda":
+        if config.device == "cuda" and local_device:
             _require_cuda()
     json_path = _json_path(args.json, rank) if args.json else None
     return Invocation(checkpoint=args.checkpoint, config=config, json_path=json_path,

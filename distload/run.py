@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, LayoutError) as err:
         print(f"distload.run: error: {err}", file=sys.stderr, flush=True)
         return 2
+    # c10d prints a C++ stack for every lost connection; the ranks name the lost rank themselves
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     # torch's launcher logs every failing worker with its own dump: the ranks say what failed
     for name in ("torch.distributed.run", "torch.distributed.elastic", "torch.distributed.launcher"):
         logging.getLogger(name).setLevel(logging.CRITICAL)

@@ -20,6 +20,10 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INCOMPLETE = 0, 1, 2, 3
 finishing = threading.Event()
 """set once the verdict is being reported: a late signal no longer interrupts (it would tear the output)"""
 
+lost_peer = threading.Event()
+"""set when the run failed because a rank (or the store's host) was lost: a watch thread may still sit
+in a call to that host, and the interpreter's own shutdown could abort on it, so the CLI ends at once"""
+
 
 class Verdict:
     """Prints and writes (atomically) this run's outcome, from the rank that reports."""
@@ -47,6 +51,8 @@ class Verdict:
         finishing.set()
         if self.mode == "load":  # a dry run has no ranks of its own to name
             err = err.with_rank(self.inv.rank)
+        if getattr(err, "lost_ranks", ()):
+            lost_peer.set()
         speaker = reporter(err, self.inv.world_size)
         if self.inv.rank == speaker:
             print(f"distload: error: {err}", file=sys.stderr, flush=True)
@@ -99,6 +105,7 @@ def failure_json(mode: str | None, checkpoint: str | None, code: int | None, ran
 
 def error_json(err: DistloadError) -> dict:
     return {"type": type(err).__name__, "message": err.message, "file": err.file, "tensor": err.tensor,
-            "rank": err.rank, "failed_rank": getattr(err, "failed_rank", None)}
+            "rank": err.rank, "failed_rank": getattr(err, "failed_rank", None),
+            "lost_ranks": list(getattr(err, "lost_ranks", ()) or ())}
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import sys
 import time
 
 import distload
@@ -18,24 +20,37 @@ def _outcome(fn):
     except distload.DistloadError as err:
         return {"ok": False, "type": type(err).__name__, "message": str(err), "rank": err.rank,
                 "failed_rank": getattr(err, "failed_rank", None), "file": err.file, "tensor": err.tensor,
+                "lost_ranks": list(getattr(err, "lost_ranks", ())),
                 "seconds": time.monotonic() - start, "finished_at": time.time()}
 
 
 def fail_while_reading(directory: str, tp: int, victim: int, how: str, failure_timeout: float,
                        stamp: str | None = None):
-    """Rank ``victim`` raises (``how='raise'``) or is SIGKILLed (``how='kill'``) after its first read;
-    before a kill it writes the time to ``stamp``."""
+    """Rank ``victim`` raises (``how='raise'``), is SIGKILLed (``how='kill'``) or SIGSTOPped
+    (``how='stop'``; it raises if continued) after its first read, or SIGSTOPped as it enters
+    the first collective (``how='stop-in-collective'``: it patches torch.distributed, so plain
+    processes only, never the pool's); before a kill or a stop it writes the time to ``stamp``."""
     rank = int(os.environ["RANK"])
 
     def progress(done: int, total: int) -> None:
         if rank == victim:
-            if how == "kill":
+            if how in ("kill", "stop"):
                 with open(stamp, "w") as f:
                     f.write(repr(time.time()))
-                os.kill(os.getpid(), signal.SIGKILL)
+                os.kill(os.getpid(), signal.SIGKILL if how == "kill" else signal.SIGSTOP)
             raise distload.CheckpointError("injected read failure", file="injected.safetensors",
                                            tensor="model.norm.weight")
 
+    if how == "stop-in-collective" and rank == victim:  # the others are in it: every rank met first
+        import torch.distributed as dist
+        gather = dist.all_gather
+
+        def stop_then_gather(*args, **kwargs):
+            with open(stamp, "w") as f:
+                f.write(repr(time.time()))
+            os.kill(os.getpid(), signal.SIGSTOP)
+            return gather(*args, **kwargs)
+        dist.all_gather = stop_then_gather
     cfg = distload.LoadConfig(tp=tp, device="cpu", failure_timeout=failure_timeout)
     return _outcome(lambda: distload.load(directory, cfg, progress=progress))
 
@@ -78,3 +93,8 @@ def load_with_version(directory: str, tp: int, versions: dict):
     finally:
         distload.api.__version__ = real
 
+
+if __name__ == "__main__":
+    # one rank of a launch without torchrun or the pool (RANK, WORLD_SIZE, MASTER_ADDR/PORT in the
+    # environment): ``python -m tests.failure_jobs '{"directory": ...}'`` prints its outcome as JSON
+    print(json.dumps(fail_while_reading(**json.loads(sys.argv[1]))), flush=True)

@@ -1,5 +1,7 @@
 """A rank that fails, or is killed, ends the whole job quickly, with its error on every rank."""
 
+import re
+
 import pytest
 
 import distload
@@ -20,7 +22,7 @@ def test_a_rank_that_raises_stops_every_rank_at_once(pool, example, victim):
         assert not o["ok"]
         if rank != victim:
             assert o["type"] == "PeerFailedError", o
-            assert o["failed_rank"] == victim
+            assert o["failed_rank"] == victim and o["lost_ranks"] == [], o  # it reports itself
             assert "injected read failure" in o["message"]
             assert o["file"] == "injected.safetensors" and o["tensor"] == "model.norm.weight"
     # measured from the failure, far below the 30 s dead-rank timeout: it travelled out of band
@@ -45,9 +47,12 @@ def test_a_killed_rank_ends_the_job_within_the_bound(pool, example, victim, tmp_
     for rank, o in enumerate(out):
         if rank != victim:
             assert o["type"] == "PeerFailedError", o
+            assert o["failed_rank"] == victim and o["lost_ranks"] == [victim], o
             if victim == 0:  # rank 0 hosted the store (no torchrun agent here): its loss ends the job
-                assert "rendezvous store" in o["message"], o
+                assert re.fullmatch(rf"lost the rendezvous store hosted by rank 0 \(connection closed: [^()]+\) "
+                                    rf"\[rank {rank}\]", o["message"]), o
             else:
-                assert f"rank {victim} stopped responding" in o["message"], o
+                assert re.fullmatch(rf"rank {victim} silent for \d+ s \(no heartbeat\) \[rank {victim}\]",
+                                    o["message"]), o
             # bound: the timeout, a heartbeat interval, and slack for a loaded 2-core machine
             assert o["finished_at"] - killed_at < timeout + 8, (o, killed_at)

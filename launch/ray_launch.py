@@ -1,0 +1,158 @@
+"""``python launch/ray_launch.py [CHECKPOINT] --tp 4 --ep 2 [--address auto] [distload options]``.
+
+Loads a checkpoint onto Ray actors, one per rank (``distload.ray.load``), and ends like the
+torchrun CLI: the same report on stdout, the same ``--json`` file and the same exit code
+(0 complete, 3 incomplete, 1 a failure, 2 a usage error, 130 / 143 interrupted). The
+driver speaks for rank 0 (for the lowest rank still running when rank 0's actor is lost).
+distload's options mean what they mean for ``python -m distload``; the world is
+``--num-ranks``, default tp x pp x (dp or 1). The checkpoint must be at the same path on
+every node that hosts a rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import signal
+import sys
+
+from distload.errors import ConfigError, DistloadError, LayoutError, MissingWeightsError
+from distload.options import Invocation, parse
+from distload.verdict import (EXIT_ERROR, EXIT_INCOMPLETE, EXIT_OK, EXIT_USAGE, Verdict, error_json, failure_json,
+                              reporter, write_json)
+from distload.ray import READY_TIMEOUT, STRATEGIES
+
+
+class _Terminated(BaseException):
+    """SIGTERM asked the driver to stop (a scheduler, a CI timeout)."""
+
+
+def launcher_parser() -> argparse.ArgumentParser:
+    """This launcher's own options; everything else is distload's."""
+    p = argparse.ArgumentParser(prog="launch/ray_launch.py", allow_abbrev=False, add_help=False,
+                                description="Load a checkpoint onto Ray actors, one per rank; distload's "
+                                            "options follow (python -m distload --help).")
+    p.add_argument("--address", help="the Ray cluster to join (ray.init's address: auto, ray://host:port); "
+                                     "default: start a local one")
+    p.add_argument("--num-ranks", type=int, metavar="N", help="ranks (actors) to start; default tp x pp x (dp or 1)")
+    p.add_argument("--placement-strategy", choices=STRATEGIES, default="PACK",
+                   help="of the placement group, one bundle per rank (STRICT_PACK: all on one node)")
+    p.add_argument("--master-addr", help="rendezvous address instead of the rank-0 actor's node IP")
+    p.add_argument("--master-port", type=int, help="rendezvous port instead of a free one on rank 0's node")
+    p.add_argument("--num-cpus", type=int, metavar="N",
+                   help="CPUs of a local cluster started here (default: the cores, at least one per rank on CPU)")
+    p.add_argument("--ready-timeout", type=float, default=READY_TIMEOUT, metavar="SECONDS",
+                   help=f"wait this long for the cluster to place the ranks (default {READY_TIMEOUT:g})")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(token in ("-h", "--help") for token in argv):
+        launcher_parser().print_help()
+        print()
+    args, cli = launcher_parser().parse_known_args(argv)
+    try:
+        inv = _invocation(cli, args.num_ranks)
+    except ConfigError as err:
+        return _usage_error(err)
+    except SystemExit as done:  # --help, --version
+        return int(done.code or 0)
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    out = Verdict(inv)
+    try:
+        out.started()
+        return _run(inv, args, out)
+    except KeyboardInterrupt:
+        return out.failed(128 + signal.SIGINT, DistloadError("interrupted: SIGINT received", rank=0))
+    except _Terminated:
+        return out.failed(128 + signal.SIGTERM, DistloadError("interrupted: SIGTERM received", rank=0))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _invocation(cli: list[str], num_ranks: int | None) -> Invocation:
+    """distload's options, parsed as every rank of the world about to start would parse them."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    if "--dry-run" in cli:
+        return parse(cli, env, local_device=False)
+    first = parse(cli, env, local_device=False).config  # the layout options give the default world
+    world = num_ranks if num_ranks is not None else first.tp * first.pp * (first.dp or 1)
+    # the rendezvous is the actors' own: MASTER_* only satisfy the check that a world has one
+    return parse(cli, {**env, "RANK": "0", "WORLD_SIZE": str(world), "MASTER_ADDR": "ray", "MASTER_PORT": "1"},
+                 local_device=False)
+
+
+def _run(inv: Invocation, args: argparse.Namespace, out: Verdict) -> int:
+    from distload.checkpoint.hub_cache import resolve_checkpoint
+    from distload.examples import example_checkpoint
+
+    try:
+        directory = resolve_checkpoint(inv.checkpoint) if inv.checkpoint else example_checkpoint()
+        if inv.dry_run_world is not None:  # a plan from the headers: no actors needed
+            from distload.dryrun import dry_run
+            report = dry_run(directory, inv.config, world_size=inv.dry_run_world)
+            return out.report(report, EXIT_OK if report.ok else EXIT_INCOMPLETE)
+        inv.config.layout(inv.world_size)  # a layout that cannot fit: said before any actor starts
+        report = _load_on_actors(directory, inv, args)
+    except MissingWeightsError as err:
+        return out.report(err.report, EXIT_INCOMPLETE)
+    except LayoutError as err:
+        return _failed(inv, EXIT_USAGE, err)
+    except DistloadError as err:
+        return _failed(inv, EXIT_ERROR, err)
+    return out.report(report, EXIT_OK)
+
+
+def _load_on_actors(directory: str, inv: Invocation, args: argparse.Namespace):
+    import ray
+
+    import distload.ray
+
+    started = not ray.is_initialized()
+    if started:
+        _init(ray, args, inv)
+    try:
+        with distload.ray.load(directory, inv.config, num_ranks=inv.world_size, strategy=args.placement_strategy,
+                               master_addr=args.master_addr, master_port=args.master_port,
+                               progress=not inv.quiet, ready_timeout=args.ready_timeout) as model:
+            return model.report
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _init(ray, args: argparse.Namespace, inv: Invocation) -> None:
+    local = {}
+    if args.address is None:  # a cluster of this machine, for this run only
+        cpus = args.num_cpus
+        if cpus is None and inv.config.device != "cuda":  # logical CPUs: one bundle per rank must fit
+            cpus = max(os.cpu_count() or 1, inv.world_size)
+        local = {"num_cpus": cpus, "include_dashboard": False}
+    try:
+        ray.init(address=args.address, logging_level="WARNING", **local)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        raise DistloadError(f"could not start or join the Ray cluster {args.address or '(local)'}: {err}") from None
+
+
+def _failed(inv: Invocation, code: int, err: DistloadError) -> int:
+    """The failure verdict, from the rank that reports it (rank 0, or the lowest rank not lost)."""
+    speaker = reporter(err, inv.world_size)
+    return Verdict(dataclasses.replace(inv, rank=speaker)).failed(code, err)
+
+
+def _usage_error(err: ConfigError) -> int:
+    print(f"distload: error: {err}", file=sys.stderr, flush=True)
+    path = getattr(err, "json_path", None)
+    if path:
+        write_json(path, {**failure_json(None, None, EXIT_USAGE, 0), "error": error_json(err)}, rank=0)
+    return EXIT_USAGE
+
+
+def _terminate(signum, frame):
+    raise _Terminated()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -22,7 +22,7 @@ from .comm import Collectives, Comm, WorldInfo, pipe_ops_for, world_from_env
 from .config import DTYPES, LoadConfig
 from .errors import ConfigError, DistloadError, LayoutError, MissingWeightsError, PeerFailedError, PlanError
 from .execute import ExecResult, Executor
-from .expert_map import read_expert_map
+from .expert_map import expert_plan
 from .layout import Layout
 from .models import BuildContext, ModelBuilder, check_config, default_ignores, expert_facts, reference_model
 from .fingerprint import Fingerprint, fingerprint
@@ -183,15 +183,16 @@ def prepare(directory: str, config: LoadConfig, layout: Layout, build: ModelBuil
         quant = quant_config(ckpt.config, quantize=config.quantize, kv_cache_dtype=config.kv_cache_dtype)
         if build is reference_model:  # every field typed and the layer count bounded, before any layer is built
             check_config(ckpt.config, ckpt.tensors)
-        experts = expert_facts(ckpt.config) if config.expert_map else None
+        experts = expert_facts(ckpt.config)
         model_ignores = default_ignores(ckpt.config)
     except ConfigError as err:
         err.file = err.file or config_json
         raise
     fp8: set[str] = set()
     coords = layout.coords(rank)
-    expert_map = read_expert_map(config.expert_map, experts, ep=layout.ep, placement=config.expert_placement,
-                                 model_type=ckpt.config.get("model_type")) if config.expert_map else None
+    placements = expert_plan(experts, ep=layout.ep, placement=config.expert_placement,
+                             redundant=config.redundant_experts, path=config.expert_map,
+                             model_type=ckpt.config.get("model_type"))
     specs: list[ParamSpec] = []
     dtypes: list[torch.dtype] = []  # each spec's parameter dtype, for the cast rule
     mine: nn.Module | None = None
@@ -199,8 +200,7 @@ def prepare(directory: str, config: LoadConfig, layout: Layout, build: ModelBuil
         peer = layout.rank(tp=coords.tp, dp=coords.dp, pp=stage)  # this rank's place in that stage
         ctx = BuildContext(config=ckpt.config, tp=layout.tp, tp_rank=coords.tp, ops=ops, dtype=dtype,
                            layout=layout, stage=stage, pipe=pipe_ops_for(layout, peer), rank=peer,
-                           stage_ops=stage_ops, expert_placement=config.expert_placement,
-                           redundant_experts=config.redundant_experts, expert_map=expert_map)
+                           stage_ops=stage_ops, experts=placements)
         try:
             model = build(ctx)
             fp8 |= quantize_model(model, quant, ckpt.tensors, dtype)

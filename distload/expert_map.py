@@ -5,15 +5,29 @@ from __future__ import annotations
 from . import jsondoc
 from .checkpoint.files import read_regular
 from .errors import CheckpointError, ConfigError, LayoutError
-from .experts import ExpertFacts, ExpertPlacement, parse_expert_map
+from .experts import ExpertFacts, ExpertPlacement, ExpertPlan, parse_expert_map
 
 MAX_MAP_BYTES = 16 * 1024 * 1024
 """expert maps larger than this are refused before reading (one of 256 experts x 61 layers is ~200 KB)"""
 
 
+def expert_plan(facts: ExpertFacts | None, *, ep: int, placement: str, redundant: int, path: str | None,
+                model_type: object = None) -> ExpertPlan | None:
+    """Every MoE layer's placement from the options and the ``--expert-map`` file (when ``path``
+    is given); None for a model without experts.
+
+    Raises:
+        ConfigError, LayoutError: as ``read_expert_map``, or options that do not fit ``ep``.
+    """
+    layers = read_expert_map(path, facts, ep=ep, placement=placement, model_type=model_type) if path else {}
+    if facts is None:
+        return None
+    return ExpertPlan.make(num_experts=facts.num_experts, ep=ep, kind=placement, redundant=redundant, layers=layers)
+
+
 def read_expert_map(path: str, facts: ExpertFacts | None, *, ep: int, placement: str,
-                    model_type: object = None) -> dict[int, tuple[int, ...]]:
-    """Reads an expert-map file into ``{layer: slots}`` (slot -> logical expert; layer -1: the default).
+                    model_type: object = None) -> dict[int, ExpertPlacement]:
+    """Reads an expert-map file into ``{layer: placement}`` (layer -1: the default).
 
     Args:
         path: the file (``{"layers": {"<layer>|default": {"<expert>": [slot, ...]}}}``).
@@ -41,10 +55,12 @@ def read_expert_map(path: str, facts: ExpertFacts | None, *, ep: int, placement:
         raise ConfigError(f"expert map is unreadable: {err}", file=path) from None
     slots = parse_expert_map(value, num_experts=facts.num_experts, num_layers=facts.num_layers,
                              sparse_layers=facts.sparse_layers, path=path)
+    placements = {}
     for layer, layer_slots in slots.items():  # placement rules (groups, replicas), naming the map's layer
         try:
-            ExpertPlacement.from_slots(num_experts=facts.num_experts, ep=ep, kind=placement, slots=layer_slots)
+            placements[layer] = ExpertPlacement.from_slots(num_experts=facts.num_experts, ep=ep, kind=placement,
+                                                           slots=layer_slots)
         except LayoutError as err:
             raise LayoutError(f"expert map layer {'default' if layer < 0 else layer}: {err.message}",
                               file=path) from None
-    return slots
+    return placements

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Mapping
 
 from .errors import LayoutError
 from .jsondoc import quoted, show
@@ -99,6 +100,41 @@ class ExpertPlacement:
     def groups_of(self, expert: int) -> tuple[int, ...]:
         """Groups hosting a copy of ``expert``, in slot order."""
         return self._groups[expert]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ExpertPlan:
+    """Every MoE layer's placement, computed once from the options and the expert map.
+
+    Example:
+        >>> mapped = ExpertPlacement.from_slots(num_experts=4, ep=2, kind="linear", slots=(3, 2, 1, 0))
+        >>> plan = ExpertPlan.make(num_experts=4, ep=2, redundant=2, layers={1: mapped})
+        >>> plan.placement(0).slots, plan.placement(1).slots
+        ((0, 1, 2, 3, 0, 1), (3, 2, 1, 0))
+    """
+
+    default: ExpertPlacement
+    """the placement of each layer ``layers`` does not name"""
+    layers: Mapping[int, ExpertPlacement] = field(default_factory=dict)
+    """the layers an expert map places otherwise"""
+
+    def placement(self, layer: int) -> ExpertPlacement:
+        """The placement of decoder layer ``layer``."""
+        return self.layers.get(layer, self.default)
+
+    @classmethod
+    def make(cls, *, num_experts: int, ep: int, kind: str = "linear", redundant: int = 0,
+             layers: Mapping[int, ExpertPlacement] | None = None) -> "ExpertPlan":
+        """The ``kind`` placement with ``redundant`` replicas, except where ``layers`` (an expert
+        map's placements, ``-1``: its default) says otherwise.
+
+        Raises:
+            LayoutError: the redundant count or kind does not fit ``ep`` (checked even where the
+                map's default replaces it: the option is wrong either way).
+        """
+        layers = dict(layers or {})
+        rule = ExpertPlacement.make(num_experts=num_experts, ep=ep, kind=kind, redundant=redundant)
+        return cls(default=layers.pop(-1, rule), layers=layers)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -210,3 +211,40 @@ def test_non_utf8_names_print_on_a_strict_terminal(tmp_path):
                           env={**os.environ, "PYTHONIOENCODING": "utf-8:strict", "PYTHONPATH": ROOT})
     assert proc.returncode == 0, proc.stderr
     assert b"COMPLETE - " in proc.stdout and b"ckpt-\\udcff" in proc.stdout
+
+
+def test_rank_0_killed_without_torchrun_the_lowest_survivor_names_it(tmp_path):
+    procs = _start(tmp_path, 4, "--json", str(tmp_path / "r.json"), "--failure-timeout", "3")
+    _await_ready(tmp_path, procs, 4)
+    procs[0].kill()  # it hosted the store
+    out = _finish(procs)
+    assert [code for code, _ in out[1:]] == [1, 1, 1], out
+    lines = out[1][1]
+    assert len(lines) == 1 and lines[0].startswith("distload: error: lost the rendezvous store hosted by rank 0 ("), out
+    assert lines[0].endswith(" [rank 1]") and out[2][1] == out[3][1] == [], out
+    verdict = json.loads((tmp_path / "r.json").read_text())  # rank 1 replaced rank 0's placeholder
+    assert verdict["rank"] == 1 and verdict["error"]["lost_ranks"] == [0] and verdict["exit_code"] == 1
+
+
+def test_rank_0_stopped_under_torchrun_is_named_silent_by_rank_1(tmp_path):
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    proc = subprocess.Popen([torchrun, "--nproc-per-node", "4", "--master-port", str(free_port()), "-m",
+                             "tests.cli_jobs", str(tmp_path), "--", "--device", "cpu", "--quiet",
+                             "--failure-timeout", "3"], cwd=ROOT, env={**env, "PYTHONPATH": ROOT},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    rank0 = None
+    try:
+        _await_ready(tmp_path, [proc], 4)
+        rank0 = int((tmp_path / "rank-0").read_text())
+        os.kill(rank0, signal.SIGSTOP)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if rank0 is not None:
+            for sig in (signal.SIGCONT, signal.SIGKILL):
+                with __import__("contextlib").suppress(ProcessLookupError):
+                    os.kill(rank0, sig)
+        proc.kill()
+    lines = [line for line in err.splitlines() if line.startswith("distload")]
+    assert len(lines) == 1, err
+    assert re.fullmatch(r"distload: error: rank 0 silent for \d+ s \(no heartbeat\) \[rank \d\]", lines[0]), lines

@@ -585,7 +585,7 @@ def test_any_expert_map_reads_or_raises_config_or_layout_error(map_dir, doc, ep,
     except (ConfigError, LayoutError) as err:
         assert err.file == path and "\n" not in err.message
         return
-    assert set(slots) <= {-1, 0, 2} and all(sorted(set(s)) == list(range(8)) for s in slots.values())
+    assert set(slots) <= {-1, 0, 2} and all(sorted(set(p.slots)) == list(range(8)) for p in slots.values())
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -594,7 +594,8 @@ def test_any_expert_map_reads_or_raises_config_or_layout_error(map_dir, doc, ep,
 def test_any_valid_expert_map_is_read_as_written(map_dir, perms, ep, placement):
     keys = ["default", "0", "2"][:len(perms)]
     doc = {"layers": {key: {str(e): [slot] for slot, e in enumerate(perm)} for key, perm in zip(keys, perms)}}
-    slots = read_expert_map(write_map(map_dir, doc), FACTS, ep=ep, placement=placement)
+    placements = read_expert_map(write_map(map_dir, doc), FACTS, ep=ep, placement=placement)
+    slots = {layer: p.slots for layer, p in placements.items()}
     assert slots == {(-1 if key == "default" else int(key)): tuple(perm) for key, perm in zip(keys, perms)}
 
 

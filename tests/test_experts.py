@@ -7,9 +7,9 @@ import torch
 
 from distload.comm import SOLO, Collectives
 from distload.errors import LayoutError
-from distload.experts import ExpertPlacement, parse_expert_map
+from distload.experts import ExpertPlacement, ExpertPlan, parse_expert_map
 from distload.layout import Layout
-from distload.models import BuildContext, reference_model
+from distload.models import BuildContext, expert_facts, reference_model
 from distload.plan import plan as make_plan
 from distload.spec import collect_specs
 from tests.synthetic import tensor_infos
@@ -55,9 +55,9 @@ def test_layout_expert_coordinates_cover_each_group_shard_once():
 
 
 def _plan(layout: Layout, cfg=MIXTRAL, *, kind="linear", redundant=0, drop=()):
+    experts = ExpertPlan.make(num_experts=expert_facts(cfg).num_experts, ep=layout.ep, kind=kind, redundant=redundant)
     model = reference_model(BuildContext(config=cfg, tp=layout.tp, tp_rank=0, ops=Collectives(None, layout.tp),
-                                         dtype=torch.float32, layout=layout, expert_placement=kind,
-                                         redundant_experts=redundant, stage_ops=SOLO))
+                                         dtype=torch.float32, layout=layout, experts=experts, stage_ops=SOLO))
     specs = collect_specs(model)
     shapes = {}
     for spec in specs:

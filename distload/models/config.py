@@ -3,15 +3,58 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping
 
 from ..errors import ConfigError
 from ..jsondoc import quoted
 from .fields import MAX_SIZE, Fields
 
 ROPE_TYPES = ("default", "llama3")
-BASE_TYPES = {"mixtral": "mistral", "qwen2_moe": "qwen2", "qwen3_moe": "qwen3"}
-"""MoE model types whose attention and norms follow a dense type"""
+
+WindowRule = Callable[[Fields, int], "tuple[int | None, ...]"]
+"""(the config's fields, its layer count) -> each layer's attention window (None: full causal)"""
+
+
+def no_windows(f: Fields, layers: int) -> tuple[int | None, ...]:
+    """Full causal attention in every layer (llama)."""
+    return (None,) * layers
+
+
+def every_layer_window(f: Fields, layers: int) -> tuple[int | None, ...]:
+    """``sliding_window`` (null: none) in every layer (mistral)."""
+    return (f.integer("sliding_window", None, nullable=True),) * layers
+
+
+LAYER_TYPES = ("full_attention", "sliding_attention")
+"""the attention kinds of qwen2 / qwen3 ``layer_types``"""
+
+
+def layer_type_windows(f: Fields, layers: int) -> tuple[int | None, ...]:
+    """``sliding_window`` in the layers ``layer_types`` marks sliding, when ``use_sliding_window``
+    is true (qwen2, qwen3; qwen2_moe writes sliding_window 0 when it is off)."""
+    on = f.flag("use_sliding_window", False)
+    window = f.integer("sliding_window", None, minimum=0, nullable=True)
+    types = f.strings("layer_types", ("full_attention",) * layers, length=layers, choices=LAYER_TYPES,
+                      nullable=True)
+    if on and "sliding_attention" in types and not window:
+        raise f.error("sliding_window", "a positive integer when use_sliding_window is true", window)
+    return tuple(window if on and t == "sliding_attention" else None for t in types)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DecoderTraits:
+    """What one model type's transformers class fixes about its attention and MLP."""
+
+    qkv_bias: bool | None
+    """q/k/v projections have biases (True / False: always / never; None: config.json attention_bias)"""
+    o_bias: bool = False
+    """o_proj has a bias whenever q/k/v have"""
+    mlp_bias: bool = False
+    """config.json mlp_bias gives the MLP projections biases"""
+    qk_norm: bool = False
+    """per-head RMS norm on q and k"""
+    windows: WindowRule = no_windows
+    """each layer's attention window"""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -19,7 +62,7 @@ class DecoderConfig:
     """The config.json fields a Llama-family decoder needs."""
 
     model_type: str
-    """``llama``, ``mistral``, ``qwen2`` or ``qwen3``"""
+    """config.json's ``model_type``"""
     vocab_size: int
     """rows of the embedding"""
     hidden_size: int
@@ -56,14 +99,13 @@ class DecoderConfig:
     """MLP activation (silu)"""
 
     @classmethod
-    def from_json(cls, cfg: Mapping, *, family: str | None = None, head_dim: int | None = None,
+    def from_json(cls, cfg: Mapping, traits: DecoderTraits, *, head_dim: int | None = None,
                   default_rope: bool = False) -> "DecoderConfig":
         """Reads a Hugging Face config.json dict, every field type- and range-checked.
 
         Args:
             cfg: the parsed config.json.
-            family: read it as this dense type (DeepSeek-V3's dense parts are ``llama``'s);
-                default: its own ``model_type``, a mixture of experts as its dense type.
+            traits: what its model type fixes (an ``Architecture``'s ``decoder``).
             head_dim: the rotary width where the config names it otherwise (DeepSeek-V3).
             default_rope: the default rotary embedding at the config's ``rope_theta``, whatever
                 ``rope_type`` says (the DeepSeek-V3 forward knows no other).
@@ -72,8 +114,7 @@ class DecoderConfig:
             ConfigError: naming the field and its value (the caller adds the file).
         """
         f = Fields(cfg)
-        own = f.text("model_type")
-        mt = family or BASE_TYPES.get(own, own)  # MoE models share the attention of a dense type
+        model_type = f.text("model_type")
         layers = f.integer("num_hidden_layers")
         hidden, heads = f.integer("hidden_size"), f.integer("num_attention_heads")
         kv_heads = f.integer("num_key_value_heads", heads, nullable=True)
@@ -98,22 +139,17 @@ class DecoderConfig:
             raise ConfigError(f"config.json rope_type {quoted(rope_type)} is not supported "
                               f"(supported: {', '.join(ROPE_TYPES)})")
         act = f.text("hidden_act", "silu", choices=("silu",))
-        # which projections have biases follows each transformers model class
-        bias = True if mt == "qwen2" else False if mt == "mistral" else f.flag("attention_bias", False)
+        bias = f.flag("attention_bias", False) if traits.qkv_bias is None else traits.qkv_bias
         return cls(
-            model_type=mt, vocab_size=f.integer("vocab_size"), hidden_size=hidden,
+            model_type=model_type, vocab_size=f.integer("vocab_size"), hidden_size=hidden,
             intermediate_size=f.integer("intermediate_size"), num_hidden_layers=layers,
             num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
             rms_norm_eps=f.number("rms_norm_eps", 1e-6), rope_theta=theta,
             rope_scaling=_llama3(scaling) if rope_type == "llama3" else None,
             tie_word_embeddings=f.flag("tie_word_embeddings", False),
-            attention_bias=bias, o_bias=bias and mt in ("llama", "qwen3"),
-            mlp_bias=mt == "llama" and f.flag("mlp_bias", False), qk_norm=mt == "qwen3",
-            sliding_windows=_windows(f, mt, layers), hidden_act=act)
-
-
-LAYER_TYPES = ("full_attention", "sliding_attention")
-"""the attention kinds of qwen2 / qwen3 ``layer_types``"""
+            attention_bias=bias, o_bias=bias and traits.o_bias,
+            mlp_bias=traits.mlp_bias and f.flag("mlp_bias", False), qk_norm=traits.qk_norm,
+            sliding_windows=traits.windows(f, layers), hidden_act=act)
 
 
 def read_rope(f: Fields) -> tuple[float, str, Fields | None]:
@@ -140,19 +176,3 @@ def _llama3(params: Fields) -> dict[str, float]:
     return {"rope_type": "llama3", "factor": params.number("factor"), "low_freq_factor": low,
             "high_freq_factor": high,
             "original_max_position_embeddings": params.number("original_max_position_embeddings")}
-
-
-def _windows(f: Fields, mt: str, layers: int) -> tuple[int | None, ...]:
-    """The attention window of each layer (None: full causal attention)."""
-    if mt == "mistral":
-        return (f.integer("sliding_window", None, nullable=True),) * layers
-    if mt not in ("qwen2", "qwen3"):
-        return (None,) * layers
-    # only layers marked sliding, and only when enabled (qwen2_moe writes sliding_window 0 when off)
-    on = f.flag("use_sliding_window", False)
-    window = f.integer("sliding_window", None, minimum=0, nullable=True)
-    types = f.strings("layer_types", ("full_attention",) * layers, length=layers, choices=LAYER_TYPES,
-                      nullable=True)
-    if on and "sliding_attention" in types and not window:
-        raise f.error("sliding_window", "a positive integer when use_sliding_window is true", window)
-    return tuple(window if on and t == "sliding_attention" else None for t in types)

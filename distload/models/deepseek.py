@@ -16,18 +16,14 @@ from torch import nn
 
 from ..comm import Collectives
 from ..errors import ConfigError, PlanError
-from ..experts import ExpertPlacement
+from ..experts import ExpertFacts
 from ..layers import ColumnParallelLinear, Part, ReplicatedLinear, RMSNorm, RowParallelLinear
 from ..quant.layer import KVCacheScales
-from ..layers.moe import ExpertExchange, FusedExperts
+from .arch import Architecture, BuildContext
 from .config import DecoderConfig, read_rope
 from .fields import MAX_EXPERTS, MAX_SIZE, MAX_VALUES, Fields
-from .llama import MLP, DecoderForCausalLM
-from .moe import DenseFFN, SparseMoE, expert_count
-
-
-EXPERT_KEYS = ("n_routed_experts", "num_local_experts")
-"""config.json keys of the expert count (transformers' attribute_map accepts the second)"""
+from .llama import LLAMA, MLP, DecoderForCausalLM
+from .moe import DenseFFN, SparseMoE, expert_count, expert_exchange, routed_experts
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -76,8 +72,8 @@ class DeepseekConfig:
     """multi-token-prediction layers after the decoder layers (ignored when loading)"""
 
     @classmethod
-    def from_json(cls, cfg: Mapping) -> "DeepseekConfig":
-        """Reads a DeepSeek-V3 config.json dict, every field type- and range-checked.
+    def from_json(cls, cfg: Mapping, arch: Architecture) -> "DeepseekConfig":
+        """Reads a DeepSeek-V3 config.json dict as ``arch`` describes it, every field type- and range-checked.
 
         Raises:
             ConfigError: naming the field and its value.
@@ -90,17 +86,18 @@ class DeepseekConfig:
             raise ConfigError(f"config.json qk_rope_head_dim must be even, got {rope_dim}")
         _, rope_type, _ = read_rope(f)
         # rotary tables span the rope part of a head only; the reference forward knows the default one
-        dense = DecoderConfig.from_json(cfg, family="llama", head_dim=rope_dim, default_rope=True)
+        dense = DecoderConfig.from_json(cfg, arch.decoder, head_dim=rope_dim, default_rope=True)
         nope, v_dim, kv_rank = f.integer("qk_nope_head_dim"), f.integer("v_head_dim"), f.integer("kv_lora_rank")
         f.at_most("num_attention_heads * (qk_nope_head_dim + qk_rope_head_dim)", heads * (nope + rope_dim), MAX_SIZE)
         f.at_most("num_attention_heads * (qk_nope_head_dim + v_head_dim)", heads * (nope + v_dim), MAX_SIZE)
         f.at_most("kv_lora_rank + qk_rope_head_dim", kv_rank + rope_dim, MAX_SIZE)
-        experts = expert_count(f, EXPERT_KEYS)
+        key = arch.expert_keys[0]
+        experts = expert_count(f, arch.expert_keys)
         groups = f.integer("n_group", 1, nullable=True)
         if experts % groups:
-            raise ConfigError(f"config.json n_group must divide {EXPERT_KEYS[0]} ({experts}), got {groups}")
+            raise ConfigError(f"config.json n_group must divide {key} ({experts}), got {groups}")
         inter = f.integer("moe_intermediate_size")
-        f.at_most(f"{EXPERT_KEYS[0]} * moe_intermediate_size * hidden_size", experts * inter * hidden, MAX_VALUES)
+        f.at_most(f"{key} * moe_intermediate_size * hidden_size", experts * inter * hidden, MAX_VALUES)
         shared = f.integer("n_shared_experts", 1, minimum=0, cap=MAX_EXPERTS) * inter
         f.at_most("n_shared_experts * moe_intermediate_size", shared, MAX_SIZE)
         return cls(dense=dense, rope_type=rope_type, num_heads=heads,
@@ -115,6 +112,12 @@ class DeepseekConfig:
                    moe_intermediate=inter, shared_intermediate=shared,
                    first_dense=f.integer("first_k_dense_replace", 0, minimum=0, maximum=layers, nullable=True),
                    num_mtp_layers=_mtp_layers(f, layers))
+
+    def expert_facts(self) -> ExpertFacts:
+        """The experts an expert map is checked against: every layer after the dense first ones."""
+        layers = self.dense.num_hidden_layers
+        return ExpertFacts(num_experts=self.num_experts, num_layers=layers,
+                           sparse_layers=frozenset(range(self.first_dense, layers)))
 
 
 def mtp_ignore_patterns(config: Mapping) -> tuple[str, ...]:
@@ -221,20 +224,16 @@ class GroupedRouter(nn.Module):
         return (weights * self.scale).to(tokens.dtype), experts
 
 
-def build_deepseek_model(config: Mapping, *, tp: int, tp_rank: int, ops, pipe, layers, layout, rank_group: int,
-                         etp: int, exchange: ExpertExchange, placement_kind: str, redundant: int,
-                         expert_map, dtype, device) -> nn.Module:
-    """The reference DeepSeek-V3 model of this rank (its stage, its expert group)."""
-    cfg = DeepseekConfig.from_json(config)
-    dense, num_experts, inter = cfg.dense, cfg.num_experts, cfg.moe_intermediate
-    first_dense, shared = cfg.first_dense, cfg.shared_intermediate
+def build_deepseek_model(cfg: DeepseekConfig, ctx: BuildContext) -> nn.Module:
+    """The reference DeepSeek-V3 model of this rank (its stage, its expert group), its experts
+    placed as ``ctx.experts`` says."""
+    dense, inter, first_dense, shared = cfg.dense, cfg.moe_intermediate, cfg.first_dense, cfg.shared_intermediate
+    tp, ops, dtype, device = ctx.tp, ctx.ops, ctx.dtype, ctx.device
     forward_error = None
     if cfg.rope_type not in ("default",):
         # loading and tracking do not depend on it; only the reference forward would be wrong
         forward_error = f"the reference DeepSeek-V3 forward implements rope_type 'default' only, not {cfg.rope_type!r}"
-    default = ExpertPlacement.make(num_experts=num_experts, ep=layout.ep, kind=placement_kind, redundant=redundant)
-    placements = {layer: ExpertPlacement.from_slots(num_experts=num_experts, ep=layout.ep, kind=placement_kind,
-                                                    slots=slots) for layer, slots in (expert_map or {}).items()}
+    exchange = expert_exchange(ctx)
     h = dense.hidden_size
 
     def attention(layer: int) -> nn.Module:
@@ -243,12 +242,18 @@ def build_deepseek_model(config: Mapping, *, tp: int, tp_rank: int, ops, pipe, l
     def ffn(layer: int) -> tuple[str, nn.Module]:
         if layer < first_dense:
             return "mlp", MLP(dense, tp=tp, ops=ops, dtype=dtype, device=device)
-        placement = placements.get(layer, placements.get(-1, default))
-        experts = FusedExperts(h, inter, placement, group=rank_group, etp=etp,
-                               names=("experts.{expert}.gate_proj", "experts.{expert}.up_proj",
-                                      "experts.{expert}.down_proj"), dtype=dtype, device=device)
+        experts = routed_experts(ctx, layer, hidden=h, intermediate=inter,
+                                 names=("experts.{expert}.gate_proj", "experts.{expert}.up_proj",
+                                        "experts.{expert}.down_proj"))
         common = ("shared_experts", DenseFFN(h, shared, tp=tp, ops=ops, dtype=dtype, device=device)) if shared else None
         return "mlp", SparseMoE(GroupedRouter(cfg, h, device), experts, exchange, shared=common)
 
-    return DecoderForCausalLM(dense, tp=tp, tp_rank=tp_rank, ops=ops, pipe=pipe, layers=layers, mlp=ffn,
+    return DecoderForCausalLM(dense, tp=tp, tp_rank=ctx.tp_rank, ops=ops, pipe=ctx.pipe,
+                              layers=ctx.layout.stage_layers(dense.num_hidden_layers, ctx.stage), mlp=ffn,
                               attention=attention, forward_error=forward_error, dtype=dtype, device=device)
+
+
+# the dense parts are llama's; transformers' attribute_map accepts the second expert key
+DEEPSEEK_V3 = Architecture(model_type="deepseek_v3", decoder=LLAMA.decoder, read=DeepseekConfig.from_json,
+                           build=build_deepseek_model, experts=DeepseekConfig.expert_facts,
+                           expert_keys=("n_routed_experts", "num_local_experts"), ignores=mtp_ignore_patterns)

@@ -8,7 +8,7 @@ name their checkpoint siblings in their specs.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +19,8 @@ from ..errors import ConfigError, PlanError
 from ..layers import ColumnParallelLinear, ParallelLMHead, Part, RMSNorm, RowParallelLinear, VocabParallelEmbedding
 from ..layers.linear import shards_for
 from ..quant.layer import KVCacheScales
-from .config import DecoderConfig
+from .arch import Architecture, BuildContext
+from .config import DecoderConfig, DecoderTraits, every_layer_window, layer_type_windows
 
 
 def rotary_inv_freq(cfg: DecoderConfig) -> torch.Tensor:
@@ -165,7 +166,7 @@ class DecoderForCausalLM(nn.Module):
         >>> from distload.models.config import DecoderConfig
         >>> cfg = DecoderConfig.from_json({"model_type": "llama", "vocab_size": 100, "hidden_size": 32,
         ...     "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
-        ...     "num_key_value_heads": 2})
+        ...     "num_key_value_heads": 2}, LLAMA.decoder)
         >>> m = DecoderForCausalLM(cfg, tp=2, device="meta")
         >>> tuple(m.model.embed_tokens.weight.shape)
         (50, 32)
@@ -209,3 +210,31 @@ class DecoderForCausalLM(nn.Module):
             self.pipe.send_next(x)
             return None
         return self.lm_head(self.model.norm(x))
+
+
+def read_dense(config: Mapping, arch: Architecture) -> DecoderConfig:
+    """Reads a dense decoder's config.json with its architecture's knobs.
+
+    Raises:
+        ConfigError: naming the field and its value.
+    """
+    return DecoderConfig.from_json(config, arch.decoder)
+
+
+def build_dense(cfg: DecoderConfig, ctx: BuildContext) -> DecoderForCausalLM:
+    """The reference dense decoder of this rank (its stage, its TP shard)."""
+    return DecoderForCausalLM(cfg, tp=ctx.tp, tp_rank=ctx.tp_rank, ops=ctx.ops, pipe=ctx.pipe,
+                              layers=ctx.layout.stage_layers(cfg.num_hidden_layers, ctx.stage), dtype=ctx.dtype,
+                              device=ctx.device)
+
+
+# which projections have biases, and where attention slides, follows each transformers model class
+LLAMA = Architecture(model_type="llama", decoder=DecoderTraits(qkv_bias=None, o_bias=True, mlp_bias=True),
+                     read=read_dense, build=build_dense)
+MISTRAL = Architecture(model_type="mistral", decoder=DecoderTraits(qkv_bias=False, windows=every_layer_window),
+                       read=read_dense, build=build_dense)
+QWEN2 = Architecture(model_type="qwen2", decoder=DecoderTraits(qkv_bias=True, windows=layer_type_windows),
+                     read=read_dense, build=build_dense)
+QWEN3 = Architecture(model_type="qwen3", decoder=DecoderTraits(qkv_bias=None, o_bias=True, qk_norm=True,
+                                                               windows=layer_type_windows),
+                     read=read_dense, build=build_dense)

@@ -6,6 +6,7 @@ the feed-forward of sparse layers is a router plus this rank's expert slots.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -14,18 +15,39 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from ..experts import ExpertPlacement
+from ..experts import ExpertFacts
 from ..layers import ColumnParallelLinear, Part, ReplicatedLinear, RowParallelLinear
 from ..layers.moe import ExpertExchange, FusedExperts, Router
+from .arch import Architecture, BuildContext
 from .config import DecoderConfig
 from .fields import MAX_EXPERTS, MAX_VALUES, Fields
-from .llama import MLP, DecoderForCausalLM
+from .llama import MISTRAL, MLP, QWEN2, QWEN3, DecoderForCausalLM
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SparseBlock:
+    """What one MoE model type fixes about its sparse feed-forward."""
+
+    name: str
+    """checkpoint name of the feed-forward module"""
+    expert_names: tuple[str, str, str]
+    """gate, up, down of expert ``{expert}``, relative to the block"""
+    intermediate_key: str
+    """config.json key of one expert's intermediate size"""
+    renormalize: bool | None
+    """the top-k weights are rescaled to sum to one (None: as config.json norm_topk_prob says)"""
+    step_layers: bool
+    """``decoder_sparse_step`` and ``mlp_only_layers`` choose the sparse layers (else: all are)"""
+    shared_expert: bool
+    """a gated shared expert of ``shared_expert_intermediate_size``"""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class MoEConfig:
-    """The config.json fields of the sparse feed-forward."""
+    """The config.json fields of a mixture-of-experts decoder."""
 
+    dense: DecoderConfig
+    """attention, norms, embedding, head and the dense layers' MLP"""
     block_name: str
     """checkpoint name of the feed-forward module (``block_sparse_moe`` or ``mlp``)"""
     expert_names: tuple[str, str, str]
@@ -44,40 +66,37 @@ class MoEConfig:
     """layers whose feed-forward is sparse (the others are dense MLPs)"""
 
     @classmethod
-    def from_json(cls, cfg: Mapping) -> "MoEConfig":
-        """Reads the sparse feed-forward's fields of a mixtral / qwen2_moe / qwen3_moe config.json.
+    def from_json(cls, cfg: Mapping, arch: Architecture) -> "MoEConfig":
+        """Reads a mixtral / qwen2_moe / qwen3_moe config.json as ``arch`` describes it.
 
         Raises:
             ConfigError: naming the field and its value.
         """
+        dense = DecoderConfig.from_json(cfg, arch.decoder)
+        block: SparseBlock = arch.block
         f = Fields(cfg)
-        mt = f.text("model_type")
         layers, hidden = f.integer("num_hidden_layers"), f.integer("hidden_size")
-        experts = expert_count(f, EXPERT_KEYS[mt])
+        experts = expert_count(f, arch.expert_keys)
         top_k = f.integer("num_experts_per_tok", maximum=experts)
-        if mt == "mixtral":
-            inter = f.integer("intermediate_size")
-            f.at_most(f"{EXPERT_KEYS[mt][0]} * intermediate_size * hidden_size", experts * inter * hidden, MAX_VALUES)
-            return cls(block_name="block_sparse_moe", expert_names=("experts.{expert}.w1", "experts.{expert}.w3",
-                                                                    "experts.{expert}.w2"),
-                       num_experts=experts, top_k=top_k, intermediate=inter, renormalize=True, shared_intermediate=0,
-                       sparse_layers=frozenset(range(layers)))
-        step = f.integer("decoder_sparse_step", 1)
-        dense = set(f.integers("mlp_only_layers", (), maximum=layers - 1, what="layer indices", nullable=True))
-        inter = f.integer("moe_intermediate_size")
-        f.at_most(f"{EXPERT_KEYS[mt][0]} * moe_intermediate_size * hidden_size", experts * inter * hidden, MAX_VALUES)
-        shared = f.integer("shared_expert_intermediate_size", 0, minimum=0) if mt == "qwen2_moe" else 0
-        return cls(block_name="mlp", expert_names=("experts.{expert}.gate_proj", "experts.{expert}.up_proj",
-                                                   "experts.{expert}.down_proj"),
-                   num_experts=experts, top_k=top_k, intermediate=inter,
-                   renormalize=f.flag("norm_topk_prob", False), shared_intermediate=shared,
-                   sparse_layers=frozenset(i for i in range(layers) if i not in dense and (i + 1) % step == 0))
+        sparse = frozenset(range(layers))
+        if block.step_layers:
+            step = f.integer("decoder_sparse_step", 1)
+            dense_layers = set(f.integers("mlp_only_layers", (), maximum=layers - 1, what="layer indices",
+                                          nullable=True))
+            sparse = frozenset(i for i in sparse if i not in dense_layers and (i + 1) % step == 0)
+        key = block.intermediate_key
+        inter = f.integer(key)
+        f.at_most(f"{arch.expert_keys[0]} * {key} * hidden_size", experts * inter * hidden, MAX_VALUES)
+        shared = f.integer("shared_expert_intermediate_size", 0, minimum=0) if block.shared_expert else 0
+        renormalize = f.flag("norm_topk_prob", False) if block.renormalize is None else block.renormalize
+        return cls(dense=dense, block_name=block.name, expert_names=block.expert_names, num_experts=experts,
+                   top_k=top_k, intermediate=inter, renormalize=renormalize, shared_intermediate=shared,
+                   sparse_layers=sparse)
 
-
-EXPERT_KEYS = {"mixtral": ("num_local_experts", "num_experts"), "qwen2_moe": ("num_experts",),
-               "qwen3_moe": ("num_local_experts", "num_experts")}
-"""config.json keys of the expert count, per model type (transformers' attribute_map lets mixtral
-and qwen3_moe configs use either name; transformers 5 writes the first)"""
+    def expert_facts(self) -> ExpertFacts:
+        """The experts an expert map is checked against."""
+        return ExpertFacts(num_experts=self.num_experts, num_layers=self.dense.num_hidden_layers,
+                           sparse_layers=self.sparse_layers)
 
 
 def expert_count(f: Fields, keys: tuple[str, ...]) -> int:
@@ -141,29 +160,34 @@ class DenseFFN(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
-def build_moe_model(config: Mapping, *, tp: int, tp_rank: int, ops, pipe, layers, layout, rank_group: int,
-                    etp: int, exchange: ExpertExchange, placement_kind: str, redundant: int,
-                    expert_map: Mapping[int, tuple[int, ...]] | None, dtype, device) -> nn.Module:
-    """The reference MoE model of this rank (its stage, its expert group).
+def expert_exchange(ctx: BuildContext) -> ExpertExchange:
+    """The token exchange of this rank's experts: over its TP group (ep = 1) or its whole stage."""
+    lay = ctx.layout
+    return ExpertExchange(tp_ops=ctx.ops, stage_ops=ctx.stage_ops if lay.ep > 1 else None,
+                          stage_index=ctx.rank - lay.stage_ranks(ctx.stage)[0])
 
-    ``expert_map`` (layer -> slot list, ``-1`` for the default) overrides the redundant-expert
-    rule per layer; see ``experts.parse_expert_map``.
-    """
-    dense, moe = DecoderConfig.from_json(config), MoEConfig.from_json(config)
-    default = ExpertPlacement.make(num_experts=moe.num_experts, ep=layout.ep, kind=placement_kind,
-                                   redundant=redundant)
-    placements = {layer: ExpertPlacement.from_slots(num_experts=moe.num_experts, ep=layout.ep, kind=placement_kind,
-                                                    slots=slots)
-                  for layer, slots in (expert_map or {}).items()}
+
+def routed_experts(ctx: BuildContext, layer: int, *, hidden: int, intermediate: int,
+                   names: tuple[str, str, str]) -> FusedExperts:
+    """This rank's expert slots of ``layer``, placed as ``ctx.experts`` says."""
+    group, _ = ctx.layout.expert_coords(ctx.rank)
+    return FusedExperts(hidden, intermediate, ctx.experts.placement(layer), group=group, etp=ctx.layout.expert_tp,
+                        names=names, dtype=ctx.dtype, device=ctx.device)
+
+
+def build_moe_model(moe: MoEConfig, ctx: BuildContext) -> nn.Module:
+    """The reference MoE model of this rank (its stage, its expert group), its experts placed as
+    ``ctx.experts`` says."""
+    dense, exchange = moe.dense, expert_exchange(ctx)
+    tp, ops, dtype, device = ctx.tp, ctx.ops, ctx.dtype, ctx.device
 
     def ffn(layer: int) -> tuple[str, nn.Module]:
-        placement = placements.get(layer, placements.get(-1, default))
         if layer in moe.sparse_layers:
             h = dense.hidden_size
             router = Router(moe.num_experts, h, top_k=moe.top_k, renormalize=moe.renormalize, dtype=dtype,
                             device=device)
-            experts = FusedExperts(h, moe.intermediate, placement, group=rank_group, etp=etp,
-                                   names=moe.expert_names, dtype=dtype, device=device)
+            experts = routed_experts(ctx, layer, hidden=h, intermediate=moe.intermediate,
+                                     names=moe.expert_names)
             shared = gate = None
             if moe.shared_intermediate:
                 shared = ("shared_expert", DenseFFN(h, moe.shared_intermediate, tp=tp, ops=ops, dtype=dtype,
@@ -173,5 +197,28 @@ def build_moe_model(config: Mapping, *, tp: int, tp_rank: int, ops, pipe, layers
             return moe.block_name, SparseMoE(router, experts, exchange, shared=shared, shared_gate=gate)
         return "mlp", MLP(dense, tp=tp, ops=ops, dtype=dtype, device=device)
 
-    return DecoderForCausalLM(dense, tp=tp, tp_rank=tp_rank, ops=ops, pipe=pipe, layers=layers, mlp=ffn,
+    return DecoderForCausalLM(dense, tp=tp, tp_rank=ctx.tp_rank, ops=ops, pipe=ctx.pipe,
+                              layers=ctx.layout.stage_layers(dense.num_hidden_layers, ctx.stage), mlp=ffn,
                               dtype=dtype, device=device)
+
+
+QWEN_MOE_BLOCK = SparseBlock(name="mlp", expert_names=("experts.{expert}.gate_proj", "experts.{expert}.up_proj",
+                                                       "experts.{expert}.down_proj"),
+                             intermediate_key="moe_intermediate_size", renormalize=None, step_layers=True,
+                             shared_expert=False)
+"""qwen3_moe's sparse block (qwen2_moe's adds the gated shared expert)"""
+
+# transformers' attribute_map lets mixtral and qwen3_moe configs name the expert count either way
+# (transformers 5 writes the first); the attention and norms are those of a dense type
+MIXTRAL = Architecture(model_type="mixtral", decoder=MISTRAL.decoder, read=MoEConfig.from_json, build=build_moe_model,
+                       experts=MoEConfig.expert_facts, expert_keys=("num_local_experts", "num_experts"),
+                       block=SparseBlock(name="block_sparse_moe", expert_names=(
+                           "experts.{expert}.w1", "experts.{expert}.w3", "experts.{expert}.w2"),
+                           intermediate_key="intermediate_size", renormalize=True, step_layers=False,
+                           shared_expert=False))
+QWEN2_MOE = Architecture(model_type="qwen2_moe", decoder=QWEN2.decoder, read=MoEConfig.from_json,
+                         build=build_moe_model, experts=MoEConfig.expert_facts, expert_keys=("num_experts",),
+                         block=dataclasses.replace(QWEN_MOE_BLOCK, shared_expert=True))
+QWEN3_MOE = Architecture(model_type="qwen3_moe", decoder=QWEN3.decoder, read=MoEConfig.from_json,
+                         build=build_moe_model, experts=MoEConfig.expert_facts,
+                         expert_keys=("num_local_experts", "num_experts"), block=QWEN_MOE_BLOCK)

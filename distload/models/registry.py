@@ -1,96 +1,86 @@
-"""model_type -> reference model builder."""
+"""model_type -> its Architecture: one ``register`` line per model type; shared code asks here."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping
+from typing import Iterable, Mapping
 
 import torch
 from torch import nn
 
-from ..comm import SINGLE_STAGE, SOLO, Collectives, PipeOps
-from ..layout import Layout
+from ..comm import SOLO, Collectives
 from ..errors import ConfigError
-from ..experts import ExpertFacts
-from .config import DecoderConfig
-from ..layers.moe import ExpertExchange
-from .llama import DecoderForCausalLM
-from .deepseek import DeepseekConfig, build_deepseek_model, mtp_ignore_patterns
+from ..experts import ExpertFacts, ExpertPlan
+from ..layout import Layout
+from .arch import Architecture, BuildContext, ModelBuilder
+from .deepseek import DEEPSEEK_V3
 from .fields import Fields
-from .moe import MoEConfig, build_moe_model
+from .llama import LLAMA, MISTRAL, QWEN2, QWEN3
+from .moe import MIXTRAL, QWEN2_MOE, QWEN3_MOE
 
-DENSE_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
+__all__ = ["Architecture", "BuildContext", "ModelBuilder", "architecture", "build_model", "check_config",
+           "default_ignores", "expert_facts", "reference_model", "register", "supported_model_types"]
 
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class BuildContext:
-    """What a model builder is given: the checkpoint's config and this rank's place."""
-
-    config: Mapping
-    """the checkpoint's config.json"""
-    tp: int
-    """tensor-parallel degree"""
-    tp_rank: int
-    """this rank's index in its TP group"""
-    ops: Collectives
-    """collectives over this rank's TP group (for row-parallel layers, embeddings, heads)"""
-    dtype: torch.dtype
-    """the model dtype"""
-    layout: Layout
-    """the whole layout (``layout.stage_layers`` splits decoder layers over stages)"""
-    stage: int = 0
-    """this rank's pipeline stage"""
-    pipe: PipeOps = SINGLE_STAGE
-    """hand-off to the neighbouring stages"""
-    rank: int = 0
-    """the rank whose model this is (its expert group follows from the layout)"""
-    stage_ops: Collectives = SOLO
-    """collectives over all ranks of the stage (the expert exchange when ep > 1)"""
-    expert_placement: str = "linear"
-    """``linear`` or ``round_robin``"""
-    redundant_experts: int = 0
-    """extra expert slots replicating the first experts"""
-    expert_map: Mapping[int, tuple[int, ...]] | None = None
-    """per-layer slot -> expert lists (``-1``: every other layer), from an expert-map file"""
-    device: str = "meta"
-    """build here; ``load`` materializes on the rank's device afterwards"""
+ARCHITECTURES: dict[str, Architecture] = {}
+"""model_type -> its description, in registration order"""
 
 
-ModelBuilder = Callable[[BuildContext], nn.Module]
-"""makes one rank's model from a BuildContext"""
+def register(arch: Architecture) -> None:
+    """Makes ``arch`` the reference model of its ``model_type`` (each type is registered once)."""
+    assert arch.model_type not in ARCHITECTURES, f"model_type {arch.model_type!r} registered twice"
+    ARCHITECTURES[arch.model_type] = arch
+
+
+register(LLAMA)
+register(MISTRAL)
+register(QWEN2)
+register(QWEN3)
+register(MIXTRAL)
+register(QWEN2_MOE)
+register(QWEN3_MOE)
+register(DEEPSEEK_V3)
+
+
+def supported_model_types() -> tuple[str, ...]:
+    """The model types distload has a reference model for."""
+    return tuple(ARCHITECTURES)
+
+
+def architecture(config: Mapping) -> Architecture:
+    """The description of ``config['model_type']``.
+
+    Raises:
+        ConfigError: the model type is unknown (the message lists the supported ones).
+    """
+    arch = _known(config)
+    if arch is None:
+        raise ConfigError(f"config.json model_type {config.get('model_type')!r} is not supported "
+                          f"(supported: {', '.join(supported_model_types())})")
+    return arch
+
+
+def _known(config: Mapping) -> Architecture | None:
+    """The description of ``config['model_type']``; None for a type without a reference model."""
+    model_type = config.get("model_type")
+    return ARCHITECTURES.get(model_type) if isinstance(model_type, str) else None
 
 
 def reference_model(ctx: BuildContext) -> nn.Module:
-    """The default builder: ``build_model`` for the config's ``model_type``."""
-    layers = None
-    if ctx.layout.pp > 1:
-        layers = ctx.layout.stage_layers(Fields(ctx.config).integer("num_hidden_layers"), ctx.stage)
-    model_type = ctx.config.get("model_type")
-    if model_type in MOE_TYPES:
-        lay = ctx.layout
-        group, _ = lay.expert_coords(ctx.rank)
-        stage_start = lay.stage_ranks(ctx.stage)[0]
-        exchange = ExpertExchange(tp_ops=ctx.ops, stage_ops=ctx.stage_ops if lay.ep > 1 else None,
-                                  stage_index=ctx.rank - stage_start)
-        builder = build_deepseek_model if model_type == "deepseek_v3" else build_moe_model
-        return builder(ctx.config, tp=ctx.tp, tp_rank=ctx.tp_rank, ops=ctx.ops, pipe=ctx.pipe,
-                               layers=layers, layout=lay, rank_group=group, etp=lay.expert_tp, exchange=exchange,
-                               placement_kind=ctx.expert_placement, redundant=ctx.redundant_experts,
-                               expert_map=ctx.expert_map,
-                               dtype=ctx.dtype, device=ctx.device)
-    return build_model(ctx.config, tp=ctx.tp, tp_rank=ctx.tp_rank, ops=ctx.ops, pipe=ctx.pipe, layers=layers,
-                       dtype=ctx.dtype, device=ctx.device)
+    """The default builder: the registered architecture of the config's ``model_type``
+    (a mixture of experts without ``ctx.experts`` gets the linear placement)."""
+    arch = architecture(ctx.config)
+    cfg = arch.read(ctx.config, arch)
+    if arch.experts is not None and ctx.experts is None:
+        ctx = dataclasses.replace(ctx, experts=ExpertPlan.make(num_experts=arch.experts(cfg).num_experts,
+                                                               ep=ctx.layout.ep))
+    return arch.build(cfg, ctx)
 
 
 def default_ignores(config: Mapping) -> tuple[str, ...]:
     """Checkpoint names a model type leaves unused on purpose (listed as ignored, not unexpected)."""
-    return mtp_ignore_patterns(config) if config.get("model_type") == "deepseek_v3" else ()
-
-
-def supported_model_types() -> tuple[str, ...]:
-    return DENSE_TYPES + MOE_TYPES
+    arch = _known(config)
+    return () if arch is None else arch.ignores(config)
 
 
 LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d{1,9})\.")
@@ -111,15 +101,16 @@ def check_config(config: Mapping, tensor_names: Iterable[str]) -> None:
     """Reads ``config`` as the reference model of its type will, before any layer is built, and
     bounds its layer count by the checkpoint: at most twice the layers ``tensor_names`` hold
     (one past their largest layer index). Fewer present than configured is a missing finding;
-    DeepSeek-V3's MTP layer, at index ``num_hidden_layers``, only raises the bound.
+    a layer the model ignores (DeepSeek-V3's MTP layer, at index ``num_hidden_layers``) only
+    raises the bound.
 
     A model type without a reference model is left to its builder.
 
     Raises:
         ConfigError: naming the field and its value, or the checkpoint's largest layer index.
     """
-    model_type = config.get("model_type")
-    if model_type not in supported_model_types():
+    arch = _known(config)
+    if arch is None:
         return
     layers = Fields(config).integer("num_hidden_layers")
     top = largest_layer_index(tensor_names)
@@ -130,38 +121,27 @@ def check_config(config: Mapping, tensor_names: Iterable[str]) -> None:
                 f"is {top}): this config.json does not describe the checkpoint" if top >= 0
                 else "but the checkpoint holds no layer tensors (no name has layers.<i>.)")
         raise ConfigError(f"config.json num_hidden_layers is {layers}, {held}")
-    if model_type == "deepseek_v3":
-        DeepseekConfig.from_json(config)
-        mtp_ignore_patterns(config)
-        return
-    DecoderConfig.from_json(config)
-    if model_type in MOE_TYPES:
-        MoEConfig.from_json(config)
+    arch.read(config, arch)
+    arch.ignores(config)
 
 
 def expert_facts(config: Mapping) -> ExpertFacts | None:
-    """The experts of ``config``'s model type (read from its own config key), or None for a dense model.
+    """The experts of ``config``'s model type (read from its own config key), or None for a dense
+    model or one without a reference model.
 
     Raises:
         ConfigError: naming a bad field.
     """
-    model_type = config.get("model_type")
-    if model_type == "deepseek_v3":
-        ds = DeepseekConfig.from_json(config)
-        layers = ds.dense.num_hidden_layers
-        return ExpertFacts(num_experts=ds.num_experts, num_layers=layers,
-                           sparse_layers=frozenset(range(ds.first_dense, layers)))
-    if model_type in MOE_TYPES:
-        moe = MoEConfig.from_json(config)
-        return ExpertFacts(num_experts=moe.num_experts, num_layers=Fields(config).integer("num_hidden_layers"),
-                           sparse_layers=moe.sparse_layers)
-    return None
+    arch = _known(config)
+    if arch is None or arch.experts is None:
+        return None
+    return arch.experts(arch.read(config, arch))
 
 
 def build_model(config: Mapping, *, tp: int = 1, tp_rank: int = 0, ops: Collectives = SOLO,
-                pipe: PipeOps = SINGLE_STAGE, layers: range | None = None,
                 dtype: torch.dtype | None = None, device: torch.device | str = "meta") -> nn.Module:
-    """Builds the reference model for ``config['model_type']`` with this rank's shapes.
+    """Builds the reference model for ``config['model_type']`` as TP rank ``tp_rank`` of one
+    replica (no pipeline stages; a mixture of experts with every expert, placed linearly).
 
     Example:
         >>> m = build_model({"model_type": "qwen2", "vocab_size": 64, "hidden_size": 16,
@@ -170,15 +150,8 @@ def build_model(config: Mapping, *, tp: int = 1, tp_rank: int = 0, ops: Collecti
         torch.Size([48])
 
     Raises:
-        ConfigError: the model type is unknown (the message lists the supported ones).
+        ConfigError: the model type is unknown (the message lists the supported ones), or a bad field.
         PlanError: a size does not split over ``tp``.
     """
-    model_type = config.get("model_type")
-    if model_type in MOE_TYPES:
-        raise ConfigError(f"model_type {model_type!r} is a mixture of experts: build it with reference_model, "
-                          "which knows the layout's expert groups")
-    if model_type not in DENSE_TYPES:
-        raise ConfigError(f"config.json model_type {model_type!r} is not supported "
-                          f"(supported: {', '.join(supported_model_types())})")
-    return DecoderForCausalLM(DecoderConfig.from_json(config), tp=tp, tp_rank=tp_rank, ops=ops, pipe=pipe,
-                              layers=layers, dtype=dtype, device=device)
+    return reference_model(BuildContext(config=config, tp=tp, tp_rank=tp_rank, ops=ops, dtype=dtype,
+                                        layout=Layout(world_size=tp, tp=tp), rank=tp_rank, device=device))

@@ -1,0 +1,81 @@
+"""What a builder is given (``BuildContext``) and what distload knows about one model type
+(``Architecture``): its config reader, builder, ignore rules, experts and per-type knobs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+from ..comm import SINGLE_STAGE, SOLO, Collectives, PipeOps
+from ..experts import ExpertFacts, ExpertPlan
+from ..layout import Layout
+from .config import DecoderTraits
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class BuildContext:
+    """What a model builder is given: the checkpoint's config and this rank's place."""
+
+    config: Mapping
+    """the checkpoint's config.json"""
+    tp: int
+    """tensor-parallel degree"""
+    tp_rank: int
+    """this rank's index in its TP group"""
+    ops: Collectives
+    """collectives over this rank's TP group (for row-parallel layers, embeddings, heads)"""
+    dtype: torch.dtype
+    """the model dtype"""
+    layout: Layout
+    """the whole layout (``layout.stage_layers`` splits decoder layers over stages)"""
+    stage: int = 0
+    """this rank's pipeline stage"""
+    pipe: PipeOps = SINGLE_STAGE
+    """hand-off to the neighbouring stages"""
+    rank: int = 0
+    """the rank whose model this is (its expert group follows from the layout)"""
+    stage_ops: Collectives = SOLO
+    """collectives over all ranks of the stage (the expert exchange when ep > 1)"""
+    experts: ExpertPlan | None = None
+    """each MoE layer's expert placement (``load`` makes it from the options and ``--expert-map``);
+    None: linear, no redundant experts"""
+    device: str = "meta"
+    """build here; ``load`` materializes on the rank's device afterwards"""
+
+
+ModelBuilder = Callable[[BuildContext], nn.Module]
+"""makes one rank's model from a BuildContext"""
+
+
+def no_ignores(config: Mapping) -> tuple[str, ...]:
+    """The ignore rules of a model type whose checkpoints hold nothing it leaves unused."""
+    return ()
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Architecture:
+    """One model type, described once: shared code asks this, never the ``model_type`` string.
+
+    A new architecture is its file (reader, builder, this description) and one
+    ``register`` line in ``registry.py``.
+    """
+
+    model_type: str
+    """config.json's ``model_type``"""
+    decoder: DecoderTraits
+    """its attention and MLP knobs (biases, q/k norm, sliding windows), read by ``DecoderConfig``"""
+    read: Callable[[Mapping, "Architecture"], Any]
+    """the typed config reader: checks every field the builder uses (raises ConfigError)"""
+    build: Callable[[Any, BuildContext], nn.Module]
+    """makes one rank's model from the read config and the context"""
+    experts: Callable[[Any], ExpertFacts] | None = None
+    """the experts of the read config (count, layers with experts); None: a dense model"""
+    expert_keys: tuple[str, ...] = ()
+    """config.json keys of the expert count, the first preferred (several present must agree)"""
+    block: Any = None
+    """the sparse feed-forward's names and rules, for readers that take them (``moe.SparseBlock``)"""
+    ignores: Callable[[Mapping], tuple[str, ...]] = no_ignores
+    """checkpoint-name patterns it leaves unused on purpose (listed as ignored, not unexpected)"""

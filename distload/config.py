@@ -92,7 +92,8 @@ class LoadConfig:
     """``fp8``: attention declares KV-cache scales; ``auto``: only when config.json's
     quantization_config has a KV-cache scheme"""
     skip_units: Mapping[int, tuple[str, ...]] = field(default_factory=dict)
-    """test hook: rank -> checkpoint names that rank pretends not to load"""
+    """test hook: rank -> checkpoint names that rank pretends not to load (``name[label]``: only
+    that region of a fused tensor, e.g. ``...qkv_proj.weight[k]``)"""
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.extra_config) - set(EXTRA_CONFIG_KEYS))

@@ -18,7 +18,7 @@ from typing import Iterable, Mapping
 from .checkpoint.header import TensorInfo
 from .layout import Layout
 from .spec import ParamSpec, Role, Source
-from .units import Unit, add_expert_units, add_units, check_tiling, owner_counts
+from .units import Unit, UnitKey, add_expert_units, add_units, check_regions, check_tiling, owner_counts
 
 __all__ = ["DEFAULT_IGNORE", "Plan", "RankPlan", "RankSummary", "Read", "Unit", "check_tiling", "plan"]
 
@@ -111,8 +111,8 @@ class Plan:
     specs: tuple[ParamSpec, ...]
     units: tuple[Unit, ...]
     """canonical unit table: the same on every rank, in spec order"""
-    unit_ids: Mapping[tuple[str, int], int]
-    """(checkpoint name, piece index) -> unit index"""
+    unit_ids: Mapping[UnitKey, int]
+    """(checkpoint name, region or None, piece index) -> unit index"""
     tensors: Mapping[str, TensorInfo]
     unexpected: tuple[str, ...]
     """checkpoint tensors no unit consumes and no ignore rule names"""
@@ -183,9 +183,7 @@ class Plan:
                 owned.add(unit)
                 if info is not None and unit not in present:
                     present.add(unit)
-                    u = self.units[unit]  # the bytes its read would request (``_read``'s runs x count)
-                    nbytes += info.nbytes if u.dim is None else \
-                        info.nbytes // (info.shape or (1,))[u.dim] * (u.span[1] - u.span[0])
+                    nbytes += piece_nbytes(self.units[unit], info)
                     files.add(info.file)
         return RankSummary(units_present=len(present), units_owned=len(owned), nbytes=nbytes,
                            files=len(files))
@@ -235,7 +233,7 @@ class Plan:
             expert = placement.slots[physical]
             for part, piece, part_names in parts:
                 name = part_names[expert]
-                unit = self.unit_ids.get((name, piece))
+                unit = self.unit_ids.get((name, None, piece))
                 if unit is not None:
                     yield slot, part, unit, self.tensors.get(name)
 
@@ -256,7 +254,7 @@ class Plan:
         return self._dense[key]
 
     def _own(self, src: Source, tp_i: int, spec: ParamSpec, owned: list[int]) -> int | None:
-        unit = self.unit_ids.get((src.name, src.shard.index(tp_i, self.layout.tp)))
+        unit = self.unit_ids.get((src.name, src.region, src.shard.index(tp_i, self.layout.tp)))
         if unit is not None:
             owned.append(unit)
         return unit
@@ -288,16 +286,19 @@ def plan(tensors: Mapping[str, TensorInfo], specs: Iterable[ParamSpec], layout: 
     """
     specs = tuple(specs)
     units: list[Unit] = []
-    unit_ids: dict[tuple[str, int], int] = {}
+    unit_ids: dict[UnitKey, int] = {}
+    fused: dict[str, tuple[int, ...]] = {}  # tensors cut into regions -> their full shape
     for spec in specs:
         check_tiling(spec, layout.tp)
         if spec.experts is not None:
             add_expert_units(units, unit_ids, spec, tensors, layout)
         for src in spec.sources:
-            add_units(units, unit_ids, spec, src, tensors, layout, verify=False)
+            add_units(units, unit_ids, spec, src, tensors, layout, verify=False, regions=fused)
         for src in spec.verify:
             if src.name in tensors:
-                add_units(units, unit_ids, spec, src, tensors, layout, verify=True)
+                add_units(units, unit_ids, spec, src, tensors, layout, verify=True, regions=fused)
+    if fused:
+        check_regions(units, fused)
     consumed = {u.name for u in units}
     patterns = [re.compile(p) for p in (*DEFAULT_IGNORE, *ignore)]
     leftover = sorted(n for n in tensors if n not in consumed)
@@ -314,21 +315,45 @@ def _is_short(src: Source, tp_i: int, tp: int) -> bool:
     return stop - start < shard.piece_len(src.shape[shard.dim])
 
 
-def _read(unit_id: int, unit: Unit, offset: int, info: TensorInfo, spec: ParamSpec, *,
-          slot: int | None = None) -> Read:
-    shape, dim = info.shape, unit.dim
+def _box(unit: Unit, info: TensorInfo) -> tuple[int, tuple[int, ...], int | None, tuple[int, int]]:
+    """``(first byte, shape, cut dim, [start, stop) along it)`` of a unit's piece, in the
+    coordinates of its region's box (the whole tensor when it has none)."""
+    shape, dim, span, begin = info.shape, unit.dim, unit.span, info.begin
     if dim is not None and not shape:
         shape = (1,)  # a 0-d scalar placed along a dim is read as a 1-element vector
-    if dim is None:
-        return Read(unit=unit_id, param=spec.name, tensor=info, offset=info.begin, run=info.nbytes,
-                    stride=info.nbytes, count=1, shape=shape, dim=None, dest=(0, 0), verify=unit.verify, slot=slot)
-    start, stop = unit.span
-    inner = math.prod(shape[dim + 1:]) * info.itemsize
-    outer = math.prod(shape[:dim])
-    piece = (*shape[:dim], stop - start, *shape[dim + 1:])
-    run, stride, count = (stop - start) * inner, shape[dim] * inner, outer
+    region = unit.region
+    if region is not None:
+        for i, n in zip(region.at, shape):  # fix the leading dims: skip to that sub-tensor
+            begin += i * math.prod(shape[1:]) * info.itemsize
+            shape = shape[1:]
+        if region.dim is not None:
+            lo, hi = (region.start + span[0], region.start + span[1]) if dim is not None else (region.start,
+                                                                                              region.stop)
+            return begin, shape, region.dim, (lo, hi)
+    return begin, shape, dim, span
+
+
+def piece_nbytes(unit: Unit, info: TensorInfo) -> int:
+    """The bytes ``_read`` requests for ``unit`` of tensor ``info`` (its runs x count)."""
+    _, shape, dim, (start, stop) = _box(unit, info)
+    whole = info.nbytes if unit.region is None else math.prod(shape) * info.itemsize
+    return whole if dim is None else whole // shape[dim] * (stop - start)
+
+
+def _read(unit_id: int, unit: Unit, offset: int, info: TensorInfo, spec: ParamSpec, *,
+          slot: int | None = None) -> Read:
+    begin, shape, cut, (start, stop) = _box(unit, info)
+    if cut is None:
+        nbytes = info.nbytes if unit.region is None else math.prod(shape) * info.itemsize
+        return Read(unit=unit_id, param=spec.name, tensor=info, offset=begin, run=nbytes,
+                    stride=nbytes, count=1, shape=shape, dim=None, dest=(0, 0), verify=unit.verify, slot=slot)
+    inner = math.prod(shape[cut + 1:]) * info.itemsize
+    outer = math.prod(shape[:cut])
+    piece = (*shape[:cut], stop - start, *shape[cut + 1:])
+    run, stride, count = (stop - start) * inner, shape[cut] * inner, outer
     if count > 1 and run == stride:  # the piece spans whole rows: one contiguous run
         run, count = run * count, 1
-    return Read(unit=unit_id, param=spec.name, tensor=info, offset=info.begin + start * inner, run=run,
-                stride=stride, count=count, shape=piece, dim=dim,
-                dest=(offset, offset + stop - start), verify=unit.verify, slot=slot)
+    dim = unit.dim  # where the piece goes in the parameter (None: it is the whole parameter)
+    dest = (offset, offset + stop - start) if dim is not None else (0, 0)
+    return Read(unit=unit_id, param=spec.name, tensor=info, offset=begin + start * inner, run=run,
+                stride=stride, count=count, shape=piece, dim=dim, dest=dest, verify=unit.verify, slot=slot)

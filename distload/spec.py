@@ -69,17 +69,88 @@ class Shard:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class Region:
+    """A box of one checkpoint tensor that a ``Source`` takes as if it were the whole tensor.
+
+    The box fixes the tensor's leading dims to ``at`` (they are dropped) and, when ``dim`` is
+    set, takes ``[start, stop)`` along ``dim`` of what is left. The source's ``shape`` is the
+    box's shape and its ``shard`` cuts the box, along ``dim`` or, for a box cut along no dim,
+    along any one dim; each region x shard is its own unit (key ``(name, region, piece)``).
+    The cases it is made for, with no change of format:
+
+    - a part of a fused Linear weight (Phi-3 ``qkv_proj`` ``[q | k | v]`` rows): ``dim=0``,
+      the part's row range, sharded along dim 0 inside it;
+    - an expert of a fused expert tensor ``[E, hidden, 2I]``: ``at=(e,)``; Llama 4's gate and
+      up, the two halves of the last dim: ``dim=1``, ``[0, I)`` or ``[I, 2I)``, sharded along
+      dim 1 (a unit per expert per part per shard);
+    - gpt-oss's interleaved gate/up columns: ``at=(e,)``, ``dim=1`` over all ``2I`` columns,
+      sharded along dim 1, so a TP shard is one contiguous column range holding both gate and
+      up columns (a unit per expert per shard; the layer de-interleaves in its forward).
+
+    Example:
+        >>> Region(tensor_shape=(96, 64), dim=0, start=64, stop=80, label="k").shape
+        (16, 64)
+        >>> Region(tensor_shape=(8, 64, 192), at=(5,)).shape
+        (64, 192)
+    """
+
+    tensor_shape: tuple[int, ...]
+    """the checkpoint tensor's full shape (checked once per tensor)"""
+    at: tuple[int, ...] = ()
+    """indices fixing the tensor's leading dims (an expert's index along dim 0)"""
+    dim: int | None = None
+    """dim of the box (counted after ``at``) that ``[start, stop)`` cuts; None: no cut"""
+    start: int = 0
+    """first index along ``dim``"""
+    stop: int = 0
+    """end (exclusive) along ``dim``"""
+    label: str = ""
+    """what the box is (``k``, ``gate``): names it in the ``skip_units`` hook (``name[label]``)"""
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The box's shape (the ``Source.shape`` of a source that takes it)."""
+        rest = self.tensor_shape[len(self.at):]
+        if self.dim is None:
+            return rest
+        return (*rest[:self.dim], self.stop - self.start, *rest[self.dim + 1:])
+
+    def problem(self) -> str | None:
+        """Why the box does not lie inside ``tensor_shape``; None when it does."""
+        full = self.tensor_shape
+        if len(self.at) > len(full) or any(not 0 <= i < n for i, n in zip(self.at, full)):
+            return f"index {list(self.at)} is outside the tensor's shape {list(full)}"
+        rest = full[len(self.at):]
+        if self.dim is not None and (not 0 <= self.dim < len(rest) or not 0 <= self.start < self.stop <= rest[self.dim]):
+            return (f"range [{self.start}, {self.stop}) along dim {len(self.at) + self.dim} is outside the "
+                    f"tensor's shape {list(full)}")
+        return None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Source:
-    """One checkpoint tensor feeding (part of) a parameter."""
+    """One checkpoint tensor (or a region of one) feeding (part of) a parameter."""
 
     name: str
     """checkpoint tensor name"""
     shape: tuple[int, ...]
-    """the checkpoint tensor's full shape, as the model expects it"""
+    """the checkpoint tensor's full shape, as the model expects it (with a region: the region's)"""
     shard: Shard = Shard()
-    """how the tensor is split over TP ranks"""
+    """how the tensor (or region) is split over TP ranks"""
     offset: int = 0
     """where this source's piece starts in the parameter along ``shard.dim`` (fused parameters)"""
+    region: Region | None = None
+    """the box of the checkpoint tensor this source takes (a fused-on-disk tensor); None: all of it"""
+
+    def __post_init__(self) -> None:
+        if self.region is not None:
+            r = self.region
+            if self.shape != r.shape:
+                raise PlanError(f"source shape {list(self.shape)} differs from its region's {list(r.shape)}",
+                                tensor=self.name)
+            if r.dim is not None and self.shard.dim not in (None, r.dim):
+                raise PlanError(f"a region cut along dim {r.dim} is sharded along dim {self.shard.dim}; "
+                                "only along the region's own dim", tensor=self.name)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -165,14 +165,17 @@ def findings(plan: Plan, verdict: Verdict, rows: torch.Tensor | None) -> Finding
             affects.setdefault(source, []).append(spec.name)
 
     units_of = _by_name(plan, range(len(plan.units)))
-    failed = set(verdict.failed)
     missing, inconsistent = [], []
-    for name in _by_name(plan, verdict.failed):
+    for name, bad in _by_name(plan, verdict.failed).items():
         units = units_of[name]
-        got = sorted({r for u in units for r in (loaded_by[u] if u in failed else plan.owners(u))})
-        entry = Entry(name=name, owners=_owners(plan, units), loaded_by=tuple(got),
+        owners = _owners(plan, units)
+        # an owner loaded the tensor when it loaded every unit it owns of it (a fused tensor's
+        # regions are several units on one rank: skipping k alone makes that rank inconsistent)
+        short = {r for u in bad for r in set(plan.owners(u)).difference(loaded_by[u])}
+        anything = len(bad) < len(units) or any(loaded_by[u] for u in bad)
+        entry = Entry(name=name, owners=owners, loaded_by=tuple(r for r in owners if r not in short),
                       affects=tuple(affects.get(name, ())))
-        (inconsistent if got else missing).append(entry)
+        (inconsistent if anything else missing).append(entry)
     defaulted = [Entry(name=n, owners=_owners(plan, us), affects=tuple(affects.get(n, ())))
                  for n, us in _by_name(plan, verdict.defaulted).items()]
     unloaded = {e.name for e in (*missing, *inconsistent)}

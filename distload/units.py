@@ -14,7 +14,7 @@ from .checkpoint.header import TensorInfo
 from .errors import PlanError
 from .experts import ExpertPlacement
 from .layout import Layout
-from .spec import ParamSpec, Role, Source
+from .spec import ParamSpec, Region, Role, Source
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -44,6 +44,18 @@ class Unit:
     """the logical expert, for a unit of an expert-stacked parameter"""
     placement: ExpertPlacement | None = None
     """where that expert's copies live (owners are the ranks hosting one)"""
+    region: Region | None = None
+    """the box of the checkpoint tensor the unit is cut from (``dim`` and ``span`` count in the
+    box); None: the whole tensor"""
+
+    @property
+    def label(self) -> str:
+        """The unit's tensor name, with its region's label when it has one (``qkv_proj.weight[k]``)."""
+        return f"{self.name}[{self.region.label}]" if self.region is not None else self.name
+
+
+UnitKey = tuple[str, "Region | None", int]
+"""(checkpoint name, region or None, piece index): a unit's key in ``Plan.unit_ids``"""
 
 
 def add_expert_units(units: list[Unit], unit_ids: dict, spec: ParamSpec, tensors: Mapping[str, TensorInfo],
@@ -69,10 +81,11 @@ def add_expert_units(units: list[Unit], unit_ids: dict, spec: ParamSpec, tensors
             for unit in pieces:
                 if unit.dim is not None and unit.span[0] == unit.span[1]:
                     continue
-                if (name, unit.index) in unit_ids:
+                if (name, None, unit.index) in unit_ids:
                     raise PlanError(f"checkpoint tensor feeds two parameters, "
-                                    f"{units[unit_ids[(name, unit.index)]].param} and {spec.name}", tensor=name)
-                unit_ids[(name, unit.index)] = len(units)
+                                    f"{units[unit_ids[(name, None, unit.index)]].param} and {spec.name}",
+                                    tensor=name)
+                unit_ids[(name, None, unit.index)] = len(units)
                 units.append(Unit(name=name, param=unit.param, role=unit.role, dim=unit.dim, index=unit.index,
                                   num_shards=unit.num_shards, span=unit.span, stages=unit.stages, expert=expert,
                                   placement=placement))  # not dataclasses.replace: 3x slower at 10^6 units
@@ -93,10 +106,19 @@ def _check_split(spec: ParamSpec, src: Source, info: TensorInfo | None, layout: 
 
 
 def add_units(units: list[Unit], unit_ids: dict, spec: ParamSpec, src: Source,
-               tensors: Mapping[str, TensorInfo], layout: Layout, *, verify: bool) -> None:
+               tensors: Mapping[str, TensorInfo], layout: Layout, *, verify: bool,
+               regions: dict[str, tuple[int, ...]]) -> None:
+    """Adds the units of one source (one per piece), keyed ``(name, region, piece)``.
+
+    ``regions`` maps each fused tensor seen so far to its full shape: the checkpoint's shape of
+    a tensor that regions are cut from is checked once, against the first region's."""
     shard = src.shard
     info = tensors.get(src.name)
-    _check_shape(spec, src.name, info, src.shape)
+    region = src.region
+    if region is None:
+        _check_shape(spec, src.name, info, src.shape)
+    else:
+        _check_region(spec, src, info, regions)
     _check_split(spec, src, info, layout, None)
     role = Role.REQUIRED if verify else spec.role
     for index in range(shard.num_shards):
@@ -104,18 +126,74 @@ def add_units(units: list[Unit], unit_ids: dict, spec: ParamSpec, src: Source,
         if shard.dim is not None and span[0] == span[1]:
             continue  # a piece made only of padding rows: no unit
         unit = Unit(name=src.name, param=spec.name, role=role, dim=shard.dim, index=index,
-                    num_shards=shard.num_shards, span=span, verify=verify, stages=(spec.stage,))
-        if (src.name, index) in unit_ids:
-            other = units[unit_ids[(src.name, index)]]
+                    num_shards=shard.num_shards, span=span, verify=verify, stages=(spec.stage,), region=region)
+        key = (src.name, region, index)
+        if key in unit_ids:
+            other = units[unit_ids[key]]
             if spec.stage in other.stages or (other.dim, other.num_shards, other.verify) != (unit.dim, unit.num_shards,
                                                                                            unit.verify):
                 raise PlanError(f"checkpoint tensor feeds two parameters, {other.param} and {spec.name}",
                                 tensor=src.name)
             # the same piece on another stage (a tied LM head's copy of the embedding): one unit
-            units[unit_ids[(src.name, index)]] = dataclasses.replace(other, stages=(*other.stages, spec.stage))
+            units[unit_ids[key]] = dataclasses.replace(other, stages=(*other.stages, spec.stage))
             continue
-        unit_ids[(src.name, index)] = len(units)
+        unit_ids[key] = len(units)
         units.append(unit)
+
+
+def _check_region(spec: ParamSpec, src: Source, info: TensorInfo | None,
+                  regions: dict[str, tuple[int, ...]]) -> None:
+    """A region lies inside its tensor, and the tensor's full shape is the checkpoint's (checked
+    once per tensor; every later region of it must agree with the first)."""
+    region = src.region
+    problem = region.problem()
+    if problem is not None:
+        raise PlanError(f"region {region.label or list(region.at)} of parameter {spec.name}: {problem}",
+                        tensor=src.name, file=info.file if info else None)
+    known = regions.get(src.name)
+    if known is None:
+        _check_shape(spec, src.name, info, region.tensor_shape)
+        regions[src.name] = region.tensor_shape
+    elif known != region.tensor_shape:
+        raise PlanError(f"regions of one tensor declare different full shapes {list(known)} and "
+                        f"{list(region.tensor_shape)} (parameter {spec.name})", tensor=src.name)
+
+
+def check_regions(units: Iterable[Unit], fused: Iterable[str]) -> None:
+    """No two units read the same bytes of a tensor, and a tensor is either cut into regions or
+    taken whole (verify units, which only compare, aside).
+
+    Args:
+        units: the unit table.
+        fused: the tensors regions are cut from (only their units are looked at).
+
+    Raises:
+        PlanError: naming the tensor and both parameters.
+    """
+    fused = set(fused)
+    boxes: dict[str, list[tuple]] = {}
+    whole: dict[str, Unit] = {}
+    for u in units:
+        if u.verify or u.name not in fused:
+            continue
+        if u.region is None:
+            whole.setdefault(u.name, u)
+            continue
+        r = u.region
+        lo, hi = (r.start, r.stop) if r.dim is not None else (0, 0)
+        dim = r.dim if r.dim is not None else u.dim
+        if u.dim is not None:  # the piece's own cut, in tensor coordinates
+            lo, hi = (lo + u.span[0], lo + u.span[1]) if r.dim is not None else u.span
+        boxes.setdefault(u.name, []).append((r.at, dim, lo, hi, u))
+    for name, found in boxes.items():
+        if name in whole:
+            raise PlanError(f"checkpoint tensor feeds two parameters, {whole[name].param} and "
+                            f"{found[0][4].param}", tensor=name)
+        found.sort(key=lambda b: (b[0], b[2], b[3]))
+        for (at, dim, lo, hi, u), (at2, dim2, lo2, hi2, u2) in zip(found, found[1:]):
+            if at == at2 and (dim != dim2 or dim is None or lo2 < hi) and not (
+                    u.region == u2.region and u.index == u2.index):
+                raise PlanError(f"regions of parameters {u.param} and {u2.param} overlap", tensor=name)
 
 
 def _check_shape(spec: ParamSpec, name: str, info: TensorInfo | None, declared: tuple[int, ...]) -> None:

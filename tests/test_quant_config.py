@@ -216,7 +216,7 @@ def test_every_scale_unit_is_owned_by_exactly_the_owners_of_its_weight(fp8_moe, 
     assert len({plan.units[i].name for i in scales}) == 2 * (3 * 64 + 4)
     for i in scales:
         u = plan.units[i]
-        weight = plan.unit_ids[(u.name.replace("weight_scale_inv", "weight"), u.index)]
+        weight = plan.unit_ids[(u.name.replace("weight_scale_inv", "weight"), None, u.index)]
         assert plan.owners(i) == plan.owners(weight), u.name
     report = dry_run(fp8_moe, config, world_size=world)
     assert report.complete and not report.unexpected and sum(r.num_ranks for r in report.ranks) == world

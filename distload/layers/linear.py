@@ -15,7 +15,7 @@ from torch import nn
 from ..comm import SOLO, Collectives
 from ..errors import PlanError
 from ..quant.layer import Quantizable
-from ..spec import ParamSpec, Shard, Source, sibling
+from ..spec import ParamSpec, Region, Shard, Source, sibling
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -48,7 +48,10 @@ class ColumnParallelLinear(nn.Module, Quantizable):
     """``y = x W^T + b`` with W's rows split over the TP group; output stays sharded.
 
     With several ``parts`` the local weight is the concatenation of each part's rows
-    (a fused QKV or gate/up projection); each part is its own checkpoint unit.
+    (a fused QKV or gate/up projection); each part is its own checkpoint unit. With
+    ``fused_on_disk`` the checkpoint stores the parts as one tensor named like the layer
+    (Phi-3's ``qkv_proj``), their rows concatenated in part order: each part is a region
+    of it, sharded inside that region, and ``Part.name`` is the region's label.
 
     Example:
         >>> layer = ColumnParallelLinear(64, [Part(name="gate_proj", out_features=128, num_shards=2),
@@ -59,7 +62,8 @@ class ColumnParallelLinear(nn.Module, Quantizable):
     """
 
     def __init__(self, in_features: int, parts: list[Part], *, tp: int = 1, bias: bool = False,
-                 dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
+                 fused_on_disk: bool = False, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None) -> None:
         super().__init__()
         for part in parts:
             if part.out_features % part.num_shards or tp % part.num_shards:
@@ -68,6 +72,7 @@ class ColumnParallelLinear(nn.Module, Quantizable):
         self.in_features = in_features
         self.parts = tuple(parts)
         self.tp = tp
+        self.fused_on_disk = fused_on_disk
         self.local_sizes = tuple(p.out_features // p.num_shards for p in parts)
         out = sum(self.local_sizes)
         self.weight = nn.Parameter(torch.empty(out, in_features, dtype=dtype, device=device))
@@ -80,12 +85,20 @@ class ColumnParallelLinear(nn.Module, Quantizable):
         for attr, tail in (("weight", (self.in_features,)), ("bias", ())):
             if getattr(self, attr) is None:
                 continue
-            sources, offset = [], 0
+            sources, offset, row = [], 0, 0
+            full = (sum(p.out_features for p in self.parts), *tail)
             for part, local in zip(self.parts, self.local_sizes):
-                name = f"{sibling(path, part.name) if part.name else path}.{attr}"
-                sources.append(Source(name=name, shape=(part.out_features, *tail), offset=offset,
-                                      shard=Shard(dim=0, num_shards=part.num_shards)))
+                shape, shard = (part.out_features, *tail), Shard(dim=0, num_shards=part.num_shards)
+                if self.fused_on_disk:
+                    region = Region(tensor_shape=full, dim=0, start=row, stop=row + part.out_features,
+                                    label=part.name)
+                    sources.append(Source(name=f"{path}.{attr}", shape=shape, offset=offset, shard=shard,
+                                          region=region))
+                else:
+                    name = f"{sibling(path, part.name) if part.name else path}.{attr}"
+                    sources.append(Source(name=name, shape=shape, offset=offset, shard=shard))
                 offset += local
+                row += part.out_features
             yield ParamSpec(name=f"{path}.{attr}", shape=(offset, *tail), sources=tuple(sources))
 
 

@@ -51,7 +51,8 @@ class Attention(nn.Module, KVCacheScales):
     KV cache (it recomputes every position), so it loads and tracks them but does not use them.
     """
 
-    def __init__(self, cfg: DecoderConfig, layer: int, *, tp: int, ops: Collectives, dtype, device) -> None:
+    def __init__(self, cfg: DecoderConfig, layer: int, *, tp: int, ops: Collectives, dtype, device,
+                 fused_on_disk: bool = False) -> None:
         super().__init__()
         if cfg.num_attention_heads % tp:
             raise PlanError(f"num_attention_heads={cfg.num_attention_heads} is not divisible by tp={tp}")
@@ -61,11 +62,12 @@ class Attention(nn.Module, KVCacheScales):
         self.num_kv_heads = cfg.num_key_value_heads // kv_shards
         self.head_dim = hd
         self.window = cfg.sliding_windows[layer]
+        q, k, v = ("q", "k", "v") if fused_on_disk else ("q_proj", "k_proj", "v_proj")  # regions or siblings
         self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, [
-            Part(name="q_proj", out_features=cfg.num_attention_heads * hd, num_shards=tp),
-            Part(name="k_proj", out_features=cfg.num_key_value_heads * hd, num_shards=kv_shards),
-            Part(name="v_proj", out_features=cfg.num_key_value_heads * hd, num_shards=kv_shards),
-        ], tp=tp, bias=cfg.attention_bias, dtype=dtype, device=device)
+            Part(name=q, out_features=cfg.num_attention_heads * hd, num_shards=tp),
+            Part(name=k, out_features=cfg.num_key_value_heads * hd, num_shards=kv_shards),
+            Part(name=v, out_features=cfg.num_key_value_heads * hd, num_shards=kv_shards),
+        ], tp=tp, bias=cfg.attention_bias, fused_on_disk=fused_on_disk, dtype=dtype, device=device)
         self.o_proj = RowParallelLinear(cfg.num_attention_heads * hd, cfg.hidden_size, tp=tp, bias=cfg.o_bias,
                                         ops=ops, dtype=dtype, device=device)
         if cfg.qk_norm:
@@ -97,14 +99,16 @@ class Attention(nn.Module, KVCacheScales):
 class MLP(nn.Module):
     """SiLU-gated MLP with fused gate/up (column) and down (row) projections."""
 
-    def __init__(self, cfg: DecoderConfig, *, tp: int, ops: Collectives, dtype, device) -> None:
+    def __init__(self, cfg: DecoderConfig, *, tp: int, ops: Collectives, dtype, device,
+                 fused_on_disk: bool = False) -> None:
         super().__init__()
         if cfg.intermediate_size % tp:
             raise PlanError(f"intermediate_size={cfg.intermediate_size} is not divisible by tp={tp}")
+        gate, up = ("gate", "up") if fused_on_disk else ("gate_proj", "up_proj")
         self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, [
-            Part(name="gate_proj", out_features=cfg.intermediate_size, num_shards=tp),
-            Part(name="up_proj", out_features=cfg.intermediate_size, num_shards=tp),
-        ], tp=tp, bias=cfg.mlp_bias, dtype=dtype, device=device)
+            Part(name=gate, out_features=cfg.intermediate_size, num_shards=tp),
+            Part(name=up, out_features=cfg.intermediate_size, num_shards=tp),
+        ], tp=tp, bias=cfg.mlp_bias, fused_on_disk=fused_on_disk, dtype=dtype, device=device)
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, tp=tp, bias=cfg.mlp_bias,
                                            ops=ops, dtype=dtype, device=device)
 
@@ -119,6 +123,10 @@ MLPFactory = Callable[[int], "tuple[str, nn.Module]"]
 
 AttentionFactory = Callable[[int], nn.Module]
 """layer index -> its attention (``forward(x, cos, sin)``): DeepSeek's MLA plugs in here"""
+
+
+Rotary = Callable[[int], "tuple[torch.Tensor, float]"]
+"""sequence length -> (inverse frequencies, scale of cos and sin): Phi-3's longrope plugs in here"""
 
 
 class DecoderLayer(nn.Module):
@@ -175,9 +183,11 @@ class DecoderForCausalLM(nn.Module):
     def __init__(self, cfg: DecoderConfig, *, tp: int = 1, tp_rank: int = 0, ops: Collectives = SOLO,
                  pipe: PipeOps = SINGLE_STAGE, layers: range | None = None, mlp: MLPFactory | None = None,
                  attention: AttentionFactory | None = None, forward_error: str | None = None,
-                 dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
+                 rotary: Rotary | None = None, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None) -> None:
         super().__init__()
         self.config = cfg
+        self.rotary = rotary
         self.pipe = pipe
         self.forward_error = forward_error  # why this model's reference forward cannot be trusted
         layers = range(cfg.num_hidden_layers) if layers is None else layers
@@ -201,9 +211,10 @@ class DecoderForCausalLM(nn.Module):
         else:
             x = self.pipe.recv_prev((b, s, self.config.hidden_size), weight.dtype, weight.device)
         pos = torch.arange(s, device=input_ids.device, dtype=torch.float32)
-        freqs = pos[:, None] * rotary_inv_freq(self.config).to(input_ids.device)[None, :]
+        inv, scale = self.rotary(s) if self.rotary is not None else (rotary_inv_freq(self.config), 1.0)
+        freqs = pos[:, None] * inv.to(input_ids.device)[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        cos, sin = (emb.cos() * scale).to(x.dtype), (emb.sin() * scale).to(x.dtype)
         for layer in self.model.layers.values():
             x = layer(x, cos, sin)
         if not self.pipe.last:

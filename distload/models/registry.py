@@ -18,6 +18,7 @@ from .deepseek import DEEPSEEK_V3
 from .fields import Fields
 from .llama import LLAMA, MISTRAL, QWEN2, QWEN3
 from .moe import MIXTRAL, QWEN2_MOE, QWEN3_MOE
+from .phi3 import PHI3
 
 __all__ = ["Architecture", "BuildContext", "ModelBuilder", "architecture", "build_model", "check_config",
            "default_ignores", "expert_facts", "reference_model", "register", "supported_model_types"]
@@ -40,6 +41,7 @@ register(MIXTRAL)
 register(QWEN2_MOE)
 register(QWEN3_MOE)
 register(DEEPSEEK_V3)
+register(PHI3)
 
 
 def supported_model_types() -> tuple[str, ...]:

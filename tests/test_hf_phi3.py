@@ -1,0 +1,175 @@
+"""Phi-3 checkpoints written by transformers (fused ``qkv_proj`` / ``gate_up_proj`` on disk) loaded at
+worlds 1, 2 and 4: each rank's parameters equal their regions of the fused tensors, sliced here by
+head / row arithmetic written for this test; logits equal transformers' Phi3ForCausalLM; a deleted
+fused tensor, a rank skipping one region and a fused tensor of the wrong shape are named exactly.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import distload
+from distload.errors import PlanError
+from tests import jobs
+from tests.hf_checkpoints import (HFSpec, copy_checkpoint, delete_tensors, hf_logits, put_tensors, read_tensors,
+                                  write_hf_checkpoint)
+
+pytest.importorskip("transformers")
+
+TOKENS = {"pad_token_id": None, "bos_token_id": 1, "eos_token_id": 2}
+SPECS = {
+    "phi3": HFSpec(model_type="phi3", vocab_size=128, seed=11, extra=dict(TOKENS)),
+    # longrope with a pretraining context (4) shorter than the test sequence (10): the long factors
+    # and the attention factor sqrt(1 + ln(64 / 4) / ln 4) are used; a sliding window of 6
+    "phi3_long": HFSpec(model_type="phi3", vocab_size=128, seed=12, extra={
+        **TOKENS, "original_max_position_embeddings": 4, "sliding_window": 6,
+        "rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0,
+                            "short_factor": [1.0 + 0.1 * i for i in range(8)],
+                            "long_factor": [1.5 + 0.3 * i for i in range(8)]}}),
+}
+TOLERANCE = 1e-5
+"""max |distload - transformers| / max |transformers| for float32 logits"""
+QKV, GATE_UP = "model.layers.{}.self_attn.qkv_proj.weight", "model.layers.{}.mlp.gate_up_proj.weight"
+
+
+class Checkpoints:
+    def __init__(self, root) -> None:
+        self.root, self._dirs, self._logits, self._copies = root, {}, {}, 0
+
+    def path(self, name: str) -> str:
+        if name not in self._dirs:
+            self._dirs[name] = write_hf_checkpoint(str(self.root / name), SPECS[name])
+        return self._dirs[name]
+
+    def copy(self, name: str) -> str:
+        self._copies += 1
+        return copy_checkpoint(self.path(name), str(self.root / f"{name}-copy{self._copies}"))
+
+    def reference_logits(self, name: str) -> torch.Tensor:
+        if name not in self._logits:
+            self._logits[name] = hf_logits(self.path(name), input_ids(SPECS[name]))
+        return self._logits[name]
+
+
+@pytest.fixture(scope="session")
+def phi3_ckpts(tmp_path_factory) -> Checkpoints:
+    return Checkpoints(tmp_path_factory.mktemp("hf-phi3"))
+
+
+def input_ids(spec: HFSpec) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, spec.vocab_size, (2, 10), generator=gen)
+    ids[0, 0], ids[1, 3] = spec.vocab_size - 1, 0
+    return ids
+
+
+def expected_params(ckpt: dict[str, torch.Tensor], spec: HFSpec, tp: int, tp_i: int,
+                    layers: range) -> dict[str, torch.Tensor]:
+    """What TP rank ``tp_i`` of ``tp`` holds: qkv = [its query heads' rows of the q block; the rows
+    of the KV head(s) they read, from the k block and from the v block]; gate_up = [its row block
+    of the gate half; the same of the up half]; o_proj / down_proj column blocks."""
+    hd, heads, kv = spec.head_dim, spec.num_attention_heads, spec.num_key_value_heads
+    inter = spec.intermediate_size
+    mine = range(tp_i * heads // tp, (tp_i + 1) * heads // tp)
+    my_kv = sorted({h // (heads // kv) for h in mine})
+
+    def rows(t: torch.Tensor, first: int, which) -> torch.Tensor:
+        return torch.cat([t[first + h * hd:first + (h + 1) * hd] for h in which])
+
+    def block(t: torch.Tensor, dim: int, first: int = 0, size: int | None = None) -> torch.Tensor:
+        n = (size if size is not None else t.shape[dim]) // tp
+        return t.narrow(dim, first + tp_i * n, n)
+
+    out = {}
+    for i in layers:
+        qkv, gu = ckpt[QKV.format(i)], ckpt[GATE_UP.format(i)]
+        out[QKV.format(i)] = torch.cat([rows(qkv, 0, mine), rows(qkv, heads * hd, my_kv),
+                                        rows(qkv, (heads + kv) * hd, my_kv)])
+        out[GATE_UP.format(i)] = torch.cat([block(gu, 0, 0, inter), block(gu, 0, inter, inter)])
+        p = f"model.layers.{i}."
+        out[p + "self_attn.o_proj.weight"] = torch.cat(
+            [ckpt[p + "self_attn.o_proj.weight"][:, h * hd:(h + 1) * hd] for h in mine], dim=1)
+        out[p + "mlp.down_proj.weight"] = block(ckpt[p + "mlp.down_proj.weight"], 1)
+        for norm in ("input_layernorm.weight", "post_attention_layernorm.weight"):
+            out[p + norm] = ckpt[p + norm]
+    return out
+
+
+def _vocab(t: torch.Tensor, tp: int, tp_i: int) -> torch.Tensor:
+    n = t.shape[0] // tp
+    return t[tp_i * n:(tp_i + 1) * n]
+
+
+def _clean(report: dict) -> None:
+    assert report["complete"] is True and report["ok"] is True, report
+    for kind in ("missing", "inconsistent", "unexpected", "mismatched", "defaulted"):
+        assert report[kind] == [], (kind, report[kind])
+
+
+# (checkpoint, world, tp, pp): tp=2 (one KV head per rank), tp=2 x dp=2, tp=4 (KV heads on two
+# ranks each), pp=2 (one layer per stage), longrope at tp=2 and tp=4
+LAYOUTS = [("phi3", 1, 1, 1), ("phi3", 2, 2, 1), ("phi3", 4, 2, 1), ("phi3", 4, 4, 1), ("phi3", 2, 1, 2),
+           ("phi3_long", 2, 2, 1), ("phi3_long", 4, 4, 1)]
+
+
+@pytest.mark.parametrize("name,world,tp,pp", LAYOUTS, ids=[f"{n}-w{w}-tp{t}-pp{p}" for n, w, t, p in LAYOUTS])
+def test_params_are_their_regions_and_logits_match_transformers(pool, phi3_ckpts, name, world, tp, pp):
+    spec = SPECS[name]
+    directory = phi3_ckpts.path(name)
+    results = pool.run(world, jobs.load_and_forward_pp, directory, tp, pp, input_ids(spec), raise_errors=True)
+    ckpt = read_tensors(directory)
+    reference = phi3_ckpts.reference_logits(name)
+    per_stage = spec.num_hidden_layers // pp
+    for rank, got in enumerate(results):
+        _clean(got["report"])
+        tp_i, stage = rank % tp, rank // (world // pp)
+        layers = range(stage * per_stage, (stage + 1) * per_stage)
+        want = expected_params(ckpt, spec, tp, tp_i, layers)
+        if stage == 0:
+            want["model.embed_tokens.weight"] = _vocab(ckpt["model.embed_tokens.weight"], tp, tp_i)
+        if stage == pp - 1:
+            want["model.norm.weight"] = ckpt["model.norm.weight"]
+            want["lm_head.weight"] = _vocab(ckpt["lm_head.weight"], tp, tp_i)
+        assert sorted(got["state"]) == sorted(want), f"rank {rank}"
+        for pname, t in want.items():
+            assert torch.equal(torch.from_numpy(got["state"][pname]), t), f"rank {rank}: {pname} differs"
+        if stage == pp - 1:
+            logits = torch.from_numpy(got["logits"])
+            err = ((logits - reference).abs().max() / reference.abs().max()).item()
+            assert err < TOLERANCE, f"rank {rank}: relative logits error {err:.3g}"
+
+
+def _failed(results: list[dict]) -> dict:
+    assert all(r["raised"] for r in results), [r["raised"] for r in results]
+    for r in results[1:]:
+        for kind in ("missing", "inconsistent", "unexpected", "complete"):
+            assert r["report"][kind] == results[0]["report"][kind], kind
+    return results[0]["report"]
+
+
+def test_deleted_fused_qkv_is_missing_once_with_the_union_of_owners(pool, phi3_ckpts):
+    directory = phi3_ckpts.copy("phi3")
+    delete_tensors(directory, [QKV.format(1)])
+    report = _failed(pool.run(4, jobs.load_outcome, directory, 2))
+    # q, k and v regions, each split over tp=2: six units, one entry, every rank an owner
+    assert report["missing"] == [{"name": QKV.format(1), "owners": [0, 1, 2, 3]}]
+    assert report["inconsistent"] == [] and report["unexpected"] == []
+
+
+def test_rank_skipping_its_k_region_is_inconsistent_and_named(pool, phi3_ckpts):
+    skip = {3: (QKV.format(0) + "[k]",)}  # tp=4 over 2 KV heads: rank 3 shares KV head 1 with rank 2
+    report = _failed(pool.run(4, jobs.load_outcome, phi3_ckpts.path("phi3"), 4, {"skip_units": skip}))
+    assert report["missing"] == []
+    assert report["inconsistent"] == [{"name": QKV.format(0), "owners": [0, 1, 2, 3], "loaded_by": [0, 1, 2]}]
+
+
+def test_fused_tensor_of_the_wrong_shape_is_a_plan_error_naming_it(phi3_ckpts):
+    directory = phi3_ckpts.copy("phi3")
+    name = GATE_UP.format(0)
+    put_tensors(directory, {name: read_tensors(directory)[name][:-1].clone()})  # one row of up too few
+    with pytest.raises(PlanError) as err:
+        distload.load(directory, distload.LoadConfig(device="cpu"))
+    assert err.value.tensor == name
+    assert err.value.message == (f"checkpoint shape [191, 64] differs from the model's [192, 64] "
+                                 f"(parameter {name})")

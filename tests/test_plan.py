@@ -468,3 +468,101 @@ def test_planning_checks_tiling_of_every_spec():
         Source(name="p1", shape=(8, 4), offset=2, shard=Shard(dim=0, num_shards=2))))
     with pytest.raises(PlanError, match="fused.w"):
         plan({}, [bad], Layout(world_size=2, tp=2))
+
+
+# Phi-3-shaped: fused qkv_proj [(64 + 2 x 8) heads x 8, 512] and gate_up_proj [2 x 1408, 512] on disk
+PHI3_CFG = {**BIG_CFG, "model_type": "phi3"}
+
+
+def phi3_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
+    """A Phi-3 checkpoint's names and shapes: Llama's, with q/k/v and gate/up fused."""
+    shapes = hf_shapes({**cfg, "model_type": "llama"})
+    heads, kv, hd, h, inter = (cfg[k] for k in ("num_attention_heads", "num_key_value_heads", "head_dim",
+                                                "hidden_size", "intermediate_size"))
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        for part in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
+            del shapes[f"{p}{part}.weight"]
+        shapes[p + "self_attn.qkv_proj.weight"] = ((heads + 2 * kv) * hd, h)
+        shapes[p + "mlp.gate_up_proj.weight"] = (2 * inter, h)
+    return shapes
+
+
+@pytest.mark.parametrize("layout", BIG_LAYOUTS.values(), ids=BIG_LAYOUTS.keys())
+def test_fused_regions_are_read_by_exactly_their_owners_at_4096_ranks(layout):
+    cfg, tp = PHI3_CFG, layout.tp
+    infos = tensor_infos(phi3_shapes(cfg))
+    p = plan(infos, llama_specs(cfg, tp), layout)
+    assert not p.unexpected
+    heads, kv, hd, h, inter = 64, 8, 8, 512, 1408
+    row = h * infos["model.layers.0.self_attn.qkv_proj.weight"].itemsize  # bytes of one row
+    qkv, gu = infos["model.layers.0.self_attn.qkv_proj.weight"], infos["model.layers.0.mlp.gate_up_proj.weight"]
+
+    def rows(info, first: int, count: int) -> tuple[int, int]:
+        return info.begin + first * row, info.begin + (first + count) * row
+
+    q_rows, kv_rows = heads * hd // tp, kv * hd // min(tp, kv)
+    expected = {}  # tp index -> the byte ranges of its q, k, v, gate and up regions, by hand
+    for t in range(tp):
+        j = t * kv // tp  # the KV piece of TP rank t (replicated when tp exceeds the KV heads)
+        expected[t] = {rows(qkv, t * q_rows, q_rows), rows(qkv, heads * hd + j * kv_rows, kv_rows),
+                       rows(qkv, (heads + kv) * hd + j * kv_rows, kv_rows),
+                       rows(gu, t * inter // tp, inter // tp), rows(gu, inter + t * inter // tp, inter // tp)}
+    readers = collections.Counter()
+    for rank in range(layout.world_size):
+        got = {iv for r in p.for_rank(rank).reads if r.tensor in (qkv, gu) for iv in intervals(r)}
+        assert got == expected[layout.coords(rank).tp], f"rank {rank}"
+        readers.update(r.unit for r in p.for_rank(rank).reads if r.tensor in (qkv, gu))
+    # five regions per fused pair, each cut per TP piece: every unit read by each of its owners, once
+    fused = [i for i, u in enumerate(p.units) if u.name in (qkv.name, gu.name)]
+    assert len(fused) == tp + 2 * min(tp, kv) + 2 * tp
+    assert {p.units[i].label.rpartition("[")[2] for i in fused} == {"q]", "k]", "v]", "gate]", "up]"}
+    for i in fused:
+        assert readers[i] == p.num_owners(i) == len(p.owners(i)), p.units[i].label
+    k_units = [i for i in fused if p.units[i].region.label == "k"]
+    assert sum(p.num_owners(i) for i in k_units) == layout.world_size  # each rank owns one k piece
+
+
+def test_a_fused_tensor_of_the_wrong_shape_is_checked_once_and_named():
+    cfg = {**llama_config(), "model_type": "phi3"}
+    shapes = phi3_shapes(cfg)
+    name = "model.layers.1.self_attn.qkv_proj.weight"
+    shapes[name] = (shapes[name][0] - 16, 256)  # one KV head too few
+    with pytest.raises(PlanError) as info:
+        plan(tensor_infos(shapes), llama_specs(cfg, 2), Layout(world_size=2, tp=2))
+    assert info.value.tensor == name
+    assert info.value.message == f"checkpoint shape [496, 256] differs from the model's [512, 256] (parameter {name})"
+
+
+def _region_spec(name: str, *boxes: tuple[int, int], full: tuple[int, ...] = (8, 4)) -> ParamSpec:
+    from distload.spec import Region
+    sources, offset = [], 0
+    for start, stop in boxes:
+        region = Region(tensor_shape=full, dim=0, start=start, stop=stop, label=f"r{start}")
+        sources.append(Source(name=name, shape=region.shape, offset=offset, region=region,
+                              shard=Shard(dim=0, num_shards=1)))
+        offset += stop - start
+    return ParamSpec(name=f"p{boxes[0][0]}", shape=(offset, full[1]), sources=tuple(sources))
+
+
+def test_a_region_outside_its_tensor_is_a_plan_error_naming_it():
+    with pytest.raises(PlanError) as info:
+        plan(w_info("w", (8, 4)), [_region_spec("w", (6, 10), full=(8, 4))], Layout(world_size=1))
+    assert info.value.tensor == "w"
+    assert info.value.message == ("region r6 of parameter p6: range [6, 10) along dim 0 is outside the "
+                                  "tensor's shape [8, 4]")
+
+
+def test_overlapping_regions_and_a_region_beside_the_whole_tensor_are_refused():
+    layout = Layout(world_size=1)
+    with pytest.raises(PlanError, match="regions of parameters p0 and p3 overlap"):
+        plan(w_info("w", (8, 4)), [_region_spec("w", (0, 4)), _region_spec("w", (3, 8))], layout)
+    whole = ParamSpec(name="whole", shape=(8, 4), sources=(Source(name="w", shape=(8, 4)),))
+    with pytest.raises(PlanError, match="feeds two parameters, whole and p0"):
+        plan(w_info("w", (8, 4)), [_region_spec("w", (0, 4)), whole], layout)
+    # disjoint regions of one tensor, feeding two parameters: two units, each read from its start
+    p = plan(w_info("w", (8, 4)), [_region_spec("w", (0, 3)), _region_spec("w", (3, 8))], layout)
+    reads = sorted(p.for_rank(0).reads, key=lambda r: r.offset)
+    info = p.tensors["w"]
+    assert [(r.param, r.offset - info.begin, r.run, r.shape) for r in reads] == [
+        ("p0", 0, 3 * 16, (3, 4)), ("p3", 3 * 16, 5 * 16, (5, 4))]

@@ -165,3 +165,37 @@ def _write_index(directory: str, index: dict) -> None:
 
 def _weight_map(directory: str) -> dict[str, str]:
     return _read_index(directory)["weight_map"]
+
+
+def token_ids(spec: HFSpec) -> torch.Tensor:
+    """Two sequences of 10 tokens that include the first and last vocabulary rows."""
+    gen = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, spec.vocab_size, (2, 10), generator=gen)
+    ids[0, 0], ids[1, 3], ids[1, 9] = spec.vocab_size - 1, 0, spec.vocab_size - 2
+    return ids
+
+
+class CheckpointCache:
+    """Base checkpoints of ``specs`` written once by name, fresh copies of them to damage, and
+    transformers' own logits for ``token_ids`` (a session fixture per test module)."""
+
+    def __init__(self, root, specs) -> None:
+        self.root, self.specs = root, specs
+        self._dirs: dict[str, str] = {}
+        self._logits: dict[str, torch.Tensor] = {}
+        self._copies = 0
+
+    def path(self, name: str) -> str:
+        if name not in self._dirs:
+            self._dirs[name] = write_hf_checkpoint(str(self.root / name), self.specs[name])
+        return self._dirs[name]
+
+    def copy(self, name: str) -> str:
+        """Returns a fresh copy of a base checkpoint, to damage."""
+        self._copies += 1
+        return copy_checkpoint(self.path(name), str(self.root / f"{name}-copy{self._copies}"))
+
+    def reference_logits(self, name: str) -> torch.Tensor:
+        if name not in self._logits:
+            self._logits[name] = hf_logits(self.path(name), token_ids(self.specs[name]))
+        return self._logits[name]

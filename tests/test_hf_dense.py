@@ -15,8 +15,7 @@ import pytest
 import torch
 
 from tests import jobs
-from tests.hf_checkpoints import (HFSpec, copy_checkpoint, delete_tensors, hf_logits, put_tensors, read_tensors,
-                                  write_hf_checkpoint)
+from tests.hf_checkpoints import CheckpointCache, HFSpec, delete_tensors, put_tensors, read_tensors, token_ids
 
 pytest.importorskip("transformers")
 
@@ -45,42 +44,11 @@ TOLERANCE = 1e-5
 """max |distload - transformers| / max |transformers| for float32 logits"""
 
 
-class Checkpoints:
-    """Writes each base checkpoint (and transformers' logits for it) on first use."""
-
-    def __init__(self, root) -> None:
-        self.root = root
-        self._dirs: dict[str, str] = {}
-        self._logits: dict[str, torch.Tensor] = {}
-        self._copies = 0
-
-    def path(self, name: str) -> str:
-        if name not in self._dirs:
-            self._dirs[name] = write_hf_checkpoint(str(self.root / name), SPECS[name])
-        return self._dirs[name]
-
-    def copy(self, name: str) -> str:
-        """Returns a fresh copy of a base checkpoint, to damage."""
-        self._copies += 1
-        return copy_checkpoint(self.path(name), str(self.root / f"{name}-copy{self._copies}"))
-
-    def reference_logits(self, name: str) -> torch.Tensor:
-        if name not in self._logits:
-            self._logits[name] = hf_logits(self.path(name), input_ids(SPECS[name]))
-        return self._logits[name]
-
-
 @pytest.fixture(scope="session")
-def ckpts(tmp_path_factory) -> Checkpoints:
-    return Checkpoints(tmp_path_factory.mktemp("hf-dense"))
+def ckpts(tmp_path_factory) -> CheckpointCache:
+    return CheckpointCache(tmp_path_factory.mktemp("hf-dense"), SPECS)
 
 
-def input_ids(spec: HFSpec) -> torch.Tensor:
-    """Two sequences of 10 tokens that include the first and last vocabulary rows."""
-    gen = torch.Generator().manual_seed(7)
-    ids = torch.randint(0, spec.vocab_size, (2, 10), generator=gen)
-    ids[0, 0], ids[1, 3], ids[1, 9] = spec.vocab_size - 1, 0, spec.vocab_size - 2
-    return ids
 
 
 def rank_of(tp_i: int, dp_i: int, tp: int, dp: int, pp_i: int = 0) -> int:
@@ -163,7 +131,7 @@ LAYOUTS = [
 def test_params_exact_and_logits_match_transformers(pool, ckpts, name, world, tp):
     spec = SPECS[name]
     directory = ckpts.path(name)
-    results = pool.run(world, jobs.load_and_forward, directory, tp, input_ids(spec), raise_errors=True)
+    results = pool.run(world, jobs.load_and_forward, directory, tp, token_ids(spec), raise_errors=True)
     checkpoint = read_tensors(directory)
     reference = ckpts.reference_logits(name)
     dp = world // tp

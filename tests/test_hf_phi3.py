@@ -12,8 +12,7 @@ import torch
 import distload
 from distload.errors import PlanError
 from tests import jobs
-from tests.hf_checkpoints import (HFSpec, copy_checkpoint, delete_tensors, hf_logits, put_tensors, read_tensors,
-                                  write_hf_checkpoint)
+from tests.hf_checkpoints import CheckpointCache, HFSpec, delete_tensors, put_tensors, read_tensors, token_ids
 
 pytest.importorskip("transformers")
 
@@ -33,35 +32,11 @@ TOLERANCE = 1e-5
 QKV, GATE_UP = "model.layers.{}.self_attn.qkv_proj.weight", "model.layers.{}.mlp.gate_up_proj.weight"
 
 
-class Checkpoints:
-    def __init__(self, root) -> None:
-        self.root, self._dirs, self._logits, self._copies = root, {}, {}, 0
-
-    def path(self, name: str) -> str:
-        if name not in self._dirs:
-            self._dirs[name] = write_hf_checkpoint(str(self.root / name), SPECS[name])
-        return self._dirs[name]
-
-    def copy(self, name: str) -> str:
-        self._copies += 1
-        return copy_checkpoint(self.path(name), str(self.root / f"{name}-copy{self._copies}"))
-
-    def reference_logits(self, name: str) -> torch.Tensor:
-        if name not in self._logits:
-            self._logits[name] = hf_logits(self.path(name), input_ids(SPECS[name]))
-        return self._logits[name]
-
-
 @pytest.fixture(scope="session")
-def phi3_ckpts(tmp_path_factory) -> Checkpoints:
-    return Checkpoints(tmp_path_factory.mktemp("hf-phi3"))
+def phi3_ckpts(tmp_path_factory) -> CheckpointCache:
+    return CheckpointCache(tmp_path_factory.mktemp("hf-phi3"), SPECS)
 
 
-def input_ids(spec: HFSpec) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(7)
-    ids = torch.randint(0, spec.vocab_size, (2, 10), generator=gen)
-    ids[0, 0], ids[1, 3] = spec.vocab_size - 1, 0
-    return ids
 
 
 def expected_params(ckpt: dict[str, torch.Tensor], spec: HFSpec, tp: int, tp_i: int,
@@ -117,7 +92,7 @@ LAYOUTS = [("phi3", 1, 1, 1), ("phi3", 2, 2, 1), ("phi3", 4, 2, 1), ("phi3", 4, 
 def test_params_are_their_regions_and_logits_match_transformers(pool, phi3_ckpts, name, world, tp, pp):
     spec = SPECS[name]
     directory = phi3_ckpts.path(name)
-    results = pool.run(world, jobs.load_and_forward_pp, directory, tp, pp, input_ids(spec), raise_errors=True)
+    results = pool.run(world, jobs.load_and_forward_pp, directory, tp, pp, token_ids(spec), raise_errors=True)
     ckpt = read_tensors(directory)
     reference = phi3_ckpts.reference_logits(name)
     per_stage = spec.num_hidden_layers // pp

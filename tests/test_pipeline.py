@@ -7,15 +7,16 @@ import torch
 
 from tests import jobs
 from tests.hf_checkpoints import delete_tensors, read_tensors
-from tests.test_hf_dense import SPECS, TOLERANCE, Checkpoints, expected_params, input_ids
+from tests.hf_checkpoints import CheckpointCache, token_ids
+from tests.test_hf_dense import SPECS, TOLERANCE, expected_params
 
 # (checkpoint, world, tp, pp): dp = world / (tp x pp)
 LAYOUTS = [("llama", 2, 1, 2), ("llama_tied", 4, 2, 2), ("qwen3", 8, 2, 2)]
 
 
 @pytest.fixture(scope="module")
-def ckpts(tmp_path_factory) -> Checkpoints:
-    return Checkpoints(tmp_path_factory.mktemp("hf-pp"))
+def ckpts(tmp_path_factory) -> CheckpointCache:
+    return CheckpointCache(tmp_path_factory.mktemp("hf-pp"), SPECS)
 
 
 def stage_layers(num_layers: int, pp: int, stage: int) -> list[int]:
@@ -28,7 +29,7 @@ def stage_layers(num_layers: int, pp: int, stage: int) -> list[int]:
 def test_stages_hold_their_layers_exactly_and_logits_match(pool, ckpts, name, world, tp, pp):
     spec = SPECS[name]
     directory = ckpts.path(name)
-    ids = input_ids(spec)
+    ids = token_ids(spec)
     out = pool.run(world, jobs.load_and_forward_pp, directory, tp, pp, ids)
     ckpt = read_tensors(directory)
     ref = ckpts.reference_logits(name)

@@ -20,6 +20,12 @@ class StoreLost(Exception):
     """The store did not answer in time, or its connection broke; the message says which."""
 
 
+STORE_SLACK = 5.0
+"""seconds a store call may take beyond the failure timeout: on an oversubscribed host (8 ranks
+on 2 cores) the store's serving thread in rank 0 has been starved for over 3 s, and a store
+lost for good must not be declared on a busy host"""
+
+
 class BoundedStore:
     """The store, with a deadline on every call: ``call`` returns or raises ``StoreLost``
     within ``deadline`` seconds, whatever the store's host does.
@@ -114,7 +120,7 @@ class FailureWatch:
         self.rank, self.world_size, self.dead_after = rank, world_size, dead_after
         self.timeout = timeout  # the longest wait for a rank that is alive but has not arrived
         self.store_host = store_host  # the rank whose process serves the store (None: the launcher's)
-        self.store = BoundedStore(store, deadline=dead_after)
+        self.store = BoundedStore(store, deadline=dead_after + STORE_SLACK)
         self._stop = threading.Event()
         self._failed = False  # once a failure is known, the store may vanish: touch it no more
         self._meetings = 0

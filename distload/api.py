@@ -148,7 +148,8 @@ def _load(directory: str, config: LoadConfig, comm: Comm, device: torch.device,
         skip_names = set(config.skip_units.get(rank, ()))
         skip = frozenset(r.unit for r in rank_plan.reads  # a name, or one region of it: name[label]
                          if r.tensor.name in skip_names or plan.units[r.unit].label in skip_names)
-        result = Executor(device=device, num_threads=config.read_threads(local_ranks),
+        threads = config.read_threads(local_ranks, cuda=device.type == "cuda")
+        result = Executor(device=device, num_threads=threads,
                           staging_bytes=config.staging_bytes, check_finite=config.check_finite).run(
             rank_plan, params, skip=skip, progress=progress, abort_check=comm.check_peers)
         report = _merge(comm, config, layout, ckpt, plan, rank_plan, result, start,

@@ -16,7 +16,8 @@ from .quant.config import KV_CACHE_DTYPES, ONLINE
 
 EXTRA_CONFIG_KEYS: Mapping[str, str] = MappingProxyType({
     "enable_weights_track": "true / false / unset (= on): merge every rank's record and report missing units",
-    "num_read_threads": "positive integer: reader threads per rank (default: the node's cores / its local ranks)",
+    "num_read_threads": "positive integer: reader threads per rank "
+                        "(default: the node's cores / its local ranks, at most 8 on CUDA)",
     "staging_mib": "positive integer: host staging memory per rank in MiB, pinned on CUDA (default 256)",
 })
 """the keys a loader extra-config may hold, with what each means"""
@@ -27,6 +28,9 @@ loaded host must be able to beat that often without being called dead"""
 
 DEFAULT_STAGING_MIB = 256
 """host staging memory per rank, in MiB, when the extra-config names none"""
+CUDA_READERS = 8
+"""default reader threads per CUDA rank at most: on an H200 host (16 cores) the pinned pipeline
+moved 42.6 GB/s with 8 readers, 38.5 with 12 and 33.3 with 16 (``benchmarks/pipeline_sweep.py``)"""
 
 EXPERT_PLACEMENTS = ("linear", "round_robin")
 """how expert slots are assigned to expert-parallel groups"""
@@ -154,12 +158,14 @@ class LoadConfig:
         value = self.extra_config.get("enable_weights_track")
         return True if value is None else value
 
-    def read_threads(self, local_ranks: int) -> int:
-        """Reader threads per rank: the extra-config's, else this node's cores shared by its ranks."""
+    def read_threads(self, local_ranks: int, *, cuda: bool = False) -> int:
+        """Reader threads per rank: the extra-config's, else this node's cores shared by its ranks
+        (on CUDA at most CUDA_READERS: more readers than that slowed the pinned pipeline)."""
         if "num_read_threads" in self.extra_config:
             return int(self.extra_config["num_read_threads"])
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        return max(1, cores // max(1, local_ranks))
+        share = max(1, cores // max(1, local_ranks))
+        return min(share, CUDA_READERS) if cuda else share
 
     @property
     def staging_bytes(self) -> int:

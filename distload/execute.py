@@ -1,14 +1,16 @@
 """Runs one rank's planned reads into its parameters.
 
 Reads are cut into chunks (``chunks``) that a pool of reader threads takes in file order,
-so one large tensor is read by many threads. Where a chunk's bytes land unchanged in
-contiguous parameter memory on the CPU, it is read straight into the parameter. Otherwise
-it is read into a staging slot, a fixed set allocated once per load (pinned on CUDA; two
-per thread, so a thread reads into one while the other's copy to the device runs on the
-thread's own stream), and copied, cast or compared from there.
+so one large tensor is read by many threads. On the CPU, a chunk whose bytes land unchanged
+in contiguous parameter memory is read straight into the parameter; others (casts, strided
+destinations, comparisons) go through a private buffer per thread. On CUDA every chunk goes
+through a fixed pool of small pinned slots and a copy thread (``staging``).
+
+Comparisons (a tied weight checked against the tensor it is tied to) run after every other
+chunk has landed, so they never read a parameter another thread is still filling.
 
 A unit counts as loaded only after every chunk of its read arrived and was copied (on
-CUDA: the copy's event was waited on); a failure anywhere loads nothing more and raises.
+CUDA: the copy's event completed); a failure anywhere loads nothing more and raises.
 """
 
 from __future__ import annotations
@@ -28,7 +30,13 @@ from .fileio import CheckpointFile, fill, populate
 from .plan import RankPlan, Read
 
 MAX_CHUNK_BYTES = 16 * 1024 * 1024
-"""largest chunk: large enough that per-chunk Python work is small against its copy"""
+"""largest chunk on the CPU: large enough that per-chunk Python work is small against its copy"""
+CUDA_SLOT_BYTES = 2 * 1024 * 1024
+"""pinned slot (and chunk) size on CUDA: 16 readers' 2 MB slot pairs stay in the CPU's cache, so
+the copy to the device reads them from there (an H200 host: 8 readers x 2 slots of 2 MB moved
+42.6 GB/s, 4 MB 40.3, 1 MB 32.5; ``benchmarks/pipeline_sweep.py``)"""
+SLOTS_PER_READER = 2
+"""pinned slots per reader thread on CUDA: one being filled, one being copied"""
 TICK_SECONDS = 0.25
 """how often the reading thread reports progress and asks whether a peer failed (a store
 round trip: at 50 ms it cost a fifth of an 8-rank load's CPU on 2 cores)"""
@@ -63,9 +71,10 @@ class Executor:
 
     Args:
         device: where the parameters live.
-        num_threads: reader threads (one reads on the calling thread).
-        staging_bytes: host memory for staging slots (pinned on CUDA); the most this rank
-            holds beside its parameters. Cut into two slots per thread.
+        num_threads: reader threads (on the CPU one of them is the calling thread; on CUDA the
+            calling thread issues the copies).
+        staging_bytes: host memory for staging (pinned on CUDA); the most this rank holds
+            beside its parameters.
         check_finite: scan each loaded piece for NaN/Inf, on the device, on that piece only.
     """
 
@@ -74,10 +83,13 @@ class Executor:
         self.device = device
         self.check_finite = check_finite
         self.cuda = device.type == "cuda"
-        # a budget too small for two slots per thread runs fewer threads, never more memory
-        self.num_threads = max(1, min(num_threads, staging_bytes // (2 * MIN_SLOT_BYTES)))
-        slot = staging_bytes // (2 * self.num_threads)
-        self.chunk_bytes = max(MIN_SLOT_BYTES, min(MAX_CHUNK_BYTES, slot - slot % 4096))  # a slot's share
+        per_thread = SLOTS_PER_READER if self.cuda else 1
+        # a budget too small for every thread's slots runs fewer threads, never more memory
+        self.num_threads = max(1, min(num_threads, staging_bytes // (per_thread * MIN_SLOT_BYTES)))
+        slot = staging_bytes // (per_thread * self.num_threads)
+        largest = CUDA_SLOT_BYTES if self.cuda else MAX_CHUNK_BYTES
+        self.chunk_bytes = max(MIN_SLOT_BYTES, min(largest, slot - slot % 4096))  # a slot's share
+        self.num_slots = per_thread * self.num_threads
 
     def run(self, plan: RankPlan, params: Mapping[str, torch.Tensor], *,
             skip: frozenset[int] = frozenset(),
@@ -107,11 +119,7 @@ class Executor:
                         files[r.tensor.file] = _open_pickle(r.tensor.file, reads) if r.tensor.pickled else \
                             CheckpointFile(r)
                 job = _Job(self, reads, params, files)
-                try:
-                    job.run(progress, abort_check)
-                finally:
-                    if self.cuda and job.staging_bytes:
-                        _release_pinned()
+                job.run(progress, abort_check)
             finally:
                 for handle in files.values():
                     if isinstance(handle, CheckpointFile):
@@ -134,49 +142,66 @@ class _Job:
         # a chunk lands unchanged in contiguous memory: any byte boundary will do
         self.flat = [not r.verify and not r.tensor.pickled and d.dtype == r.tensor.dtype and d.is_contiguous()
                      for r, d in zip(reads, self.dests)]
+        self.dest_bytes = [_bytes(d) if f else None for d, f in zip(self.dests, self.flat)]
         self.casts = {f"{_name(r.tensor.dtype)} -> {_name(d.dtype)}" for r, d in zip(reads, self.dests)
                       if r.tensor.dtype != d.dtype}
-        self.chunks: list[Chunk] = [c for i, r in enumerate(reads)
-                                    for c in cut(i, r, ex.chunk_bytes, flat=self.flat[i])]
-        self.chunks.sort(key=lambda c: (reads[c.read].tensor.file, reads[c.read].offset + c.start))
+        chunks = [c for i, r in enumerate(reads) for c in cut(i, r, ex.chunk_bytes, flat=self.flat[i])]
+        chunks.sort(key=lambda c: (reads[c.read].tensor.file, reads[c.read].offset + c.start))
+        self.chunks: list[Chunk] = [c for c in chunks if not reads[c.read].verify]
+        self.compared: list[Chunk] = [c for c in chunks if reads[c.read].verify]
         self.left = [0] * len(reads)  # chunks not yet complete, per read
-        for c in self.chunks:
+        for c in chunks:
             self.left[c.read] += 1
         self.loaded = [r.unit for r, n in zip(reads, self.left) if n == 0]  # empty pieces
         self.mismatched: list[int] = []
         self.total = sum(r.nbytes for r in reads)
         # slots no larger than the largest chunk staged: a small checkpoint pins little
-        staged_sizes = [c.nbytes for c in self.chunks if ex.cuda or not self.flat[c.read]]
-        self.slot_bytes = -(-max(staged_sizes, default=0) // 4096) * 4096
-        self.done = [0] * ex.num_threads  # bytes placed, per thread (summed for progress)
-        self.staged = bool(staged_sizes)  # CUDA always (pinned); CPU only for chunks that cannot land directly
-        self.staging_bytes = 0  # allocated so far (slots are allocated by the threads that use them)
+        staged = [c.nbytes for c in chunks if ex.cuda or not self.flat[c.read]]
+        self.slot_bytes = -(-max(staged, default=0) // 4096) * 4096
+        self.staging_bytes = 0  # allocated so far
+        self.done = [0] * (ex.num_threads + 1)  # bytes placed, per thread (summed for progress)
         self._next = itertools.count()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._error: BaseException | None = None
 
     def run(self, progress: Callable[[int, int], None] | None, abort_check: Callable[[], None] | None) -> None:
-        threads = [threading.Thread(target=self._worker, args=(t,), name=f"distload-read-{t}", daemon=True)
-                   for t in range(1, min(self.ex.num_threads, len(self.chunks)))]
-        for t in threads:
-            t.start()
+        """Places every chunk (the comparisons last); raises the first failure of any thread."""
         try:
-            self._worker(0, progress=progress, abort_check=abort_check)
-        except BaseException as err:  # an interrupt or a peer's failure: stop the readers
+            if self.ex.cuda:
+                from .staging import run_staged  # CUDA only: imported where it is used
+                run_staged(self, progress, abort_check)
+            else:
+                self._run_cpu(progress, abort_check)
+            if self._error is None and self.compared:
+                self._compare()
+        except BaseException as err:  # an interrupt or a peer's failure
             self._fail(err)
-        finally:
-            while any(t.is_alive() for t in threads):
-                for t in threads:
-                    t.join(timeout=TICK_SECONDS / len(threads))
-                if not self._stop.is_set():
-                    self._tick(progress, abort_check)
         if self._error is not None:
             raise self._error
         if progress is not None:
             progress(self.total, self.total)
 
-    def _tick(self, progress, abort_check) -> None:
+    def _run_cpu(self, progress, abort_check) -> None:
+        threads = [threading.Thread(target=self._cpu_worker, args=(t,), name=f"distload-read-{t}", daemon=True)
+                   for t in range(1, min(self.ex.num_threads, len(self.chunks)))]
+        for t in threads:
+            t.start()
+        try:
+            self._cpu_worker(0, progress=progress, abort_check=abort_check)
+        finally:
+            self.join(threads, progress, abort_check)
+
+    def join(self, threads: list[threading.Thread], progress, abort_check) -> None:
+        """Waits for ``threads``, still reporting progress and asking after peers."""
+        while any(t.is_alive() for t in threads):
+            for t in threads:
+                t.join(timeout=TICK_SECONDS / len(threads))
+            if not self._stop.is_set():
+                self.tick(progress, abort_check)
+
+    def tick(self, progress, abort_check) -> None:
+        """Reports progress and asks whether a peer failed; a failure stops every thread."""
         try:
             if progress is not None:
                 progress(sum(self.done), self.total)
@@ -191,68 +216,88 @@ class _Job:
                 self._error = err
         self._stop.set()
 
-    def _worker(self, t: int, *, progress=None, abort_check=None) -> None:
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
+    def next_chunk(self) -> Chunk | None:
+        """The next chunk no thread has taken, or None once all are taken or a thread failed."""
+        i = next(self._next)
+        return self.chunks[i] if i < len(self.chunks) and not self._stop.is_set() else None
+
+    def _cpu_worker(self, t: int, *, progress=None, abort_check=None) -> None:
         """Takes chunks until none is left; thread 0 (the caller's) also reports and checks peers."""
-        slots = _Slots(self)
+        buf: list[torch.Tensor] = []  # this thread's staging buffer, made at its first staged chunk
         next_tick = 0.0
         try:
             torch.set_grad_enabled(False)  # grad mode is per thread: views of parameters are written
-            while not self._stop.is_set():
-                i = next(self._next)
-                if i >= len(self.chunks):
-                    break
-                self._place(self.chunks[i], slots, t)
+            while (chunk := self.next_chunk()) is not None:
+                self._place_cpu(chunk, buf, t)
                 if t == 0 and time.monotonic() > next_tick:
-                    self._tick(progress, abort_check)
+                    self.tick(progress, abort_check)
                     next_tick = time.monotonic() + TICK_SECONDS
-            for chunk in slots.drain():
-                self._complete(chunk)
         except BaseException as err:
             self._fail(err)
-            slots.drain()  # in-flight copies must finish before their pinned slots are freed
             if t == 0:
                 raise
 
-    def _place(self, chunk: Chunk, slots: "_Slots", t: int) -> None:
-        read, dest = self.reads[chunk.read], self.dests[chunk.read]
-        handle = self.files[read.tensor.file]
-        if self.flat[chunk.read] and not self.ex.cuda:
-            target = _bytes(dest)[chunk.start:chunk.stop]
+    def _place_cpu(self, chunk: Chunk, buf: list[torch.Tensor], t: int) -> None:
+        read, handle = self.reads[chunk.read], self.files[self.reads[chunk.read].tensor.file]
+        if self.flat[chunk.read]:
+            target = self.dest_bytes[chunk.read][chunk.start:chunk.stop]
             populate(target)
             fill(target, read, chunk, handle)
-            self._complete(chunk, t)
-            return
-        buf, finished = slots.take()
-        for done in finished:
-            self._complete(done)
-        staged = buf[:chunk.nbytes]
+        else:
+            src = self.staged(chunk, self.cpu_buffer(buf), handle)
+            self.part(chunk).copy_(src)
+        self.complete(chunk, t)
+
+    def cpu_buffer(self, buf: list[torch.Tensor]) -> torch.Tensor:
+        """A thread's staging buffer (pageable: only CPU copies read it), made on first use."""
+        if not buf:
+            buf.append(torch.empty(self.slot_bytes, dtype=torch.uint8))
+            with self._lock:
+                self.staging_bytes += self.slot_bytes
+        return buf[0]
+
+    def staged(self, chunk: Chunk, slot: torch.Tensor, handle) -> torch.Tensor:
+        """Reads ``chunk`` into ``slot``; returns it as the sub-tensor it forms."""
+        read = self.reads[chunk.read]
+        staged = slot[:chunk.nbytes]
         fill(staged, read, chunk, handle)
-        if self.flat[chunk.read]:  # CUDA, contiguous: one byte copy; complete once it has run
-            slots.copy(_bytes(dest)[chunk.start:chunk.stop], staged, chunk)
-            self.done[t] += chunk.nbytes
-            return
-        part = dest
+        return staged.view(read.tensor.dtype).reshape(self.part_shape(chunk))
+
+    def part(self, chunk: Chunk) -> torch.Tensor:
+        """The part of the destination a chunk cut by rows fills."""
+        part = self.dests[chunk.read]
         for i in chunk.prefix:
             part = part[i]
-        if read.shape:
-            part = part[chunk.lo:chunk.hi]
-        src = staged.view(read.tensor.dtype).reshape(part.shape)
-        if read.verify:
-            if not torch.equal(src.to(device=part.device, dtype=part.dtype), part):
-                with self._lock:
-                    self.mismatched.append(read.unit)
-        elif self.ex.cuda:  # cast or strided: the copy casts on the device
-            slots.copy(part, src, chunk)
-            self.done[t] += chunk.nbytes
-            return
-        else:
-            part.copy_(src)
-        self._complete(chunk, t)
+        return part[chunk.lo:chunk.hi] if self.reads[chunk.read].shape else part
 
-    def _complete(self, chunk: Chunk, t: int | None = None) -> None:
+    def part_shape(self, chunk: Chunk) -> tuple[int, ...]:
+        shape = self.reads[chunk.read].shape
+        if not shape:
+            return ()
+        level = len(chunk.prefix)
+        return (chunk.hi - chunk.lo, *shape[level + 1:])
+
+    def _compare(self) -> None:
+        """Compares each compared read's bytes with its parameter, once every other chunk landed."""
+        buf: list[torch.Tensor] = []
+        for chunk in self.compared:
+            if self._stop.is_set():
+                return
+            read = self.reads[chunk.read]
+            src = self.staged(chunk, self.cpu_buffer(buf), self.files[read.tensor.file])
+            part = self.part(chunk)
+            if not torch.equal(src.to(device=part.device, dtype=part.dtype), part) \
+                    and read.unit not in self.mismatched:
+                self.mismatched.append(read.unit)
+            self.complete(chunk, 0)
+
+    def complete(self, chunk: Chunk, t: int) -> None:
         """Counts a chunk as placed; its read's unit is loaded with its last chunk."""
-        if t is not None:
-            self.done[t] += chunk.nbytes
+        self.done[t] += chunk.nbytes
         with self._lock:
             self.left[chunk.read] -= 1
             if self.left[chunk.read] == 0:
@@ -272,69 +317,10 @@ class _Job:
         return sorted({unit for (unit, _), good in zip(flags, ok) if not good})
 
 
-class _Slots:
-    """One thread's two staging slots and, on CUDA, its copy stream and the copies in flight."""
-
-    def __init__(self, job: _Job) -> None:
-        self.job = job
-        self.ex = ex = job.ex
-        self.bufs: list[torch.Tensor | None] = [None, None]
-        self.inflight: list[tuple[torch.cuda.Event, Chunk] | None] = [None, None]
-        self.turn = 0
-        self.stream = None
-        if job.staged and ex.cuda:
-            self.stream = torch.cuda.Stream(device=ex.device)
-            # zeroing and default fills run on the default stream before any copy
-            self.stream.wait_stream(torch.cuda.current_stream(ex.device))
-
-    def take(self) -> tuple[torch.Tensor, list[Chunk]]:
-        """Returns the next free slot (waiting for its last copy) and the chunks that copy finished."""
-        self.turn ^= 1
-        if self.bufs[self.turn] is None:  # one at a time: a thread that takes one chunk pins one slot
-            self.bufs[self.turn] = torch.empty(self.job.slot_bytes, dtype=torch.uint8, pin_memory=self.ex.cuda)
-            with self.job._lock:
-                self.job.staging_bytes += self.job.slot_bytes
-        finished = []
-        pending = self.inflight[self.turn]
-        if pending is not None:
-            pending[0].synchronize()
-            finished.append(pending[1])
-            self.inflight[self.turn] = None
-        return self.bufs[self.turn], finished
-
-    def copy(self, dest: torch.Tensor, src: torch.Tensor, chunk: Chunk) -> None:
-        """Starts the copy of the current slot into ``dest`` on this thread's stream."""
-        with torch.cuda.stream(self.stream):
-            dest.copy_(src, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(self.stream)
-        self.inflight[self.turn] = (event, chunk)
-
-    def drain(self) -> list[Chunk]:
-        """Waits for every copy in flight; returns their chunks."""
-        finished = []
-        for k, pending in enumerate(self.inflight):
-            if pending is not None:
-                pending[0].synchronize()
-                finished.append(pending[1])
-                self.inflight[k] = None
-        return finished
-
-
 def _open_pickle(path: str, reads: list[Read]) -> dict[str, torch.Tensor]:
     """A pickle's tensors, those ``reads`` take from it contiguous: a strided view is copied once
     here, not once per chunk read from it."""
     return load_pickle(path, contiguous=frozenset(r.tensor.name for r in reads if r.tensor.file == path))
-
-
-def _release_pinned() -> None:
-    """Hands the staging slots' pinned memory back to the system: torch keeps freed pinned blocks
-    cached for reuse, which would hold the staging budget for the life of the process."""
-    for name in ("_accelerator_emptyHostCache", "_host_emptyCache"):  # torch >= 2.9, older
-        empty = getattr(torch._C, name, None)
-        if empty is not None:
-            empty()
-            return
 
 
 def destination(params: Mapping[str, torch.Tensor], read: Read) -> torch.Tensor:

@@ -114,6 +114,7 @@ def case(headers: dict, *, cast: bool = False) -> tuple[list[Read], dict[str, to
 
 
 def _run(reads, params, device, **kw):
+    device = device.removesuffix("-torch")
     params = {k: v.to(device) for k, v in params.items()}
     result = Executor(device=torch.device(device), **kw).run(
         RankPlan(rank=0, reads=tuple(reads), defaults=(), zero=(), owned=tuple(r.unit for r in reads)), params)
@@ -136,8 +137,17 @@ def check(reads, before, after, full):
         assert torch.equal(a[mask], b[mask]), f"{name}: bytes outside every read changed"
 
 
-DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA device")])]
+GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+DEVICES = ["cpu", pytest.param("cuda", marks=GPU), pytest.param("cuda-torch", marks=GPU)]
+"""``cuda-torch``: CUDA with the copies made through torch's calls, not the runtime library's"""
+
+
+@pytest.fixture(autouse=True)
+def _copies_by_torch(request, monkeypatch):
+    """``cuda-torch`` cases run the fallback copies (as where the runtime library is not found)."""
+    if "cuda-torch" in request.node.name:
+        import distload.device_copies
+        monkeypatch.setattr(distload.device_copies, "runtime_library", lambda: None)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -155,11 +165,11 @@ def test_every_byte_lands_where_its_read_says(ckpt, device, threads, staging, ca
 
 
 def test_small_staging_cuts_reads_at_many_boundaries(ckpt):
-    """With 64 KiB slots the 1.2 MB tensor and the column shards cross many chunk boundaries, and
+    """With a 64 KiB slot the 1.2 MB tensor and the column shards cross many chunk boundaries, and
     the strided rows stay whole runs."""
     _, headers, _ = ckpt
     reads, params = case(headers)
-    ex = Executor(device=torch.device("cpu"), num_threads=1, staging_bytes=2 * MIN_SLOT_BYTES)
+    ex = Executor(device=torch.device("cpu"), num_threads=1, staging_bytes=MIN_SLOT_BYTES)
     job = _Job(ex, reads, params, {})
     per_read = {r.tensor.name + str(r.unit): sum(c.read == i for c in job.chunks) for i, r in enumerate(reads)}
     assert per_read["big1"] > 10 and per_read["big2"] > 2
@@ -191,7 +201,8 @@ def test_compared_reads_flag_only_differences(ckpt, device):
     assert torch.equal(after["other"], other)  # compared, never written
 
 
-def test_a_failure_mid_read_counts_nothing_of_that_read(ckpt, tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_failure_mid_read_counts_nothing_of_that_read(ckpt, tmp_path, device):
     path, headers, _ = ckpt
     cut_at = headers["wide"].begin + headers["wide"].nbytes // 2  # safetensors puts it after five others
     short = str(tmp_path / "short.safetensors")
@@ -201,19 +212,30 @@ def test_a_failure_mid_read_counts_nothing_of_that_read(ckpt, tmp_path):
              for n, i in headers.items()}
     before = [n for n, i in infos.items() if i.end <= cut_at]
     reads = [make_read(infos[n], k, n) for k, n in enumerate(sorted(infos, key=lambda n: infos[n].begin))]
-    params = {r.param: torch.empty(r.shape, dtype=r.tensor.dtype) for r in reads}
-    ex = Executor(device=torch.device("cpu"), num_threads=1, staging_bytes=2 * MIN_SLOT_BYTES)
+    on = torch.device(device.removesuffix("-torch"))
+    params = {r.param: torch.empty(r.shape, dtype=r.tensor.dtype, device=on) for r in reads}
+    ex = Executor(device=on, num_threads=1, staging_bytes=2 * MIN_SLOT_BYTES)
     files = {short: CheckpointFile(reads[0])}
     job = _Job(ex, reads, params, files)
+    pinned_before = _pinned_bytes(on)
     try:
         with pytest.raises(CheckpointError) as err:
             job.run(None, None)
     finally:
         files[short].close()
+    assert _pinned_bytes(on) == pinned_before  # the pool went back, not into torch's cache of freed blocks
     assert err.value.tensor == "wide" and err.value.file == short
     assert "is it truncated?" in str(err.value)
     loaded = {r.tensor.name for r in reads if r.unit in job.loaded}
     assert "wide" not in loaded and loaded <= set(before) and "big" in loaded  # whole earlier reads only
+
+
+def _pinned_bytes(device: torch.device) -> int:
+    """Pinned host memory torch's allocator holds, in use or cached (0 off CUDA)."""
+    if device.type != "cuda":
+        return 0
+    stats = torch.cuda.host_memory_stats()
+    return stats.get("allocated_bytes.current", stats.get("allocated_bytes.all.current", 0))
 
 
 def test_a_truncated_file_is_named_on_the_mapped_path_too(ckpt, tmp_path):

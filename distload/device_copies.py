@@ -5,9 +5,13 @@ cache. At that size torch's per-call cost (a slice, a copy, an event, a stream s
 taken under the GIL) is larger than the copy itself and stalls the reader threads: measured on
 an H200 host, the same pipeline moved 18-21 GB/s through torch's calls and 36-43 GB/s through
 the CUDA runtime called directly (``benchmarks/pipeline_sweep.py``). So where torch's CUDA
-runtime library is loaded, byte copies and events go to it through ctypes (which releases the
-GIL for each call); elsewhere (a ROCm build, a runtime linked in statically) torch's own calls
-do the same work. Casts and strided destinations always go through torch, on the same stream.
+runtime library is loaded, byte copies and events go to it through ctypes; elsewhere (a ROCm
+build, a runtime linked in statically) torch's own calls do the same work. Casts and strided
+destinations always go through torch, on the same stream.
+
+The calls that return at once (queue a copy, record or query an event) keep the GIL: handing
+it to a reader and waiting to get it back cost 25-50 us a call, which made the copy thread the
+bottleneck (readers waited for free slots half their time). Only waiting on an event lets it go.
 """
 
 from __future__ import annotations
@@ -81,7 +85,8 @@ class RuntimeCopies(TorchCopies):
 
     def __init__(self, device: torch.device, slots: int, lib: ctypes.CDLL) -> None:
         super().__init__(device, slots)
-        self._lib = lib
+        self._lib = lib  # releases the GIL while a call runs: for waits
+        self._fast = ctypes.PyDLL(lib._name)  # keeps it: for calls that return at once
         self._handle = ctypes.c_void_p(self.stream.cuda_stream)
         self._raw: list[ctypes.c_void_p] = []
         with torch.cuda.device(device):  # an event belongs to the device current when it is made
@@ -92,18 +97,18 @@ class RuntimeCopies(TorchCopies):
         self._recorded = [False] * slots
 
     def copy_bytes(self, dst: torch.Tensor, dst_at: int, src: torch.Tensor, src_at: int, n: int) -> None:
-        self._check(self._lib.cudaMemcpyAsync(ctypes.c_void_p(dst.data_ptr() + dst_at),
+        self._check(self._fast.cudaMemcpyAsync(ctypes.c_void_p(dst.data_ptr() + dst_at),
                                               ctypes.c_void_p(src.data_ptr() + src_at), ctypes.c_size_t(n),
                                               _MEMCPY_HOST_TO_DEVICE, self._handle), "cudaMemcpyAsync")
 
     def record(self, slot: int) -> None:
-        self._check(self._lib.cudaEventRecord(self._raw[slot], self._handle), "cudaEventRecord")
+        self._check(self._fast.cudaEventRecord(self._raw[slot], self._handle), "cudaEventRecord")
         self._recorded[slot] = True
 
     def done(self, slot: int) -> bool:
         if not self._recorded[slot]:
             return True
-        code = self._lib.cudaEventQuery(self._raw[slot])
+        code = self._fast.cudaEventQuery(self._raw[slot])
         if code == _NOT_READY:
             return False
         self._check(code, "cudaEventQuery")

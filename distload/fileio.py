@@ -33,8 +33,12 @@ MADV_DONTNEED = 4
 """drop a range's mapping (a file's pages stay in the page cache)"""
 
 
-def fill(target: torch.Tensor, read: Read, chunk: Chunk, handle: "CheckpointFile | dict") -> None:
+def fill(target: torch.Tensor, read: Read, chunk: Chunk, handle: "CheckpointFile | dict", *,
+         view: memoryview | None = None) -> None:
     """Fills the CPU uint8 tensor ``target`` with bytes ``[chunk.start, chunk.stop)`` of ``read``.
+
+    Args:
+        view: ``target``'s bytes as a memoryview, where the caller keeps one (a staging slot's).
 
     Raises:
         CheckpointError: the file is shorter than the header says, or unreadable.
@@ -48,15 +52,26 @@ def fill(target: torch.Tensor, read: Read, chunk: Chunk, handle: "CheckpointFile
         first, last = chunk.start // read.run, chunk.stop // read.run
         mapped = handle.mapped(read)
         begin = read.offset + first * read.stride
-        target.view(last - first, read.run).copy_(mapped.as_strided((last - first, read.run), (read.stride, 1), begin))
+        rows = mapped.as_strided((last - first, read.run), (read.stride, 1), begin)
+        target[:chunk.nbytes].view(last - first, read.run).copy_(rows)
         # the pages stay in the page cache; only this process's mapping of them goes, so its RSS
         # holds its shard rather than every column-sharded tensor it copied from
         _advise(mapped.data_ptr() + begin, mapped.data_ptr() + begin + (last - first - 1) * read.stride + read.run,
                 MADV_DONTNEED, inward=False)
         return
-    view = memoryview((ctypes.c_ubyte * chunk.nbytes).from_address(target.data_ptr())).cast("B")
+    if view is None:
+        view = byte_view(target)
+    if read.count == 1:  # one run: one read (the common case, kept short: it runs per chunk)
+        _pread_exact(handle.fd, view[:chunk.nbytes], read.offset + chunk.start, read)
+        return
     for offset, at, n in segments(read, chunk.start, chunk.stop):
         _pread_exact(handle.fd, view[at:at + n], offset, read)
+
+
+def byte_view(target: torch.Tensor) -> memoryview:
+    """A contiguous CPU tensor's bytes as a writable memoryview (no copy)."""
+    return memoryview((ctypes.c_ubyte * (target.numel() * target.element_size())).from_address(
+        target.data_ptr())).cast("B")
 
 
 class CheckpointFile:

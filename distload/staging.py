@@ -18,12 +18,13 @@ import collections
 import queue
 import threading
 import time
+import traceback
 from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from .device_copies import TorchCopies, open_copies
-from .fileio import fill
+from .fileio import byte_view, fill
 
 if TYPE_CHECKING:
     from .execute import _Job
@@ -51,8 +52,10 @@ def run_staged(job: "_Job", progress: Callable[[int, int], None] | None,
     full: queue.SimpleQueue = queue.SimpleQueue()
     for k in range(count):
         free.put(k)
+    views = [pool[k * slot:(k + 1) * slot] for k in range(count)]
+    raw = [byte_view(v) for v in views]
     copies: TorchCopies | None = None
-    threads = [threading.Thread(target=_reader, args=(job, pool, slot, free, full, TICK_SECONDS),
+    threads = [threading.Thread(target=_reader, args=(job, views, raw, free, full, TICK_SECONDS),
                                 name=f"distload-read-{t}", daemon=True) for t in range(readers)]
     try:
         copies = open_copies(job.ex.device, count)
@@ -68,12 +71,20 @@ def run_staged(job: "_Job", progress: Callable[[int, int], None] | None,
                 t.join()
         if copies is not None:
             copies.close()  # in-flight copies read the pool: they finish before it is freed
+        # drop every reference to the pool: views in the queue, and in a failed thread's frames
+        # (its exception's traceback keeps them alive, and with them the pinned memory)
+        if job._error is not None:
+            traceback.clear_frames(job._error.__traceback__)
+        while not full.empty():
+            full.get_nowait()
+        views.clear()
+        raw.clear()
         del pool
         release_pinned()
 
 
-def _reader(job: "_Job", pool: torch.Tensor, slot: int, free: queue.SimpleQueue, full: queue.SimpleQueue,
-            tick: float) -> None:
+def _reader(job: "_Job", views: list[torch.Tensor], raw: list[memoryview], free: queue.SimpleQueue,
+            full: queue.SimpleQueue, tick: float) -> None:
     """Takes chunks and free slots until either runs out, filling each slot from the file."""
     try:
         torch.set_grad_enabled(False)  # grad mode is per thread: views of parameters are made
@@ -83,12 +94,11 @@ def _reader(job: "_Job", pool: torch.Tensor, slot: int, free: queue.SimpleQueue,
                 return
             read = job.reads[chunk.read]
             handle = job.files[read.tensor.file]
-            buf = pool[k * slot:(k + 1) * slot]
             if job.flat[chunk.read]:  # lands unchanged: one byte copy
-                fill(buf[:chunk.nbytes], read, chunk, handle)
+                fill(views[k], read, chunk, handle, view=raw[k])
                 full.put((k, chunk, None, None))
             else:  # a cast or a strided destination: the copy casts on the device
-                full.put((k, chunk, job.part(chunk), job.staged(chunk, buf, handle)))
+                full.put((k, chunk, job.part(chunk), job.staged(chunk, views[k], handle)))
     except BaseException as err:
         job._fail(err)
     finally:

@@ -215,14 +215,15 @@ def test_a_failure_mid_read_counts_nothing_of_that_read(ckpt, tmp_path, device):
     on = torch.device(device.removesuffix("-torch"))
     params = {r.param: torch.empty(r.shape, dtype=r.tensor.dtype, device=on) for r in reads}
     ex = Executor(device=on, num_threads=1, staging_bytes=2 * MIN_SLOT_BYTES)
-    files = {short: CheckpointFile(reads[0])}
-    job = _Job(ex, reads, params, files)
-    pinned_before = _pinned_bytes(on)
-    try:
-        with pytest.raises(CheckpointError) as err:
-            job.run(None, None)
-    finally:
-        files[short].close()
+    for attempt in range(2):  # the second: torch's own one-time pinned buffers exist by then
+        files = {short: CheckpointFile(reads[0])}
+        job = _Job(ex, reads, params, files)
+        pinned_before = _pinned_bytes(on)
+        try:
+            with pytest.raises(CheckpointError) as err:
+                job.run(None, None)
+        finally:
+            files[short].close()
     assert _pinned_bytes(on) == pinned_before  # the pool went back, not into torch's cache of freed blocks
     assert err.value.tensor == "wide" and err.value.file == short
     assert "is it truncated?" in str(err.value)

@@ -132,6 +132,35 @@ def test_one_flipped_byte_in_one_shard_is_named_with_the_rank_that_hashed_it(poo
     assert all(f["status"] == "verified" for f in by_name.values())
 
 
+def test_on_two_nodes_each_node_hashes_every_file_and_both_name_the_flipped_one(pool, hub):
+    flip_last_byte(blob_of(os.path.join(hub, SHARD2)))
+    out = pool.run(4, jobs.load_on_nodes, hub, 2, 2, VERIFY)
+    assert all(o["raised"] for o in out)
+    report = out[0]["report"]
+    files = {f["name"]: f for f in report["verification"]["files"]}
+    assert all(f["hashes"] == 2 for f in files.values())  # once on each node
+    assert sum(r["bytes_hashed"] for r in report["ranks"]) == 2 * sum(_sizes(hub).values())
+    node_of = {r: r // 2 for r in range(4)}
+    assert sorted(node_of[r] for r in files[SHARD2]["failed_on"]) == [0, 1]
+
+
+def test_hashing_runs_beside_the_reads(monkeypatch, listed):
+    import threading
+    from distload import api
+    seen = []
+    run = api.Executor.run
+
+    def observed(self, *args, **kwargs):  # the executor starts while the hashing threads exist
+        seen.append(sum(t.name.startswith("distload-verify") for t in threading.enumerate()))
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(api.Executor, "run", observed)
+    loaded = distload.load(listed, distload.LoadConfig(device="cpu", verify_checksums=True,
+                                                       extra_config={"num_read_threads": 2}))
+    assert loaded.report.verification.ok and len(seen) == 1 and 1 <= seen[0] <= 2
+    assert not any(t.name.startswith("distload-verify") for t in threading.enumerate())  # joined before returning
+
+
 def _cli(tmp_path, capsys, *args: str) -> tuple[int, str, str, dict]:
     path = tmp_path / "r.json"
     code = cli_main.main([*args, "--device", "cpu", "--quiet", "--json", str(path)])

@@ -38,6 +38,7 @@ DEFINITIONS = {
                           "rank: the latency any collective pays",
     "rss_growth_per_rank": "peak RSS over the interval minus RSS before it, max over ranks",
     "vs_floor_fresh": "median seconds / floor_fresh's (the floor reading into freshly allocated memory)",
+    "bytes_hashed": "distload_verify: bytes all ranks hashed (each file read whole once more per node)",
     "staging_bytes": "per rank, host memory held in intermediate buffers (pinned on CUDA) where the loader "
                      "reports it (distload's report, the floor's buffer, eager's largest file), else null",
 }
@@ -70,7 +71,7 @@ def summarize_run(ranks: list[dict], needed: int, unique: int) -> dict:
     report_ranks = (stats0.get("report") or {}).get("ranks") or []
     if report_ranks:  # the last rank to arrive waits for nobody: its merge time is the merge's own
         out["merge_seconds"] = min(r.get("merge_seconds", 0.0) for r in report_ranks)
-    for key in ("merge_seconds", "complete", "buffer_bytes", "odirect", "backend", "threads"):
+    for key in ("merge_seconds", "complete", "buffer_bytes", "odirect", "backend", "threads", "bytes_hashed"):
         if key in out:
             continue
         if stats0.get(key) is not None:
@@ -104,6 +105,7 @@ def summarize(runs: list[dict], loaders: list[str]) -> dict:
                          "read_bytes_node": _median([r["read_bytes_node"] for r in ok]),
                          "rchar_node": _median([r["rchar_node"] for r in ok]),
                          "merge_seconds": _median([r.get("merge_seconds") for r in ok]),
+                         "bytes_hashed": _median([r.get("bytes_hashed") for r in ok]),
                          "allreduce8_seconds": _median([r.get("allreduce8_seconds") for r in ok]),
                          "rss_growth_per_rank": _median([r.get("rss_growth_per_rank") for r in ok]),
                          "staging_bytes_per_rank": max((max((b or 0) for b in r["staging_bytes_per_rank"])
@@ -193,10 +195,11 @@ def print_table(result: dict) -> None:
     print(f"\n{result['preset']} ({ckpt['bytes'] / 1e9:.2f} GB, {ckpt['files']} files), {result['device']}, "
           f"layout {result['layout']}, {result['mode']}; {m['cores']} cores, {m.get('gpu') or m['cpu']}")
     print(f"{'world':>5} {'loader':>15} {'runs':>4} {'median s':>9} {'GB/s':>7} {'x floor':>8} {'CPU s':>7} "
-          f"{'RSS MiB':>8} {'+RSS MiB':>8} {'read GB':>8} {'merge s':>8} {'ar8 s':>7}")
+          f"{'RSS MiB':>8} {'+RSS MiB':>8} {'read GB':>8} {'rchar GB':>8} {'merge s':>8} {'ar8 s':>7}")
     for world, per in result["summary"].items():
         for name, s in per.items():
             rb = f"{s['read_bytes_node'] / 1e9:8.2f}" if s["read_bytes_node"] is not None else f"{'-':>8}"
+            rb += f" {s['rchar_node'] / 1e9:8.2f}" if s["rchar_node"] is not None else f" {'-':>8}"
             ms = f"{s['merge_seconds']:8.4f}" if s["merge_seconds"] is not None else f"{'-':>8}"
             vf = f"{s['vs_floor']:8.2f}" if s["vs_floor"] is not None else f"{'-':>8}"
             grow = s.get("rss_growth_per_rank")

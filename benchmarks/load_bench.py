@@ -150,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
               "loaders": loaders, "not_run": not_run,
               "runs_per_loader": {n: runs_for.get(n, args.runs) for n in runnable},
               "command": " ".join([os.path.basename(sys.executable), *sys.argv]), "runs": [], "summary": {}}
+    if "distload_verify" in runnable:  # its reference digests, written before anything is timed
+        from distload.manifest import write_manifest
+        write_manifest(args.dir)
     if not args.cold:
         result["warm_check"] = page_cache.make_warm(files)
     for world in [int(w) for w in args.worlds.split(",")]:

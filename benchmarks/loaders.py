@@ -7,6 +7,7 @@ Peers fill the parameters distload plans (``Ctx.prepare``: the model built on th
 device, allocated on the device, inside the timed part as distload's own load does it):
 
 - ``distload``: ``distload.load`` (it reuses the existing process group).
+- ``distload_verify``: the same with ``verify_checksums=True`` against the checkpoint's manifest.
 - ``eager``: ``safetensors.torch.load_file`` of every file the rank needs (on the CPU), every
   needed tensor read whole (cloned: safetensors >= 0.7 maps files lazily, so without it only
   the pages the copy touches would be read), then narrowed and copied into the parameters.
@@ -55,16 +56,27 @@ class Loader:
 
 # --- distload ---------------------------------------------------------------------------------
 
-def run_distload(ctx: Ctx) -> dict:
+def run_distload(ctx: Ctx, **options) -> dict:
     import distload
-    loaded = distload.load(ctx.directory, distload.LoadConfig(tp=ctx.tp, dp=ctx.dp, device=ctx.device.type))
+    config = distload.LoadConfig(tp=ctx.tp, dp=ctx.dp, device=ctx.device.type, **options)
+    loaded = distload.load(ctx.directory, config)
     ctx.model = loaded.model
     report = loaded.report.to_json()
     mine = next((r for r in report.get("ranks", []) if r.get("rank") == ctx.rank), {})
     return {"complete": report.get("complete"), "report_seconds": report.get("seconds"),
             "merge_seconds": report.get("merge_seconds", mine.get("merge_seconds")),
             "staging_bytes": mine.get("staging_bytes"), "bytes_read": mine.get("bytes_read"),
+            "bytes_hashed": sum(r.get("bytes_hashed", 0) for r in report.get("ranks", [])),
             "report": report if ctx.rank == 0 else None}
+
+
+def run_distload_verify(ctx: Ctx) -> dict:
+    """distload with ``verify_checksums``: the checkpoint's manifest (load_bench writes it, untimed) is
+    the reference; every file is hashed whole once per node beside the reads."""
+    out = run_distload(ctx, verify_checksums=True)
+    if out["report"] is not None and not out["report"]["verification"]["ok"]:
+        raise RuntimeError(f"verification failed: {out['report']['verification']}")
+    return out
 
 
 # --- safetensors ------------------------------------------------------------------------------
@@ -292,6 +304,7 @@ def verify_h2d(ctx: Ctx, limit: int | None = 3) -> dict:
 LOADERS: dict[str, Loader] = {
     "distload": Loader("distload", run_distload),
     "eager": Loader("eager", run_eager),
+    "distload_verify": Loader("distload_verify", run_distload_verify),
     "load_file": Loader("load_file", run_load_file),
     "engine": Loader("engine", run_engine),
     "fastsafetensors": Loader("fastsafetensors", run_fastsafetensors, setup_fastsafetensors),

@@ -1,8 +1,8 @@
 """Command line: ``python -m distload [CHECKPOINT] ...`` (also under torchrun).
 
 Exit codes of each process: 0 complete; 3 missing, inconsistent or mismatched
-units (or unexpected ones under --strict), with the report still printed and
-written; 1 any other DistloadError, as one line; 2 a usage error; 130 / 143
+units (or unexpected ones under --strict, or a file that fails --verify-checksums),
+with the report still printed and written; 1 any other DistloadError, as one line; 2 a usage error; 130 / 143
 interrupted by SIGINT / SIGTERM. One rank reports (prints and writes --json):
 rank 0, or the lowest rank still running when rank 0 is lost.
 """

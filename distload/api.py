@@ -14,10 +14,11 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import tracking
+from . import tracking, verify
 from ._version import __version__
 from .casts import refuse_casts
 from .checkpoint.directory import Checkpoint, open_checkpoint
+from .checkpoint.reference import Checks, load_checks
 from .comm import Collectives, Comm, WorldInfo, pipe_ops_for, world_from_env
 from .config import DTYPES, LoadConfig
 from .errors import ConfigError, DistloadError, LayoutError, MissingWeightsError, PeerFailedError, PlanError
@@ -119,7 +120,8 @@ def _connect_and_load(checkpoint: str, config: LoadConfig, world: WorldInfo,
     device = _device(config, world)
     comm = Comm.connect(world, device=device)
     try:
-        loaded = _load(checkpoint, config, comm, device, progress, build, local_ranks=world.local_world_size)
+        loaded = _load(checkpoint, config, comm, device, progress, build, local_ranks=world.local_world_size,
+                       local_rank=world.local_rank)
     except BaseException:
         comm.close()
         raise
@@ -130,16 +132,22 @@ def _connect_and_load(checkpoint: str, config: LoadConfig, world: WorldInfo,
 
 
 def _load(directory: str, config: LoadConfig, comm: Comm, device: torch.device,
-          progress: Callable[[int, int], None] | None, build: ModelBuilder, *, local_ranks: int) -> Loaded:
+          progress: Callable[[int, int], None] | None, build: ModelBuilder, *, local_ranks: int,
+          local_rank: int = 0) -> Loaded:
     start = time.perf_counter()
     rank = comm.rank
+    hashing = verify.Hashing()
     comm.start_watch(dead_after=config.failure_timeout)
     try:  # everything a single rank can fail at is published to the others
         layout = config.layout(comm.world_size)
         ops = comm.tp_collectives(layout)  # bound to its subgroup once the ranks agree
         ckpt, model, specs, plan = prepare(directory, config, layout, build, rank=rank, ops=ops,
                                            stage_ops=comm.stage_collectives(layout))
-        _agree(comm, fingerprint(ckpt, layout, specs, __version__, _record_shape(config)))
+        checks = load_checks(ckpt) if config.verify_enabled else None  # the reference, before any read
+        # this rank's share of the files is hashed on threads of its own beside the rest of the load
+        hashing = verify.Hashing(checks, local_rank=local_rank, local_ranks=local_ranks,
+                                 num_threads=config.read_threads(local_ranks)).start()
+        _agree(comm, fingerprint(ckpt, layout, specs, __version__, _record_shape(config, checks)))
         comm.create_groups(layout)
         rank_plan = plan.for_rank(rank)
         model = materialize(model, device)
@@ -152,8 +160,9 @@ def _load(directory: str, config: LoadConfig, comm: Comm, device: torch.device,
         result = Executor(device=device, num_threads=threads,
                           staging_bytes=config.staging_bytes, check_finite=config.check_finite).run(
             rank_plan, params, skip=skip, progress=progress, abort_check=comm.check_peers)
+        hashed = hashing.results(abort_check=comm.check_peers)
         report = _merge(comm, config, layout, ckpt, plan, rank_plan, result, start,
-                        after_merge=lambda: process_after_loading(model))
+                        after_merge=lambda: process_after_loading(model), checks=checks, hashed=hashed)
     except PeerFailedError:
         raise
     except DistloadError as err:
@@ -163,6 +172,7 @@ def _load(directory: str, config: LoadConfig, comm: Comm, device: torch.device,
         comm.publish_failure(DistloadError(f"{type(err).__name__}: {err}", rank=rank))
         raise
     finally:
+        hashing.stop()
         comm.stop_watch()
     if not report.ok:
         raise MissingWeightsError(_failure_summary(report), report=report, rank=rank)
@@ -235,10 +245,11 @@ def _refuse_expert_options(config: LoadConfig, specs: list[ParamSpec], model_con
                           f"{model_config.get('model_type')!r} has no experts; split it with tp, pp and dp")
 
 
-def _record_shape(config: LoadConfig) -> dict:
+def _record_shape(config: LoadConfig, checks: Checks | None = None) -> dict:
     """The options that change what the ranks exchange: they must agree on them too."""
     return {"track": config.track_enabled, "check_finite": config.check_finite, "strict": config.strict,
-            "ignore": list(config.ignore), "quantize": config.quantize, "kv_cache_dtype": config.kv_cache_dtype}
+            "ignore": list(config.ignore), "quantize": config.quantize, "kv_cache_dtype": config.kv_cache_dtype,
+            "verify": None if checks is None else checks.shape()}
 
 
 def _agree(comm: Comm, mine: Fingerprint) -> None:
@@ -262,7 +273,8 @@ def _agree(comm: Comm, mine: Fingerprint) -> None:
 
 
 def _merge(comm: Comm, config: LoadConfig, layout: Layout, ckpt: Checkpoint, plan: Plan, rank_plan: RankPlan,
-           result: ExecResult, start: float, after_merge: Callable[[], None]) -> LoadReport:
+           result: ExecResult, start: float, after_merge: Callable[[], None], checks: Checks | None = None,
+           hashed: verify.Hashed | None = None) -> LoadReport:
     """Combines every rank's record (one collective, plus one when something failed) into the report.
 
     ``after_merge`` (post-load work: derived parameters) runs only when the merged report says the
@@ -281,22 +293,25 @@ def _merge(comm: Comm, config: LoadConfig, layout: Layout, ckpt: Checkpoint, pla
             rows = comm.gather_rows(tracking.exchange_rows(plan, verdict, local))
         findings = tracking.findings(plan, verdict, rows)
     merge_seconds = time.perf_counter() - merge_start
+    verification = verify.merge(comm, checks, hashed) if checks is not None and hashed is not None else None
     notes = tuple(f"cast {c} while loading (model dtype differs from the checkpoint's)" for c in result.casts)
     notes += quant_notes(ckpt, config)
     report = LoadReport(mode="load", checkpoint=ckpt.directory, layout=layout.to_dict(),
                         tracked=config.track_enabled, num_units=len(plan.units), findings=findings,
                         unexpected=plan.unexpected, ignored=plan.ignored, notes=notes, ranks=(),
-                        seconds=0.0, strict=config.strict)
+                        seconds=0.0, strict=config.strict, verification=verification)
     if report.ok:
         after_merge()
     not_loaded = len(set(rank_plan.owned) - set(result.loaded))
     stats = comm.gather_rows(torch.tensor([len(result.loaded), len(rank_plan.owned), not_loaded,
                                            result.bytes_read, result.seconds, result.files_opened,
-                                           result.staging_bytes, merge_seconds],
+                                           result.staging_bytes, merge_seconds,
+                                           hashed.bytes_hashed if hashed else 0, hashed.seconds if hashed else 0.0],
                                           dtype=torch.float64))
     ranks = tuple(RankStats(rank=r, units_loaded=int(s[0]), units_owned=int(s[1]), units_not_loaded=int(s[2]),
                             bytes_read=int(s[3]), seconds=float(s[4]), files_opened=int(s[5]),
-                            staging_bytes=int(s[6]), merge_seconds=float(s[7]))
+                            staging_bytes=int(s[6]), merge_seconds=float(s[7]), bytes_hashed=int(s[8]),
+                            hash_seconds=float(s[9]))
                   for r, s in enumerate(stats.tolist()))
     return dataclasses.replace(report, ranks=ranks, seconds=time.perf_counter() - start)
 
@@ -315,13 +330,20 @@ def _failure_summary(report: LoadReport) -> str:
         for kind in ("missing", "inconsistent", "mismatched"):
             entries = getattr(f, kind)
             if entries:
-                names = ", ".join(e.name for e in entries[:3]) + (" ..." if len(entries) > 3 else "")
-                parts.append(f"{len(entries)} {kind} ({names})")
+                parts.append(f"{len(entries)} {kind} ({_first_names(entries)})")
     if report.strict and report.unexpected:
         parts.append(f"{len(report.unexpected)} unexpected under --strict")
     if report.strict and f is not None and f.nonfinite:
         parts.append(f"{len(f.nonfinite)} with NaN/Inf under --strict")
+    failed = report.verification.failed if report.verification is not None else ()
+    if failed:
+        parts.append(f"{len(failed)} file{'s' if len(failed) > 1 else ''} failed verification "
+                     f"({_first_names(failed)})")
     return "load not usable: " + "; ".join(parts)
+
+
+def _first_names(entries) -> str:
+    return ", ".join(e.name for e in entries[:3]) + (" ..." if len(entries) > 3 else "")
 
 
 def checkpoint_dtype(ckpt: Checkpoint) -> torch.dtype:

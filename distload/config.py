@@ -19,6 +19,7 @@ EXTRA_CONFIG_KEYS: Mapping[str, str] = MappingProxyType({
     "num_read_threads": "positive integer: reader threads per rank "
                         "(default: the node's cores / its local ranks, at most 8 on CUDA)",
     "staging_mib": "positive integer: host staging memory per rank in MiB, pinned on CUDA (default 256)",
+    "verify_checksums": "true / false (default false): hash every file read against its reference digest",
 })
 """the keys a loader extra-config may hold, with what each means"""
 
@@ -95,6 +96,10 @@ class LoadConfig:
     kv_cache_dtype: str = "auto"
     """``fp8``: attention declares KV-cache scales; ``auto``: only when config.json's
     quantization_config has a KV-cache scheme"""
+    verify_checksums: bool = False
+    """hash config.json, the index and every weight file whole, beside the reads, against the
+    Hugging Face cache's blob names or the checkpoint's distload-manifest.json; a file that
+    differs fails the load (also the extra-config key ``verify_checksums``)"""
     skip_units: Mapping[int, tuple[str, ...]] = field(default_factory=dict)
     """test hook: rank -> checkpoint names that rank pretends not to load (``name[label]``: only
     that region of a fused tensor, e.g. ``...qkv_proj.weight[k]``)"""
@@ -107,6 +112,13 @@ class LoadConfig:
         track = self.extra_config.get("enable_weights_track")
         if track is not None and not isinstance(track, bool):
             raise ConfigError(f"enable_weights_track must be true, false or unset, got {track!r}")
+        verify = self.extra_config.get("verify_checksums")
+        for value in (verify, self.verify_checksums):
+            if value is not None and not isinstance(value, bool):
+                raise ConfigError(f"verify_checksums must be true or false, got {value!r}")
+        if verify is False and self.verify_checksums:
+            raise ConfigError("verify_checksums=True and the loader extra-config's verify_checksums false disagree; "
+                              "give it once")
         for key in ("num_read_threads", "staging_mib"):
             value = self.extra_config.get(key, 1)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -157,6 +169,11 @@ class LoadConfig:
             return self.track
         value = self.extra_config.get("enable_weights_track")
         return True if value is None else value
+
+    @property
+    def verify_enabled(self) -> bool:
+        """Whether the load hashes its files against their reference digests."""
+        return self.verify_checksums or self.extra_config.get("verify_checksums") is True
 
     def read_threads(self, local_ranks: int, *, cuda: bool = False) -> int:
         """Reader threads per rank: the extra-config's, else this node's cores shared by its ranks

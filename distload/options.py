@@ -89,6 +89,10 @@ def parser() -> argparse.ArgumentParser:
                    help="scan loaded pieces for NaN/Inf (reported as nonfinite; fails under --strict)")
     p.add_argument("--strict-dtype", action="store_true",
                    help="refuse checkpoint tensors of another dtype than the model's (default: cast floats, noted)")
+    p.add_argument("--verify-checksums", action="store_true",
+                   help="hash config.json, the index and every weight file beside the reads, against the Hugging "
+                        "Face cache's blob names or the checkpoint's distload-manifest.json (python -m "
+                        "distload.manifest CKPT writes one); a file that differs fails the load (exit 3)")
     p.add_argument("--allow-pickle-format", action="store_true",
                    help="with no safetensors files, read .bin/.pt with torch.load(weights_only=True)")
     p.add_argument("--dry-run", action="store_true",
@@ -160,6 +164,9 @@ def _checked(args: argparse.Namespace, environ: Mapping[str, str], local_device:
     if args.world is not None and not args.dry_run:
         raise UsageError("--world sets the planned world of --dry-run; a real load takes its world from "
                          "the launcher (WORLD_SIZE)")
+    if args.dry_run and config.verify_enabled:
+        raise UsageError("--verify-checksums hashes the files a load reads, and --dry-run reads no tensor data; "
+                         "verify with a load")
     if args.dry_run:
         rank, world = 0, _dry_run_world(args, environ)
     else:
@@ -185,6 +192,8 @@ def _load_config(args: argparse.Namespace) -> LoadConfig:
             if key in extra:
                 raise UsageError(f"{flag} and --model-loader-extra-config both set {key}; give it once")
             extra[key] = value
+    if args.verify_checksums and "verify_checksums" in extra:
+        raise UsageError("--verify-checksums and --model-loader-extra-config both set verify_checksums; give it once")
     if args.enable_expert_parallel and args.ep is not None:
         raise UsageError("--ep and --enable-expert-parallel both set the expert-parallel size; give one")
     return LoadConfig(extra_config=extra, tp=args.tp, pp=args.pp, dp=args.dp, ep=args.ep or 1,
@@ -194,7 +203,7 @@ def _load_config(args: argparse.Namespace) -> LoadConfig:
                       kv_cache_dtype=args.kv_cache_dtype, track=None if args.track is None else args.track == "on",
                       ignore=tuple(args.ignore), strict=args.strict, failure_timeout=args.failure_timeout,
                       check_finite=args.check_finite, strict_dtype=args.strict_dtype,
-                      allow_pickle_format=args.allow_pickle_format)
+                      allow_pickle_format=args.allow_pickle_format, verify_checksums=args.verify_checksums)
 
 
 def _extra_config(text: str | None) -> dict:

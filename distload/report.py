@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ._version import __version__
 from .tracking import Entry, Findings
+
+if TYPE_CHECKING:
+    from .verify import Verification
 
 SCHEMA_VERSION = 2
 """the JSON report's format: 2 added rank_classes (dry runs), exit verdicts and these two keys"""
@@ -34,6 +38,10 @@ class RankStats:
     """host staging memory this rank allocated for reads (pinned on CUDA)"""
     merge_seconds: float = 0.0
     """time this rank spent in the tracking merge (its collectives and classification)"""
+    bytes_hashed: int = 0
+    """bytes this rank hashed under --verify-checksums (its node's share of the files, read whole)"""
+    hash_seconds: float = 0.0
+    """this rank's hashing, beside its reads: from its start to the end of its last file"""
     num_ranks: int = 1
     """ranks this row stands for: 1 in a load; in a dry run, the ranks of one class (``rank``
     is the first), which read alike"""
@@ -49,7 +57,8 @@ class RankStats:
                 "units_not_loaded": self.units_not_loaded, "bytes_read": self.bytes_read,
                 "seconds": round(self.seconds, 6), "gbps": round(self.gbps, 3),
                 "files_opened": self.files_opened, "staging_bytes": self.staging_bytes,
-                "merge_seconds": round(self.merge_seconds, 6),
+                "merge_seconds": round(self.merge_seconds, 6), "bytes_hashed": self.bytes_hashed,
+                "hash_seconds": round(self.hash_seconds, 6),
                 **({"num_ranks": self.num_ranks, **dict(self.coords)} if self.coords else {})}
 
 
@@ -87,14 +96,21 @@ class LoadReport:
     """whether unexpected tensors fail the load"""
     extra: dict = field(default_factory=dict)
     """further top-level JSON fields"""
+    verification: "Verification | None" = None
+    """content verification (--verify-checksums): the files checked, against what; None when not asked"""
 
     @property
     def complete(self) -> bool | None:
+        if self.verification is not None and not self.verification.ok:  # bytes that are not the published ones
+            return False
         return self.findings.complete if self.findings is not None else None
 
     @property
     def ok(self) -> bool:
-        """True when the load may be used: complete (or untracked), and no unexpected tensor under strict."""
+        """True when the load may be used: complete (or untracked), every checked file equal to its
+        reference, and no unexpected tensor under strict."""
+        if self.verification is not None and not self.verification.ok:
+            return False
         if self.findings is not None and (not self.findings.complete or self.findings.mismatched):
             return False
         return not (self.strict and (self.unexpected or self._entries("nonfinite")))
@@ -137,6 +153,7 @@ class LoadReport:
             "ignored": [{"name": n} for n in self.ignored],
             "notes": list(self.notes),
             "bytes_read": bytes_read,
+            "verification": self.verification.to_json() if self.verification is not None else None,
             rows: [r.to_json() for r in self.ranks],
             "seconds": round(self.seconds, 6),
             **self.extra,
@@ -190,6 +207,9 @@ class LoadReport:
             lines += [f"    {n}" for n in self.ignored[:limit]]
             if len(self.ignored) > limit:
                 lines.append(f"    ... and {len(self.ignored) - limit} more (see --json)")
+        if self.verification is not None:
+            lines += self.verification.text_lines(limit=limit, size=_size,
+                                                  slowest_seconds=max((r.hash_seconds for r in self.ranks), default=0))
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 

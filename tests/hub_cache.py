@@ -41,3 +41,18 @@ def cache_repo(cache: str, repo_id: str, source: str, *, commit: str = "a" * 40,
     with open(os.path.join(folder, "refs", revision), "w") as f:
         f.write(commit)
     return snapshot
+
+
+def blob_of(snapshot_file: str) -> str:
+    """The blob a snapshot's file links to."""
+    return os.path.realpath(snapshot_file)
+
+
+def flip_last_byte(path: str) -> None:
+    """Flips every bit of the last byte of ``path`` in place: in a safetensors file, a byte of its last
+    tensor's data (the header still parses, the load still completes)."""
+    with open(path, "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 0xFF]))

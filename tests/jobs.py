@@ -80,3 +80,16 @@ def load_and_forward_pp(directory: str, tp: int, pp: int, input_ids) -> dict:
         state = {name: t.detach().numpy().copy() for name, t in loaded.model.state_dict().items()}
         return {"report": loaded.report.to_json(), "state": state,
                 "logits": None if logits is None else logits.numpy().copy()}
+
+
+def load_on_nodes(directory: str, tp: int, ranks_per_node: int, options: dict | None = None) -> dict:
+    """``load_outcome`` with the ranks grouped into nodes of ``ranks_per_node`` consecutive ranks
+    (``LOCAL_RANK`` and ``LOCAL_WORLD_SIZE`` as torchrun sets them on each node)."""
+    import os
+
+    os.environ["LOCAL_RANK"] = str(int(os.environ["RANK"]) % ranks_per_node)
+    os.environ["LOCAL_WORLD_SIZE"] = str(ranks_per_node)
+    try:
+        return load_outcome(directory, tp, options)
+    finally:
+        os.environ.pop("LOCAL_WORLD_SIZE", None)

@@ -81,6 +81,18 @@ def open_checkpoint(directory: str, *, allow_pickle: bool = False) -> Checkpoint
                       files=tuple(p for p, _ in files), sizes=MappingProxyType(sizes))
 
 
+def weight_files(directory: str, *, allow_pickle: bool = False) -> tuple[str, ...]:
+    """The weight files ``open_checkpoint`` would read from ``directory``, found from its listing
+    and its index alone (no header is read).
+
+    Raises:
+        CheckpointError: as ``open_checkpoint`` for the directory, its index and its weight files.
+    """
+    directory = os.path.abspath(directory)
+    _, files = _weight_files(directory, allow_pickle, _list_directory(directory))
+    return tuple(path for path, _ in files)
+
+
 def _list_directory(directory: str) -> list[str]:
     """The sorted names in ``directory``, which must be a listable, non-empty directory."""
     try:

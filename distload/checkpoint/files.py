@@ -11,6 +11,7 @@ import os
 import stat
 
 from ..errors import CheckpointError
+from .hub_cache import missing_blob
 
 OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0)
 """read-only; no wait on a FIFO's writer, no descriptor leaked into children, no controlling terminal"""
@@ -41,7 +42,9 @@ def require_regular(path: str, *, what: str, tensor: str | None = None) -> os.st
     try:
         st = os.stat(path)
     except (OSError, ValueError) as err:
-        raise CheckpointError(f"cannot read {what}: {reason(err)}", file=path, tensor=tensor) from None
+        blob = missing_blob(path) if isinstance(err, FileNotFoundError) else None
+        raise CheckpointError(f"cannot read {what}: {reason(err)}" + (f" ({blob})" if blob else ""),
+                              file=path, tensor=tensor) from None
     if not stat.S_ISREG(st.st_mode):
         raise CheckpointError(f"cannot read {what}: it is {kind(st.st_mode)}, not a regular file",
                               file=path, tensor=tensor)

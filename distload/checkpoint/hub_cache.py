@@ -54,6 +54,25 @@ def resolve_checkpoint(argument: str, environ: Mapping[str, str] = os.environ) -
     return snapshot
 
 
+def missing_blob(path: str) -> str | None:
+    """Why ``path``, which does not open, is missing, when it is a cache snapshot's link to a blob
+    that is gone (deleted, or never fully downloaded); None for any other path.
+
+    Example:
+        >>> missing_blob("/no/such/file") is None
+        True
+    """
+    try:
+        target = os.readlink(path)
+    except (OSError, ValueError):
+        return None
+    resolved = os.path.join(os.path.dirname(path), target)
+    if os.path.basename(os.path.dirname(os.path.normpath(resolved))) != "blobs" or os.path.exists(resolved):
+        return None
+    return (f"it links to blob {os.path.basename(target)}, which is missing from the Hugging Face cache: "
+            "fetch the repo again (`hf download`)")
+
+
 def _read_ref(path: str) -> str | None:
     try:
         with open(path, encoding="utf-8") as f:

@@ -1,0 +1,228 @@
+"""Content verification during a load (``--verify-checksums``): hashing beside the reads, one merge.
+
+The ranks of a node split the files to check (``assign``: largest first, each to the local rank
+with the fewest bytes so far), so the node reads every file whole once more, whatever its ranks
+need of it. A rank hashes its share on threads of its own, started before the executor reads
+and waited for after it. The verdicts meet in one integer all-reduce with a slot per file (as
+tracking's units do); only when a file differs does a second, small exchange name the ranks that
+hashed it.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from threading import Event
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import torch
+
+from .checkpoint.digests import GIT_SHA1, file_digest
+from .checkpoint.reference import ABSENT, HUB_CACHE, UNLISTED, Checks, FileCheck
+
+if TYPE_CHECKING:
+    from .comm import Comm
+
+NOT_MINE, MATCHED, DIFFERS = 0, 1, 2
+"""a rank's outcome for one file: not hashed here, equal to the reference, different"""
+
+VERIFIED, DIFFERENT, UNHASHED = "verified", "differs", "unhashed"
+"""a file's merged status (besides the manifest's ``absent`` and ``unlisted``)"""
+
+_WHY = {DIFFERENT: "its {algorithm} differs from the reference {expected}", UNHASHED: "hashed by no rank",
+        ABSENT: "in the manifest, not in the folder", UNLISTED: "read by this load, not in the manifest"}
+
+
+def assign(sizes: Sequence[int], num_local: int) -> tuple[int, ...]:
+    """The local rank that hashes each file: largest file first, each to the local rank with the
+    fewest bytes so far (ties: the lowest), so every node's ranks hash about equal shares.
+
+    Example:
+        >>> assign([5, 3, 3, 1], 2)
+        (0, 1, 1, 0)
+    """
+    load = [0] * num_local
+    owners = [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        owners[i] = min(range(num_local), key=lambda r: (load[r], r))
+        load[owners[i]] += sizes[i]
+    return tuple(owners)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Hashed:
+    """What one rank's hashing found."""
+
+    outcome: tuple[int, ...]
+    """per file of the checks: NOT_MINE, MATCHED or DIFFERS"""
+    bytes_hashed: int
+    """bytes this rank read and hashed"""
+    seconds: float
+    """from the start of its hashing to the end of its last file"""
+
+
+class Hashing:
+    """This rank's share of the checks, hashed on its own threads while the load goes on.
+
+    ``start`` starts the threads, ``results`` waits for them, and ``stop`` (call it in a ``finally``)
+    stops and joins them. With ``checks`` None each is a no-op.
+    """
+
+    def __init__(self, checks: Checks | None = None, *, local_rank: int = 0, local_ranks: int = 1,
+                 num_threads: int = 1) -> None:
+        self._checks = checks
+        self._local = (local_rank, max(1, local_ranks))
+        self._num_threads = max(1, num_threads)
+        self._stop = Event()
+        self._pool: ThreadPoolExecutor | None = None
+        self._futures: dict[int, Future] = {}
+        self._start = 0.0
+
+    def start(self) -> "Hashing":
+        """Starts hashing this rank's files, largest first; returns self."""
+        if self._checks is None or self._pool is not None:
+            return self
+        files = self._checks.files
+        local_rank, local_ranks = self._local
+        owners = assign([f.size for f in files], local_ranks)
+        # local ranks that do not fit the node's count (an odd launcher): hash everything, unsplit
+        mine = [i for i, o in enumerate(owners) if o == local_rank or not 0 <= local_rank < local_ranks]
+        self._start = time.perf_counter()
+        self._pool = ThreadPoolExecutor(max_workers=max(1, min(len(mine), self._num_threads)),
+                                        thread_name_prefix="distload-verify")
+        for i in sorted(mine, key=lambda i: -files[i].size):
+            self._futures[i] = self._pool.submit(self._hash, files[i])
+        return self
+
+    def _hash(self, check: FileCheck) -> tuple[bool, int, float]:
+        """(equal to the reference, bytes hashed, when it ended); a size the manifest contradicts
+        differs without being read."""
+        if check.expected_size is not None and check.size != check.expected_size:
+            return False, 0, time.perf_counter()
+        got = file_digest(check.path, check.algorithm, stop=self._stop)
+        if got is None:  # stopped: the load failed, nothing is reported
+            return False, 0, time.perf_counter()
+        return got[0] == check.expected, got[1], time.perf_counter()
+
+    def results(self, abort_check: Callable[[], None]) -> Hashed | None:
+        """Waits for this rank's files (checking for failed peers meanwhile).
+
+        Raises:
+            CheckpointError: a file could not be read (names it).
+            PeerFailedError: from ``abort_check``, while waiting.
+        """
+        if self._checks is None:
+            return None
+        outcome = [NOT_MINE] * len(self._checks.files)
+        total, end = 0, self._start
+        for i, future in self._futures.items():
+            while True:
+                try:
+                    equal, nbytes, ended = future.result(timeout=0.2)
+                    break
+                except TimeoutError:
+                    abort_check()
+            outcome[i] = MATCHED if equal else DIFFERS
+            total, end = total + nbytes, max(end, ended)
+        return Hashed(outcome=tuple(outcome), bytes_hashed=total, seconds=end - self._start)
+
+    def stop(self) -> None:
+        """Stops the hashing (a file being hashed ends at its next chunk) and joins the threads."""
+        self._stop.set()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class FileVerdict:
+    """One checked file's merged outcome."""
+
+    name: str
+    """its path inside the checkpoint"""
+    status: str
+    """``verified``, ``differs``, ``unhashed``, ``absent`` or ``unlisted``"""
+    algorithm: str | None = None
+    """``sha256`` or ``git-sha1``; None when it was not hashed (absent, unlisted)"""
+    expected: str | None = None
+    """the reference digest"""
+    hashes: int = 0
+    """ranks that hashed it (one per node)"""
+    failed_on: tuple[int, ...] = ()
+    """ranks whose hash differed from the reference"""
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "status": self.status, "algorithm": self.algorithm, "expected": self.expected,
+                "hashes": self.hashes, "failed_on": list(self.failed_on)}
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Verification:
+    """The job's content verification: which files were checked, against what, and how they fared."""
+
+    reference: str
+    """``huggingface-cache`` (blob names) or ``manifest``"""
+    source: str
+    """the cache's blobs folder, or the manifest file"""
+    files: tuple[FileVerdict, ...]
+    """every checked file, by name"""
+    bytes_hashed: int
+    """bytes hashed by all ranks together"""
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    @property
+    def failed(self) -> tuple[FileVerdict, ...]:
+        return tuple(f for f in self.files if f.status != VERIFIED)
+
+    def to_json(self) -> dict:
+        return {"ok": self.ok, "reference": self.reference, "source": self.source,
+                "bytes_hashed": self.bytes_hashed, "files": [f.to_json() for f in self.files]}
+
+    def text_lines(self, *, limit: int, slowest_seconds: float, size: Callable[[float], str]) -> list[str]:
+        """The human report's lines: what was checked and how, then each failure."""
+        if self.reference == HUB_CACHE:
+            how = (f"the Hugging Face cache's blob names in {self.source} (sha256"
+                   + ("; git blob SHA-1 for small files)" if any(f.algorithm == GIT_SHA1 for f in self.files)
+                      else ")"))
+        else:
+            how = f"the manifest {self.source} (sha256)"
+        done = sum(f.status == VERIFIED for f in self.files)
+        lines = [f"  verified: {done} of {len(self.files)} files against {how}; {size(self.bytes_hashed)} hashed "
+                 f"beside the reads, the slowest rank's hashing {slowest_seconds:.2f} s"]
+        if self.failed:
+            lines.append(f"  verification failed ({len(self.failed)}):")
+            for f in self.failed[:limit]:
+                why = _WHY[f.status].format(algorithm=f.algorithm, expected=f.expected)
+                if f.failed_on:
+                    why += f"; hashed by rank{'s' if len(f.failed_on) > 1 else ''} {','.join(map(str, f.failed_on))}"
+                lines.append(f"    {f.name}  ({why})")
+            if len(self.failed) > limit:
+                lines.append(f"    ... and {len(self.failed) - limit} more (see --json)")
+        return lines
+
+
+def merge(comm: "Comm", checks: Checks, hashed: Hashed) -> Verification:
+    """Combines every rank's outcome (one all-reduce; one gather more when a file differs).
+
+    Every rank calls it with the same ``checks`` (the ranks agreed on their shape before reading).
+    """
+    n = len(checks.files)
+    mine = torch.tensor(hashed.outcome, dtype=torch.int64).reshape(n)
+    local = torch.cat([(mine == MATCHED).long(), (mine == DIFFERS).long(),
+                       torch.tensor([hashed.bytes_hashed], dtype=torch.int64)])
+    total = comm.sum_counts(local).tolist()
+    matched, differs = total[:n], total[n:2 * n]
+    failed_on: list[tuple[int, ...]] = [()] * n
+    if any(differs):  # names travel only for what failed
+        rows = comm.gather_rows(mine.to(torch.int8))
+        failed_on = [tuple(int(r) for r in (rows[:, i] == DIFFERS).nonzero().flatten()) for i in range(n)]
+    verdicts = [FileVerdict(name=f.name, algorithm=f.algorithm, expected=f.expected, hashes=matched[i] + differs[i],
+                            failed_on=failed_on[i],
+                            status=DIFFERENT if differs[i] else VERIFIED if matched[i] else UNHASHED)
+                for i, f in enumerate(checks.files)]
+    verdicts += [FileVerdict(name=u.name, status=u.status) for u in checks.unchecked]
+    return Verification(reference=checks.reference, source=checks.source, bytes_hashed=total[2 * n],
+                        files=tuple(sorted(verdicts, key=lambda v: v.name)))

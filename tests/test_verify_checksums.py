@@ -1,0 +1,311 @@
+"""--verify-checksums: every file a load reads is hashed whole against the Hugging Face cache's blob
+names or the checkpoint's manifest; a file that differs is named with the rank that hashed it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import distload
+from distload import __main__ as cli_main
+from distload.checkpoint.digests import CHUNK_BYTES, GIT_SHA1, SHA256, file_digest
+from distload.manifest import write_manifest
+from distload.verify import assign
+from tests import jobs
+from tests.hub_cache import blob_of, cache_repo, etag, flip_last_byte
+
+SHARD1, SHARD2 = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
+INDEX = "model.safetensors.index.json"
+NAMES = ["config.json", SHARD1, SHARD2, INDEX]
+VERIFY = {"verify_checksums": True}
+
+
+@pytest.fixture(autouse=True)
+def _single_rank(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture()
+def hub(tmp_path):
+    """The example checkpoint as a snapshot of a Hugging Face cache (blobs named by their etags)."""
+    return cache_repo(str(tmp_path / "hub"), "acme/tiny-llama", distload.example_checkpoint())
+
+
+@pytest.fixture()
+def listed(tmp_path):
+    """A copy of the example checkpoint with its manifest."""
+    import shutil
+    directory = shutil.copytree(distload.example_checkpoint(), str(tmp_path / "ckpt"))
+    write_manifest(directory)
+    return directory
+
+
+def _checkpoint(kind: str, hub: str, listed: str) -> str:
+    return {"hub": hub, "manifest": listed}[kind]
+
+
+def _file(kind: str, directory: str, name: str) -> str:
+    """The bytes behind ``name``: the blob in the cache, the file itself beside a manifest."""
+    path = os.path.join(directory, name)
+    return blob_of(path) if kind == "hub" else path
+
+
+def _sizes(directory: str) -> dict[str, int]:
+    return {n: os.path.getsize(os.path.join(directory, n)) for n in NAMES}
+
+
+# ---- digests, and which rank hashes what -----------------------------------------------------
+
+@pytest.mark.parametrize("size", [0, 5, CHUNK_BYTES + 3])
+def test_digests_are_the_ones_sha256sum_git_and_huggingface_hub_compute(tmp_path, size):
+    from huggingface_hub.utils.sha import git_hash
+    path = tmp_path / "f.bin"
+    path.write_bytes(bytes(range(256)) * (size // 256) + b"x" * (size % 256))
+    sha256 = subprocess.run(["sha256sum", str(path)], capture_output=True, text=True, check=True).stdout.split()[0]
+    git = subprocess.run(["git", "hash-object", str(path)], capture_output=True, text=True, check=True).stdout.strip()
+    assert file_digest(str(path), SHA256) == (sha256, size)
+    assert file_digest(str(path), GIT_SHA1) == (git, size) and git == git_hash(path.read_bytes())
+
+
+def test_the_test_cache_names_blobs_as_the_hub_does(hub):
+    from huggingface_hub.utils.sha import git_hash
+    for name in NAMES:
+        data = open(os.path.join(hub, name), "rb").read()
+        want = hashlib.sha256(data).hexdigest() if name.endswith(".safetensors") else git_hash(data)
+        assert os.path.basename(blob_of(os.path.join(hub, name))) == want == etag(os.path.join(hub, name))
+
+
+@pytest.mark.parametrize("sizes,num_local", [([5, 3, 3, 1], 2), ([7] * 9, 4), ([1, 100, 2, 50, 3], 3),
+                                             ([4, 4], 8), (list(range(1, 40)), 8)])
+def test_the_ranks_of_a_node_split_the_files_largest_first(sizes, num_local):
+    owners = assign(sizes, num_local)
+    assert len(owners) == len(sizes) and all(0 <= o < num_local for o in owners)
+    load = [sum(s for s, o in zip(sizes, owners) if o == r) for r in range(num_local)]
+    assert max(load) <= sum(sizes) / num_local + max(sizes)  # the bound of largest-first greedy
+    assert len({o for o in owners}) == min(num_local, len(sizes))
+    assert owners == assign(list(sizes), num_local)
+
+
+# ---- loads ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("world", [1, 4])
+@pytest.mark.parametrize("kind", ["hub", "manifest"])
+def test_an_intact_checkpoint_verifies_every_file_once_per_node(pool, hub, listed, kind, world):
+    directory = _checkpoint(kind, hub, listed)
+    out = pool.run(world, jobs.load_outcome, directory, 2 if world == 4 else 1, VERIFY)
+    for o in out:
+        assert not o["raised"] and o["report"]["ok"] and o["report"]["complete"], o
+    report = out[0]["report"]
+    verification = report["verification"]
+    algorithms = {n: SHA256 if kind == "manifest" or n.endswith(".safetensors") else GIT_SHA1 for n in NAMES}
+    assert verification["ok"] and verification["reference"] == {"hub": "huggingface-cache", "manifest": "manifest"}[kind]
+    assert [(f["name"], f["status"], f["algorithm"], f["hashes"]) for f in verification["files"]] == \
+        [(n, "verified", algorithms[n], 1) for n in sorted(NAMES)]
+    hashed = [r["bytes_hashed"] for r in report["ranks"]]
+    assert sum(hashed) == verification["bytes_hashed"] == sum(_sizes(directory).values())  # each file once
+    assert sum(1 for b in hashed if b) == min(world, len(NAMES))  # the node's ranks split the files
+
+
+@pytest.mark.parametrize("world", [1, 4])
+@pytest.mark.parametrize("kind", ["hub", "manifest"])
+def test_one_flipped_byte_in_one_shard_is_named_with_the_rank_that_hashed_it(pool, hub, listed, kind, world):
+    directory = _checkpoint(kind, hub, listed)
+    flip_last_byte(_file(kind, directory, SHARD2))
+    out = pool.run(world, jobs.load_outcome, directory, 2 if world == 4 else 1, VERIFY)
+    for rank, o in enumerate(out):
+        assert o["raised"] and o["message"] == \
+            f"load not usable: 1 file failed verification ({SHARD2}) [rank {rank}]", o
+    report = out[0]["report"]
+    assert report["complete"] is False and report["ok"] is False
+    assert report["missing"] == [] and report["inconsistent"] == []  # tracking alone sees nothing wrong
+    by_name = {f["name"]: f for f in report["verification"]["files"]}
+    bad = by_name.pop(SHARD2)
+    assert bad["status"] == "differs" and len(bad["failed_on"]) == 1 and bad["hashes"] == 1
+    assert report["ranks"][bad["failed_on"][0]]["bytes_hashed"] >= os.path.getsize(os.path.join(directory, SHARD2))
+    assert all(f["status"] == "verified" for f in by_name.values())
+
+
+def test_on_two_nodes_each_node_hashes_every_file_and_both_name_the_flipped_one(pool, hub):
+    flip_last_byte(blob_of(os.path.join(hub, SHARD2)))
+    out = pool.run(4, jobs.load_on_nodes, hub, 2, 2, VERIFY)
+    assert all(o["raised"] for o in out)
+    report = out[0]["report"]
+    files = {f["name"]: f for f in report["verification"]["files"]}
+    assert all(f["hashes"] == 2 for f in files.values())  # once on each node
+    assert sum(r["bytes_hashed"] for r in report["ranks"]) == 2 * sum(_sizes(hub).values())
+    node_of = {r: r // 2 for r in range(4)}
+    assert sorted(node_of[r] for r in files[SHARD2]["failed_on"]) == [0, 1]
+
+
+def test_hashing_runs_beside_the_reads(monkeypatch, listed):
+    import threading
+    from distload import api
+    seen = []
+    run = api.Executor.run
+
+    def observed(self, *args, **kwargs):  # the executor starts while the hashing threads exist
+        seen.append(sum(t.name.startswith("distload-verify") for t in threading.enumerate()))
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(api.Executor, "run", observed)
+    loaded = distload.load(listed, distload.LoadConfig(device="cpu", verify_checksums=True,
+                                                       extra_config={"num_read_threads": 2}))
+    assert loaded.report.verification.ok and len(seen) == 1 and 1 <= seen[0] <= 2
+    assert not any(t.name.startswith("distload-verify") for t in threading.enumerate())  # joined before returning
+
+
+def _cli(tmp_path, capsys, *args: str) -> tuple[int, str, str, dict]:
+    path = tmp_path / "r.json"
+    code = cli_main.main([*args, "--device", "cpu", "--quiet", "--json", str(path)])
+    out = capsys.readouterr()
+    return code, out.out, out.err, json.loads(path.read_text())
+
+
+def test_an_edited_config_json_is_named_as_a_git_blob(tmp_path, capsys, hub):
+    blob = blob_of(os.path.join(hub, "config.json"))
+    with open(blob, "ab") as f:
+        f.write(b"\n")  # still the same JSON
+    code, out, _, report = _cli(tmp_path, capsys, hub, "--verify-checksums")
+    assert code == 3 and not report["ok"]
+    assert f"  verified: 3 of 4 files against the Hugging Face cache's blob names in {os.path.dirname(blob)} " \
+           "(sha256; git blob SHA-1 for small files); " in out
+    assert f"  verification failed (1):\n    config.json  (its git-sha1 differs from the reference " \
+           f"{os.path.basename(blob)}; hashed by rank 0)" in out
+
+
+def test_a_missing_blob_is_named(tmp_path, capsys, hub):
+    blob = blob_of(os.path.join(hub, SHARD1))
+    os.remove(blob)
+    code, _, err, report = _cli(tmp_path, capsys, hub, "--verify-checksums")
+    assert code == 1 and report["error"]["file"] == os.path.join(hub, SHARD1)
+    assert err.strip().splitlines() == [
+        f"distload: error: cannot read safetensors file: No such file or directory (it links to blob "
+        f"{os.path.basename(blob)}, which is missing from the Hugging Face cache: fetch the repo again "
+        f"(`hf download`)) [file {os.path.join(hub, SHARD1)}, rank 0]"]
+
+
+def _drop_index_and_list(directory: str) -> None:
+    """Without an index every *.safetensors file is read; the manifest is written after that."""
+    os.remove(os.path.join(directory, INDEX))
+    os.remove(os.path.join(directory, "distload-manifest.json"))
+    write_manifest(directory)
+
+
+@pytest.mark.parametrize("change,name,status,why", [
+    ("removed", INDEX, "absent", "in the manifest, not in the folder"),
+    ("added", "model-extra.safetensors", "unlisted", "read by this load, not in the manifest"),
+])
+def test_a_manifest_that_does_not_match_the_folder_is_named(tmp_path, capsys, listed, change, name, status, why):
+    if change == "removed":
+        os.remove(os.path.join(listed, INDEX))
+    else:
+        from safetensors.torch import save_file
+        _drop_index_and_list(listed)
+        save_file({"extra.weight": torch.ones(2)}, os.path.join(listed, name), metadata={"format": "pt"})
+    code, out, _, report = _cli(tmp_path, capsys, listed, "--verify-checksums")
+    assert code == 3 and report["complete"] is False and report["missing"] == []
+    failed = [f for f in report["verification"]["files"] if f["status"] != "verified"]
+    assert failed == [{"name": name, "status": status, "algorithm": None, "expected": None, "hashes": 0,
+                       "failed_on": []}]
+    assert f"  verification failed (1):\n    {name}  ({why})" in out
+
+
+def test_a_checkpoint_without_a_reference_says_how_to_write_a_manifest(tmp_path, capsys):
+    import shutil
+    directory = shutil.copytree(distload.example_checkpoint(), str(tmp_path / "plain"))
+    code, _, err, _ = _cli(tmp_path, capsys, directory, "--verify-checksums")
+    assert code == 1 and err.strip().splitlines() == [
+        "distload: error: --verify-checksums has nothing to check against: the checkpoint is no snapshot of the "
+        f"Hugging Face cache and holds no distload-manifest.json; write one from a copy you trust with "
+        f"`python -m distload.manifest {directory}` [file {directory}, rank 0]"]
+
+
+def test_a_malformed_manifest_is_named(tmp_path, capsys, listed):
+    path = os.path.join(listed, "distload-manifest.json")
+    doc = json.load(open(path))
+    doc["files"][SHARD1]["sha256"] = "abc"
+    with open(path, "w") as f:
+        json.dump(doc, f)
+    code, _, err, _ = _cli(tmp_path, capsys, listed, "--verify-checksums")
+    assert code == 1 and err.strip().splitlines() == [
+        f"distload: error: manifest is unreadable: the entry of {SHARD1} is not {{\"sha256\": 64 hex digits, "
+        f"\"size\": bytes}} (write it again with `python -m distload.manifest`) [file {path}, rank 0]"]
+
+
+def test_without_the_option_nothing_is_hashed(tmp_path, capsys, hub):
+    flip_last_byte(blob_of(os.path.join(hub, SHARD2)))
+    code, out, _, report = _cli(tmp_path, capsys, hub)
+    assert code == 0 and report["verification"] is None and "verified:" not in out
+    assert all(r["bytes_hashed"] == 0 for r in report["ranks"])
+
+
+# ---- the manifest command ----------------------------------------------------------------------
+
+def _tree(directory: str) -> dict[str, str]:
+    """Every file under ``directory`` with its sha256 and modification time."""
+    out = {}
+    for root, _, names in os.walk(directory):
+        for n in names:
+            p = os.path.join(root, n)
+            out[os.path.relpath(p, directory)] = (hashlib.sha256(open(p, "rb").read()).hexdigest(),
+                                                  os.stat(p).st_mtime_ns)
+    return out
+
+
+def test_the_manifest_command_is_repeatable_and_touches_nothing_else(tmp_path, capsys):
+    import shutil
+    directory = shutil.copytree(distload.example_checkpoint(), str(tmp_path / "ckpt"))
+    before = _tree(directory)
+    run = [sys.executable, "-m", "distload.manifest", directory]
+    first = subprocess.run(run, capture_output=True, text=True, timeout=120)
+    manifest = os.path.join(directory, "distload-manifest.json")
+    assert first.returncode == 0 and first.stdout == f"wrote {manifest}\n", first.stderr
+    text = open(manifest, "rb").read()
+    from distload import manifest as command
+    assert command.main([directory]) == 0 and capsys.readouterr().out == f"up to date: {manifest}\n"
+    os.remove(manifest)
+    assert command.main([directory]) == 0 and open(manifest, "rb").read() == text  # the same bytes from scratch
+    after = _tree(directory)
+    assert after.pop("distload-manifest.json") and after == before
+    doc = json.loads(text)
+    assert doc["files"] == {n: {"sha256": hashlib.sha256(open(os.path.join(directory, n), "rb").read()).hexdigest(),
+                                "size": os.path.getsize(os.path.join(directory, n))} for n in NAMES}
+
+
+def test_the_manifest_command_refuses_a_cache_snapshot(hub, capsys):
+    from distload import manifest
+    assert manifest.main([hub]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "distload.manifest: error: is a snapshot of the Hugging Face cache: its blob names are each file's digest "
+        "already, and --verify-checksums checks against them (distload writes nothing into the cache) "
+        f"[file {hub}]"]
+    assert not os.path.exists(os.path.join(hub, "distload-manifest.json"))
+
+
+# ---- options --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args,line", [
+    (["--verify-checksums", "--model-loader-extra-config", '{"verify_checksums": true}'],
+     "--verify-checksums and --model-loader-extra-config both set verify_checksums; give it once"),
+    (["--verify-checksums", "--dry-run"],
+     "--verify-checksums hashes the files a load reads, and --dry-run reads no tensor data; verify with a load"),
+    (["--model-loader-extra-config", '{"verify_checksums": 1}'], "verify_checksums must be true or false, got 1"),
+])
+def test_option_misuse_exits_2(capsys, args, line):
+    assert cli_main.main(["--device", "cpu", *args]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"distload: error: {line}"]
+
+
+def test_the_extra_config_key_turns_verification_on(tmp_path, capsys, listed):
+    code, _, _, report = _cli(tmp_path, capsys, listed, "--model-loader-extra-config", '{"verify_checksums": true}')
+    assert code == 0 and report["verification"]["ok"] and report["verification"]["reference"] == "manifest"
+    assert distload.LoadConfig(verify_checksums=True).verify_enabled
+    with pytest.raises(distload.ConfigError, match="disagree"):
+        distload.LoadConfig(verify_checksums=True, extra_config={"verify_checksums": False})

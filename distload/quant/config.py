@@ -17,6 +17,8 @@ from ..errors import ConfigError
 from .base import QuantMethod
 from .fp8 import OnlineFP8, SerializedFP8
 
+FORMATS: tuple[type[QuantMethod], ...] = (SerializedFP8, OnlineFP8)
+"""every scheme class (asked about tensors no scheme declared: ``QuantMethod.unquantized_refusal``)"""
 QUANT_METHODS = ("fp8", "compressed-tensors")
 """``quant_method`` values of config.json that load"""
 CT_FORMATS = ("float-quantized",)

@@ -240,9 +240,9 @@ class QuantMethod:
         return None
 
     @classmethod
-    def unquantized_refusal(cls, info: TensorInfo) -> str | None:
-        """Why ``info``, read by a parameter no method declared, cannot be read there: a dtype only
-        this format's weights are stored in. None when it can."""
+    def unquantized_refusal(cls, info: TensorInfo, param: str) -> str | None:
+        """Why ``info``, read by the parameter ``param`` that no method declared, cannot be read there:
+        a dtype only this format's weights are stored in. None when it can."""
         return None
 
     def dequantize(self, layer, attr: str, geometry: WeightGeometry) -> torch.Tensor:

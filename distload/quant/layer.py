@@ -46,8 +46,9 @@ class Quantizable(SpecProvider, PostLoad):
             tensors: the checkpoint's headers, for parameters declared ``stored_dtype``.
         """
         self.quant, self._quant_path, self._declared = method, path, {}
+        self._unquantized = tuple(self.unquantized_specs(path))  # the weights it names may be replaced below
         out: list[Declared] = []
-        for spec in self.unquantized_specs(path):
+        for spec in self._unquantized:
             attr = spec.name[len(path) + 1:]
             if attr not in self.QUANTIZABLE:
                 continue
@@ -65,10 +66,11 @@ class Quantizable(SpecProvider, PostLoad):
         return tuple(out)
 
     def param_specs(self, path: str):
-        for spec in self.unquantized_specs(path):
+        if self.quant is not None:
+            assert path == self._quant_path, (path, self._quant_path)
+        for spec in self._unquantized if self.quant is not None else self.unquantized_specs(path):
             attr = spec.name[len(path) + 1:]
             if self.quant is not None and attr in self._declared:
-                assert path == self._quant_path, (path, self._quant_path)
                 yield from (d.spec for d in self._declared[attr][1])
             else:
                 yield spec

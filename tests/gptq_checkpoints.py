@@ -24,8 +24,7 @@ import os
 
 import torch
 
-from tests.ct_int_checkpoints import save_float_twin
-from tests.hf_checkpoints import read_tensors
+from tests.hf_checkpoints import read_tensors, save_float_twin
 
 QUANTIZED = ("_proj.weight",)
 """name endings of the quantized weights (q/k/v/o, gate/up/down of dense MLPs and experts)"""

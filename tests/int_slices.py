@@ -10,50 +10,35 @@ pieces of a fused parameter are concatenated along the tensor's row dim.
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 
+from tests.hf_checkpoints import HFSpec
 from tests.layouts import L, coords, hosted, stage_of_layer
 from tests.quant_slices import Piece, part
 
 
-@dataclass(frozen=True)
-class Facts:
-    """What a layout's slices depend on, read from config.json."""
-
-    num_layers: int
-    num_experts: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    dense: frozenset[int]
-    intermediate: int
-    expert_width: int
-    quant: dict
-
-    @classmethod
-    def of(cls, directory: str) -> "Facts":
-        with open(os.path.join(directory, "config.json")) as f:
-            c = json.load(f)
-        n, experts = c["num_hidden_layers"], c.get("num_local_experts") or c.get("num_experts") or 0
-        return cls(num_layers=n, num_experts=experts, heads=c["num_attention_heads"], kv_heads=c["num_key_value_heads"],
-                   head_dim=c["head_dim"], dense=frozenset(range(n)) if not experts else frozenset(c["mlp_only_layers"]),
-                   intermediate=c["intermediate_size"], expert_width=c.get("moe_intermediate_size") or 0,
-                   quant=c["quantization_config"])
+def facts(spec: HFSpec) -> SimpleNamespace:
+    """The sizes a layout's slices depend on, from the spec the checkpoint was written from."""
+    experts = spec.extra.get("num_experts", 0)
+    dense = spec.extra.get("mlp_only_layers", []) if experts else range(spec.num_hidden_layers)
+    return SimpleNamespace(num_layers=spec.num_hidden_layers, num_experts=experts, dense=frozenset(dense),
+                           rows_q=spec.num_attention_heads * spec.head_dim,
+                           rows_kv=spec.num_key_value_heads * spec.head_dim, kv_heads=spec.num_key_value_heads,
+                           intermediate=spec.intermediate_size, expert_width=spec.extra.get("moe_intermediate_size"))
 
 
-def matrices(f: Facts, lay: L, rank: int) -> dict[str, list]:
+def matrices(f: SimpleNamespace, lay: L, rank: int) -> dict[str, list]:
     """Every quantized parameter of ``rank`` (named like its weight attribute) -> its pieces, or for
     stacked experts one list of pieces per local slot."""
     tp = lay.tp
     tp_i, _, pp_i = coords(lay, rank)
     kv = min(tp, f.kv_heads)
     kv_i = tp_i // (tp // kv)
-    rows_q, rows_kv = f.heads * f.head_dim, f.kv_heads * f.head_dim
+    rows_q, rows_kv = f.rows_q, f.rows_kv
     out: dict[str, list] = {}
     for layer in range(f.num_layers):
         if stage_of_layer(f, lay, layer) != pp_i:
@@ -128,9 +113,11 @@ def companion(param: str, suffix: str) -> str:
     return f"{param}_{suffix}" if param.endswith((".w13", ".w2")) else f"{param}.{suffix}"
 
 
-def expected(ckpt: dict[str, torch.Tensor], f: Facts, lay: L, rank: int) -> dict[str, np.ndarray]:
-    """Every stored tensor of every quantized parameter of ``rank``, by its state-dict name."""
-    fmt = formats(f.quant)
+def expected(ckpt: dict[str, torch.Tensor], f: SimpleNamespace, quant: dict, lay: L,
+             rank: int) -> dict[str, np.ndarray]:
+    """Every stored tensor of every quantized parameter of ``rank`` (``quant``: config.json's
+    ``quantization_config``), by its state-dict name."""
+    fmt = formats(quant)
     out = {}
     for param, spec in matrices(f, lay, rank).items():
         stacked = isinstance(spec[0], list)

@@ -12,6 +12,9 @@ format's definition for GPTQ), compared in float32.
 
 from __future__ import annotations
 
+import json
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -23,7 +26,7 @@ from tests.ct_int_checkpoints import dequantized_int_checkpoint, write_ct_int_ch
 from tests.gptq_checkpoints import dequantized_gptq_checkpoint, pack_words, quantize, write_gptq_checkpoint
 from tests.hf_checkpoints import HFSpec, copy_checkpoint, delete_tensors, hf_logits, put_tensors, read_tensors, \
     write_hf_checkpoint
-from tests.int_slices import Facts, expected, matrices
+from tests.int_slices import expected, facts, matrices
 from tests.layouts import L, coords
 
 pytest.importorskip("transformers")
@@ -114,8 +117,10 @@ class Checkpoints:
                     self._float[model] = write_hf_checkpoint(str(self.root / f"{model}-f32"), MODELS[model])
                 q = write_gptq_checkpoint(self._float[model], str(d / "q"), **SCHEMES[scheme])
                 deq = dequantized_gptq_checkpoint(q, str(d / "deq"))
-            self._made[key] = {"q": q, "deq": deq, "facts": Facts.of(q), "tensors": read_tensors(q),
-                               "ref": hf_logits(deq, IDS)}
+            with open(os.path.join(q, "config.json")) as f:
+                quant = json.load(f)["quantization_config"]
+            self._made[key] = {"q": q, "deq": deq, "facts": facts(MODELS[model]), "quant": quant,
+                               "tensors": read_tensors(q), "ref": hf_logits(deq, IDS)}
         return self._made[key]
 
     def run(self, scheme: str, lay: L) -> list[dict]:
@@ -192,7 +197,7 @@ def test_packed_tensors_scales_and_zero_points_are_exact_checkpoint_slices(ckpts
     for rank, got in enumerate(ckpts.run(scheme, lay)):
         assert got["raised"] is False, f"rank {rank}"
         state = got["state"]
-        for name, want in expected(c["tensors"], c["facts"], lay, rank).items():
+        for name, want in expected(c["tensors"], c["facts"], c["quant"], lay, rank).items():
             have = state[name]
             assert isinstance(have, np.ndarray) and have.dtype == want.dtype, f"rank {rank}: {name} {have.dtype}"
             assert have.shape == want.shape and np.array_equal(have, want), f"rank {rank}: {name} differs"

@@ -10,6 +10,13 @@ Biases and every other parameter of the layer keep their own, unchanged specs.
 
 Nothing here knows a format: companions are named by the format (``name_of``) and laid out
 by the format (``shape_of`` and which of their dims follow the weight's features).
+
+Adding a format is one module (a ``QuantMethod``) and its config parsing (``quant.config``).
+MXFP4 (gpt-oss) will need, beyond the module: companions of region sources (its experts are
+regions ``at=(e,)`` of fused tensors; ``_refuse_regions`` marks the spot), ``MATRIX_DIMS`` on the
+gpt-oss experts layer (bf16 ``[E, in, out]``, blocks ``(out, in)``), and uneven splits on whole
+blocks of 32 (a padded ``Follow``; the layer's local intermediate size taken from the method
+before it is built, since ``ceil(90 / tp)`` blocks is not the bf16 spec's even split).
 """
 
 from __future__ import annotations
@@ -101,9 +108,6 @@ class WeightGeometry:
         if not parts or len(spec.shape) not in (2, 3) or {out_dim, in_dim} != {0, 1}:
             raise PlanError(f"parameter {spec.name} is not a weight matrix read from the checkpoint, "
                             "so it cannot be quantized")
-        if any(p.region is not None for p in parts):
-            raise PlanError(f"parameter {spec.name} is cut from a fused checkpoint tensor; quantized checkpoints "
-                            "of fused-on-disk weights are not supported", tensor=parts[0].name)
         local = spec.shape[-2:]
         rows, cols = local[out_dim], local[in_dim]
         if parts[0].shard.dim == out_dim:
@@ -135,6 +139,7 @@ class WeightGeometry:
             PlanError: a TP or expert-TP shard of the weight cuts an entry of a dim that follows it,
                 naming the tensor and the degrees that keep whole entries.
         """
+        self._refuse_regions()
         cat = out.dim if out is not None else 0
         sources, offset, local = [], 0, None
         for seg in self.segments:
@@ -156,6 +161,14 @@ class WeightGeometry:
             local = piece if local is None else [offset if d == cat else n for d, n in enumerate(local)]
         return tuple(sources), tuple(local)
 
+    def _refuse_regions(self) -> None:
+        """Companions of a region (a part of a fused-on-disk tensor) would be regions of their own
+        tensors; no format declares those yet (MXFP4's fused expert tensors will)."""
+        part = next((seg.source for seg in self.segments if seg.source.region is not None), None)
+        if part is not None:
+            raise PlanError(f"parameter {self.spec.name} is cut from a fused checkpoint tensor; serialized quantized "
+                            "checkpoints of fused-on-disk weights are not supported", tensor=part.name)
+
     def _check_cut(self, p: Source, size: int, follow: Follow, name_of: Callable[[str], str]) -> None:
         n = p.shard.num_shards
         piece = p.shard.piece_len(size)
@@ -171,6 +184,7 @@ class WeightGeometry:
 
     def per_part(self, name_of: Callable[[str], str], shape: tuple[int, ...]) -> tuple[Source, ...]:
         """One whole small tensor per part (a per-tensor scale), at consecutive places along dim 0."""
+        self._refuse_regions()
         return tuple(Source(name=name_of(seg.source.name), shape=shape, shard=Shard(dim=0, num_shards=1),
                             offset=i * shape[0]) for i, seg in enumerate(self.segments))
 

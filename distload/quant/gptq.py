@@ -24,31 +24,23 @@ from typing import Mapping
 import torch
 
 from ..errors import CheckpointError, ConfigError, PlanError
-from .base import Declared, Follow, QuantMethod, WeightGeometry, beside, param_attr
-from .intpack import IntLinear, column_groups, dequantize_groups, unpack
+from .base import Declared, Follow, WeightGeometry, beside, param_attr
+from .intpack import IntScheme, column_groups, dequantize_groups, unpack
 
 FORMATS = ("gptq", "gptq_v2")
 """``checkpoint_format`` values that load"""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class GPTQ(IntLinear, QuantMethod):
+class GPTQ(IntScheme):
     """One GPTQ scheme."""
 
-    bits: int
-    """4 or 8"""
-    group_size: int | None = None
-    """input columns per group; None: one group (``group_size: -1``)"""
     desc_act: bool = False
     """columns were quantized in activation order: ``g_idx`` assigns their groups"""
     zero_plus_one: bool = True
     """stored zero points are one less than the real ones (``checkpoint_format: gptq``)"""
     name: str = "gptq"
     """how reports name the scheme"""
-
-    @property
-    def per_word(self) -> int:
-        return 32 // self.bits
 
     def declare(self, attr: str, g: WeightGeometry, model_dtype: torch.dtype) -> tuple[Declared, ...]:
         pack, gs = self.per_word, self.group_size

@@ -9,9 +9,12 @@ them signed or offset converts before calling ``dequantize_groups``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
+from .base import QuantMethod
 from .int4mm import int4_linear, kernel_works, pack_int4
 
 
@@ -52,14 +55,24 @@ def column_groups(cols: int, group_size: int | None, device) -> torch.Tensor:
     return idx // group_size if group_size else torch.zeros_like(idx)
 
 
-class IntLinear:
-    """The forward of an int scheme: int4 on CUDA through ``torch._weight_int4pack_mm`` where it
-    applies (probed once per device, see ``int4mm``), else the weight dequantized in float32.
+@dataclass(frozen=True, kw_only=True, slots=True)
+class IntScheme(QuantMethod):
+    """What int schemes share: ``bits`` per value packed in int32 words, groups of input columns,
+    and the forward: int4 on CUDA through ``torch._weight_int4pack_mm`` where it applies (probed
+    once per device, see ``int4mm``), else the weight dequantized in float32.
 
-    A scheme mixes this in and implements ``int4_operands``.
+    A scheme implements ``int4_operands`` for the kernel.
     """
 
     bits: int
+    """4 or 8"""
+    group_size: int | None = None
+    """input columns per scale; None: one scale for all of them (per output row)"""
+
+    @property
+    def per_word(self) -> int:
+        """Values per int32 word."""
+        return 32 // self.bits
 
     def int4_operands(self, layer, attr: str, geometry) -> tuple | None:
         """``(q [N, K] unsigned, zero [N, G] unsigned, scale [N, G], group size)`` of a 2-D weight in

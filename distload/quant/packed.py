@@ -26,29 +26,21 @@ from typing import Mapping
 import torch
 
 from ..errors import CheckpointError, ConfigError
-from .base import Declared, Follow, QuantMethod, WeightGeometry, beside, param_attr
-from .intpack import IntLinear, column_groups, dequantize_groups, unpack
+from .base import Declared, Follow, WeightGeometry, beside, param_attr
+from .intpack import IntScheme, column_groups, dequantize_groups, unpack
 
 STRATEGIES = ("group", "channel")
 """weight strategies that load"""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class PackedInt(IntLinear, QuantMethod):
+class PackedInt(IntScheme):
     """A compressed-tensors ``pack-quantized`` scheme (weight-only int4 or int8)."""
 
-    bits: int
-    """4 or 8"""
-    group_size: int | None = None
-    """inputs per scale (``group`` strategy); None: one scale per output row (``channel``)"""
     symmetric: bool = True
     """False: ``weight_zero_point`` is stored"""
     name: str = "int4"
     """how reports name the scheme"""
-
-    @property
-    def per_word(self) -> int:
-        return 32 // self.bits
 
     def declare(self, attr: str, g: WeightGeometry, model_dtype: torch.dtype) -> tuple[Declared, ...]:
         pack, gs = self.per_word, self.group_size

@@ -269,3 +269,82 @@ def test_a_deleted_tensor_of_a_quantized_layer_is_missing_with_its_owners(ckpts,
     for r in results:
         assert r["raised"] and r["report"]["missing"] == [{"name": name, "owners": owners}]
         assert r["report"]["inconsistent"] == []
+
+
+# ------------------------------------------------------------------ values the headers cannot show
+
+
+def test_a_weight_shape_that_disagrees_with_the_packed_matrix_fails_the_load_naming_it(ckpts, tmp_path):
+    directory = copy_checkpoint(ckpts.get("llama", "ct-int4-g32")["q"], str(tmp_path / "shape"))
+    name = "model.layers.1.self_attn.k_proj.weight_shape"
+    put_tensors(directory, {name: torch.tensor([64, 64])})
+    (err,) = ckpts.pool.run(1, quant_jobs.load_error, directory, {})
+    assert err == ("CheckpointError: weight_shape says [64, 64], but the packed weight is a [64, 128] matrix "
+                   f"(parameter model.layers.1.self_attn.qkv_proj.weight) [tensor {name}, rank 0]")
+
+
+def test_a_g_idx_out_of_column_order_without_desc_act_fails_the_load_naming_it(ckpts, tmp_path):
+    directory = copy_checkpoint(ckpts.get("llama", "gptq-int4-g32")["q"], str(tmp_path / "g_idx"))
+    name = "model.layers.0.mlp.gate_proj.g_idx"
+    put_tensors(directory, {name: read_tensors(directory)[name].flip(0).contiguous()})
+    errs = ckpts.pool.run(2, quant_jobs.load_error, directory, {"tp": 2})
+    assert errs == [f"CheckpointError: g_idx is not in column order although desc_act is false (parameter "
+                    f"model.layers.0.mlp.gate_up_proj.weight) [tensor {name}, rank {r}]" for r in range(2)]
+
+
+# ------------------------------------------------------------------ config parsing and planning
+
+
+@pytest.mark.parametrize("qc, text", [
+    ({"quant_method": "gptq", "bits": 3, "group_size": 128}, "quant_method gptq with bits 3 is not supported "
+                                                              "(supported: 4, 8)"),
+    ({"quant_method": "gptq", "bits": 4, "group_size": 0}, "quant_method gptq group_size must be a positive "
+                                                           "integer or -1, got 0"),
+    ({"quant_method": "gptq", "bits": 4, "checkpoint_format": "marlin"}, "checkpoint_format 'marlin' is not "
+                                                                         "supported (supported: gptq, gptq_v2)"),
+    ({"quant_method": "gptq", "bits": 4, "lm_head": True}, "quant_method gptq with lm_head set is not supported"),
+    ({"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {"g": {
+        "targets": ["Linear"], "weights": {"num_bits": 2, "type": "int", "strategy": "group", "group_size": 32}}}},
+     "pack-quantized group g weights: 2-bit int is not supported (supported: 4-bit int, 8-bit int)"),
+    ({"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {"g": {
+        "targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 32,
+                                           "actorder": "group"}}}},
+     "group g: actorder 'group' (a weight_g_idx per layer) is not supported (supported: none, weight)"),
+    ({"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {"g": {
+        "targets": ["Linear"], "weights": {"num_bits": 8, "type": "int", "strategy": "channel"},
+        "input_activations": {"num_bits": 8, "type": "int", "dynamic": True}}}},
+     "pack-quantized group g: input_activations are not supported (supported: weight-only schemes)"),
+])
+def test_int_configs_a_format_does_not_define_are_refused_naming_what_is_supported(qc, text):
+    from distload import ConfigError
+    from distload.quant import quant_config
+
+    with pytest.raises(ConfigError) as err:
+        quant_config({"quantization_config": qc})
+    assert text in str(err.value)
+
+
+def test_every_packed_tensor_scale_and_zero_point_is_owned_by_the_owners_of_its_weight(ckpts):
+    """At 16 simulated ranks (tp 2, ep 8, expert tp 2: 32-row / 32-column expert shards, int8 words of 4):
+    each tensor beside a weight is owned by exactly the ranks that own the weight's packed values, and
+    an expert's tensors by the ranks hosting it."""
+    from distload.api import prepare
+    from distload.comm import Collectives
+    from distload.layout import Layout
+    from distload.models import reference_model
+
+    directory = ckpts.get("qwen3_moe", "ct-int8-g32-asym")["q"]
+    world, tp, ep = 16, 2, 8
+    config = LoadConfig(tp=tp, ep=ep)
+    *_, plan = prepare(directory, config, Layout.for_world(world, tp=tp, ep=ep), reference_model, rank=0,
+                       ops=Collectives(None, tp), stage_ops=Collectives(None, world))
+    owners: dict[str, set] = {}
+    for i, u in enumerate(plan.units):
+        owners.setdefault(u.name, set()).update(plan.owners(i))
+    companions = [n for n in owners if n.endswith(("weight_scale", "weight_zero_point", "weight_shape"))]
+    assert len(companions) == 3 * (2 * 4 + 3 + 8 * 3)  # 3 each: 2 x 4 attention, 3 dense MLP, 8 x 3 expert matrices
+    for name in companions:
+        assert owners[name] == owners[name.rpartition(".")[0] + ".weight_packed"], name
+    # 8 experts over 8 groups of 2 ranks: expert 5 hosted by group 5 only (linear placement, no copies)
+    assert owners["model.layers.0.mlp.experts.5.down_proj.weight_zero_point"] == {10, 11}
+    assert dry_run(directory, config, world_size=world).complete

@@ -5,11 +5,14 @@ experts, an MTP layer, tens of thousands of tensors over 163 files), safetensors
 written for real, and each file's data area left as a hole (a sparse file: no disk used,
 no data read, since a dry run reads headers only). Weights are bf16, or with ``--fp8`` as
 the released checkpoint stores them: every projection of the decoder layers F8_E4M3 with a
-float32 ``weight_scale_inv`` per 128 x 128 block, and ``quant_method: fp8`` in config.json.
+float32 ``weight_scale_inv`` per 128 x 128 block, and ``quant_method: fp8`` in config.json; or
+with ``--int4`` as an llm-compressor W4A16 checkpoint: compressed-tensors ``pack-quantized``,
+``weight_packed`` I32 ``[out, in / 8]``, a bf16 ``weight_scale`` per 128 inputs and an I64
+``weight_shape`` per projection.
 
-    .venv/bin/python benchmarks/dryrun_deepseek.py [--world 4096 --tp 8 --ep 256] [--fp8] [--dir DIR]
+    .venv/bin/python benchmarks/dryrun_deepseek.py [--world 4096 --tp 8 --ep 256] [--fp8 | --int4] [--dir DIR]
 
-Prints one JSON line and writes benchmarks/results/dryrun_deepseek[_fp8].json. Target: under
+Prints one JSON line and writes benchmarks/results/dryrun_deepseek[_fp8|_int4].json. Target: under
 30 s and 2 GiB peak memory on the 2-core, 24 GiB development machine.
 """
 
@@ -38,7 +41,13 @@ CONFIG = {
 
 FP8_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
 """DeepSeek-V3's own quantization_config"""
-SIZES = {"F32": 4, "BF16": 2, "F8_E4M3": 1}
+INT4_CONFIG = {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+               "config_groups": {"group_0": {"targets": ["Linear"], "format": "pack-quantized",
+                                             "weights": {"num_bits": 4, "type": "int", "symmetric": True,
+                                                         "strategy": "group", "group_size": 128, "dynamic": False}}},
+               "ignore": ["lm_head", "re:.*mlp.gate$", "re:.*eh_proj$"]}
+"""an llm-compressor W4A16 recipe's quantization_config (group 128, symmetric)"""
+SIZES = {"F32": 4, "BF16": 2, "F8_E4M3": 1, "I32": 4, "I64": 8}
 
 
 def to_fp8(shapes: dict) -> dict:
@@ -50,6 +59,21 @@ def to_fp8(shapes: dict) -> dict:
                 and "eh_proj" not in name:
             out[name] = (shape, "F8_E4M3")
             out[name[:-len("weight")] + "weight_scale_inv"] = ((-(-shape[0] // 128), -(-shape[1] // 128)), "F32")
+        else:
+            out[name] = (shape, dtype)
+    return out
+
+
+def to_int4(shapes: dict) -> dict:
+    """The W4A16 layout: decoder-layer projections packed int4 with group-128 scales (the rest as it was)."""
+    out = {}
+    for name, (shape, dtype) in shapes.items():
+        if name.startswith("model.layers.") and name.endswith(("proj.weight", "proj_with_mqa.weight")) \
+                and "eh_proj" not in name:
+            base = name[:-len("weight")]
+            out[base + "weight_packed"] = ((shape[0], shape[1] // 8), "I32")
+            out[base + "weight_scale"] = ((shape[0], shape[1] // 128), "BF16")
+            out[base + "weight_shape"] = ((2,), "I64")
         else:
             out[name] = (shape, dtype)
     return out
@@ -126,6 +150,7 @@ def main() -> int:
     ap.add_argument("--tp", type=int, default=8)
     ap.add_argument("--ep", type=int, default=256)
     ap.add_argument("--fp8", action="store_true", help="the FP8 checkpoint layout (block scales)")
+    ap.add_argument("--int4", action="store_true", help="the int4 W4A16 layout (compressed-tensors pack-quantized)")
     ap.add_argument("--dir")
     args = ap.parse_args()
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -133,22 +158,26 @@ def main() -> int:
     from distload.dryrun import dry_run
 
     directory = args.dir or tempfile.mkdtemp(prefix="distload-ds3-")
-    config = {**CONFIG, "quantization_config": FP8_CONFIG} if args.fp8 else CONFIG
-    shapes = to_fp8(tensor_shapes(CONFIG)) if args.fp8 else tensor_shapes(CONFIG)
+    if args.fp8 and args.int4:
+        ap.error("--fp8 and --int4 are two layouts; give one")
+    layout = "fp8" if args.fp8 else "int4" if args.int4 else None
+    quant = {"fp8": FP8_CONFIG, "int4": INT4_CONFIG}.get(layout)
+    config = {**CONFIG, "quantization_config": quant} if quant else CONFIG
+    shapes = {"fp8": to_fp8, "int4": to_int4}.get(layout, lambda s: s)(tensor_shapes(CONFIG))
     os.makedirs(directory, exist_ok=True)
     existing = os.path.join(directory, "config.json")
     if not os.path.exists(existing):
         write_header_only(directory, shapes, config)
     else:
         with open(existing) as fh:
-            if ("quantization_config" in json.load(fh)) != args.fp8:
-                ap.error(f"{directory} holds the {'bf16' if args.fp8 else 'FP8'} layout; give another --dir")
+            if json.load(fh).get("quantization_config") != quant:
+                ap.error(f"{directory} holds another layout than {layout or 'bf16'}; give another --dir")
     start = time.perf_counter()
     report = dry_run(directory, LoadConfig(tp=args.tp, ep=args.ep), world_size=args.world)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     per = sorted(r.bytes_read for r in report.ranks)
-    result = {"benchmark": "dryrun_deepseek_v3" + ("_fp8" if args.fp8 else ""), "world": args.world, "tp": args.tp, "ep": args.ep,
+    result = {"benchmark": "dryrun_deepseek_v3" + (f"_{layout}" if layout else ""), "world": args.world, "tp": args.tp, "ep": args.ep,
               "tensors": len(shapes), "units": report.num_units, "complete": report.complete,
               "ignored": len(report.ignored), "unexpected": len(report.unexpected),
               "seconds": round(seconds, 2), "peak_rss_gib": round(peak / 2**30, 3),
@@ -158,7 +187,7 @@ def main() -> int:
               "meets_targets": seconds < 30 and peak < 2 * 2**30}
     print(json.dumps(result))
     os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
-    name = "dryrun_deepseek_fp8.json" if args.fp8 else "dryrun_deepseek.json"
+    name = f"dryrun_deepseek_{layout}.json" if layout else "dryrun_deepseek.json"
     with open(os.path.join(os.path.dirname(__file__), "results", name), "w") as fh:
         json.dump(result, fh, indent=2)
     return 0 if result["meets_targets"] else 1

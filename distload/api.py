@@ -29,7 +29,7 @@ from .models import BuildContext, ModelBuilder, check_config, default_ignores, e
 from .fingerprint import Fingerprint, fingerprint
 from .plan import Plan, RankPlan, plan as make_plan
 from .quant import quant_config
-from .quant.apply import check_fp8_dtypes, process_after_loading, quantize_model
+from .quant.apply import check_stored, process_after_loading, quantize_model
 from .report import LoadReport, RankStats
 from .spec import ParamSpec, collect_specs
 
@@ -200,7 +200,7 @@ def prepare(directory: str, config: LoadConfig, layout: Layout, build: ModelBuil
     except ConfigError as err:
         err.file = err.file or config_json
         raise
-    fp8: set[str] = set()
+    quantized: dict = {}  # checkpoint name -> the scheme and parameter reading it
     coords = layout.coords(rank)
     placements = expert_plan(experts, ep=layout.ep, placement=config.expert_placement,
                              redundant=config.redundant_experts, path=config.expert_map,
@@ -215,7 +215,7 @@ def prepare(directory: str, config: LoadConfig, layout: Layout, build: ModelBuil
                            stage_ops=stage_ops, experts=placements)
         try:
             model = build(ctx)
-            fp8 |= quantize_model(model, quant, ckpt.tensors, dtype)
+            quantized.update(quantize_model(model, quant, ckpt.tensors, dtype))
         except (PlanError, ConfigError) as err:  # sizes from config.json (layout options name themselves)
             err.file = err.file or config_json
             raise
@@ -225,7 +225,7 @@ def prepare(directory: str, config: LoadConfig, layout: Layout, build: ModelBuil
             mine = model
     assert mine is not None
     _refuse_expert_options(config, specs, ckpt.config)
-    check_fp8_dtypes(specs, ckpt.tensors, frozenset(fp8))
+    check_stored(specs, ckpt.tensors, quantized)
     # every stage's casts, on every rank: a load and a dry run refuse the same ones, before any read
     refuse_casts(zip(specs, dtypes), ckpt.tensors, strict_dtype=config.strict_dtype)
     ignore = (*model_ignores, *config.ignore)

@@ -31,12 +31,11 @@ import inspect
 import json
 import math
 import os
-import shutil
 import tempfile
 
 import torch
 
-from tests.hf_checkpoints import INDEX, HFSpec, read_tensors, write_hf_checkpoint
+from tests.hf_checkpoints import INDEX, HFSpec, read_tensors, save_float_twin, write_hf_checkpoint
 
 STRATEGIES = ("tensor", "channel", "block")
 
@@ -121,24 +120,7 @@ def dequantized_checkpoint(src: str, dst: str) -> str:
         scale = tensors.get(name + "_scale") if name.endswith(".weight") else None
         out[name] = t if scale is None else _dequantize(t, scale, args["strategy"], args.get("block_structure"))
 
-    from safetensors.torch import save_file
-
-    os.makedirs(dst, exist_ok=True)
-    for fname in os.listdir(src):
-        if not fname.endswith(".safetensors") and fname not in ("config.json", INDEX):
-            shutil.copy(os.path.join(src, fname), os.path.join(dst, fname))
-    with open(os.path.join(dst, "config.json"), "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-    with open(os.path.join(src, INDEX)) as f:
-        index = json.load(f)
-    weight_map = {n: fname for n, fname in index["weight_map"].items() if n in out}
-    for fname in sorted(set(weight_map.values())):
-        save_file({n: out[n].contiguous() for n, f in weight_map.items() if f == fname},
-                  os.path.join(dst, fname), metadata={"format": "pt"})
-    total = sum(out[n].numel() * out[n].element_size() for n in weight_map)
-    with open(os.path.join(dst, INDEX), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
-    return dst
+    return save_float_twin(src, dst, out, config)
 
 
 def _dequantize(weight: torch.Tensor, scale: torch.Tensor, strategy: str, block) -> torch.Tensor:

@@ -199,3 +199,27 @@ class CheckpointCache:
         if name not in self._logits:
             self._logits[name] = hf_logits(self.path(name), token_ids(self.specs[name]))
         return self._logits[name]
+
+
+def save_float_twin(src: str, dst: str, tensors: dict[str, torch.Tensor], config: dict) -> str:
+    """Saves ``tensors`` as a checkpoint beside ``src``'s side files: each tensor in the shard of the
+    ``src`` tensor its name (or its module's first packed tensor) lives in, with a fresh index."""
+    from safetensors.torch import save_file
+
+    os.makedirs(dst, exist_ok=True)
+    for fname in os.listdir(src):
+        if not fname.endswith(".safetensors") and fname not in ("config.json", INDEX):
+            shutil.copy(os.path.join(src, fname), os.path.join(dst, fname))
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    with open(os.path.join(src, INDEX)) as f:
+        src_map = json.load(f)["weight_map"]
+    by_module = {n.rpartition(".")[0]: fname for n, fname in sorted(src_map.items(), reverse=True)}
+    weight_map = {n: src_map.get(n) or by_module[n.rpartition(".")[0]] for n in tensors}
+    for fname in sorted(set(weight_map.values())):
+        save_file({n: tensors[n].contiguous() for n, f in weight_map.items() if f == fname},
+                  os.path.join(dst, fname), metadata={"format": "pt"})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    with open(os.path.join(dst, INDEX), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
+    return dst

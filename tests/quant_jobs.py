@@ -69,3 +69,19 @@ def load_with_failing_post_load(directory: str, options: dict, failing_rank: int
     finally:
         OnlineFP8.post_load = real
     return ""
+
+
+def load_dequantized(directory: str, options: dict) -> dict:
+    """Loads with ``LoadConfig(device="cpu", **options)``; returns each quantized weight of this rank
+    as its layer dequantizes it (float32, by parameter name)."""
+    import torch
+
+    from distload.quant.layer import Quantizable
+
+    loaded = distload.load(directory, distload.LoadConfig(device="cpu", **options))
+    out = {}
+    for path, module in loaded.model.named_modules():
+        if isinstance(module, Quantizable) and module.quant is not None:
+            for attr in module.QUANTIZABLE:
+                out[f"{path}.{attr}"] = module.matrix(attr, torch.float32).numpy().copy()
+    return out

@@ -26,8 +26,9 @@ from tests import quant_jobs
 from tests.quant_slices import Piece, block_range, part
 from tests.ct_checkpoints import dequantized_checkpoint, write_ct_checkpoint
 from tests.hf_checkpoints import HFSpec, hf_logits, put_tensors, read_tensors
+from tests.int_slices import facts, matrices
 from tests.test_hf_moe import SPECS as MOE_SPECS
-from tests.test_hf_moe import L, coords, hosted, input_ids, stage_of_layer
+from tests.test_hf_moe import L, coords, input_ids, stage_of_layer
 
 pytest.importorskip("transformers")
 pytest.importorskip("compressed_tensors")
@@ -113,34 +114,9 @@ class Facts:
 
 def quantized_pieces(f: Facts, lay: L, rank: int) -> dict[str, list]:
     """Every FP8 parameter of ``rank``: its parts in row order (Pieces concatenated along the rows),
-    or, for stacked experts, one such list per local slot."""
-    tp = lay.tp
-    tp_i, _, pp_i = coords(lay, rank)
-    hd = f.head_dim
-    pieces = min(tp, f.kv_heads)  # KV heads: at most one piece per head, replicated beyond
-    kv_i = tp_i // (tp // pieces)
-    out: dict[str, list] = {}
-    for layer in range(f.num_layers):
-        if stage_of_layer(f, lay, layer) != pp_i:
-            continue
-        a = f"model.layers.{layer}.self_attn."
-        out[a + "qkv_proj.weight"] = [Piece(a + "q_proj.weight", rows=part(tp_i, tp, f.heads * hd)),
-                                      Piece(a + "k_proj.weight", rows=part(kv_i, pieces, f.kv_heads * hd)),
-                                      Piece(a + "v_proj.weight", rows=part(kv_i, pieces, f.kv_heads * hd))]
-        out[a + "o_proj.weight"] = [Piece(a + "o_proj.weight", cols=part(tp_i, tp, f.heads * hd))]
-        m = f"model.layers.{layer}.mlp."
-        if layer in f.dense:
-            out[m + "gate_up_proj.weight"] = [Piece(m + "gate_proj.weight", rows=part(tp_i, tp, f.intermediate)),
-                                              Piece(m + "up_proj.weight", rows=part(tp_i, tp, f.intermediate))]
-            out[m + "down_proj.weight"] = [Piece(m + "down_proj.weight", cols=part(tp_i, tp, f.intermediate))]
-            continue
-        experts, shard, etp = hosted(f, lay, rank)
-        mine = part(shard, etp, f.expert_width)
-        e = m + "experts.{}."
-        out[m + "experts.w13"] = [[Piece(e.format(x) + "gate_proj.weight", rows=mine),
-                                   Piece(e.format(x) + "up_proj.weight", rows=mine)] for x in experts]
-        out[m + "experts.w2"] = [[Piece(e.format(x) + "down_proj.weight", cols=mine)] for x in experts]
-    return out
+    or, for stacked experts, one such list per local slot (``tests.int_slices.matrices``)."""
+    pieces = matrices(facts(MODELS[f.model_type]), lay, rank)
+    return {(p if p.endswith((".w13", ".w2")) else f"{p}.weight"): v for p, v in pieces.items()}
 
 
 def float_pieces(f: Facts, lay: L, rank: int) -> dict[str, Piece]:

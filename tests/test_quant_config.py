@@ -90,9 +90,9 @@ def test_kv_cache_scheme_or_option_declares_kv_scales():
     (ct_config({"strategy": "channel", "num_bits": 4, "type": "int"}), "4-bit int is not supported "
                                                                        "(supported: 8-bit float"),
     (ct_config({"strategy": "channel", "symmetric": False}), "asymmetric FP8 is not supported"),
-    ({**ct_config({"strategy": "channel"}), "format": "pack-quantized",
-      "config_groups": {"g": {"targets": ["Linear"], "weights": {"num_bits": 4, "type": "int"}}}},
-     "format 'pack-quantized' (group g) is not supported (supported: float-quantized)"),
+    ({**ct_config({"strategy": "channel"}), "format": "nvfp4-pack-quantized",
+      "config_groups": {"g": {"targets": ["Linear"], "weights": {"num_bits": 4, "type": "float"}}}},
+     "format 'nvfp4-pack-quantized' (group g) is not supported (supported: float-quantized, pack-quantized)"),
 ])
 def test_unsupported_methods_and_schemes_are_named_with_the_supported_ones(qc, text):
     with pytest.raises(ConfigError) as err:
@@ -274,12 +274,12 @@ def test_unknown_quant_method_fails_the_load_naming_config_json(tmp_path):
     path = os.path.join(directory, "config.json")
     with open(path) as f:
         config = json.load(f)
-    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    config["quantization_config"] = {"quant_method": "awq", "bits": 4}
     with open(path, "w") as f:
         json.dump(config, f)
     with pytest.raises(ConfigError) as err:
         distload.load(directory, LoadConfig(device="cpu"))
-    assert "quant_method 'gptq' is not supported (supported: fp8, compressed-tensors" in str(err.value)
+    assert "quant_method 'awq' is not supported (supported: fp8, compressed-tensors" in str(err.value)
     assert err.value.file == path
 
 

@@ -11,23 +11,23 @@ from torch import nn
 from ..checkpoint.header import TensorInfo
 from ..errors import PlanError
 from ..spec import ParamSpec, PostLoad, Role
-from .base import FP8, checkpoint_names
-from .config import QuantConfig
+from .base import Declared, QuantMethod, checkpoint_names
+from .config import FORMATS, QuantConfig
 from .layer import KVCacheScales, Quantizable, stored_float
 
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
-"""what counts as FP8 in a checkpoint; the schemes read e4m3 only"""
+Quantized = Mapping[str, tuple[QuantMethod, Declared]]
+"""checkpoint name -> the method and quantized parameter that read it"""
 
 
 def quantize_model(model: nn.Module, config: QuantConfig, tensors: Mapping[str, TensorInfo],
-                   dtype: torch.dtype) -> frozenset[str]:
+                   dtype: torch.dtype) -> Quantized:
     """Hands each quantizable layer the scheme its checkpoint names select, and gives attention
     its KV-cache scales when the KV cache is FP8.
 
     Returns:
-        The checkpoint names read into FP8 parameters.
+        Every checkpoint name read into a parameter a scheme declared, with its scheme.
     """
-    fp8: set[str] = set()
+    quantized: dict[str, tuple[QuantMethod, Declared]] = {}
     legacy = config.kv_cache_fp8 and any(n.endswith(".kv_scale") for n in tensors) and \
         not any(n.endswith(".k_scale") for n in tensors)
     for path, module in list(model.named_modules()):
@@ -37,8 +37,8 @@ def quantize_model(model: nn.Module, config: QuantConfig, tensors: Mapping[str, 
             method = config.method_for(path, [p for group in parts for p in group]) if parts else None
             if method is not None:
                 for d in module.quantize(method, path, dtype, tensors):
-                    if d.dtype == FP8 and d.spec.role is not Role.DERIVED:
-                        fp8.update(checkpoint_names(d.spec))
+                    if d.spec.role is not Role.DERIVED:
+                        quantized.update((name, (method, d)) for name in checkpoint_names(d.spec))
         if isinstance(module, KVCacheScales) and config.kv_cache_fp8:
             names = [f"{path}.kv_scale"] if legacy else [f"{path}.k_scale", f"{path}.v_scale"]
             found = [tensors[n] for n in names if n in tensors]
@@ -49,7 +49,7 @@ def quantize_model(model: nn.Module, config: QuantConfig, tensors: Mapping[str, 
             # one value, declared [1] (a 0-d scalar in the checkpoint fills it as well)
             kv_dtype = stored_float(found[0] if found else None) or torch.float32
             module.enable_kv_scales("legacy" if legacy else "split", (1,), kv_dtype)
-    return frozenset(fp8)
+    return quantized
 
 
 def _module_of(spec: ParamSpec) -> tuple[str, ...]:
@@ -59,8 +59,9 @@ def _module_of(spec: ParamSpec) -> tuple[str, ...]:
     return tuple(s.name.rpartition(".")[0] for s in spec.sources)
 
 
-def check_fp8_dtypes(specs: Iterable[ParamSpec], tensors: Mapping[str, TensorInfo], fp8: frozenset[str]) -> None:
-    """Every tensor the model reads as FP8 is FP8 in the checkpoint, and no other one is.
+def check_stored(specs: Iterable[ParamSpec], tensors: Mapping[str, TensorInfo], quantized: Quantized) -> None:
+    """Every tensor a scheme reads is what its format stores, and no tensor an unquantized
+    parameter reads is stored in a dtype only quantized weights are stored in (FP8).
 
     Raises:
         PlanError: naming the tensor, its file and what the config says about its layer.
@@ -70,20 +71,13 @@ def check_fp8_dtypes(specs: Iterable[ParamSpec], tensors: Mapping[str, TensorInf
             info = tensors.get(name)
             if info is None:
                 continue
-            stored = info.dtype in FP8_DTYPES
-            if name in fp8 and stored and info.dtype != FP8:
-                raise PlanError(f"the checkpoint stores this weight as {str(info.dtype).removeprefix('torch.')}; "
-                                f"the FP8 schemes read float8_e4m3fn only (parameter {spec.name})",
-                                file=info.file, tensor=name)
-            if name in fp8 and not stored:
-                raise PlanError(f"the quantization config makes this layer FP8, but the checkpoint stores its "
-                                f"weight as {str(info.dtype).removeprefix('torch.')} (parameter {spec.name})",
-                                file=info.file, tensor=name)
-            if stored and name not in fp8:
-                raise PlanError(f"the checkpoint stores this tensor as {str(info.dtype).removeprefix('torch.')}, "
-                                f"but its layer is left unquantized (parameter {spec.name}) by quantization_config's "
-                                "ignore list or by the model (routers, shared-expert gates, embeddings and the LM head "
-                                "are never quantized)", file=info.file, tensor=name)
+            hit = quantized.get(name)
+            if hit is not None:
+                why = hit[0].refusal(hit[1], info)
+            else:
+                why = next((w for w in (f.unquantized_refusal(info, spec.name) for f in FORMATS) if w), None)
+            if why:
+                raise PlanError(why, file=info.file, tensor=name)
 
 
 def process_after_loading(model: nn.Module) -> None:

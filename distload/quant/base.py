@@ -1,38 +1,49 @@
 """The quantization-method interface: what a quantized weight is made of, per parameter.
 
-A method never exempts a layer from tracking. Given the spec of a weight as the
-unquantized layer declares it (its checkpoint sources, TP / EP shards and fused
-offsets), it declares every parameter the quantized weight needs (the FP8 weight,
-its scales, an activation scale) with a role and a shard rule derived from the
-weight's own, so scales follow their weight through TP and EP. Biases and every
-other parameter of the layer keep their own, unchanged specs.
+A method never exempts a layer from tracking. Given the geometry of a weight as the
+unquantized layer declares it (its checkpoint sources, TP / EP shards and fused offsets,
+which dims hold output and input features), it declares every parameter the quantized
+weight needs (packed values, scales, zero points, indices) with a role and a shard rule
+derived from the weight's own, so they follow their weight through TP, EP and PP. It checks
+the headers of what it reads, post-processes after the load, and runs the layer's matmul.
+Biases and every other parameter of the layer keep their own, unchanged specs.
+
+Nothing here knows a format: companions are named by the format (``name_of``) and laid out
+by the format (``shape_of`` and which of their dims follow the weight's features).
+
+Adding a format is one module (a ``QuantMethod``) and its config parsing (``quant.config``).
+MXFP4 (gpt-oss) will need, beyond the module: companions of region sources (its experts are
+regions ``at=(e,)`` of fused tensors; ``_refuse_regions`` marks the spot), ``MATRIX_DIMS`` on the
+gpt-oss experts layer (bf16 ``[E, in, out]``, blocks ``(out, in)``), and uneven splits on whole
+blocks of 32 (a padded ``Follow``; the layer's local intermediate size taken from the method
+before it is built, since ``ceil(90 / tp)`` blocks is not the bf16 spec's even split).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
+from ..checkpoint.header import TensorInfo
 from ..errors import PlanError
 from ..spec import ExpertSources, ParamSpec, Role, Shard, Source
-
-FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0
-"""largest finite float8_e4m3fn value"""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Segment:
-    """Rows of one fused part in the local weight (q, k, v of a fused QKV; gate, up)."""
+    """Output rows of one fused part in the local weight (q, k, v of a fused QKV; gate, up)."""
 
     start: int
-    """first local row"""
+    """first local output row"""
     rows: int
-    """local rows of this part"""
+    """local output rows of this part"""
     source: Source
-    """the part's checkpoint source (its name ends in ``.weight``)"""
+    """the part's unquantized checkpoint source"""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -40,83 +51,146 @@ class Declared:
     """One parameter a quantized weight needs: its attribute on the layer, spec and dtype."""
 
     attr: str
-    """attribute name on the layer (``weight``, ``weight_scale_inv``, ``w13_input_scale``)"""
+    """attribute name on the layer (``weight``, ``weight_scale_inv``, ``w13_qweight``)"""
     spec: ParamSpec
     """how it is filled"""
     dtype: torch.dtype
-    """its dtype"""
+    """its dtype; an integer dtype must be the checkpoint's exactly (casts.py refuses others)"""
     stored_dtype: bool = False
-    """take the floating dtype the checkpoint stores it in instead, when wider than FP8 (scales:
-    compressed-tensors keeps a bf16 model's in bf16), so nothing is cast"""
+    """take the floating dtype the checkpoint stores it in instead, when wider than 8 bits (scales:
+    compressed-tensors keeps a bf16 model's in bf16, GPTQ stores float16), so nothing is cast"""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Follow:
+    """How one dim of a companion tensor (a scale, a packed tensor) follows the weight's features."""
+
+    dim: int
+    """the companion's dim (counted per expert for expert tensors)"""
+    per: int = 1
+    """weight features per entry along it (a block, a group, values per packed word)"""
+    what: str = "a scale block"
+    """what one entry covers, for the refusal of a shard that cuts one"""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class WeightGeometry:
-    """Where a weight's rows and columns come from, derived from its unquantized spec."""
+    """Where a weight's output and input features come from, derived from its unquantized spec."""
 
     spec: ParamSpec
     """the unquantized weight spec"""
     segments: tuple[Segment, ...]
-    """local row ranges per part (one segment when rows are not fused)"""
+    """local output-row ranges per part (one segment when outputs are not fused)"""
     cols: int
-    """local columns (input features)"""
+    """local input features"""
+    out_dim: int = 0
+    """dim of the unquantized matrix (per expert) that holds output features"""
+    in_dim: int = 1
+    """dim that holds input features"""
 
     @property
     def experts(self) -> ExpertSources | None:
         return self.spec.experts
 
+    @property
+    def rows(self) -> int:
+        """Local output features (all parts)."""
+        return sum(seg.rows for seg in self.segments)
+
     @classmethod
-    def of(cls, spec: ParamSpec) -> "WeightGeometry":
-        parts = spec.experts.parts if spec.experts is not None else spec.sources
-        rows, cols = spec.shape[-2], spec.shape[-1]
-        if not parts or any(not p.name.endswith(".weight") for p in parts) or len(spec.shape) not in (2, 3):
-            raise PlanError(f"parameter {spec.name} is not a weight matrix made of '.weight' tensors, "
-                            "so it cannot be quantized")
-        if parts[0].shard.dim == 0:
-            segs = tuple(Segment(start=p.offset, rows=p.shard.piece_len(p.shape[0]), source=p) for p in parts)
-        else:  # split by columns (row-parallel) or whole: one part
-            segs = (Segment(start=0, rows=rows, source=parts[0]),)
-        return cls(spec=spec, segments=segs, cols=cols)
-
-    def split_sources(self, suffix: str, shape_of, *, block: tuple[int | None, int | None]) -> tuple[Source, ...]:
-        """One scale source per part, named ``X.<suffix>`` beside ``X.weight``, split like the weight.
-
-        Args:
-            shape_of: a part's checkpoint ``(out, in)`` -> the scale's checkpoint shape.
-            block: weight rows / columns per scale entry; None where the scale does not
-                follow the weight's split (a per-channel scale is whole along columns).
+    def of(cls, spec: ParamSpec, *, out_dim: int = 0, in_dim: int = 1) -> "WeightGeometry":
+        """The geometry of a 2-D weight (3-D stacked for experts) with outputs along ``out_dim``.
 
         Raises:
-            PlanError: a TP or expert-TP shard of the weight cuts a scale block.
+            PlanError: the spec is not a matrix read from checkpoint tensors.
         """
-        out, offset = [], 0
+        parts = spec.experts.parts if spec.experts is not None else spec.sources
+        if not parts or len(spec.shape) not in (2, 3) or {out_dim, in_dim} != {0, 1}:
+            raise PlanError(f"parameter {spec.name} is not a weight matrix read from the checkpoint, "
+                            "so it cannot be quantized")
+        local = spec.shape[-2:]
+        rows, cols = local[out_dim], local[in_dim]
+        if parts[0].shard.dim == out_dim:
+            segs = tuple(Segment(start=p.offset, rows=p.shard.piece_len(p.shape[out_dim]), source=p) for p in parts)
+        else:  # split by inputs (row-parallel) or whole: one part
+            segs = (Segment(start=0, rows=rows, source=parts[0]),)
+        return cls(spec=spec, segments=segs, cols=cols, out_dim=out_dim, in_dim=in_dim)
+
+    def tensor_name(self, source: Source, expert: int = 0) -> str:
+        """A part's checkpoint name (expert templates formatted for ``expert``)."""
+        return source.name if self.experts is None else self.experts.name(source, expert)
+
+    def companion(self, name_of: Callable[[str], str], shape_of: Callable[[int, int], tuple[int, ...]], *,
+                  out: Follow | None, inp: Follow | None,
+                  blame: Callable[[str], str] | None = None) -> tuple[tuple[Source, ...], tuple[int, ...]]:
+        """One companion source per part, split like the weight where a dim of it follows the
+        weight's split features, whole where none does; and the local shape they tile.
+
+        Parts are concatenated along ``out.dim`` (along dim 0 when no dim follows outputs).
+
+        Args:
+            name_of: a part's checkpoint name -> the companion's.
+            shape_of: a part's checkpoint ``(out, in)`` -> the companion's checkpoint shape.
+            out, inp: the companion's dims that follow output / input features; None: the
+                companion does not follow them (whole on every rank that splits them).
+            blame: a part's checkpoint name -> the tensor a refusal names (default: the companion).
+
+        Raises:
+            PlanError: a TP or expert-TP shard of the weight cuts an entry of a dim that follows it,
+                naming the tensor and the degrees that keep whole entries.
+        """
+        self._refuse_regions()
+        cat = out.dim if out is not None else 0
+        sources, offset, local = [], 0, None
         for seg in self.segments:
             p = seg.source
-            shape, dim = shape_of(p.shape), p.shard.dim
-            if dim is None or block[dim] is None:
-                shard = Shard()
+            full = (p.shape[self.out_dim], p.shape[self.in_dim])
+            shape = tuple(shape_of(*full))
+            follow = None if p.shard.dim is None else (out if p.shard.dim == self.out_dim else inp)
+            piece = list(shape)
+            if follow is None:  # whole: at a place of its own when parts are fused
+                shard = Shard(dim=cat, num_shards=1) if len(self.segments) > 1 else Shard()
             else:
-                piece, b = p.shard.piece_len(p.shape[dim]), block[dim]
-                if p.shard.num_shards > 1 and piece % b:
-                    raise PlanError(f"{'a TP' if self.experts is None else 'an expert TP'} shard of {piece} "
-                                    f"{'rows' if dim == 0 else 'columns'} cuts a scale block of {b} "
-                                    f"(parameter {self.spec.name}); choose a tp whose shards are whole blocks",
-                                    tensor=p.name if self.experts is None else self.experts.name(p, 0))
-                shard = Shard(dim=dim, num_shards=p.shard.num_shards)  # whole (1 piece) at a fused offset too
-            out.append(Source(name=_beside(p.name, suffix), shape=shape, shard=shard,
-                              offset=offset if shard.dim == 0 else 0))
-            if shard.dim == 0:
-                offset += shard.piece_len(shape[0])
-        return tuple(out)
+                size = full[0] if follow is out else full[1]
+                self._check_cut(p, size, follow, blame or name_of)
+                shard = Shard(dim=follow.dim, num_shards=p.shard.num_shards)
+                piece[follow.dim] = shard.piece_len(shape[follow.dim])
+            sources.append(Source(name=name_of(p.name), shape=shape, shard=shard,
+                                  offset=offset if shard.dim == cat else 0))
+            offset += piece[cat] if piece else 0
+            local = piece if local is None else [offset if d == cat else n for d, n in enumerate(local)]
+        return tuple(sources), tuple(local)
 
-    def per_part_sources(self, suffix: str, shape: tuple[int, ...]) -> tuple[Source, ...]:
-        """One whole one-element tensor per part (a per-tensor scale), at consecutive places along dim 0."""
-        return tuple(Source(name=_beside(seg.source.name, suffix), shape=shape, shard=Shard(dim=0, num_shards=1),
-                            offset=i) for i, seg in enumerate(self.segments))
+    def _refuse_regions(self) -> None:
+        """Companions of a region (a part of a fused-on-disk tensor) would be regions of their own
+        tensors; no format declares those yet (MXFP4's fused expert tensors will)."""
+        part = next((seg.source for seg in self.segments if seg.source.region is not None), None)
+        if part is not None:
+            raise PlanError(f"parameter {self.spec.name} is cut from a fused checkpoint tensor; serialized quantized "
+                            "checkpoints of fused-on-disk weights are not supported", tensor=part.name)
+
+    def _check_cut(self, p: Source, size: int, follow: Follow, name_of: Callable[[str], str]) -> None:
+        n = p.shard.num_shards
+        piece = p.shard.piece_len(size)
+        if n == 1 or piece % follow.per == 0:
+            return
+        axis = "tp" if self.experts is None else "expert tp"
+        works = [d for d in range(1, size + 1) if size % d == 0 and (d == 1 or (size // d) % follow.per == 0)]
+        raise PlanError(f"{'a TP' if self.experts is None else 'an expert TP'} shard of {piece} "
+                        f"{'rows' if p.shard.dim == self.out_dim else 'columns'} cuts {follow.what} of "
+                        f"{follow.per} (parameter {self.spec.name}); {axis} that keep whole ones: "
+                        f"{', '.join(map(str, works))}", tensor=self.tensor_name(dataclasses.replace(
+                            p, name=name_of(p.name))))
+
+    def per_part(self, name_of: Callable[[str], str], shape: tuple[int, ...]) -> tuple[Source, ...]:
+        """One whole small tensor per part (a per-tensor scale), at consecutive places along dim 0."""
+        self._refuse_regions()
+        return tuple(Source(name=name_of(seg.source.name), shape=shape, shard=Shard(dim=0, num_shards=1),
+                            offset=i * shape[0]) for i, seg in enumerate(self.segments))
 
     def declare(self, attr: str, suffix: str, sources: tuple[Source, ...], local: tuple[int, ...], *,
                 role: Role = Role.REQUIRED) -> ParamSpec:
-        """A spec for the parameter ``attr`` beside this weight, made of ``sources`` (one per part)."""
+        """A spec for the parameter ``param_attr(attr, suffix)`` beside this weight, made of ``sources``."""
         base = self.spec
         name = f"{base.name.rpartition('.')[0]}.{param_attr(attr, suffix)}"
         if base.experts is not None:
@@ -124,9 +198,16 @@ class WeightGeometry:
                              experts=dataclasses.replace(base.experts, parts=sources))
         return ParamSpec(name=name, shape=local, role=role, sources=sources)
 
+    def declared(self, attr: str, suffix: str, sources: tuple[Source, ...], local: tuple[int, ...],
+                 dtype: torch.dtype, *, stored_dtype: bool = False) -> Declared:
+        """``declare`` wrapped with the parameter's dtype."""
+        return Declared(attr=param_attr(attr, suffix), dtype=dtype, stored_dtype=stored_dtype,
+                        spec=self.declare(attr, suffix, sources, local))
 
-def _beside(weight_name: str, suffix: str) -> str:
-    return weight_name[: -len("weight")] + suffix
+
+def beside(suffix: str) -> Callable[[str], str]:
+    """Names a companion ``<module>.<suffix>`` beside a part's ``<module>.<tensor>``."""
+    return lambda name: f"{name.rpartition('.')[0]}.{suffix}"
 
 
 def param_attr(weight_attr: str, suffix: str) -> str:
@@ -143,47 +224,50 @@ def checkpoint_names(spec: ParamSpec) -> tuple[str, ...]:
     return tuple(e.name(p, x) for x in range(e.placement.num_experts) for p in e.parts)
 
 
-class QuantMethod:
-    """How a quantized weight is stored in the checkpoint, declared, post-processed and applied.
+def whole_entries(size: int, per: int) -> int:
+    """Entries of ``per`` features that cover ``size`` (the last one possibly partial)."""
+    return math.ceil(size / per)
 
-    A method instance describes a scheme (e.g. FP8 with 16x16 blocks); it keeps no
-    per-layer state. Layers call it through ``quant.layer.Quantizable``.
+
+class QuantMethod:
+    """How a quantized weight is stored in the checkpoint, declared, checked, post-processed
+    and applied. Layers call it through ``quant.layer.Quantizable``.
+
+    A method instance describes a scheme (e.g. int4 in groups of 128); it keeps no per-layer
+    state (a layer may cache what a method prepares for its device, see ``apply``).
     """
 
     name: str = ""
     """the scheme, as reports and errors name it"""
 
     def declare(self, attr: str, geometry: WeightGeometry, model_dtype: torch.dtype) -> tuple[Declared, ...]:
-        """Every parameter replacing the unquantized weight ``attr``, the weight itself included."""
+        """Every parameter replacing the unquantized weight ``attr`` (the weight itself where it is kept).
+
+        Raises:
+            PlanError: a shard of the layout cuts what the format stores whole (a group, a word).
+        """
         raise NotImplementedError
 
+    def refusal(self, declared: Declared, info: TensorInfo) -> str | None:
+        """Why the checkpoint tensor ``info`` cannot fill ``declared`` (dtype and format rules beyond
+        the shape and cast checks every tensor gets); None when it can."""
+        return None
+
+    @classmethod
+    def unquantized_refusal(cls, info: TensorInfo, param: str) -> str | None:
+        """Why ``info``, read by the parameter ``param`` that no method declared, cannot be read there:
+        a dtype only this format's weights are stored in. None when it can."""
+        return None
+
     def dequantize(self, layer, attr: str, geometry: WeightGeometry) -> torch.Tensor:
-        """The weight in float32, from the layer's loaded parameters."""
+        """The weight in float32, ``(out, in)`` per matrix, from the layer's loaded parameters."""
         raise NotImplementedError
 
     def post_load(self, layer, attr: str, geometry: WeightGeometry) -> None:
-        """Runs once per rank after the merge proved the load complete (fills derived parameters)."""
+        """Runs once per rank after the merge proved the load complete (fills derived parameters,
+        checks values the headers cannot show)."""
 
-    def row_scales(self, layer, attr: str, geometry: WeightGeometry) -> torch.Tensor | None:
-        """One float32 scale per output row, when the scheme has them (for scaled FP8 matmuls)."""
-        return None
-
-    def block_scales(self, layer, attr: str, geometry: WeightGeometry) -> torch.Tensor | None:
-        """Scales of whole 128 x 128 blocks, ``[rows / 128, cols / 128]``, when the scheme has them."""
-        return None
-
-    def input_scale(self, layer, attr: str) -> torch.Tensor | None:
-        """A static per-tensor activation scale, when the checkpoint has one."""
-        return None
-
-
-def fp8_weight(attr: str, geometry: WeightGeometry) -> Declared:
-    """The weight itself, stored FP8, with the unquantized spec's sources (same units)."""
-    return Declared(attr=attr, spec=geometry.spec, dtype=FP8)
-
-
-def rows_scale(scales: torch.Tensor, geometry: WeightGeometry) -> torch.Tensor:
-    """Expands one scale per part (``[..., parts]``) to one per local row (``[..., rows]``)."""
-    counts = torch.tensor([s.rows for s in geometry.segments], device=scales.device)
-    return scales.repeat_interleave(counts, dim=-1)
-
+    def apply(self, layer, attr: str, geometry: WeightGeometry, x: torch.Tensor,
+              bias: torch.Tensor | None) -> torch.Tensor:
+        """``x W^T (+ b)`` of a 2-D weight: by default the weight dequantized to ``x``'s dtype."""
+        return F.linear(x, self.dequantize(layer, attr, geometry).to(x.dtype), bias)

@@ -3,8 +3,10 @@
 Supported: ``quant_method: fp8`` (DeepSeek-V3 style: ``weight_block_size`` blocks with
 ``weight_scale_inv``; without blocks one ``weight_scale`` per tensor), ``quant_method:
 compressed-tensors`` in the ``float-quantized`` format (FP8 weights per tensor, per
-channel or per block; dynamic activations, or static per-tensor ``input_scale``), online
-FP8 of an unquantized checkpoint, and FP8 KV-cache scales.
+channel or per block; dynamic activations, or static per-tensor ``input_scale``) and the
+``pack-quantized`` format (int4 / int8 weights, per group or channel, symmetric or not;
+``quant.packed``), ``quant_method: gptq`` (4 / 8 bits, ``desc_act``, both zero-point
+conventions; ``quant.gptq``), online FP8 of an unquantized checkpoint, and FP8 KV-cache scales.
 """
 
 from __future__ import annotations
@@ -15,11 +17,16 @@ from typing import Mapping, Sequence
 
 from ..errors import ConfigError
 from .base import QuantMethod
+from . import gptq, packed
 from .fp8 import OnlineFP8, SerializedFP8
+from .gptq import GPTQ
+from .packed import PackedInt
 
-QUANT_METHODS = ("fp8", "compressed-tensors")
+FORMATS: tuple[type[QuantMethod], ...] = (SerializedFP8, OnlineFP8, PackedInt, GPTQ)
+"""every scheme class (asked about tensors no scheme declared: ``QuantMethod.unquantized_refusal``)"""
+QUANT_METHODS = ("fp8", "compressed-tensors", "gptq")
 """``quant_method`` values of config.json that load"""
-CT_FORMATS = ("float-quantized",)
+CT_FORMATS = ("float-quantized", "pack-quantized")
 """compressed-tensors storage formats that load"""
 CT_STRATEGIES = ("tensor", "channel", "block")
 """compressed-tensors FP8 weight strategies that load"""
@@ -124,6 +131,10 @@ def quant_config(model_config: Mapping, *, quantize: str | None = None, kv_cache
         return _fp8(q, kv)
     if method == "compressed-tensors":
         return _compressed_tensors(q, kv)
+    if method == "gptq":
+        scheme, targets = gptq.parse(q)
+        return QuantConfig(rules=(Rule(method=scheme, targets=targets),), ignore=("lm_head",), kv_cache_fp8=kv,
+                           description=scheme.name)
     raise ConfigError(f"config.json quantization_config quant_method {method!r} is not supported "
                       f"(supported: {', '.join(QUANT_METHODS)}; or load an unquantized checkpoint with --quantize fp8)")
 
@@ -163,7 +174,8 @@ def _compressed_tensors(q: Mapping, kv: bool) -> QuantConfig:
         if group_fmt not in CT_FORMATS:
             raise ConfigError(f"compressed-tensors format {group_fmt!r} (group {name}) is not supported "
                               f"(supported: {', '.join(CT_FORMATS)})")
-        rules.append(Rule(method=_ct_scheme(name, group), targets=tuple(group.get("targets") or ())))
+        scheme = _ct_scheme(name, group) if group_fmt == "float-quantized" else packed.parse_group(name, group)
+        rules.append(Rule(method=scheme, targets=tuple(group.get("targets") or ())))
     scheme = q.get("kv_cache_scheme")
     if scheme is not None:
         _fp8_args(scheme, "kv_cache_scheme")

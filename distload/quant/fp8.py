@@ -1,9 +1,9 @@
 """FP8 weights: serialized (block-wise, per-channel, per-tensor) and quantized while loading.
 
 Serialized schemes read the FP8 weight and its scales as they are in the checkpoint
-(units like any other) and dequantize in forward. Online FP8 reads the bf16 / fp16
-weight (the tracked units), then derives the FP8 weight and one scale per row after
-the load is proven complete.
+(units like any other) and dequantize in forward, or run a real FP8 matmul where the
+device has one. Online FP8 reads the bf16 / fp16 weight (the tracked units), then derives
+the FP8 weight and one scale per row after the load is proven complete.
 """
 
 from __future__ import annotations
@@ -13,13 +13,85 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..checkpoint.header import TensorInfo
 from ..spec import ParamSpec, Role
-from .base import FP8, FP8_MAX, Declared, QuantMethod, WeightGeometry, checkpoint_names, fp8_weight, param_attr, \
-    rows_scale
+from .base import Declared, Follow, QuantMethod, WeightGeometry, beside, checkpoint_names, param_attr
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+"""largest finite float8_e4m3fn value"""
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+"""what counts as FP8 in a checkpoint; the schemes read e4m3 only"""
+
+
+def _dtype(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+class FP8Method(QuantMethod):
+    """What FP8 schemes share: an FP8 weight checked against the headers, and a forward that runs
+    ``torch._scaled_mm`` with the scheme's row or block scales where the device allows one."""
+
+    def refusal(self, declared: Declared, info: TensorInfo) -> str | None:
+        if declared.dtype != FP8 or declared.spec.role is Role.DERIVED:
+            return None
+        if info.dtype in FP8_DTYPES and info.dtype != FP8:
+            return (f"the checkpoint stores this weight as {_dtype(info.dtype)}; the FP8 schemes read "
+                    f"float8_e4m3fn only (parameter {declared.spec.name})")
+        if info.dtype not in FP8_DTYPES:
+            return (f"the quantization config makes this layer FP8, but the checkpoint stores its weight as "
+                    f"{_dtype(info.dtype)} (parameter {declared.spec.name})")
+        return None
+
+    @classmethod
+    def unquantized_refusal(cls, info: TensorInfo, param: str) -> str | None:
+        if info.dtype not in FP8_DTYPES:
+            return None
+        return (f"the checkpoint stores this tensor as {_dtype(info.dtype)}, but its layer is left unquantized "
+                f"(parameter {param}) by quantization_config's ignore list or by the model (routers, shared-expert "
+                "gates, embeddings and the LM head are never quantized)")
+
+    def row_scales(self, layer, attr: str, g: WeightGeometry) -> torch.Tensor | None:
+        """One float32 scale per output row, when the scheme has them (for scaled FP8 matmuls)."""
+        return None
+
+    def block_scales(self, layer, attr: str, g: WeightGeometry) -> torch.Tensor | None:
+        """Scales of whole 128 x 128 blocks, ``[rows / 128, cols / 128]``, when the scheme has them."""
+        return None
+
+    def input_scale(self, layer, attr: str) -> torch.Tensor | None:
+        """A static per-tensor activation scale, when the checkpoint has one."""
+        return None
+
+    def apply(self, layer, attr: str, g: WeightGeometry, x: torch.Tensor,
+              bias: torch.Tensor | None) -> torch.Tensor:
+        """A real FP8 matmul where the scheme has row scales (or whole 128 x 128 blocks, on Hopper)
+        and the device runs one, otherwise the weight dequantized to ``x``'s dtype."""
+        weight = getattr(layer, attr)
+        if weight.dtype == FP8 and scaled_mm_supported(x, weight.shape[0]):
+            rows = self.row_scales(layer, attr, g)
+            if rows is not None and _path_works("row", x.device):
+                return fp8_linear(x, weight, rows, self.input_scale(layer, attr), bias)
+            blocks = self.block_scales(layer, attr, g)
+            if blocks is not None and torch.cuda.get_device_capability(x.device) == (9, 0) and \
+                    _path_works("block", x.device):
+                return fp8_block_linear(x, weight, blocks, bias)
+        return F.linear(x, self.dequantize(layer, attr, g).to(x.dtype), bias)
+
+
+def fp8_weight(attr: str, geometry: WeightGeometry) -> Declared:
+    """The weight itself, stored FP8, with the unquantized spec's sources (same units)."""
+    return Declared(attr=attr, spec=geometry.spec, dtype=FP8)
+
+
+def rows_scale(scales: torch.Tensor, geometry: WeightGeometry) -> torch.Tensor:
+    """Expands one scale per part (``[..., parts]``) to one per local row (``[..., rows]``)."""
+    counts = torch.tensor([s.rows for s in geometry.segments], device=scales.device)
+    return scales.repeat_interleave(counts, dim=-1)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class SerializedFP8(QuantMethod):
+class SerializedFP8(FP8Method):
     """FP8 weights with float32 scales stored in the checkpoint.
 
     ``strategy`` is ``block`` (one scale per ``block`` = [rows, cols] tile, the last tile of a
@@ -43,22 +115,19 @@ class SerializedFP8(QuantMethod):
 
     def declare(self, attr: str, g: WeightGeometry, model_dtype: torch.dtype) -> tuple[Declared, ...]:
         out = [fp8_weight(attr, g)]
+        name_of, weight = beside(self.scale_suffix), (lambda n: n)  # a cut block names the FP8 weight
         if self.strategy == "block":
             bn, bk = self.block
-            sources = g.split_sources(self.scale_suffix, lambda s: (-(-s[0] // bn), -(-s[1] // bk)), block=(bn, bk))
-            local = (sum(-(-seg.rows // bn) for seg in g.segments), -(-g.cols // bk))
+            sources, local = g.companion(name_of, lambda o, i: (-(-o // bn), -(-i // bk)), blame=weight,
+                                         out=Follow(dim=0, per=bn), inp=Follow(dim=1, per=bk))
         elif self.strategy == "channel":
-            sources = g.split_sources(self.scale_suffix, lambda s: (s[0], 1), block=(1, None))
-            local = (sum(seg.rows for seg in g.segments), 1)
+            sources, local = g.companion(name_of, lambda o, i: (o, 1), out=Follow(dim=0), inp=None, blame=weight)
         else:
-            sources = g.per_part_sources(self.scale_suffix, (1,))
-            local = (len(g.segments),)
-        out.append(Declared(attr=param_attr(attr, self.scale_suffix), dtype=torch.float32, stored_dtype=True,
-                            spec=g.declare(attr, self.scale_suffix, sources, local)))
+            sources, local = g.per_part(name_of, (1,)), (len(g.segments),)
+        out.append(g.declared(attr, self.scale_suffix, sources, local, torch.float32, stored_dtype=True))
         if self.static_input:
-            out.append(Declared(attr=param_attr(attr, "input_scale"), dtype=torch.float32, stored_dtype=True,
-                                spec=g.declare(attr, "input_scale", g.per_part_sources("input_scale", (1,)),
-                                               (len(g.segments),))))
+            out.append(g.declared(attr, "input_scale", g.per_part(beside("input_scale"), (1,)), (len(g.segments),),
+                                  torch.float32, stored_dtype=True))
         return tuple(out)
 
     def dequantize(self, layer, attr: str, g: WeightGeometry) -> torch.Tensor:
@@ -110,7 +179,7 @@ def dequantize_blocks(w: torch.Tensor, scale: torch.Tensor, block: tuple[int, in
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class OnlineFP8(QuantMethod):
+class OnlineFP8(FP8Method):
     """``--quantize fp8``: the checkpoint's bf16 / fp16 / fp32 weight is read into ``<attr>_source``
     (the tracked units); after the merge, ``<attr>`` becomes FP8 with one float32 scale per
     output row (``<attr>_scale``, amax / 448), both derived from the source's checkpoint
@@ -231,21 +300,3 @@ def fp8_block_linear(x: torch.Tensor, weight: torch.Tensor, block_scale: torch.T
                          scale_b=block_scale.float().contiguous().t(), out_dtype=torch.bfloat16)
     y = y[:m].to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
     return y + bias if bias is not None else y
-
-
-def matmul(method: QuantMethod, layer, attr: str, g: WeightGeometry, x: torch.Tensor,
-           bias: torch.Tensor | None) -> torch.Tensor:
-    """``x W^T (+ b)`` of a quantized 2-D weight: a real FP8 matmul where the scheme has row
-    scales (or whole 128 x 128 blocks, on Hopper) and the device runs one, otherwise the
-    weight dequantized to ``x``'s dtype."""
-    weight = getattr(layer, attr)
-    if weight.dtype == FP8 and scaled_mm_supported(x, weight.shape[0]):
-        rows = method.row_scales(layer, attr, g)
-        if rows is not None and _path_works("row", x.device):
-            return fp8_linear(x, weight, rows, method.input_scale(layer, attr), bias)
-        blocks = method.block_scales(layer, attr, g)
-        if blocks is not None and torch.cuda.get_device_capability(x.device) == (9, 0) and \
-                _path_works("block", x.device):
-            return fp8_block_linear(x, weight, blocks, bias)
-    return F.linear(x, method.dequantize(layer, attr, g).to(x.dtype), bias)
-

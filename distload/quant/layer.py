@@ -1,9 +1,9 @@
 """Mixins that let a layer hold quantized weights and FP8 KV-cache scales.
 
 A layer declares its unquantized specs; ``quantize`` hands its weight matrices to a
-method, which replaces each with the parameters the scheme stores (FP8 weight, scales,
-activation scale) and their specs. Nothing else of the layer changes: a bias stays a
-required unit of its own.
+method, which replaces each with the parameters the scheme stores and their specs. Forward
+goes through the method. Nothing else of the layer changes: a bias stays a required unit of
+its own.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from torch import nn
 from ..checkpoint.header import TensorInfo
 from ..spec import ParamSpec, PostLoad, Role, Source, SpecProvider
 from .base import Declared, QuantMethod, WeightGeometry
-from .fp8 import matmul
 
 
 class Quantizable(SpecProvider, PostLoad):
@@ -28,6 +27,8 @@ class Quantizable(SpecProvider, PostLoad):
     """
 
     QUANTIZABLE: tuple[str, ...] = ("weight",)
+    MATRIX_DIMS: dict[str, tuple[int, int]] = {}
+    """(output dim, input dim) of a quantizable weight (per expert) that is not ``(out, in)``"""
     quant: QuantMethod | None = None
     """the layer's scheme; None: unquantized"""
     quantizable: bool = True
@@ -45,14 +46,18 @@ class Quantizable(SpecProvider, PostLoad):
             tensors: the checkpoint's headers, for parameters declared ``stored_dtype``.
         """
         self.quant, self._quant_path, self._declared = method, path, {}
+        self._unquantized = tuple(self.unquantized_specs(path))  # the weights it names may be replaced below
         out: list[Declared] = []
-        for spec in self.unquantized_specs(path):
+        for spec in self._unquantized:
             attr = spec.name[len(path) + 1:]
             if attr not in self.QUANTIZABLE:
                 continue
-            geometry = WeightGeometry.of(spec)
+            out_dim, in_dim = self.MATRIX_DIMS.get(attr, (0, 1))
+            geometry = WeightGeometry.of(spec, out_dim=out_dim, in_dim=in_dim)
             declared = tuple(_stored_dtype(d, tensors or {}) for d in method.declare(attr, geometry, model_dtype))
             device = getattr(self, attr).device
+            if attr not in {d.attr for d in declared}:  # a format that stores no tensor named like the weight
+                self.register_parameter(attr, None)
             for d in declared:
                 setattr(self, d.attr, nn.Parameter(torch.empty(d.spec.shape, dtype=d.dtype, device=device),
                                                    requires_grad=False))
@@ -61,25 +66,29 @@ class Quantizable(SpecProvider, PostLoad):
         return tuple(out)
 
     def param_specs(self, path: str):
-        for spec in self.unquantized_specs(path):
+        if self.quant is not None:
+            assert path == self._quant_path, (path, self._quant_path)
+        for spec in self._unquantized if self.quant is not None else self.unquantized_specs(path):
             attr = spec.name[len(path) + 1:]
             if self.quant is not None and attr in self._declared:
-                assert path == self._quant_path, (path, self._quant_path)
                 yield from (d.spec for d in self._declared[attr][1])
             else:
                 yield spec
 
     def matrix(self, attr: str, dtype: torch.dtype) -> torch.Tensor:
-        """The weight ``attr`` in ``dtype`` (dequantized when stored quantized)."""
+        """The weight ``attr`` in ``dtype`` and the layer's own orientation (dequantized when stored
+        quantized)."""
         if self.quant is None or attr not in self._declared:
             return getattr(self, attr)
-        return self.quant.dequantize(self, attr, self._declared[attr][0]).to(dtype)
+        geometry = self._declared[attr][0]
+        w = self.quant.dequantize(self, attr, geometry)
+        return (w if geometry.out_dim == 0 else w.transpose(-1, -2)).to(dtype)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None, attr: str = "weight") -> torch.Tensor:
-        """``x W^T (+ b)``, with a real FP8 matmul where the scheme and device allow one."""
+        """``x W^T (+ b)``, through the scheme's own matmul when the weight is stored quantized."""
         if self.quant is None:
             return nn.functional.linear(x, getattr(self, attr), bias)
-        return matmul(self.quant, self, attr, self._declared[attr][0], x, bias)
+        return self.quant.apply(self, attr, self._declared[attr][0], x, bias)
 
     def computed_params(self) -> tuple[str, ...]:
         if self.quant is None:
@@ -102,7 +111,7 @@ def _stored_dtype(d: Declared, tensors: Mapping[str, TensorInfo]) -> Declared:
 
 
 def stored_float(info: TensorInfo | None) -> torch.dtype | None:
-    """The checkpoint dtype of a scale, when it is a float wider than FP8."""
+    """The checkpoint dtype of a scale, when it is a float wider than 8 bits."""
     return info.dtype if info is not None and info.dtype.is_floating_point and info.dtype.itemsize > 1 else None
 
 

@@ -23,7 +23,7 @@ import torch
 
 from tests import moe_jobs
 from tests.hf_checkpoints import HFSpec, copy_checkpoint, delete_tensors, put_tensors, read_tensors, write_hf_checkpoint
-from tests.test_hf_moe import TOLERANCE, L, by_expert, coords, headers, hosted, stage_of_layer
+from tests.moe_oracle import TOLERANCE, L, by_expert, coords, headers, hf_reference, hosted, stage_of_layer
 
 pytest.importorskip("transformers")
 
@@ -167,24 +167,6 @@ def input_ids() -> torch.Tensor:
     ids = torch.randint(0, 64, (2, 10), generator=gen)
     ids[0, 0], ids[1, 3] = 63, 0
     return ids
-
-
-def hf_reference(directory: str, ids: torch.Tensor) -> tuple[torch.Tensor, dict[int, tuple]]:
-    """transformers' logits (eager attention, eval, float32) and, per sparse layer, what its
-    DeepseekV3TopkRouter chose: (top-k expert indices [N, k], their scaled weights [N, k])."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, attn_implementation="eager")
-    model.eval()
-    routes = {}
-    for name, module in model.named_modules():
-        if type(module).__name__ == "DeepseekV3TopkRouter":
-            layer = int(name.split(".")[2])
-            module.register_forward_hook(
-                lambda _m, _a, out, layer=layer: routes.__setitem__(layer, (out[2].clone(), out[1].clone())))
-    with torch.no_grad():
-        logits = model(ids).logits.float()
-    return logits, routes
 
 
 class Checkpoints:
@@ -342,3 +324,4 @@ def test_mtp_tensor_is_ignored_not_unexpected(ckpts, tmp_path):
         need = needs(m, lay, rank, hdr)
         assert stats["units_owned"] == len(need)
         assert stats["bytes_read"] == sum((hdr[n][2] - hdr[n][1]) // k for n, k in need.items())
+

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import struct
 from dataclasses import dataclass
 
 import pytest
@@ -29,6 +28,7 @@ from distload.layout import Layout
 from distload.models import reference_model
 from tests import moe_jobs
 from tests.hf_checkpoints import INDEX, HFSpec, copy_checkpoint, delete_tensors, read_tensors, write_hf_checkpoint
+from tests.moe_oracle import TOLERANCE, L, by_expert, coords, headers, hf_reference, hosted, stage_of_layer
 
 pytest.importorskip("transformers")
 
@@ -57,36 +57,6 @@ DELETED = {
     "qwen3_moe": ["model.layers.2.mlp.experts.5.down_proj.weight", "model.layers.0.mlp.gate.weight"],
 }
 
-TOLERANCE = 1e-5
-"""max |distload - transformers| / max |transformers| for float32 logits (and routing weights)"""
-
-
-@dataclass(frozen=True)
-class L:
-    """One layout to test: world = tp x dp x pp."""
-
-    model: str
-    world: int
-    tp: int = 1
-    dp: int = 1
-    pp: int = 1
-    ep: int = 1
-    placement: str = "linear"
-    redundant: int = 0
-
-    def __post_init__(self) -> None:
-        assert self.tp * self.dp * self.pp == self.world
-
-    def options(self) -> dict:
-        return {"tp": self.tp, "dp": self.dp, "pp": self.pp, "ep": self.ep, "expert_placement": self.placement,
-                "redundant_experts": self.redundant}
-
-    @property
-    def id(self) -> str:
-        extra = (f"-{self.placement}" if self.ep > 1 else "") + (f"-r{self.redundant}" if self.redundant else "")
-        return f"{self.model}-w{self.world}-tp{self.tp}-dp{self.dp}-pp{self.pp}-ep{self.ep}{extra}"
-
-
 LAYOUTS = [
     L("qwen3_moe", 1),
     L("mixtral", 2, tp=2),                                   # ep 1: each expert split over the TP pair
@@ -110,20 +80,6 @@ IDS = [lay.id for lay in LAYOUTS]
 def config_of(directory: str) -> dict:
     with open(os.path.join(directory, "config.json")) as f:
         return json.load(f)
-
-
-def headers(directory: str) -> dict[str, tuple[str, int, int]]:
-    """name -> (file, absolute begin, absolute end) of its data, parsed from the safetensors headers."""
-    out = {}
-    for fname in sorted(f for f in os.listdir(directory) if f.endswith(".safetensors")):
-        with open(os.path.join(directory, fname), "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-        for name, info in header.items():
-            if name != "__metadata__":
-                begin, end = info["data_offsets"]
-                out[name] = (fname, 8 + n + begin, 8 + n + end)
-    return out
 
 
 @dataclass(frozen=True)
@@ -157,37 +113,6 @@ class Model:
         if self.model_type == "mixtral":
             return p + "w1.weight", p + "w3.weight", p + "w2.weight"
         return p + "gate_proj.weight", p + "up_proj.weight", p + "down_proj.weight"
-
-
-def stage_of_layer(m: Model, lay: L, layer: int) -> int:
-    per = [m.num_layers // lay.pp + (s < m.num_layers % lay.pp) for s in range(lay.pp)]
-    return next(s for s in range(lay.pp) if sum(per[:s]) <= layer < sum(per[:s + 1]))
-
-
-def coords(lay: L, rank: int) -> tuple[int, int, int]:
-    """(tp_i, dp_i, pp_i) of ``rank = (pp_i * dp + dp_i) * tp + tp_i``."""
-    return rank % lay.tp, (rank // lay.tp) % lay.dp, rank // (lay.tp * lay.dp)
-
-
-def hosted(m: Model, lay: L, rank: int) -> tuple[list[int], int, int]:
-    """Returns (the logical expert of each local slot, this rank's shard index, expert tp).
-
-    Slots 0..E-1 hold experts 0..E-1 and slots E..E+R-1 the first R experts again; linear
-    placement gives group g the slots [g S/ep, (g+1) S/ep), round robin the slots s = g mod ep.
-    With ep = 1 every replica is one group of tp ranks; with ep > 1 the group is the stage-local
-    index (dp_i tp + tp_i) // expert_tp.
-    """
-    tp_i, dp_i, _ = coords(lay, rank)
-    slots = list(range(m.num_experts)) + list(range(lay.redundant))
-    if lay.ep == 1:
-        group, shard, etp = 0, tp_i, lay.tp
-    else:
-        etp = lay.dp * lay.tp // lay.ep
-        group, shard = divmod(dp_i * lay.tp + tp_i, etp)
-    per = len(slots) // lay.ep
-    mine = (range(group * per, (group + 1) * per) if lay.placement == "linear"
-            else range(group, len(slots), lay.ep))
-    return [slots[s] for s in mine], shard, etp
 
 
 def needs(m: Model, lay: L, rank: int, names) -> dict[str, int]:
@@ -293,31 +218,6 @@ def input_ids() -> torch.Tensor:
     ids = torch.randint(0, 128, (2, 10), generator=gen)
     ids[0, 0], ids[1, 3] = 127, 0
     return ids
-
-
-def hf_reference(directory: str, ids: torch.Tensor) -> tuple[torch.Tensor, dict[int, tuple]]:
-    """transformers' logits (eager attention, eval, float32) and, per sparse layer, what its
-    router chose: (top-k expert indices [N, k], their weights [N, k])."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, attn_implementation="eager")
-    model.eval()
-    routes = {}
-    for name, module in model.named_modules():
-        if type(module).__name__.endswith("TopKRouter"):
-            layer = int(name.split(".")[2])
-            module.register_forward_hook(
-                lambda _m, _a, out, layer=layer: routes.__setitem__(layer, (out[2].clone(), out[1].clone())))
-    with torch.no_grad():
-        logits = model(ids).logits.float()
-    return logits, routes
-
-
-def by_expert(experts: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each token's chosen experts in ascending order, with their weights (the order top-k
-    returns them in is not part of the routing decision)."""
-    order = experts.argsort(dim=-1)
-    return experts.gather(-1, order), weights.gather(-1, order)
 
 
 class Checkpoints:

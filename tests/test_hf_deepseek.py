@@ -325,3 +325,36 @@ def test_mtp_tensor_is_ignored_not_unexpected(ckpts, tmp_path):
         assert stats["units_owned"] == len(need)
         assert stats["bytes_read"] == sum((hdr[n][2] - hdr[n][1]) // k for n, k in need.items())
 
+
+# ---------------------------------------------------------------- 3. yarn, as released configs set it
+
+YARN = {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+        "original_max_position_embeddings": 4096, "type": "yarn"}
+"""DeepSeek-V3's own rope_scaling (config.json of the released checkpoints, with rope_theta 10000)"""
+
+
+@pytest.fixture(scope="module")
+def yarn_ckpt(ckpts, tmp_path_factory) -> tuple[str, torch.Tensor]:
+    """The checkpoint with its config.json in the released form: ``rope_scaling`` yarn; and
+    transformers' logits for it."""
+    directory = copy_checkpoint(ckpts.path, str(tmp_path_factory.mktemp("ds3-yarn") / "ckpt"))
+    path = os.path.join(directory, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    config.pop("rope_parameters")
+    config.update(rope_scaling=YARN, rope_theta=10000.0)
+    with open(path, "w") as f:
+        json.dump(config, f)
+    return directory, hf_reference(directory, input_ids())[0]
+
+
+@pytest.mark.parametrize("lay", [L("deepseek_v3", 1), L("deepseek_v3", 4, tp=2, dp=2, ep=2)], ids=lambda x: x.id)
+def test_a_yarn_config_runs_forward_like_transformers(ckpts, yarn_ckpt, lay):
+    directory, ref = yarn_ckpt
+    default_rope = ckpts.reference()[0]  # the same weights under the default rope: yarn changes the logits
+    assert ((ref - default_rope).abs().max() / ref.abs().max()).item() > 100 * TOLERANCE
+    for rank, got in enumerate(ckpts.pool.run(lay.world, moe_jobs.load_forward_route, directory, lay.options(),
+                                              input_ids(), raise_errors=True)):
+        assert got["report"]["complete"] is True and got["report"]["ok"] is True
+        err = ((torch.from_numpy(got["logits"]) - ref).abs().max() / ref.abs().max()).item()
+        assert err < TOLERANCE, f"rank {rank}: relative logits error {err:.3g}"

@@ -96,7 +96,7 @@ def read_llama4(config: Mapping, arch: Architecture) -> Llama4Config:
     moe = f.integers("moe_layers", tuple(range(step - 1, layers, step)), maximum=layers - 1, what="layer indices",
                      nullable=True)
     interval = f.integer("no_rope_layer_interval", 4)
-    flags = f.integers("no_rope_layers", (), maximum=1, what="0 / 1 flags (1: rope)", nullable=True) or \
+    flags = f.integers("no_rope_layers", (), maximum=1, what="flags (1: rope, 0: none)", nullable=True) or \
         tuple(int((i + 1) % interval != 0) for i in range(layers))
     if len(flags) < layers:
         raise ConfigError(f"config.json no_rope_layers must have a flag for each of the {layers} layers, "

@@ -64,6 +64,12 @@ def stage_of_layer(m, lay: L, layer: int) -> int:
     return next(s for s in range(lay.pp) if sum(per[:s]) <= layer < sum(per[:s + 1]))
 
 
+def layers_of(m, lay: L, rank: int) -> list[int]:
+    """The decoder layers of ``rank``'s pipeline stage."""
+    pp_i = coords(lay, rank)[2]
+    return [layer for layer in range(m.num_layers) if stage_of_layer(m, lay, layer) == pp_i]
+
+
 def coords(lay: L, rank: int) -> tuple[int, int, int]:
     """(tp_i, dp_i, pp_i) of ``rank = (pp_i * dp + dp_i) * tp + tp_i``."""
     return rank % lay.tp, (rank // lay.tp) % lay.dp, rank // (lay.tp * lay.dp)
@@ -217,6 +223,25 @@ def packed_needs(m, lay: L, rank: int, hdr: dict, *, kv_heads: int, halves: bool
     return out
 
 
+def common_state(ckpt: dict[str, torch.Tensor], m, lay: L, rank: int, *, heads: int, kv_heads: int,
+                 head_dim: int) -> dict[str, torch.Tensor]:
+    """What ``rank`` holds outside its feed-forwards: the embedding's and LM head's row block and the
+    final norm (on their stages), and per layer of its stage its attention (``attention_state``),
+    q/k norms and layer norms whole."""
+    tp, tp_i = lay.tp, coords(lay, rank)[0]
+    out = {n: t if n == "model.norm.weight" else block(t, 0, tp, tp_i) for n, t in ckpt.items()
+           if not n.startswith("model.layers.") and in_stage(m, lay, rank, n)}
+    for layer in layers_of(m, lay, rank):
+        p = f"model.layers.{layer}."
+        out.update(attention_state(ckpt, p + "self_attn.", heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+                                   tp=tp, tp_i=tp_i))
+        for whole in ("self_attn.q_norm.weight", "self_attn.k_norm.weight", "input_layernorm.weight",
+                      "post_attention_layernorm.weight"):
+            if p + whole in ckpt:
+                out[p + whole] = ckpt[p + whole]
+    return out
+
+
 def assert_clean(report: dict, lay: L) -> None:
     """A complete load of ``lay`` with nothing to report."""
     assert report["complete"] is True and report["ok"] is True, report
@@ -255,3 +280,58 @@ def assert_routes_and_logits(got: dict, m, lay: L, rank: int, ref_logits: torch.
         assert err < TOLERANCE, f"rank {rank}: relative logits error {err:.3g}"
     else:
         assert got["logits"] is None, f"rank {rank}"
+
+
+def assert_only_inconsistent(out: list[dict], name: str, owners: list[int], loaded_by: list[int]) -> None:
+    """Every rank raised, and every report names ``name`` inconsistent (its owners, the ranks that
+    loaded all their units of it) and nothing missing."""
+    assert all(o["raised"] for o in out)
+    for o in out:
+        assert o["report"]["missing"] == []
+        assert o["report"]["inconsistent"] == [{"name": name, "owners": owners, "loaded_by": loaded_by}]
+
+
+def error_with_one_expert_fewer(directory: str, name: str):
+    """The error a load raises after packed tensor ``name`` lost its last expert (``directory`` is a copy)."""
+    import distload
+    from tests.hf_checkpoints import put_tensors, read_tensors
+
+    put_tensors(directory, {name: read_tensors(directory)[name][:-1].clone()})
+    try:
+        distload.load(directory, distload.LoadConfig(device="cpu"))
+    except distload.DistloadError as err:
+        return err
+    raise AssertionError(f"a load with {name} an expert short raised nothing")
+
+
+def missing_after_deleting(pool, directory: str, names: list[str], lay: L) -> dict:
+    """Deletes ``names`` from the checkpoint copy ``directory``, loads it at ``lay`` and returns the
+    report, once every rank raised, agrees, and named each deleted tensor missing once and nothing
+    inconsistent or unexpected."""
+    from tests import moe_jobs
+    from tests.hf_checkpoints import delete_tensors
+
+    delete_tensors(directory, names)
+    out = pool.run(lay.world, moe_jobs.load_report, directory, lay.options(), raise_errors=True)
+    assert all(o["raised"] for o in out)
+    report = out[0]["report"]
+    assert sorted(e["name"] for e in report["missing"]) == sorted(names)  # each once
+    assert report["inconsistent"] == [] and report["unexpected"] == []
+    for o in out[1:]:
+        assert o["report"]["missing"] == report["missing"]
+    return report
+
+
+def assert_dry_run_matches(directory: str, lay: L, real: dict) -> None:
+    """A dry run of ``lay`` plans, per rank, the units and bytes the real load ``real`` (its report
+    JSON) counted, and the same table and findings."""
+    from distload import LoadConfig
+    from distload.dryrun import dry_run
+
+    planned = dry_run(directory, LoadConfig(**lay.options()), world_size=lay.world)
+    for key in ("complete", "layout", "num_units", "missing", "inconsistent", "unexpected", "bytes_read"):
+        assert planned.to_json()[key] == real[key], key
+    keys = ("units_loaded", "units_owned", "units_not_loaded", "bytes_read", "files_opened")
+    for rank in range(lay.world):
+        row = planned.stats_of(rank).to_json()
+        assert {k: row[k] for k in keys} == {k: real["ranks"][rank][k] for k in keys}, f"rank {rank}"

@@ -212,7 +212,8 @@ CASES = [
     ("gpt_oss", {"num_experts_per_tok": 5}, P + "num_experts_per_tok must be an integer in 1..4, got 5"),
     # Llama 4's own fields
     ("llama4_text", {"moe_layers": [2]}, P + "moe_layers must be a list of layer indices in 0..1 or null, got [2]"),
-    ("llama4_text", {"interleave_moe_layer_step": 0}, P + "interleave_moe_layer_step must be a positive integer, got 0"),
+    ("llama4_text", {"interleave_moe_layer_step": 0},
+     P + "interleave_moe_layer_step must be a positive integer, got 0"),
     ("llama4_text", {"no_rope_layers": [1, 2]},
      P + "no_rope_layers must be a list of flags (1: rope, 0: none) in 0..1 or null, got [1, 2]"),
     ("llama4_text", {"no_rope_layers": [1]}, P + "no_rope_layers must have a flag for each of the 2 layers, got 1"),
@@ -220,7 +221,8 @@ CASES = [
      P + "attention_chunk_size must be a positive integer when layer_types has chunked_attention, got null"),
     ("llama4_text", {"layer_types": ["sliding_attention", "full_attention"]},
      P + "layer_types[0] 'sliding_attention' is not supported (supported: full_attention, chunked_attention)"),
-    ("llama4_text", {"num_local_experts": ABSENT}, P + "has no 'num_local_experts', which model_type 'llama4_text' needs"),
+    ("llama4_text", {"num_local_experts": ABSENT},
+     P + "has no 'num_local_experts', which model_type 'llama4_text' needs"),
 ]
 
 

@@ -23,7 +23,8 @@ import torch
 
 from tests import moe_jobs
 from tests.hf_checkpoints import HFSpec, copy_checkpoint, delete_tensors, put_tensors, read_tensors, write_hf_checkpoint
-from tests.moe_oracle import TOLERANCE, L, by_expert, coords, headers, hf_reference, hosted, stage_of_layer
+from tests.moe_oracle import (TOLERANCE, L, assert_routes_and_logits, by_expert, coords, headers, hf_reference, hosted,
+                              stage_of_layer)
 
 pytest.importorskip("transformers")
 
@@ -245,25 +246,7 @@ def test_params_exact_logits_and_routing_match_transformers(ckpts, lay):
         assert stats["bytes_read"] == sum((hdr[n][2] - hdr[n][1]) // k for n, k in need.items()), f"rank {rank}"
         assert stats["files_opened"] == len({hdr[n][0] for n in need}), f"rank {rank}"
 
-        _, _, pp_i = coords(lay, rank)
-        # the routing each sparse layer of this rank's stage used in that forward is transformers'
-        mine = sorted(layer for layer in m.sparse if stage_of_layer(m, lay, layer) == pp_i)
-        assert sorted(got["routes"]) == mine, f"rank {rank}"
-        for layer in mine:
-            ref_experts, ref_weights = by_expert(*ref_routes[layer])
-            experts, weights = by_expert(*(torch.from_numpy(x) for x in got["routes"][layer]))
-            copies = lay.tp * lay.dp if lay.ep > 1 else 1  # ep > 1: the router sees every token of the stage
-            assert experts.shape == (copies * ref_experts.shape[0], ref_experts.shape[1])
-            assert torch.equal(experts, ref_experts.repeat(copies, 1)), f"rank {rank}: layer {layer} routes differ"
-            assert (weights - ref_weights.repeat(copies, 1)).abs().max().item() < TOLERANCE
-
-        if pp_i == lay.pp - 1:  # logits come back from the last stage only
-            logits = torch.from_numpy(got["logits"])
-            assert logits.shape == ref_logits.shape
-            err = ((logits - ref_logits).abs().max() / ref_logits.abs().max()).item()
-            assert err < TOLERANCE, f"rank {rank}: relative logits error {err:.3g}"
-        else:
-            assert got["logits"] is None, f"rank {rank}"
+        assert_routes_and_logits(got, m, lay, rank, ref_logits, ref_routes)
 
 
 def test_correction_bias_changes_the_routing(ckpts):

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-import distload
 from distload import LoadConfig
 from distload.api import prepare
 from distload.comm import Collectives
@@ -23,9 +22,11 @@ from distload.errors import PlanError
 from distload.layout import Layout
 from distload.models import reference_model
 from tests import moe_jobs
-from tests.hf_checkpoints import CheckpointCache, HFSpec, delete_tensors, put_tensors, read_tensors, token_ids
-from tests.moe_oracle import (L, assert_clean, assert_reads, assert_routes_and_logits, attention_state, block, coords,
-                              headers, hf_reference, hosted, in_stage, packed_needs, packed_slot, stage_of_layer)
+from tests.hf_checkpoints import CheckpointCache, HFSpec, read_tensors, token_ids
+from tests.moe_oracle import (L, assert_clean, assert_dry_run_matches, assert_only_inconsistent, assert_reads,
+                              assert_routes_and_logits, block, common_state, coords, error_with_one_expert_fewer,
+                              headers, hf_reference, hosted, layers_of, missing_after_deleting, packed_needs,
+                              packed_slot)
 
 pytest.importorskip("transformers")
 
@@ -95,21 +96,15 @@ def needs(lay: L, rank: int, hdr: dict) -> dict[str, tuple[int, int]]:
 
 def expected_state(ckpt: dict[str, torch.Tensor], lay: L, rank: int) -> dict[str, torch.Tensor]:
     """The parameters ``rank`` must hold, sliced from the checkpoint by hand."""
-    tp, (tp_i, _, pp_i) = lay.tp, coords(lay, rank)
-    out = {n: block(t, 0, tp, tp_i) if n != "model.norm.weight" else t for n, t in ckpt.items()
-           if not n.startswith("model.layers.") and in_stage(M, lay, rank, n)}
+    tp, tp_i = lay.tp, coords(lay, rank)[0]
+    out = common_state(ckpt, M, lay, rank, heads=SPEC.num_attention_heads, kv_heads=SPEC.num_key_value_heads,
+                       head_dim=SPEC.head_dim)
     experts, shard, etp = hosted(M, lay, rank)
-    for layer in range(M.num_layers):
-        if stage_of_layer(M, lay, layer) != pp_i:
-            continue
-        p = f"model.layers.{layer}."
-        out.update(attention_state(ckpt, p + "self_attn.", heads=SPEC.num_attention_heads,
-                                   kv_heads=SPEC.num_key_value_heads, head_dim=SPEC.head_dim, tp=tp, tp_i=tp_i))
+    for layer in layers_of(M, lay, rank):
+        p, x = f"model.layers.{layer}.", EXPERTS.format(layer)
         out[p + "self_attn.sinks"] = block(ckpt[p + "self_attn.sinks"], 0, tp, tp_i)
-        for whole in ("input_layernorm.weight", "post_attention_layernorm.weight", "mlp.router.weight",
-                      "mlp.router.bias"):
+        for whole in ("mlp.router.weight", "mlp.router.bias"):
             out[p + whole] = ckpt[p + whole]
-        x = EXPERTS.format(layer)
         for packed in ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"):
             t = ckpt[x + packed]
             out[x + packed] = torch.stack([t[e] if packed == "down_proj_bias" else
@@ -146,6 +141,11 @@ def test_params_are_their_regions_and_logits_match_transformers(ckpts, lay):
         assert_routes_and_logits(got, M, lay, rank, ref_logits, ref_routes)
 
 
+def test_a_dry_run_plans_what_the_load_read(ckpts):
+    lay = LAYOUTS[3]  # tp 2 x dp 2, ep 2, redundant copies
+    assert_dry_run_matches(ckpts.path("gpt_oss"), lay, ckpts.forward(lay)[0]["report"])
+
+
 DELETED = [EXPERTS.format(1) + "gate_up_proj", EXPERTS.format(0) + "down_proj_bias",
            "model.layers.0.self_attn.sinks", "model.layers.1.mlp.router.bias"]
 """a whole packed expert tensor, a packed experts' bias, the sinks, the router bias"""
@@ -153,21 +153,13 @@ DELETED = [EXPERTS.format(1) + "gate_up_proj", EXPERTS.format(0) + "down_proj_bi
 
 def test_each_deleted_tensor_is_missing_once_with_the_ranks_of_its_stage(ckpts):
     lay = L("gpt_oss", 4, dp=2, pp=2, ep=2)  # stage 0: ranks 0, 1 (layer 0); stage 1: ranks 2, 3
-    directory = ckpts.copy("gpt_oss")
-    delete_tensors(directory, DELETED)
-    out = ckpts.pool.run(lay.world, moe_jobs.load_report, directory, lay.options(), raise_errors=True)
-    assert all(o["raised"] for o in out)
-    report = out[0]["report"]
-    assert sorted(e["name"] for e in report["missing"]) == sorted(DELETED)  # each once
+    report = missing_after_deleting(ckpts.pool, ckpts.copy("gpt_oss"), DELETED, lay)
     for entry in report["missing"]:
         assert entry == {"name": entry["name"], "owners": [0, 1] if ".layers.0." in entry["name"] else [2, 3]}
-    assert report["inconsistent"] == [] and report["unexpected"] == []
     hdr = headers(ckpts.path("gpt_oss"))
     for rank, stats in enumerate(report["ranks"]):  # 4 hosted experts' units of a packed tensor, 1 of the others
         lost = sum(u for n, (_, u) in needs(lay, rank, hdr).items() if n in DELETED)
         assert lost == 5 and stats["units_not_loaded"] == lost, f"rank {rank}"
-    for o in out[1:]:
-        assert o["report"]["missing"] == report["missing"]
 
 
 # (layout, rank -> skipped unit, name, owners, loaded_by)
@@ -187,20 +179,14 @@ def test_rank_skipping_its_region_of_a_packed_tensor_is_named_inconsistent(ckpts
                                                                            loaded_by):
     out = ckpts.pool.run(lay.world, moe_jobs.load_report, ckpts.path("gpt_oss"), {**lay.options(), "skip_units": skip},
                          raise_errors=True)
-    assert all(o["raised"] for o in out)
-    for o in out:
-        assert o["report"]["missing"] == []
-        assert o["report"]["inconsistent"] == [{"name": name, "owners": owners, "loaded_by": loaded_by}]
+    assert_only_inconsistent(out, name, owners, loaded_by)
 
 
 def test_packed_tensor_one_expert_short_is_a_plan_error_naming_it(ckpts):
-    directory = ckpts.copy("gpt_oss")
     name = EXPERTS.format(0) + "gate_up_proj"
-    put_tensors(directory, {name: read_tensors(directory)[name][:-1].clone()})
-    with pytest.raises(PlanError) as err:
-        distload.load(directory, LoadConfig(device="cpu"))
-    assert err.value.tensor == name
-    assert err.value.message == f"checkpoint shape [7, 64, 64] differs from the model's [8, 64, 64] (parameter {name})"
+    err = error_with_one_expert_fewer(ckpts.copy("gpt_oss"), name)
+    assert isinstance(err, PlanError) and err.tensor == name
+    assert err.message == f"checkpoint shape [7, 64, 64] differs from the model's [8, 64, 64] (parameter {name})"
 
 
 def _merged(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -18,14 +18,13 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-import distload
-from distload import LoadConfig
 from distload.errors import PlanError
 from tests import moe_jobs
-from tests.hf_checkpoints import CheckpointCache, HFSpec, delete_tensors, put_tensors, read_tensors, token_ids
-from tests.moe_oracle import (L, assert_clean, assert_reads, assert_routes_and_logits, attention_state, block, coords,
-                              dense_ffn_state, headers, hf_reference, hosted, in_stage, packed_needs, packed_slot,
-                              stage_of_layer)
+from tests.hf_checkpoints import CheckpointCache, HFSpec, read_tensors, token_ids
+from tests.moe_oracle import (L, assert_clean, assert_dry_run_matches, assert_only_inconsistent, assert_reads,
+                              assert_routes_and_logits, block, common_state, coords, dense_ffn_state,
+                              error_with_one_expert_fewer, headers, hf_reference, hosted, layers_of,
+                              missing_after_deleting, packed_needs, packed_slot)
 
 pytest.importorskip("transformers")
 
@@ -107,18 +106,12 @@ def ckpts(tmp_path_factory, pool) -> Checkpoints:
 def expected_state(ckpt: dict[str, torch.Tensor], m: Model, lay: L, rank: int) -> dict[str, torch.Tensor]:
     """The parameters ``rank`` must hold, sliced from the checkpoint by hand."""
     spec = SPECS["llama4"]
-    tp, (tp_i, _, pp_i) = lay.tp, coords(lay, rank)
-    out = {n: block(t, 0, tp, tp_i) if n != "model.norm.weight" else t for n, t in ckpt.items()
-           if not n.startswith("model.layers.") and in_stage(m, lay, rank, n)}
+    tp, tp_i = lay.tp, coords(lay, rank)[0]
+    out = common_state(ckpt, m, lay, rank, heads=spec.num_attention_heads, kv_heads=spec.num_key_value_heads,
+                       head_dim=spec.head_dim)
     experts, shard, etp = hosted(m, lay, rank)
-    for layer in range(m.num_layers):
-        if stage_of_layer(m, lay, layer) != pp_i:
-            continue
-        p, f = f"model.layers.{layer}.", FF.format(layer)
-        out.update(attention_state(ckpt, p + "self_attn.", heads=spec.num_attention_heads,
-                                   kv_heads=spec.num_key_value_heads, head_dim=spec.head_dim, tp=tp, tp_i=tp_i))
-        for norm in ("input_layernorm.weight", "post_attention_layernorm.weight"):
-            out[p + norm] = ckpt[p + norm]
+    for layer in layers_of(m, lay, rank):
+        f = FF.format(layer)
         if layer not in m.sparse:
             out.update(dense_ffn_state(ckpt, f, tp, tp_i))
             continue
@@ -163,6 +156,11 @@ def test_params_are_their_regions_and_logits_match_transformers(ckpts, lay):
         assert_routes_and_logits(got, m, lay, rank, ref_logits, ref_routes)
 
 
+def test_a_dry_run_plans_what_the_load_read(ckpts):
+    lay = LAYOUTS[3]  # tp 2 x dp 2, ep 2, redundant copies
+    assert_dry_run_matches(ckpts.path("llama4"), lay, ckpts.forward(lay)[0]["report"])
+
+
 DELETED = [FF.format(1) + "experts.gate_up_proj", FF.format(1) + "router.weight",
            FF.format(3) + "shared_expert.down_proj.weight", FF.format(2) + "gate_proj.weight",
            "model.layers.0.self_attn.q_proj.weight"]
@@ -171,23 +169,15 @@ DELETED = [FF.format(1) + "experts.gate_up_proj", FF.format(1) + "router.weight"
 
 def test_each_deleted_tensor_is_missing_once_with_the_ranks_of_its_stage(ckpts):
     lay = L("llama4", 4, dp=2, pp=2, ep=2)  # stage 0: ranks 0, 1 (layers 0, 1); stage 1: ranks 2, 3
-    directory = ckpts.copy("llama4")
-    delete_tensors(directory, DELETED)
-    out = ckpts.pool.run(lay.world, moe_jobs.load_report, directory, lay.options(), raise_errors=True)
-    assert all(o["raised"] for o in out)
-    report = out[0]["report"]
-    assert sorted(e["name"] for e in report["missing"]) == sorted(DELETED)  # each once
+    report = missing_after_deleting(ckpts.pool, ckpts.copy("llama4"), DELETED, lay)
     for entry in report["missing"]:
         layer = int(entry["name"].split(".")[2])
         assert entry == {"name": entry["name"], "owners": [0, 1] if layer < 2 else [2, 3]}
-    assert report["inconsistent"] == [] and report["unexpected"] == []
     m, hdr = Model.of(ckpts.path("llama4")), headers(ckpts.path("llama4"))
     for rank, stats in enumerate(report["ranks"]):  # 3 hosted experts x 2 halves of gate_up, 1 unit of the others
         lost = sum(u for n, (_, u) in packed_needs(m, lay, rank, hdr, kv_heads=2, halves=True).items()
                    if n in DELETED)
         assert lost == (8 if rank < 2 else 2) and stats["units_not_loaded"] == lost, f"rank {rank}"
-    for o in out[1:]:
-        assert o["report"]["missing"] == report["missing"]
 
 
 def test_rank_skipping_the_up_half_of_an_expert_copy_is_named_inconsistent(ckpts):
@@ -197,17 +187,11 @@ def test_rank_skipping_the_up_half_of_an_expert_copy_is_named_inconsistent(ckpts
     name = FF.format(1) + "experts.gate_up_proj"
     out = ckpts.pool.run(lay.world, moe_jobs.load_report, ckpts.path("llama4"),
                          {**lay.options(), "skip_units": {3: (name + "[1.up]",)}}, raise_errors=True)
-    assert all(o["raised"] for o in out)
-    for o in out:
-        assert o["report"]["missing"] == []
-        assert o["report"]["inconsistent"] == [{"name": name, "owners": [0, 1, 2, 3], "loaded_by": [0, 1, 2]}]
+    assert_only_inconsistent(out, name, [0, 1, 2, 3], [0, 1, 2])
 
 
 def test_packed_tensor_one_expert_short_is_a_plan_error_naming_it(ckpts):
-    directory = ckpts.copy("llama4")
     name = FF.format(1) + "experts.down_proj"
-    put_tensors(directory, {name: read_tensors(directory)[name][:-1].clone()})
-    with pytest.raises(PlanError) as err:
-        distload.load(directory, LoadConfig(device="cpu"))
-    assert err.value.tensor == name
-    assert err.value.message == f"checkpoint shape [5, 32, 64] differs from the model's [6, 32, 64] (parameter {name})"
+    err = error_with_one_expert_fewer(ckpts.copy("llama4"), name)
+    assert isinstance(err, PlanError) and err.tensor == name
+    assert err.message == f"checkpoint shape [5, 32, 64] differs from the model's [6, 32, 64] (parameter {name})"

@@ -125,7 +125,7 @@ class Plan:
     """indices of the units read only to be compared (their mismatch flags trail each record)"""
     _dense: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
     """cache: (tp index, stage) -> the part of a rank plan that does not depend on expert
-    groups; ("names", expert parameter) -> its checkpoint names per part and expert"""
+    groups; ("pieces", expert parameter, expert shard) -> per part, every expert's unit and tensor"""
 
     def owners(self, unit: int) -> tuple[int, ...]:
         """Returns the ranks that own ``unit``, in rank order."""
@@ -224,33 +224,29 @@ class Plan:
         by slot: this expert shard's units, and no other expert's."""
         key = ("pieces", spec.name, shard_i)  # the same for every expert group
         if key not in self._dense:
-            etp = self.layout.expert_tp
-            self._dense[key] = [(part, part.shard.index(shard_i, etp), names)
-                                for part, names in zip(spec.experts.parts, self._expert_names(spec))]
+            experts, etp = spec.experts, self.layout.expert_tp
+            pieces = []
+            for part in experts.parts:
+                piece = part.shard.index(shard_i, etp)
+                ids = tuple(self.unit_ids.get((experts.name(part, e), experts.region(part, e), piece))
+                            for e in range(experts.placement.num_experts))
+                infos = tuple(self.tensors.get(experts.name(part, e)) for e in range(experts.placement.num_experts))
+                pieces.append((part, ids, infos))
+            self._dense[key] = pieces
         parts = self._dense[key]
         placement = spec.experts.placement
         for slot, physical in enumerate(placement.group_slots(group)):
             expert = placement.slots[physical]
-            for part, piece, part_names in parts:
-                name = part_names[expert]
-                unit = self.unit_ids.get((name, None, piece))
+            for part, ids, infos in parts:
+                unit = ids[expert]
                 if unit is not None:
-                    yield slot, part, unit, self.tensors.get(name)
+                    yield slot, part, unit, infos[expert]
 
     def _expert_specs(self, stage: int) -> list[ParamSpec]:
         """The expert-stacked specs of a stage (found once per plan)."""
         key = ("experts", stage)
         if key not in self._dense:
             self._dense[key] = [s for s in self.specs if s.stage == stage and s.experts is not None]
-        return self._dense[key]
-
-    def _expert_names(self, spec: ParamSpec) -> tuple[tuple[str, ...], ...]:
-        """Per part, every expert's checkpoint name (formatted once per plan)."""
-        key = ("names", spec.name)
-        if key not in self._dense:
-            experts = spec.experts
-            self._dense[key] = tuple(tuple(experts.name(p, e) for e in range(experts.placement.num_experts))
-                                     for p in experts.parts)
         return self._dense[key]
 
     def _own(self, src: Source, tp_i: int, spec: ParamSpec, owned: list[int]) -> int | None:
@@ -291,7 +287,7 @@ def plan(tensors: Mapping[str, TensorInfo], specs: Iterable[ParamSpec], layout: 
     for spec in specs:
         check_tiling(spec, layout.tp)
         if spec.experts is not None:
-            add_expert_units(units, unit_ids, spec, tensors, layout)
+            add_expert_units(units, unit_ids, spec, tensors, layout, regions=fused)
         for src in spec.sources:
             add_units(units, unit_ids, spec, src, tensors, layout, verify=False, regions=fused)
         for src in spec.verify:

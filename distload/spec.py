@@ -155,20 +155,41 @@ class Source:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ExpertSources:
-    """The per-expert checkpoint tensors stacked into one expert parameter ``[local slots, ...]``.
+    """The checkpoint tensors of every expert, stacked into one expert parameter ``[local slots, ...]``.
 
-    Each ``part`` names its tensor with an ``{expert}`` field and is placed in the
-    slot's sub-tensor like a ``Source`` (``offset`` along ``shard.dim``, which counts
-    the per-expert dims, and ``shard.num_shards`` pieces over the expert's ranks).
+    Each ``part`` is placed in the slot's sub-tensor like a ``Source`` (``offset`` along
+    ``shard.dim``, which counts the per-expert dims, and ``shard.num_shards`` pieces over the
+    expert's ranks). A part is either a tensor per expert, its ``name`` with an ``{expert}``
+    field (``experts.{expert}.up_proj.weight``), or one tensor holding every expert along dim 0
+    (gpt-oss's and Llama 4's ``experts.gate_up_proj``): then its ``region`` is expert 0's box,
+    ``at=(0,)``, and expert ``e``'s is the same box at ``(e,)``, labelled ``e`` (``e.gate`` for a
+    box labelled ``gate``), a unit of its own per shard.
+
+    Example:
+        >>> box = Region(tensor_shape=(4, 8, 6), at=(0,), dim=1, start=3, stop=6, label="up")
+        >>> up = Source(name="experts.gate_up_proj", shape=(8, 3), region=box)
+        >>> ExpertSources(placement=None, parts=(up,)).region(up, 2).label
+        '2.up'
     """
 
     placement: "ExpertPlacement"
     """which slots this rank's group hosts and which expert each slot holds"""
     parts: tuple[Source, ...]
-    """one per source matrix (gate, up; or down); ``name`` has an ``{expert}`` field"""
+    """one per source matrix (gate, up; or down): ``name`` has an ``{expert}`` field, or
+    ``region`` is expert 0's box of a tensor holding every expert"""
 
     def name(self, part: Source, expert: int) -> str:
-        return part.name.format(expert=expert)
+        """The checkpoint tensor holding ``expert``'s ``part``."""
+        return part.name.format(expert=expert) if part.region is None else part.name
+
+    def region(self, part: Source, expert: int) -> Region | None:
+        """``expert``'s box of the tensor holding every expert; None for a tensor per expert."""
+        box = part.region
+        if box is None:
+            return None
+        label = f"{expert}.{box.label}" if box.label else str(expert)
+        return Region(tensor_shape=box.tensor_shape, at=(expert, *box.at[1:]), dim=box.dim, start=box.start,
+                      stop=box.stop, label=label)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

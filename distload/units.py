@@ -59,7 +59,10 @@ UnitKey = tuple[str, "Region | None", int]
 
 
 def add_expert_units(units: list[Unit], unit_ids: dict, spec: ParamSpec, tensors: Mapping[str, TensorInfo],
-                      layout: Layout) -> None:
+                     layout: Layout, *, regions: dict[str, tuple[int, ...]]) -> None:
+    """Adds the units of an expert-stacked parameter: per expert, per part, per piece, keyed
+    ``(name, region, piece)`` (the region is None for a tensor per expert, else the expert's box
+    of the tensor holding every expert, whose full shape ``regions`` checks once)."""
     experts = spec.experts
     placement = experts.placement
     if placement.ep != layout.ep or spec.shape[0] != placement.slots_per_group:
@@ -69,26 +72,34 @@ def add_expert_units(units: list[Unit], unit_ids: dict, spec: ParamSpec, tensors
     check_tiling(ParamSpec(name=spec.name, shape=spec.shape[1:], sources=first), layout.expert_tp)
     for src in first:  # every expert's part has the same shape and split: checked once
         _check_split(spec, src, tensors.get(src.name), layout, placement)
-    # one template unit per part and piece; each expert's units differ only in name and expert
+        if src.region is not None:
+            if src.region.at[:1] != (0,) or src.region.tensor_shape[:1] != (placement.num_experts,):
+                raise PlanError(f"expert parameter {spec.name}: the region of a tensor holding every expert must be "
+                                f"expert 0's of a tensor of {placement.num_experts} experts, got {src.region}",
+                                tensor=src.name)
+            _check_region(spec, src, tensors.get(src.name), regions)
+    # one template unit per part and piece; each expert's units differ only in name, region and expert
     templates = [[Unit(name="", param=spec.name, role=spec.role, dim=p.shard.dim, index=i,
                        num_shards=p.shard.num_shards, stages=(spec.stage,), placement=placement,
                        span=p.shard.span(size=p.shape[p.shard.dim], index=i) if p.shard.dim is not None else (0, 0))
                   for i in range(p.shard.num_shards)] for p in experts.parts]
     for expert in range(placement.num_experts):
         for part, pieces in zip(experts.parts, templates):
-            name = experts.name(part, expert)
-            _check_shape(spec, name, tensors.get(name), part.shape)
+            name, region = experts.name(part, expert), experts.region(part, expert)
+            if region is None:
+                _check_shape(spec, name, tensors.get(name), part.shape)
             for unit in pieces:
                 if unit.dim is not None and unit.span[0] == unit.span[1]:
                     continue
-                if (name, None, unit.index) in unit_ids:
+                key = (name, region, unit.index)
+                if key in unit_ids:
                     raise PlanError(f"checkpoint tensor feeds two parameters, "
-                                    f"{units[unit_ids[(name, None, unit.index)]].param} and {spec.name}",
-                                    tensor=name)
-                unit_ids[(name, None, unit.index)] = len(units)
+                                    f"{units[unit_ids[key]].param} and {spec.name}", tensor=name)
+                unit_ids[key] = len(units)
+                # not dataclasses.replace: 3x slower at 10^6 units
                 units.append(Unit(name=name, param=unit.param, role=unit.role, dim=unit.dim, index=unit.index,
                                   num_shards=unit.num_shards, span=unit.span, stages=unit.stages, expert=expert,
-                                  placement=placement))  # not dataclasses.replace: 3x slower at 10^6 units
+                                  placement=placement, region=region))
 
 
 def _check_split(spec: ParamSpec, src: Source, info: TensorInfo | None, layout: Layout,

@@ -43,16 +43,17 @@ def coords(lay: L, rank: int) -> tuple[int, int, int]:
     return rank % lay.tp, (rank // lay.tp) % lay.dp, rank // (lay.tp * lay.dp)
 
 
-def hosted(m, lay: L, rank: int) -> tuple[list[int], int, int]:
+def hosted(m, lay: L, rank: int, slots: list[int] | None = None) -> tuple[list[int], int, int]:
     """Returns (the logical expert of each local slot, this rank's shard index, expert tp).
 
-    Slots 0..E-1 hold experts 0..E-1 and slots E..E+R-1 the first R experts again; linear
-    placement gives group g the slots [g S/ep, (g+1) S/ep), round robin the slots s = g mod ep.
-    With ep = 1 every replica is one group of tp ranks; with ep > 1 the group is the stage-local
-    index (dp_i tp + tp_i) // expert_tp.
+    Slots 0..E-1 hold experts 0..E-1 and slots E..E+R-1 the first R experts again (``slots``, an
+    expert map's slot -> expert list, replaces that); linear placement gives group g the slots
+    [g S/ep, (g+1) S/ep), round robin the slots s = g mod ep. With ep = 1 every replica is one
+    group of tp ranks; with ep > 1 the group is the stage-local index (dp_i tp + tp_i) // expert_tp.
     """
     tp_i, dp_i, _ = coords(lay, rank)
-    slots = list(range(m.num_experts)) + list(range(lay.redundant))
+    if slots is None:
+        slots = list(range(m.num_experts)) + list(range(lay.redundant))
     if lay.ep == 1:
         group, shard, etp = 0, tp_i, lay.tp
     else:

@@ -15,14 +15,15 @@ def load_forward_route(directory: str, options: dict, input_ids) -> dict:
     import torch
 
     from distload.layers.moe import Router
+    from distload.layers.packed_moe import TopKRouter
     from distload.models.deepseek import GroupedRouter
 
     with distload.load(directory, distload.LoadConfig(device="cpu", **options), keep_group=True) as loaded:
         routes: dict[int, tuple] = {}
         hooks = []
         for name, module in loaded.model.named_modules():
-            if isinstance(module, (Router, GroupedRouter)):
-                layer = int(name.split(".")[2])  # model.layers.<N>.<block>.gate
+            if isinstance(module, (Router, GroupedRouter, TopKRouter)):
+                layer = int(name.split(".")[2])  # model.layers.<N>.<block>.gate (or .router)
 
                 def keep(_mod, _args, out, layer=layer):
                     weights, experts = out

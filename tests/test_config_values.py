@@ -58,8 +58,15 @@ BASES = {
                     "q_lora_rank": 16, "kv_lora_rank": 8, "qk_rope_head_dim": 4, "qk_nope_head_dim": 8,
                     "v_head_dim": 8, "num_nextn_predict_layers": 1, "routed_scaling_factor": 2.5,
                     "rope_interleave": True, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
+    "gpt_oss": {**ATTENTION, "model_type": "gpt_oss", "num_local_experts": 4, "num_experts_per_tok": 2,
+                "sliding_window": 4, "max_position_embeddings": 64,
+                "rope_parameters": {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0, "beta_fast": 32.0,
+                                    "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 16}},
+    "llama4_text": {**ATTENTION, "model_type": "llama4_text", "num_local_experts": 4, "num_experts_per_tok": 1,
+                    "intermediate_size_mlp": 64, "interleave_moe_layer_step": 2, "attention_chunk_size": 8},
 }
-EXPERTS = {"mixtral": (8, {0, 1}), "qwen2_moe": (6, {0, 1}), "qwen3_moe": (8, {0, 2}), "deepseek_v3": (8, {1, 2})}
+EXPERTS = {"mixtral": (8, {0, 1}), "qwen2_moe": (6, {0, 1}), "qwen3_moe": (8, {0, 2}), "deepseek_v3": (8, {1, 2}),
+           "gpt_oss": (4, {0, 1}), "llama4_text": (4, {1})}
 """model type -> (experts, layers with experts), by hand from BASES"""
 
 
@@ -187,6 +194,35 @@ CASES = [
      P + "num_nextn_predict_layers must be an integer in 0..3, got 100"),
     ("deepseek_v3", {"num_attention_heads": 2**16, "num_key_value_heads": 2**16, "qk_nope_head_dim": 2**10},
      P + "num_attention_heads * (qk_nope_head_dim + qk_rope_head_dim) must be at most 16777216, got 67371008"),
+    ("deepseek_v3", {"rope_parameters": None, "rope_scaling": {"type": "yarn", "factor": 40, "mscale_all_dim": "1",
+                                                               "original_max_position_embeddings": 4096}},
+     P + 'rope_scaling.mscale_all_dim must be a finite number, got "1"'),
+    # yarn (gpt-oss, DeepSeek-V3) and gpt-oss's own fields
+    ("gpt_oss", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 150000.0}},
+     P + "has no 'rope_parameters.factor', which rope_type 'yarn' needs"),
+    ("gpt_oss", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "truncate": "no"}},
+     P + 'rope_parameters.truncate must be true or false, got "no"'),
+    ("gpt_oss", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "beta_fast": -32}},
+     P + "rope_parameters.beta_fast must be a positive number, got -32"),
+    ("gpt_oss", {"rope_parameters": {"rope_type": "longrope"}},
+     P + "rope_type 'longrope' is not supported for gpt_oss (supported: default, yarn)"),
+    ("gpt_oss", {"layer_types": ["sliding_attention", "chunked_attention"]},
+     P + "layer_types[1] 'chunked_attention' is not supported (supported: full_attention, sliding_attention)"),
+    ("gpt_oss", {"swiglu_limit": -1}, P + "swiglu_limit must be a positive number, got -1"),
+    ("gpt_oss", {"num_experts_per_tok": 5}, P + "num_experts_per_tok must be an integer in 1..4, got 5"),
+    # Llama 4's own fields
+    ("llama4_text", {"moe_layers": [2]}, P + "moe_layers must be a list of layer indices in 0..1 or null, got [2]"),
+    ("llama4_text", {"interleave_moe_layer_step": 0},
+     P + "interleave_moe_layer_step must be a positive integer, got 0"),
+    ("llama4_text", {"no_rope_layers": [1, 2]},
+     P + "no_rope_layers must be a list of flags (1: rope, 0: none) in 0..1 or null, got [1, 2]"),
+    ("llama4_text", {"no_rope_layers": [1]}, P + "no_rope_layers must have a flag for each of the 2 layers, got 1"),
+    ("llama4_text", {"attention_chunk_size": None, "layer_types": ["chunked_attention", "full_attention"]},
+     P + "attention_chunk_size must be a positive integer when layer_types has chunked_attention, got null"),
+    ("llama4_text", {"layer_types": ["sliding_attention", "full_attention"]},
+     P + "layer_types[0] 'sliding_attention' is not supported (supported: full_attention, chunked_attention)"),
+    ("llama4_text", {"num_local_experts": ABSENT},
+     P + "has no 'num_local_experts', which model_type 'llama4_text' needs"),
 ]
 
 

@@ -23,7 +23,8 @@ import torch
 
 from tests import moe_jobs
 from tests.hf_checkpoints import HFSpec, copy_checkpoint, delete_tensors, put_tensors, read_tensors, write_hf_checkpoint
-from tests.test_hf_moe import TOLERANCE, L, by_expert, coords, headers, hosted, stage_of_layer
+from tests.moe_oracle import (TOLERANCE, L, assert_routes_and_logits, by_expert, coords, headers, hf_reference, hosted,
+                              stage_of_layer)
 
 pytest.importorskip("transformers")
 
@@ -169,24 +170,6 @@ def input_ids() -> torch.Tensor:
     return ids
 
 
-def hf_reference(directory: str, ids: torch.Tensor) -> tuple[torch.Tensor, dict[int, tuple]]:
-    """transformers' logits (eager attention, eval, float32) and, per sparse layer, what its
-    DeepseekV3TopkRouter chose: (top-k expert indices [N, k], their scaled weights [N, k])."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, attn_implementation="eager")
-    model.eval()
-    routes = {}
-    for name, module in model.named_modules():
-        if type(module).__name__ == "DeepseekV3TopkRouter":
-            layer = int(name.split(".")[2])
-            module.register_forward_hook(
-                lambda _m, _a, out, layer=layer: routes.__setitem__(layer, (out[2].clone(), out[1].clone())))
-    with torch.no_grad():
-        logits = model(ids).logits.float()
-    return logits, routes
-
-
 class Checkpoints:
     """The checkpoint, transformers' outputs and load results, each made once per module."""
 
@@ -263,25 +246,7 @@ def test_params_exact_logits_and_routing_match_transformers(ckpts, lay):
         assert stats["bytes_read"] == sum((hdr[n][2] - hdr[n][1]) // k for n, k in need.items()), f"rank {rank}"
         assert stats["files_opened"] == len({hdr[n][0] for n in need}), f"rank {rank}"
 
-        _, _, pp_i = coords(lay, rank)
-        # the routing each sparse layer of this rank's stage used in that forward is transformers'
-        mine = sorted(layer for layer in m.sparse if stage_of_layer(m, lay, layer) == pp_i)
-        assert sorted(got["routes"]) == mine, f"rank {rank}"
-        for layer in mine:
-            ref_experts, ref_weights = by_expert(*ref_routes[layer])
-            experts, weights = by_expert(*(torch.from_numpy(x) for x in got["routes"][layer]))
-            copies = lay.tp * lay.dp if lay.ep > 1 else 1  # ep > 1: the router sees every token of the stage
-            assert experts.shape == (copies * ref_experts.shape[0], ref_experts.shape[1])
-            assert torch.equal(experts, ref_experts.repeat(copies, 1)), f"rank {rank}: layer {layer} routes differ"
-            assert (weights - ref_weights.repeat(copies, 1)).abs().max().item() < TOLERANCE
-
-        if pp_i == lay.pp - 1:  # logits come back from the last stage only
-            logits = torch.from_numpy(got["logits"])
-            assert logits.shape == ref_logits.shape
-            err = ((logits - ref_logits).abs().max() / ref_logits.abs().max()).item()
-            assert err < TOLERANCE, f"rank {rank}: relative logits error {err:.3g}"
-        else:
-            assert got["logits"] is None, f"rank {rank}"
+        assert_routes_and_logits(got, m, lay, rank, ref_logits, ref_routes)
 
 
 def test_correction_bias_changes_the_routing(ckpts):
@@ -342,3 +307,37 @@ def test_mtp_tensor_is_ignored_not_unexpected(ckpts, tmp_path):
         need = needs(m, lay, rank, hdr)
         assert stats["units_owned"] == len(need)
         assert stats["bytes_read"] == sum((hdr[n][2] - hdr[n][1]) // k for n, k in need.items())
+
+
+# ---------------------------------------------------------------- 3. yarn, as released configs set it
+
+YARN = {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+        "original_max_position_embeddings": 4096, "type": "yarn"}
+"""DeepSeek-V3's own rope_scaling (config.json of the released checkpoints, with rope_theta 10000)"""
+
+
+@pytest.fixture(scope="module")
+def yarn_ckpt(ckpts, tmp_path_factory) -> tuple[str, torch.Tensor]:
+    """The checkpoint with its config.json in the released form: ``rope_scaling`` yarn; and
+    transformers' logits for it."""
+    directory = copy_checkpoint(ckpts.path, str(tmp_path_factory.mktemp("ds3-yarn") / "ckpt"))
+    path = os.path.join(directory, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    config.pop("rope_parameters")
+    config.update(rope_scaling=YARN, rope_theta=10000.0)
+    with open(path, "w") as f:
+        json.dump(config, f)
+    return directory, hf_reference(directory, input_ids())[0]
+
+
+@pytest.mark.parametrize("lay", [L("deepseek_v3", 1), L("deepseek_v3", 4, tp=2, dp=2, ep=2)], ids=lambda x: x.id)
+def test_a_yarn_config_runs_forward_like_transformers(ckpts, yarn_ckpt, lay):
+    directory, ref = yarn_ckpt
+    default_rope = ckpts.reference()[0]  # the same weights under the default rope: yarn changes the logits
+    assert ((ref - default_rope).abs().max() / ref.abs().max()).item() > 100 * TOLERANCE
+    for rank, got in enumerate(ckpts.pool.run(lay.world, moe_jobs.load_forward_route, directory, lay.options(),
+                                              input_ids(), raise_errors=True)):
+        assert got["report"]["complete"] is True and got["report"]["ok"] is True
+        err = ((torch.from_numpy(got["logits"]) - ref).abs().max() / ref.abs().max()).item()
+        assert err < TOLERANCE, f"rank {rank}: relative logits error {err:.3g}"

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import struct
 from dataclasses import dataclass
 
 import pytest
@@ -29,7 +28,8 @@ from distload.layout import Layout
 from distload.models import reference_model
 from tests import moe_jobs
 from tests.hf_checkpoints import INDEX, HFSpec, copy_checkpoint, delete_tensors, read_tensors, write_hf_checkpoint
-from tests.layouts import L, coords, hosted, stage_of_layer  # noqa: F401  (other modules import them from here)
+from tests.moe_oracle import (L, assert_routes_and_logits, block, common_state, coords, dense_ffn_state, headers,
+                              hf_reference, hosted, stage_of_layer)
 
 pytest.importorskip("transformers")
 
@@ -58,10 +58,6 @@ DELETED = {
     "qwen3_moe": ["model.layers.2.mlp.experts.5.down_proj.weight", "model.layers.0.mlp.gate.weight"],
 }
 
-TOLERANCE = 1e-5
-"""max |distload - transformers| / max |transformers| for float32 logits (and routing weights)"""
-
-
 LAYOUTS = [
     L("qwen3_moe", 1),
     L("mixtral", 2, tp=2),                                   # ep 1: each expert split over the TP pair
@@ -85,20 +81,6 @@ IDS = [lay.id for lay in LAYOUTS]
 def config_of(directory: str) -> dict:
     with open(os.path.join(directory, "config.json")) as f:
         return json.load(f)
-
-
-def headers(directory: str) -> dict[str, tuple[str, int, int]]:
-    """name -> (file, absolute begin, absolute end) of its data, parsed from the safetensors headers."""
-    out = {}
-    for fname in sorted(f for f in os.listdir(directory) if f.endswith(".safetensors")):
-        with open(os.path.join(directory, fname), "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-        for name, info in header.items():
-            if name != "__metadata__":
-                begin, end = info["data_offsets"]
-                out[name] = (fname, 8 + n + begin, 8 + n + end)
-    return out
 
 
 @dataclass(frozen=True)
@@ -167,44 +149,14 @@ def needs(m: Model, lay: L, rank: int, names) -> dict[str, int]:
 
 def expected_state(ckpt: dict[str, torch.Tensor], m: Model, lay: L, rank: int) -> dict[str, torch.Tensor]:
     """The parameters ``rank`` must hold, sliced from the checkpoint by hand."""
-    tp, hd = lay.tp, m.head_dim
-    tp_i, _, pp_i = coords(lay, rank)
-    my_heads = range(tp_i * m.heads // tp, (tp_i + 1) * m.heads // tp)
-    my_kv = sorted({h // (m.heads // m.kv_heads) for h in my_heads})
-
-    def heads(t, which, dim=0):
-        return torch.cat([t.narrow(dim, h * hd, hd) for h in which], dim=dim)
-
-    def block(t, dim, n=tp, i=tp_i):
-        size = t.shape[dim] // n
-        return t.narrow(dim, i * size, size)
-
-    out = {}
-    if pp_i == 0:
-        out["model.embed_tokens.weight"] = block(ckpt["model.embed_tokens.weight"], 0)
-    if pp_i == lay.pp - 1:
-        out["model.norm.weight"] = ckpt["model.norm.weight"]
-        out["lm_head.weight"] = block(ckpt["lm_head.weight"], 0)
+    tp, (tp_i, _, pp_i) = lay.tp, coords(lay, rank)
+    out = common_state(ckpt, m, lay, rank, heads=m.heads, kv_heads=m.kv_heads, head_dim=m.head_dim)
     for layer in range(m.num_layers):
         if stage_of_layer(m, lay, layer) != pp_i:
             continue
         p = f"model.layers.{layer}."
-        a = p + "self_attn."
-        for kind in ("weight", "bias"):
-            if a + f"q_proj.{kind}" in ckpt:
-                out[a + f"qkv_proj.{kind}"] = torch.cat([heads(ckpt[a + f"q_proj.{kind}"], my_heads),
-                                                         heads(ckpt[a + f"k_proj.{kind}"], my_kv),
-                                                         heads(ckpt[a + f"v_proj.{kind}"], my_kv)])
-        out[a + "o_proj.weight"] = heads(ckpt[a + "o_proj.weight"], my_heads, dim=1)
-        for whole in (a + "q_norm.weight", a + "k_norm.weight", p + "input_layernorm.weight",
-                      p + "post_attention_layernorm.weight"):
-            if whole in ckpt:
-                out[whole] = ckpt[whole]
         if layer not in m.sparse:
-            mlp = p + "mlp."
-            out[mlp + "gate_up_proj.weight"] = torch.cat([block(ckpt[mlp + "gate_proj.weight"], 0),
-                                                          block(ckpt[mlp + "up_proj.weight"], 0)])
-            out[mlp + "down_proj.weight"] = block(ckpt[mlp + "down_proj.weight"], 1)
+            out.update(dense_ffn_state(ckpt, p + "mlp.", tp, tp_i))
             continue
         b = p + m.block + "."
         out[b + "gate.weight"] = ckpt[b + "gate.weight"]
@@ -215,11 +167,8 @@ def expected_state(ckpt: dict[str, torch.Tensor], m: Model, lay: L, rank: int) -
             w13.append(torch.cat([block(gate, 0, etp, shard), block(up, 0, etp, shard)]))
             w2.append(block(down, 1, etp, shard))
         out[b + "experts.w13"], out[b + "experts.w2"] = torch.stack(w13), torch.stack(w2)
-        s = b + "shared_expert."
-        if s + "gate_proj.weight" in ckpt:
-            out[s + "gate_up_proj.weight"] = torch.cat([block(ckpt[s + "gate_proj.weight"], 0),
-                                                        block(ckpt[s + "up_proj.weight"], 0)])
-            out[s + "down_proj.weight"] = block(ckpt[s + "down_proj.weight"], 1)
+        if b + "shared_expert.gate_proj.weight" in ckpt:
+            out.update(dense_ffn_state(ckpt, b + "shared_expert.", tp, tp_i))
             out[b + "shared_expert_gate.weight"] = ckpt[b + "shared_expert_gate.weight"]
     return out
 
@@ -237,31 +186,6 @@ def input_ids() -> torch.Tensor:
     ids = torch.randint(0, 128, (2, 10), generator=gen)
     ids[0, 0], ids[1, 3] = 127, 0
     return ids
-
-
-def hf_reference(directory: str, ids: torch.Tensor) -> tuple[torch.Tensor, dict[int, tuple]]:
-    """transformers' logits (eager attention, eval, float32) and, per sparse layer, what its
-    router chose: (top-k expert indices [N, k], their weights [N, k])."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, attn_implementation="eager")
-    model.eval()
-    routes = {}
-    for name, module in model.named_modules():
-        if type(module).__name__.endswith("TopKRouter"):
-            layer = int(name.split(".")[2])
-            module.register_forward_hook(
-                lambda _m, _a, out, layer=layer: routes.__setitem__(layer, (out[2].clone(), out[1].clone())))
-    with torch.no_grad():
-        logits = model(ids).logits.float()
-    return logits, routes
-
-
-def by_expert(experts: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each token's chosen experts in ascending order, with their weights (the order top-k
-    returns them in is not part of the routing decision)."""
-    order = experts.argsort(dim=-1)
-    return experts.gather(-1, order), weights.gather(-1, order)
 
 
 class Checkpoints:
@@ -359,26 +283,7 @@ def test_params_exact_logits_and_routing_match_transformers(ckpts, lay):
         assert stats["bytes_read"] == sum((hdr[n][2] - hdr[n][1]) // k for n, k in need.items()), f"rank {rank}"
         assert stats["files_opened"] == len({hdr[n][0] for n in need}), f"rank {rank}"
 
-        _, _, pp_i = coords(lay, rank)
-        # the routing each sparse layer of this rank's stage used in that forward is transformers'
-        mine = sorted(layer for layer in m.sparse if stage_of_layer(m, lay, layer) == pp_i)
-        assert sorted(got["routes"]) == mine, f"rank {rank}"
-        for layer in mine:
-            ref_experts, ref_weights = by_expert(*ref_routes[layer])
-            experts, weights = by_expert(*(torch.from_numpy(x) for x in got["routes"][layer]))
-            # ep > 1: the router sees every token of the stage, one copy of the input per rank
-            copies = lay.tp * lay.dp if lay.ep > 1 else 1
-            assert experts.shape == (copies * ref_experts.shape[0], ref_experts.shape[1])
-            assert torch.equal(experts, ref_experts.repeat(copies, 1)), f"rank {rank}: layer {layer} routes differ"
-            assert (weights - ref_weights.repeat(copies, 1)).abs().max().item() < TOLERANCE
-
-        if pp_i == lay.pp - 1:
-            logits = torch.from_numpy(got["logits"])
-            assert logits.shape == ref_logits.shape
-            err = ((logits - ref_logits).abs().max() / ref_logits.abs().max()).item()
-            assert err < TOLERANCE, f"rank {rank}: relative logits error {err:.3g}"
-        else:
-            assert got["logits"] is None
+        assert_routes_and_logits(got, m, lay, rank, ref_logits, ref_routes)
 
 
 # ---------------------------------------------------------------- 2. missing and inconsistent

@@ -566,3 +566,68 @@ def test_overlapping_regions_and_a_region_beside_the_whole_tensor_are_refused():
     info = p.tensors["w"]
     assert [(r.param, r.offset - info.begin, r.run, r.shape) for r in reads] == [
         ("p0", 0, 3 * 16, (3, 4)), ("p3", 3 * 16, 5 * 16, (5, 4))]
+
+
+# gpt-oss- / Llama-4-shaped packed experts at 4,096 ranks: 64 experts, each also copied once
+# (128 slots, 2 per group of 64 ranks), every expert's I = 512 columns cut over expert tp 64
+PACKED_LAYOUT = Layout(world_size=4096, tp=8, dp=512, ep=64)
+
+
+@pytest.mark.parametrize("interleaved", [True, False], ids=["interleaved", "halves"])
+def test_packed_experts_are_read_by_exactly_their_hosts_at_4096_ranks(interleaved):
+    from distload.experts import ExpertPlacement
+    from distload.layers.packed_moe import PackedExperts, silu_glu
+
+    e, h, i, layout = 64, 16, 512, PACKED_LAYOUT
+    placement = ExpertPlacement.make(num_experts=e, ep=layout.ep, redundant=e)
+    etp = layout.expert_tp
+    experts = PackedExperts(h, i, placement, group=0, shard=0, etp=etp, interleaved=interleaved, glu=silu_glu,
+                            bias=interleaved, device="meta")
+    specs = tuple(experts.param_specs("mlp.experts"))
+    shapes = {"mlp.experts.gate_up_proj": (e, h, 2 * i), "mlp.experts.down_proj": (e, i, h)}
+    if interleaved:
+        shapes.update({"mlp.experts.gate_up_proj_bias": (e, 2 * i), "mlp.experts.down_proj_bias": (e, h)})
+    infos = tensor_infos(shapes)
+    p = plan(infos, specs, layout)
+    assert not p.unexpected
+    gate_up, down = infos["mlp.experts.gate_up_proj"], infos["mlp.experts.down_proj"]
+    cols, rows = 2 * i // etp, i // etp  # a shard's columns of gate_up (of each half: rows), rows of down
+
+    def mine(group: int, shard: int) -> set[tuple[int, int]]:
+        """The byte ranges of gate_up and down a holder of shard ``shard`` of ``group``'s experts reads."""
+        out = set()
+        for x in (placement.slots[s] for s in placement.group_slots(group)):
+            for r in range(h):
+                row = gate_up.begin + 2 * (x * h + r) * 2 * i  # bf16: 2 bytes an element
+                if interleaved:  # one range holding its gate and up columns
+                    out.add((row + 2 * shard * cols, row + 2 * (shard + 1) * cols))
+                else:  # its range of the gate half, and of the up half
+                    out |= {(row + 2 * (k * i + shard * rows), row + 2 * (k * i + (shard + 1) * rows)) for k in (0, 1)}
+            out.add((down.begin + 2 * (x * i + shard * rows) * h, down.begin + 2 * (x * i + (shard + 1) * rows) * h))
+        return out
+
+    readers = collections.Counter()
+    for rank in range(layout.world_size):
+        reads = [r for r in p.for_rank(rank).reads if r.tensor in (gate_up, down)]
+        assert {iv for r in reads for iv in intervals(r)} == mine(*layout.expert_coords(rank)), f"rank {rank}"
+        readers.update(r.unit for r in p.for_rank(rank).reads)
+    # a unit per expert per shard (per half), each read by the two ranks holding its copies
+    assert len(p.units) == e * (3 * etp + (1 if interleaved else 0))  # + the down bias, whole per expert
+    for u in range(len(p.units)):
+        assert readers[u] == p.num_owners(u) == len(p.owners(u)) == 2 * (etp // p.units[u].num_shards)
+    labels = {p.units[u].label for u in range(len(p.units)) if p.units[u].name == gate_up.name}
+    assert labels == ({f"{gate_up.name}[{x}]" for x in range(e)} if interleaved else
+                      {f"{gate_up.name}[{x}.{k}]" for x in range(e) for k in ("gate", "up")})
+
+
+def test_a_packed_tensor_read_whole_by_another_parameter_is_refused():
+    from distload.experts import ExpertPlacement
+    from distload.layers.packed_moe import PackedExperts, silu_glu
+
+    placement = ExpertPlacement.make(num_experts=4, ep=1)
+    specs = tuple(PackedExperts(8, 16, placement, group=0, shard=0, etp=1, interleaved=True, glu=silu_glu,
+                                device="meta").param_specs("x"))
+    whole = ParamSpec(name="y", shape=(4, 16, 8), sources=(Source(name="x.down_proj", shape=(4, 16, 8)),))
+    shapes = {"x.gate_up_proj": (4, 8, 32), "x.down_proj": (4, 16, 8)}
+    with pytest.raises(PlanError, match="feeds two parameters, y and x.down_proj"):
+        plan(tensor_infos(shapes), (*specs, whole), Layout(world_size=1))

@@ -56,20 +56,26 @@ class FusedExperts(nn.Module, Quantizable):
         its row number, so summing over all ranks counts each choice once.
         """
         out = torch.zeros_like(tokens)
-        slots = self.placement.slots
-        rows_all = torch.arange(tokens.shape[0], device=tokens.device)
         w13, w2 = self.matrix("w13", tokens.dtype), self.matrix("w2", tokens.dtype)
         for j, physical in enumerate(self.local_slots):
-            expert = slots[physical]
-            copies = [s for s, e in enumerate(slots) if e == expert]
-            hit = (experts == expert) & ((rows_all % len(copies)) == copies.index(physical))[:, None]
-            rows, col = hit.nonzero(as_tuple=True)
+            rows, col = routed_to(self.placement, physical, experts)
             if rows.numel() == 0:
                 continue
             gate, up = F.linear(tokens[rows], w13[j]).chunk(2, dim=-1)
             y = F.linear(F.silu(gate) * up, w2[j])
             out.index_add_(0, rows, y * weights[rows, col, None].to(y.dtype))
         return out
+
+
+def routed_to(placement: ExpertPlacement, physical: int, experts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows, columns)`` of the routing choices ``experts [N, k]`` that physical slot ``physical``
+    serves: those naming its expert, of the rows whose number picks this copy (row mod copies)."""
+    slots = placement.slots
+    expert = slots[physical]
+    copies = [s for s, e in enumerate(slots) if e == expert]
+    rows_all = torch.arange(experts.shape[0], device=experts.device)
+    hit = (experts == expert) & ((rows_all % len(copies)) == copies.index(physical))[:, None]
+    return hit.nonzero(as_tuple=True)
 
 
 class Router(nn.Module):

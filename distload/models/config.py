@@ -100,7 +100,7 @@ class DecoderConfig:
 
     @classmethod
     def from_json(cls, cfg: Mapping, traits: DecoderTraits, *, head_dim: int | None = None,
-                  default_rope: bool = False) -> "DecoderConfig":
+                  default_rope: bool = False, default_theta: float = 10000.0) -> "DecoderConfig":
         """Reads a Hugging Face config.json dict, every field type- and range-checked.
 
         Args:
@@ -108,7 +108,8 @@ class DecoderConfig:
             traits: what its model type fixes (an ``Architecture``'s ``decoder``).
             head_dim: the rotary width where the config names it otherwise (DeepSeek-V3).
             default_rope: the default rotary embedding at the config's ``rope_theta``, whatever
-                ``rope_type`` says (the DeepSeek-V3 forward knows no other).
+                ``rope_type`` says (a model type that reads its other rope kinds itself).
+            default_theta: ``rope_theta`` when config.json gives none (its transformers class's).
 
         Raises:
             ConfigError: naming the field and its value (the caller adds the file).
@@ -132,7 +133,7 @@ class DecoderConfig:
         if head_dim % 2:  # the rotary embedding turns pairs of channels
             raise ConfigError(f"config.json head_dim must be even, got {head_dim}{derived}")
         f.at_most("num_attention_heads * head_dim", heads * head_dim, MAX_SIZE)
-        theta, rope_type, scaling = read_rope(f)
+        theta, rope_type, scaling = read_rope(f, default_theta=default_theta)
         if default_rope:
             rope_type, scaling = "default", None
         elif rope_type not in ROPE_TYPES:
@@ -152,15 +153,16 @@ class DecoderConfig:
             sliding_windows=traits.windows(f, layers), hidden_act=act)
 
 
-def read_rope(f: Fields) -> tuple[float, str, Fields | None]:
+def read_rope(f: Fields, *, default_theta: float = 10000.0) -> tuple[float, str, Fields | None]:
     """``(rope_theta, rope_type, the fields of its parameters)``, from ``rope_parameters``
-    (transformers 5) or else ``rope_scaling`` and ``rope_theta`` (4.x)."""
+    (transformers 5) or else ``rope_scaling`` and ``rope_theta`` (4.x); ``default_theta`` when
+    neither names the base."""
     params = f.section("rope_parameters", needed_by="rope_parameters")
     if params is None:
         params = f.section("rope_scaling", needed_by="rope_scaling")
-        theta = f.number("rope_theta", 10000.0)
+        theta = f.number("rope_theta", default_theta)
     else:
-        theta = 10000.0
+        theta = default_theta
     if params is None:
         return theta, "default", None
     kind = params.text("rope_type", params.text("type", "default"))  # "type": the 4.x name

@@ -3,6 +3,8 @@ with a float32 correction bias, shared experts, and an ignored multi-token-predi
 
 Under TP the low-rank projections (``q_a_proj``, ``kv_a_proj_with_mqa``) and their norms
 are replicated; ``q_b_proj`` (or ``q_proj``), ``kv_b_proj`` and ``o_proj`` split by heads.
+Rope: the default one, or ``yarn`` (its attention factor on cos and sin, and with
+``mscale_all_dim`` its mscale squared on the softmax scale), as released DeepSeek-V3 configs set it.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from .config import DecoderConfig, read_rope
 from .fields import MAX_EXPERTS, MAX_SIZE, MAX_VALUES, Fields
 from .llama import LLAMA, MLP, DecoderForCausalLM
 from .moe import DenseFFN, SparseMoE, expert_count, expert_exchange, routed_experts
+from .rope import Yarn, read_yarn
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -33,7 +36,9 @@ class DeepseekConfig:
     dense: DecoderConfig
     """embedding, norms, dense MLPs and the rotary width (``qk_rope_head_dim``)"""
     rope_type: str
-    """the configured rotary kind (the reference forward implements ``default`` only)"""
+    """the configured rotary kind (the reference forward implements ``default`` and ``yarn``)"""
+    yarn: Yarn | None
+    """the yarn parameters (rotary tables, cos/sin scale, the softmax scale's mscale); None: not yarn"""
     num_heads: int
     """attention heads"""
     q_lora_rank: int | None
@@ -84,8 +89,8 @@ class DeepseekConfig:
         rope_dim = f.integer("qk_rope_head_dim")
         if rope_dim % 2:  # the rotary embedding turns pairs of channels
             raise ConfigError(f"config.json qk_rope_head_dim must be even, got {rope_dim}")
-        _, rope_type, _ = read_rope(f)
-        # rotary tables span the rope part of a head only; the reference forward knows the default one
+        _, rope_type, params = read_rope(f)
+        # rotary tables span the rope part of a head only; yarn is read below, other kinds only named
         dense = DecoderConfig.from_json(cfg, arch.decoder, head_dim=rope_dim, default_rope=True)
         nope, v_dim, kv_rank = f.integer("qk_nope_head_dim"), f.integer("v_head_dim"), f.integer("kv_lora_rank")
         f.at_most("num_attention_heads * (qk_nope_head_dim + qk_rope_head_dim)", heads * (nope + rope_dim), MAX_SIZE)
@@ -100,7 +105,8 @@ class DeepseekConfig:
         f.at_most(f"{key} * moe_intermediate_size * hidden_size", experts * inter * hidden, MAX_VALUES)
         shared = f.integer("n_shared_experts", 1, minimum=0, cap=MAX_EXPERTS) * inter
         f.at_most("n_shared_experts * moe_intermediate_size", shared, MAX_SIZE)
-        return cls(dense=dense, rope_type=rope_type, num_heads=heads,
+        return cls(dense=dense, rope_type=rope_type, yarn=read_yarn(f, params) if rope_type == "yarn" else None,
+                   num_heads=heads,
                    q_lora_rank=f.integer("q_lora_rank", None, nullable=True), kv_lora_rank=kv_rank,
                    qk_nope_head_dim=nope, qk_rope_head_dim=rope_dim, v_head_dim=v_dim,
                    attention_bias=f.flag("attention_bias", False),
@@ -112,6 +118,11 @@ class DeepseekConfig:
                    moe_intermediate=inter, shared_intermediate=shared,
                    first_dense=f.integer("first_k_dense_replace", 0, minimum=0, maximum=layers, nullable=True),
                    num_mtp_layers=_mtp_layers(f, layers))
+
+    def rotary(self, seq_len: int) -> tuple[torch.Tensor, float]:
+        """The yarn inverse frequencies over the rope part of a head (float32) and the cos/sin scale."""
+        dense = self.dense
+        return self.yarn.inv_freq(dense.head_dim, dense.rope_theta), self.yarn.attention_factor
 
     def expert_facts(self) -> ExpertFacts:
         """The experts an expert map is checked against: every layer after the dense first ones."""
@@ -153,7 +164,8 @@ class LatentAttention(nn.Module, KVCacheScales):
         self.heads = heads // tp
         self.interleave = cfg.rope_interleave
         qk = self.nope + self.rope
-        self.scaling = qk ** -0.5
+        # yarn's mscale corrects the softmax scale as well as cos and sin (transformers' yarn_apply_mscale)
+        self.scaling = qk ** -0.5 * (cfg.yarn.softmax_scale() if cfg.yarn is not None else 1.0)
         bias = cfg.attention_bias
         if self.q_rank is None:
             self.q_proj = ColumnParallelLinear(h, [Part(name="", out_features=heads * qk, num_shards=tp)], tp=tp,
@@ -230,9 +242,10 @@ def build_deepseek_model(cfg: DeepseekConfig, ctx: BuildContext) -> nn.Module:
     dense, inter, first_dense, shared = cfg.dense, cfg.moe_intermediate, cfg.first_dense, cfg.shared_intermediate
     tp, ops, dtype, device = ctx.tp, ctx.ops, ctx.dtype, ctx.device
     forward_error = None
-    if cfg.rope_type not in ("default",):
+    if cfg.rope_type not in ("default", "yarn"):
         # loading and tracking do not depend on it; only the reference forward would be wrong
-        forward_error = f"the reference DeepSeek-V3 forward implements rope_type 'default' only, not {cfg.rope_type!r}"
+        forward_error = (f"the reference DeepSeek-V3 forward implements rope_type 'default' and 'yarn' only, "
+                         f"not {cfg.rope_type!r}")
     exchange = expert_exchange(ctx)
     h = dense.hidden_size
 
@@ -250,7 +263,8 @@ def build_deepseek_model(cfg: DeepseekConfig, ctx: BuildContext) -> nn.Module:
 
     return DecoderForCausalLM(dense, tp=tp, tp_rank=ctx.tp_rank, ops=ops, pipe=ctx.pipe,
                               layers=ctx.layout.stage_layers(dense.num_hidden_layers, ctx.stage), mlp=ffn,
-                              attention=attention, forward_error=forward_error, dtype=dtype, device=device)
+                              attention=attention, forward_error=forward_error,
+                              rotary=cfg.rotary if cfg.yarn is not None else None, dtype=dtype, device=device)
 
 
 # the dense parts are llama's; transformers' attribute_map accepts the second expert key

@@ -76,23 +76,45 @@ class Attention(nn.Module, KVCacheScales):
         self.qk_norm = cfg.qk_norm
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.project(x)
+        q, k = self.position(q, k, cos, sin)
+        return self.attend(q, k, v)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This rank's q, k, v heads ``[b, heads, s, head_dim]`` (q/k normed per head when configured)."""
         b, s, _ = x.shape
         hd = self.head_dim
         q, k, v = self.qkv_proj(x).split([self.num_heads * hd, self.num_kv_heads * hd, self.num_kv_heads * hd], -1)
         q, k, v = (t.view(b, s, -1, hd) for t in (q, k, v))
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-        rep = self.num_heads // self.num_kv_heads
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        i = torch.arange(s, device=x.device)
+        return tuple(t.transpose(1, 2) for t in (q, k, v))
+
+    def position(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q and k turned by the rotary embedding (channel halves as pairs)."""
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+    def allowed(self, s: int, device) -> torch.Tensor:
+        """``[s, s]``: which key positions each query position sees (causal, within the window)."""
+        i = torch.arange(s, device=device)
         allowed = i[:, None] >= i[None, :]
         if self.window is not None:
             allowed &= (i[:, None] - i[None, :]) < self.window
+        return allowed
+
+    def probabilities(self, scores: torch.Tensor) -> torch.Tensor:
+        """Attention weights from masked scores ``[b, heads, s, s]`` (softmax in float32)."""
+        return torch.softmax(scores.float(), dim=-1).to(scores.dtype)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The output projection of attention over ``allowed`` positions (KV heads repeated for GQA)."""
+        b, _, s, hd = q.shape
+        rep = self.num_heads // self.num_kv_heads
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(hd)
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        out = torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
+        scores = scores.masked_fill(~self.allowed(s, q.device), float("-inf"))
+        out = self.probabilities(scores) @ v
         return self.o_proj(out.transpose(1, 2).reshape(b, s, self.num_heads * hd))
 
 

@@ -18,6 +18,7 @@ from ..errors import ConfigError
 from ..experts import ExpertFacts
 from ..layers import ColumnParallelLinear, Part, ReplicatedLinear, RowParallelLinear
 from ..layers.moe import ExpertExchange, FusedExperts, Router
+from ..layers.packed_moe import PackedExperts
 from .arch import Architecture, BuildContext
 from .config import DecoderConfig
 from .fields import MAX_EXPERTS, MAX_VALUES, Fields
@@ -118,7 +119,7 @@ def expert_count(f: Fields, keys: tuple[str, ...]) -> int:
 class SparseMoE(nn.Module):
     """A router, this rank's experts and, optionally, shared experts (gated for qwen2_moe)."""
 
-    def __init__(self, router: nn.Module, experts: FusedExperts, exchange: ExpertExchange, *,
+    def __init__(self, router: nn.Module, experts: FusedExperts | PackedExperts, exchange: ExpertExchange, *,
                  shared: tuple[str, nn.Module] | None = None, shared_gate: nn.Module | None = None,
                  router_name: str = "gate") -> None:
         super().__init__()
@@ -173,6 +174,14 @@ def routed_experts(ctx: BuildContext, layer: int, *, hidden: int, intermediate: 
     group, _ = ctx.layout.expert_coords(ctx.rank)
     return FusedExperts(hidden, intermediate, ctx.experts.placement(layer), group=group, etp=ctx.layout.expert_tp,
                         names=names, dtype=ctx.dtype, device=ctx.device)
+
+
+def packed_experts(ctx: BuildContext, layer: int, *, hidden: int, intermediate: int, **kwargs) -> PackedExperts:
+    """This rank's expert slots of ``layer`` read from packed expert tensors, placed as ``ctx.experts``
+    says (``kwargs``: the packing and activation, as ``PackedExperts`` takes them)."""
+    group, shard = ctx.layout.expert_coords(ctx.rank)
+    return PackedExperts(hidden, intermediate, ctx.experts.placement(layer), group=group, shard=shard,
+                         etp=ctx.layout.expert_tp, dtype=ctx.dtype, device=ctx.device, **kwargs)
 
 
 def build_moe_model(moe: MoEConfig, ctx: BuildContext) -> nn.Module:

@@ -16,6 +16,8 @@ from ..layout import Layout
 from .arch import Architecture, BuildContext, ModelBuilder
 from .deepseek import DEEPSEEK_V3
 from .fields import Fields
+from .gpt_oss import GPT_OSS
+from .llama4 import LLAMA4_TEXT
 from .llama import LLAMA, MISTRAL, QWEN2, QWEN3
 from .moe import MIXTRAL, QWEN2_MOE, QWEN3_MOE
 from .phi3 import PHI3
@@ -42,6 +44,8 @@ register(QWEN2_MOE)
 register(QWEN3_MOE)
 register(DEEPSEEK_V3)
 register(PHI3)
+register(GPT_OSS)
+register(LLAMA4_TEXT)
 
 
 def supported_model_types() -> tuple[str, ...]:

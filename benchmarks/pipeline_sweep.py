@@ -202,11 +202,7 @@ def _run_copier(chunks, dev: torch.Tensor, threads: int, slot: int, slots: int, 
 
     start = time.perf_counter()
     setup()
-    pool = [threading.Thread(target=reader) for _ in range(threads)] + [threading.Thread(target=copier)]
-    for t in pool:
-        t.start()
-    for t in pool:
-        t.join()
+    _run_threads([reader] * threads + [copier])
     torch.cuda.synchronize()
     state.clear()
     _empty_host_cache()
@@ -218,17 +214,22 @@ def _run_copier(chunks, dev: torch.Tensor, threads: int, slot: int, slots: int, 
 
 def _timed(worker, threads: int, errors: list) -> float:
     start = time.perf_counter()
-    pool = [threading.Thread(target=worker) for _ in range(threads)]
-    for t in pool:
-        t.start()
-    for t in pool:
-        t.join()
+    _run_threads([worker] * threads)
     torch.cuda.synchronize()
     _empty_host_cache()
     seconds = time.perf_counter() - start
     if errors:
         raise errors[0]
     return seconds
+
+
+def _run_threads(targets: list) -> None:
+    """Runs each target on a thread of its own and waits for all."""
+    pool = [threading.Thread(target=t) for t in targets]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
 
 
 def _empty_host_cache() -> None:
@@ -252,11 +253,7 @@ def floor(chunks, big: torch.Tensor, threads: int) -> float:
             _pread(fd, _view(base + at, n), off)
 
     start = time.perf_counter()
-    pool = [threading.Thread(target=worker) for _ in range(threads)]
-    for t in pool:
-        t.start()
-    for t in pool:
-        t.join()
+    _run_threads([worker] * threads)
     return time.perf_counter() - start
 
 

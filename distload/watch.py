@@ -78,7 +78,11 @@ class BoundedStore:
         self._calls.put(None)
 
     def _serve(self, store) -> None:
-        own = self._own_connection(store)  # here, not in __init__: connecting to a stopped host blocks too
+        try:  # here, not in __init__: connecting to a stopped host blocks too
+            own = store.clone()
+            own.set_timeout(datetime.timedelta(seconds=self.deadline))  # bounds get and wait on it
+        except Exception:  # a store without clone (older torch, other kinds): share it
+            own = store
         while (item := self._calls.get()) is not None:
             method, args, box, done = item
             if self.lost is not None:  # queued behind the call that overran: never sent
@@ -89,27 +93,6 @@ class BoundedStore:
                 except Exception as err:
                     box.append((False, _observed(err)))
             done.set()
-
-
-    def _own_connection(self, store):
-        """A connection of the helper's own, or the group's store when none comes within a third
-        of the deadline: a busy host has been seen to leave a new connection unanswered for seconds
-        while the group's connection works, and whether the host is alive is then for the
-        calls to find out, not for the connect."""
-        box: list = []
-
-        def connect() -> None:
-            try:
-                own = store.clone()
-                own.set_timeout(datetime.timedelta(seconds=self.deadline))  # bounds get and wait on it
-                box.append(own)
-            except Exception:  # a store without clone (older torch, other kinds): share it
-                pass
-
-        helper = threading.Thread(target=connect, name="distload-store-connect", daemon=True)
-        helper.start()
-        helper.join(self.deadline / 3)  # the first call waits on this connect within its own deadline
-        return box[0] if box else store
 
 
 def _observed(err: Exception) -> str:

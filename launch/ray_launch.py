@@ -19,6 +19,7 @@ import dataclasses
 import os
 import signal
 import sys
+import threading
 
 from distload.errors import ConfigError, DistloadError
 from distload.options import Invocation, parse
@@ -27,8 +28,8 @@ from distload.verdict import EXIT_ERROR, EXIT_INCOMPLETE, EXIT_OK, EXIT_USAGE, V
 from distload.ray import READY_TIMEOUT, STRATEGIES
 
 
-class _Terminated(BaseException):
-    """SIGTERM asked the driver to stop (a scheduler, a CI timeout)."""
+_sigterm = threading.Event()
+"""set when SIGTERM (a scheduler, a CI timeout) asked the driver to stop"""
 
 
 def launcher_parser() -> argparse.ArgumentParser:
@@ -67,10 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         for inv in ranks:
             Verdict(inv).started()
         return _run(ranks, args)
-    except KeyboardInterrupt:
-        return _everyone_failed(ranks, 128 + signal.SIGINT, DistloadError("interrupted: SIGINT received"))
-    except _Terminated:
-        return _everyone_failed(ranks, 128 + signal.SIGTERM, DistloadError("interrupted: SIGTERM received"))
+    except KeyboardInterrupt:  # SIGINT, or SIGTERM through _terminate
+        signum = signal.SIGTERM if _sigterm.is_set() else signal.SIGINT
+        return _everyone_failed(ranks, 128 + signum, DistloadError(f"interrupted: {signum.name} received"))
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -175,6 +175,9 @@ def _init(ray, args: argparse.Namespace, inv: Invocation) -> None:
         ray.init(address=args.address, logging_level="WARNING", **local)
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise DistloadError(f"could not start or join the Ray cluster {args.address or '(local)'}: {err}") from None
+    # ray.init replaces the SIGTERM handler (with sys.exit, and its core worker's with an abort that
+    # dumps a stack, exit 134): the driver's own comes back, so SIGTERM still ends in 143 and a verdict
+    signal.signal(signal.SIGTERM, _terminate)
 
 
 def _usage_error(err: ConfigError) -> int:
@@ -186,7 +189,10 @@ def _usage_error(err: ConfigError) -> int:
 
 
 def _terminate(signum, frame):
-    raise _Terminated()
+    _sigterm.set()
+    # KeyboardInterrupt: the one exception Ray's blocking calls pass on (as a new one; any other
+    # raised from a signal handler comes out of ray.get as a SystemError)
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

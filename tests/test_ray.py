@@ -189,6 +189,32 @@ def _torchrun_cli(*args: str, cwd) -> subprocess.Popen:
                             env={**env, "PYTHONPATH": ROOT})
 
 
+def test_sigterm_ends_the_launcher_with_143_and_every_ranks_verdict(ray_cluster, tmp_path):
+    from ray.util.placement_group import placement_group_table
+
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "launch", "ray_launch.py"), "--tp", "2", "--num-ranks",
+                             "8", "--address", ray_cluster, "--device", "cpu", "--quiet", "--json", "out-{rank}.json",
+                             "--ready-timeout", "120"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:  # 8 bundles of 1 CPU never fit the 4 CPUs: the driver waits in ray.get, where Ray has its own handlers
+        deadline = time.monotonic() + 60
+        while not any(g["state"] == "PENDING" for g in placement_group_table().values()):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.2)
+        proc.terminate()
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, stderr
+    assert stderr.splitlines()[-1] == "distload: error: interrupted: SIGTERM received [rank 0]"
+    for rank in range(8):  # every rank's file, as each torchrun rank writes on SIGTERM
+        verdict = json.loads((tmp_path / f"out-{rank}.json").read_text())
+        assert (verdict["exit_code"], verdict["rank"], verdict["error"]["message"]) == (
+            143, rank, "interrupted: SIGTERM received"), rank
+    assert _cluster_idle() and not any(g["state"] == "PENDING" for g in placement_group_table().values())
+
+
 @pytest.mark.slow  # the slowest here: three launchers in subprocesses
 def test_launcher_verdicts_equal_the_torchrun_clis(ray_cluster, tmp_path):
     bad = copy_checkpoint(distload.example_checkpoint(), str(tmp_path / "bad"))

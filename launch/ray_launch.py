@@ -175,6 +175,11 @@ def _init(ray, args: argparse.Namespace, inv: Invocation) -> None:
         ray.init(address=args.address, logging_level="WARNING", **local)
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise DistloadError(f"could not start or join the Ray cluster {args.address or '(local)'}: {err}") from None
+    except SystemExit as stop:  # SIGTERM while ray.init runs: Ray's handler calls sys.exit(15)
+        if stop.code != signal.SIGTERM:
+            raise
+        _sigterm.set()
+        raise KeyboardInterrupt from None
     # ray.init replaces the SIGTERM handler (with sys.exit, and its core worker's with an abort that
     # dumps a stack, exit 134): the driver's own comes back, so SIGTERM still ends in 143 and a verdict
     signal.signal(signal.SIGTERM, _terminate)

@@ -15,9 +15,9 @@ import signal
 import sys
 import threading
 
-from .errors import ConfigError, DistloadError, LayoutError, MissingWeightsError
+from .errors import ConfigError, DistloadError
 from .options import Invocation, parse
-from .verdict import (EXIT_ERROR, EXIT_INCOMPLETE, EXIT_OK, EXIT_USAGE, Verdict, error_json, failure_json,
+from .verdict import (EXIT_INCOMPLETE, EXIT_OK, EXIT_USAGE, Verdict, error_json, failure_json,
                       finishing, lost_peer, write_json)
 
 
@@ -77,12 +77,8 @@ def _run(inv: Invocation, out: Verdict) -> int:
                           local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", inv.world_size)))
         progress = Progress() if inv.rank == 0 and not inv.quiet else None
         loaded = api.load(directory, inv.config, world=world, progress=progress)
-    except MissingWeightsError as err:
-        return out.report(err.report, EXIT_INCOMPLETE)
-    except LayoutError as err:  # the layout does not fit the model: the options were wrong
-        return out.failed(EXIT_USAGE, err)
-    except DistloadError as err:
-        return out.failed(EXIT_ERROR, err)
+    except DistloadError as err:  # missing weights: exit 3; a layout that does not fit the model: 2; else 1
+        return out.raised(err)
     return out.report(loaded.report, EXIT_OK)
 
 

@@ -32,14 +32,14 @@ class DistloadError(Exception):
                  (("file", self.file), ("tensor", self.tensor), ("rank", self.rank)) if value is not None]
         return f"{self.message} [{', '.join(where)}]" if where else self.message
 
-    def __reduce__(self):  # keep the named fields across process boundaries
-        return (_rebuild, (type(self), self.message, self.file, self.tensor, self.rank, self.__dict__))
+    def __reduce__(self):  # keep the named fields across process boundaries; the state goes last, so that
+        # an error reachable from its own attributes (distload.ray's ``outcomes``) pickles too
+        return (_rebuild, (type(self), self.message), self.__dict__)
 
 
-def _rebuild(cls, message, file, tensor, rank, state):
+def _rebuild(cls, message):
     err = cls.__new__(cls)
     Exception.__init__(err, message)
-    err.__dict__.update(state)
     return err
 
 

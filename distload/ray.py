@@ -50,6 +50,20 @@ class ParamChecksum:
     """SHA-256 of its bytes: equal only for bit-identical tensors"""
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RankOutcome:
+    """What one rank's actor gave back from its load."""
+
+    rank: int
+    """the global rank"""
+    report: LoadReport | None = None
+    """the rank's report (the job's merged one), also of an incomplete load; None after another error"""
+    error: DistloadError | None = None
+    """what the rank raised (``MissingWeightsError`` for an incomplete load); None when it loaded"""
+    lost: bool = False
+    """the rank's actor died: it gave back nothing"""
+
+
 def rendezvous(node_ids: Sequence[str], *, master_addr: str | None = None, master_port: int | None = None,
                timeout: float = READY_TIMEOUT) -> list[WorldInfo]:
     """Returns the ``WorldInfo`` of each rank of a job whose ranks are the caller's own Ray actors.
@@ -129,12 +143,16 @@ def load(checkpoint: str, config: LoadConfig = LoadConfig(), *, num_ranks: int |
         ready_timeout: seconds to wait for the cluster to place the bundles.
 
     Returns:
-        ``RayLoaded``, holding the job's merged ``LoadReport`` (rank 0's).
+        ``RayLoaded``, holding the job's merged ``LoadReport`` (rank 0's) and every rank's
+        ``RankOutcome``.
 
     Raises:
+        ConfigError: a bad strategy or world, or a ``placement_group`` with fewer bundles than
+            ranks, or bundles that do not hold one rank's actor (``{"GPU": 1}`` / ``{"CPU": 1}``).
         DistloadError: the error of the reporting rank (the lowest rank not lost), e.g.
             ``MissingWeightsError`` with its report, or ``PeerFailedError`` naming a rank whose
-            actor died; no actor (or placement group made here) is left running.
+            actor died; once the ranks ran, its ``outcomes`` holds every rank's ``RankOutcome``.
+            No actor (or placement group made here) is left running.
 
     Example:
         >>> with distload.ray.load(ckpt, distload.LoadConfig(tp=4)) as model:   # doctest: +SKIP
@@ -151,9 +169,8 @@ def load(checkpoint: str, config: LoadConfig = LoadConfig(), *, num_ranks: int |
     config = config if config.device else _with_device(config, "cuda" if gpu else "cpu")
     bundle = {"GPU": 1} if gpu else {"CPU": 1}
     owns_pg = placement_group is None
-    if not owns_pg and placement_group.bundle_count < world:
-        raise ConfigError(f"the placement group has {placement_group.bundle_count} bundles, but the job has "
-                          f"{world} ranks (one bundle per rank)")
+    if not owns_pg:
+        _check_group(placement_group, world, bundle)
     pg = _make_group(ray, world, bundle, strategy, ready_timeout) if owns_pg else placement_group
     actors: list = []
     try:
@@ -162,11 +179,12 @@ def load(checkpoint: str, config: LoadConfig = LoadConfig(), *, num_ranks: int |
         node_ids, pids = [w[0] for w in where], [w[3] for w in where]
         worlds = worlds_for(node_ids, master_addr=master_addr or where[0][1], master_port=master_port or where[0][2])
         refs = [a.load.remote(checkpoint, config, w, build, progress and w.rank == 0) for a, w in zip(actors, worlds)]
-        report = _verdict(_outcomes(ray, refs), world)
+        outcomes = _outcomes(ray, refs)
+        report = _verdict(outcomes, world)
     except BaseException:
         _teardown(ray, actors, pg if owns_pg else None)
         raise
-    return RayLoaded(ray=ray, actors=actors, pids=pids, report=report, layout=layout,
+    return RayLoaded(ray=ray, actors=actors, pids=pids, report=report, outcomes=outcomes, layout=layout,
                      placement_group=pg if owns_pg else None)
 
 
@@ -176,13 +194,15 @@ class RayLoaded:
     Use it as a context manager, or call ``unload`` when done.
     """
 
-    def __init__(self, *, ray, actors: list, pids: list[int], report: LoadReport, layout: Layout,
-                 placement_group: Any) -> None:
+    def __init__(self, *, ray, actors: list, pids: list[int], report: LoadReport, outcomes: Sequence[RankOutcome],
+                 layout: Layout, placement_group: Any) -> None:
         self._ray = ray
         self._actors: list | None = actors
         self._pg = placement_group  # removed by unload: made by ``load``; None: the caller's
         self.report = report
         """the job's merged report (rank 0's; the same on every rank)"""
+        self.outcomes = tuple(outcomes)
+        """each rank's ``RankOutcome``, in rank order (each with its own report)"""
         self.layout = layout
         """the layout the ranks loaded"""
         self.pids = tuple(pids)
@@ -322,6 +342,20 @@ def _make_group(ray, world: int, bundle: dict, strategy: str, timeout: float):
     return pg
 
 
+def _check_group(pg, world: int, bundle: dict) -> None:
+    """Refuses a caller's placement group that cannot host one rank's actor in each of bundles
+    0..world-1 (its actors would wait for resources that never come)."""
+    count = pg.bundle_count
+    if count < world:
+        raise ConfigError(f"the placement group has {count} bundle{'s' if count != 1 else ''}, but the job has "
+                          f"{world} ranks (one bundle per rank)")
+    (resource, amount), = bundle.items()
+    short = [r for r, spec in enumerate(pg.bundle_specs[:world]) if spec.get(resource, 0) < amount]
+    if short:
+        raise ConfigError(f"bundles {short} of the placement group have less than {amount:g} {resource}; each rank's "
+                          f"actor needs {bundle}")
+
+
 def _resources(ray) -> str:
     res = ray.cluster_resources()
     return ", ".join(f"{k} {res[k]:g}" for k in ("CPU", "GPU") if k in res) or "no CPU or GPU"
@@ -336,41 +370,41 @@ def _start_actors(ray, pg, world: int, gpu: bool) -> list:
             for rank in range(world)]
 
 
-_LOST = object()
-"""an outcome: the rank's actor died"""
-
-
-def _outcomes(ray, refs: list) -> list:
-    """Each rank's (report, error), or ``_LOST`` for a rank whose actor died."""
+def _outcomes(ray, refs: list) -> list[RankOutcome]:
+    """Each rank's outcome, in rank order."""
     out = []
     for rank, ref in enumerate(refs):
         try:
-            out.append(ray.get(ref))
+            report, err = ray.get(ref)
         except ray.exceptions.RayActorError:
-            out.append(_LOST)
-        except ray.exceptions.RayError as err:  # a bug in the rank (not a DistloadError)
-            out.append((None, _actor_error(ray, err, rank)))
+            out.append(RankOutcome(rank=rank, lost=True))
+            continue
+        except ray.exceptions.RayError as bug:  # a bug in the rank (not a DistloadError)
+            report, err = None, _actor_error(ray, bug, rank)
+        out.append(RankOutcome(rank=rank, report=getattr(err, "report", None) if err else report, error=err))
     return out
 
 
-def _verdict(outcomes: list, world: int) -> LoadReport:
+def _verdict(outcomes: list[RankOutcome], world: int) -> LoadReport:
     """Rank 0's report when every rank loaded; else raises the reporting rank's error (the
-    lowest rank not lost, as ``distload.verdict.reporter`` chooses)."""
-    lost = {rank for rank, o in enumerate(outcomes) if o is _LOST}
-    errors = {rank: o[1] for rank, o in enumerate(outcomes) if o is not _LOST and o[1] is not None}
-    if not lost and not errors:
-        return outcomes[0][0]
+    lowest rank not lost, as ``distload.verdict.reporter`` chooses), with ``outcomes`` attached."""
+    dead = sorted(o.rank for o in outcomes if o.lost)
+    errors = {o.rank: o.error for o in outcomes if o.error is not None}
+    if not dead and not errors:
+        return outcomes[0].report
+    lost = set(dead)
     for err in errors.values():
         lost |= set(getattr(err, "lost_ranks", ()) or ())
     speaker = next((r for r in range(world) if r in errors and r not in lost), None)
     if speaker is None:
-        raise PeerFailedError(f"the actors of ranks {sorted(lost)} died and no rank reported why",
+        err = PeerFailedError(f"the actors of ranks {sorted(lost)} died and no rank reported why",
                               rank=min(lost), failed_rank=min(lost))
-    err = errors[speaker]
-    dead = sorted(r for r, o in enumerate(outcomes) if o is _LOST)
-    if dead and isinstance(err, PeerFailedError):
-        err.failed_rank = dead[0] if err.failed_rank is None else err.failed_rank
-        err.lost_ranks = tuple(dead)
+    else:
+        err = errors[speaker]
+        if dead and isinstance(err, PeerFailedError):
+            err.failed_rank = dead[0] if err.failed_rank is None else err.failed_rank
+            err.lost_ranks = tuple(dead)
+    err.outcomes = tuple(outcomes)
     raise err
 
 
@@ -409,4 +443,4 @@ def _checksum(t: torch.Tensor) -> ParamChecksum:
         flat.view(torch.uint8).numpy().tobytes()).hexdigest())
 
 
-__all__ = ["ParamChecksum", "RankActor", "RayLoaded", "load", "rendezvous", "worlds_for", "STRATEGIES"]
+__all__ = ["ParamChecksum", "RankActor", "RankOutcome", "RayLoaded", "load", "rendezvous", "worlds_for", "STRATEGIES"]

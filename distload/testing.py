@@ -1,148 +1,101 @@
-"""Multi-rank test harness: a pool of long-lived worker processes that run a function on
-N ranks of a fresh gloo job each time (importing torch once per worker, not per test).
+"""Run a function on N ranks, for distload's own tests and for users' CI (``distload.testing``).
+
+A ``RankPool`` keeps N worker processes (each imports torch once) and runs ``fn(*args)`` on
+ranks 0..world-1 of a new job per call: torchrun's variables with a fresh rendezvous port,
+and the job's default process group destroyed afterwards. Every rank's return value, or
+its exception with its traceback, comes back; a rank still running at the timeout is
+killed and named. ``fresh_processes=True`` starts new processes for every call instead.
+
+As a pytest plugin, enabled explicitly (``pytest -p distload.testing``, or
+``pytest_plugins = ["distload.testing"]`` in the root conftest.py), it adds the session
+fixture ``distload_ranks`` (a ``RankPool``) and the options ``--distload-ranks N``,
+``--distload-device cpu|cuda`` and ``--distload-timeout SECONDS`` (ini keys
+``distload_ranks``, ``distload_device``, ``distload_timeout``).
 
 Example:
-    >>> pool = RankPool(2)                      # doctest: +SKIP
-    >>> pool.run(2, my_module.job, "arg")       # doctest: +SKIP
-    [result_of_rank_0, result_of_rank_1]
+    >>> import distload
+    >>> with RankPool(2) as ranks:
+    ...     report = ranks.load(distload.example_checkpoint(), distload.LoadConfig(tp=2, device="cpu"))
+    >>> report.ok, report.layout["tp"]
+    (True, 2)
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import os
-import queue
-import socket
-import time
-import traceback
 from typing import Any, Callable
 
+from .rankpool import (DEVICES, RankFailed, RankPool, RankResult, RankTimeout, WorkerDied, free_port,
+                       load_report)
 
-def free_port() -> int:
-    """Returns a TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class RankFailed(Exception):
-    """A rank raised something that is not a DistloadError (a bug, not a finding)."""
+__all__ = ["RankFailed", "RankPool", "RankResult", "RankTimeout", "WorkerDied", "free_port", "load_report",
+           "run_ranks"]
 
 
-class WorkerDied(Exception):
-    """A rank's worker process ended (killed) before returning; it is replaced."""
+def run_ranks(world: int, fn: Callable, *args: Any, device: str = "cpu", timeout: float = 180.0,
+              env: dict[str, str] | None = None) -> list[RankResult]:
+    """Runs ``fn(*args)`` once on ``world`` new processes and returns a ``RankResult`` per rank.
 
+    Raises:
+        ConfigError: as ``RankPool`` (device).
 
-def _worker(tasks: "mp.Queue", results: "mp.Queue") -> None:
-    import torch  # imported once, here, so that jobs start fast
-
-    torch.set_num_threads(1)  # one intra-op thread per rank, as torchrun sets it
-
-    while True:
-        task = tasks.get()
-        if task is None:
-            return
-        job, rank, world, port, fn, args, env = task
-        saved = {k: os.environ.get(k) for k in (*env, "RANK", "WORLD_SIZE", "LOCAL_RANK",
-                                                 "MASTER_ADDR", "MASTER_PORT")}
-        os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), **env})
-        try:
-            results.put((job, rank, True, fn(*args)))
-        except BaseException as err:  # report everything; the test decides
-            from .errors import DistloadError
-            payload = err if isinstance(err, DistloadError) else RankFailed(
-                f"rank {rank}: {type(err).__name__}: {err}\n{traceback.format_exc()}")
-            try:
-                results.put((job, rank, False, payload))
-            except Exception:
-                results.put((job, rank, False, RankFailed(f"rank {rank}: unpicklable {err!r}")))
-        finally:
-            from .comm import destroy_default_group
-            destroy_default_group()
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-
-
-class RankPool:
-    """``size`` spawned workers; ``run(world, fn, *args)`` runs ``fn`` on ranks 0..world-1.
-
-    ``fn`` must be importable (a module-level function); it sees torchrun's variables
-    (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) for a new job.
+    Example:
+        >>> import os
+        >>> results = run_ranks(2, os.getpid)
+        >>> [r.rank for r in results], all(r.ok for r in results), results[0].value != results[1].value
+        ([0, 1], True, True)
     """
+    with RankPool(world, device=device, timeout=timeout, fresh_processes=True) as pool:
+        return pool.results(world, fn, *args, env=env)
 
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._ctx = mp.get_context("spawn")
-        self._job = 0
-        self._start()
 
-    def _start(self) -> None:
-        self._results = self._ctx.Queue()
-        self._tasks = [self._ctx.Queue() for _ in range(self.size)]
-        self._procs = [self._ctx.Process(target=_worker, args=(q, self._results), daemon=True)
-                       for q in self._tasks]
-        for p in self._procs:
-            p.start()
+# The pytest plugin: active only when enabled (-p distload.testing / pytest_plugins); no entry point.
 
-    def run(self, world: int, fn: Callable, *args: Any, env: dict[str, str] | None = None,
-            timeout: float = 180.0, raise_errors: bool = False) -> list:
-        """Runs ``fn(*args)`` on ``world`` ranks; returns results (or the exception) per rank.
+def pytest_addoption(parser) -> None:
+    group = parser.getgroup("distload", "distload multi-rank tests")
+    group.addoption("--distload-ranks", type=int, default=None, metavar="N",
+                    help="workers of the distload_ranks pool (ini distload_ranks; default 2)")
+    group.addoption("--distload-device", choices=DEVICES, default=None,
+                    help="cpu: gloo ranks; cuda: one GPU per rank (ini distload_device; default cpu)")
+    group.addoption("--distload-timeout", type=float, default=None, metavar="SECONDS",
+                    help="seconds a call may take before its ranks are killed (ini distload_timeout; default 180)")
+    parser.addini("distload_ranks", "workers of the distload_ranks pool", default="2")
+    parser.addini("distload_device", "cpu or cuda", default="cpu")
+    parser.addini("distload_timeout", "seconds a call may take before its ranks are killed", default="180")
 
-        Args:
-            raise_errors: re-raise the first rank's exception instead of returning it.
-        """
-        if world > self.size:
-            raise ValueError(f"pool has {self.size} workers, asked for world {world}")
-        self._job += 1
-        port = free_port()
-        for rank in range(world):
-            self._tasks[rank].put((self._job, rank, world, port, fn, args, dict(env or {})))
-        out: list = [None] * world
-        pending = set(range(world))
-        deadline = time.monotonic() + timeout
-        while pending:
-            try:
-                job, rank, ok, value = self._results.get(timeout=0.2)
-            except queue.Empty:
-                for rank in sorted(pending):
-                    if not self._procs[rank].is_alive():  # killed: it will never answer
-                        out[rank] = WorkerDied(f"rank {rank}'s worker died (exit code {self._procs[rank].exitcode})")
-                        pending.discard(rank)
-                        self._replace(rank)
-                if time.monotonic() > deadline:
-                    self.restart()
-                    raise TimeoutError(f"{fn.__name__} did not finish on {world} ranks within {timeout} s") from None
-                continue
-            if job != self._job or rank not in pending:
-                continue
-            out[rank] = value
-            pending.discard(rank)
-        for value in out:
-            if isinstance(value, RankFailed) or (raise_errors and isinstance(value, BaseException)):
-                raise value
-        return out
 
-    def _replace(self, rank: int) -> None:
-        self._tasks[rank] = self._ctx.Queue()
-        self._procs[rank] = self._ctx.Process(target=_worker, args=(self._tasks[rank], self._results), daemon=True)
-        self._procs[rank].start()
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "distload_gpu(n): needs n visible GPUs; skipped when there are fewer")
 
-    def restart(self) -> None:
-        """Kills every worker and starts fresh ones (after a hang)."""
-        for p in self._procs:
-            p.kill()
-        for p in self._procs:
-            p.join(timeout=5)
-        self._start()
 
-    def close(self) -> None:
-        for q in self._tasks:
-            q.put(None)
-        for p in self._procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
+def _setting(config, name: str, kind: type):
+    value = config.getoption(f"--distload-{name}")
+    return kind(config.getini(f"distload_{name}")) if value is None else value
+
+
+def _distload_ranks(request):
+    """A ``RankPool`` for the whole test session, sized by ``--distload-ranks`` / ini ``distload_ranks``."""
+    config = request.config
+    with RankPool(_setting(config, "ranks", int), device=_setting(config, "device", str),
+                  timeout=_setting(config, "timeout", float)) as pool:
+        yield pool
+
+
+def pytest_runtest_setup(item) -> None:
+    marker = item.get_closest_marker("distload_gpu")
+    if marker is not None:
+        import pytest
+        import torch
+        needed = marker.args[0] if marker.args else 1
+        if torch.cuda.device_count() < needed:
+            pytest.skip(f"needs {needed} GPUs, {torch.cuda.device_count()} visible")
+
+
+def _fixture():
+    try:
+        import pytest
+    except ImportError:  # the harness works without pytest
+        return None
+    return pytest.fixture(scope="session", name="distload_ranks")(_distload_ranks)
+
+
+distload_ranks = _fixture()

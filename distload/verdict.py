@@ -12,7 +12,7 @@ import os
 import sys
 import threading
 
-from .errors import DistloadError, PeerFailedError
+from .errors import DistloadError, LayoutError, MissingWeightsError, PeerFailedError
 from .options import Invocation
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INCOMPLETE = 0, 1, 2, 3
@@ -26,11 +26,17 @@ in a call to that host, and the interpreter's own shutdown could abort on it, so
 
 
 class Verdict:
-    """Prints and writes (atomically) this run's outcome, from the rank that reports."""
+    """Prints and writes (atomically) this run's outcome, from the rank that reports.
 
-    def __init__(self, inv: Invocation) -> None:
+    ``speaks`` says whether this rank prints (and writes a --json without {rank}); None: as
+    under torchrun, rank 0 for a report and ``reporter``'s rank for a failure. A launcher that
+    gives the verdicts of several ranks at once (Ray's driver) names the one that speaks.
+    """
+
+    def __init__(self, inv: Invocation, *, speaks: bool | None = None) -> None:
         self.inv = inv
         self.mode = "dry-run" if inv.dry_run_world is not None else "load"
+        self.speaks = speaks
 
     def started(self) -> None:
         """Replaces an earlier run's --json at once: a run killed outright must not leave it standing."""
@@ -41,11 +47,18 @@ class Verdict:
 
     def report(self, report, code: int) -> int:
         finishing.set()
-        if self.inv.rank == 0:
+        if self._speaker(0):
             print(report.format_text(), flush=True)
-        if self.inv.rank == 0 or self._per_rank:
+        if self._speaker(0) or self._per_rank:
             return self._write(report.to_json(), code)
         return code
+
+    def raised(self, err: DistloadError) -> int:
+        """The verdict of a load that raised ``err``: the report for missing weights (exit 3), else
+        the error (exit 2 for a layout that does not fit the model, 1 for any other)."""
+        if isinstance(err, MissingWeightsError):
+            return self.report(err.report, EXIT_INCOMPLETE)
+        return self.failed(EXIT_USAGE if isinstance(err, LayoutError) else EXIT_ERROR, err)
 
     def failed(self, code: int, err: DistloadError) -> int:
         finishing.set()
@@ -53,12 +66,16 @@ class Verdict:
             err = err.with_rank(self.inv.rank)
         if getattr(err, "lost_ranks", ()):
             lost_peer.set()
-        speaker = reporter(err, self.inv.world_size)
-        if self.inv.rank == speaker:
+        speaker = self._speaker(reporter(err, self.inv.world_size))
+        if speaker:
             print(f"distload: error: {err}", file=sys.stderr, flush=True)
-        if self.inv.rank == speaker or self._per_rank:
+        if speaker or self._per_rank:
             return self._write({**self._failure_fields(code), "error": error_json(err)}, code)
         return code
+
+    def _speaker(self, rank: int) -> bool:
+        """Whether this rank prints, where ``rank`` is the one that would under torchrun."""
+        return self.inv.rank == rank if self.speaks is None else self.speaks
 
     @property
     def _per_rank(self) -> bool:

@@ -138,6 +138,44 @@ def test_a_killed_actor_fails_the_load_naming_its_rank_and_leaves_nothing(ray_cl
     assert _gone(pids) and _cluster_idle()
 
 
+def test_a_placement_group_of_the_callers_hosts_the_ranks_and_is_left_in_place(ray_cluster):
+    from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+
+    pg = placement_group([{"CPU": 1}, {"CPU": 1}], strategy="STRICT_PACK")
+    ray.get(pg.ready(), timeout=60)
+    try:
+        with distload.ray.load(distload.example_checkpoint(), distload.LoadConfig(tp=2, device="cpu"),
+                               placement_group=pg) as model:
+            assert model.report.ok and model.report.layout["tp"] == 2
+            assert [(o.rank, o.error, o.lost, o.report.ok) for o in model.outcomes] == [(0, None, False, True),
+                                                                                     (1, None, False, True)]
+            pids = model.pids
+        assert _gone(pids)
+        assert placement_group_table(pg)["state"] == "CREATED"  # the caller's: unload leaves it
+    finally:
+        remove_placement_group(pg)
+    assert _cluster_idle()
+
+
+def test_a_placement_group_that_cannot_host_every_rank_is_refused_before_any_actor_starts(ray_cluster):
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    one, halves = placement_group([{"CPU": 1}]), placement_group([{"CPU": 1}, {"CPU": 0.5}])
+    try:
+        with pytest.raises(distload.ConfigError) as err:
+            distload.ray.load(distload.example_checkpoint(), distload.LoadConfig(tp=2, device="cpu"), placement_group=one)
+        assert str(err.value) == "the placement group has 1 bundle, but the job has 2 ranks (one bundle per rank)"
+        with pytest.raises(distload.ConfigError) as err:
+            distload.ray.load(distload.example_checkpoint(), distload.LoadConfig(tp=2, device="cpu"),
+                              placement_group=halves)
+        assert str(err.value) == ("bundles [1] of the placement group have less than 1 CPU; each rank's actor "
+                                  "needs {'CPU': 1}")
+    finally:
+        remove_placement_group(one)
+        remove_placement_group(halves)
+    assert _cluster_idle()
+
+
 def _ray_launch(*args: str, cwd, address: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, os.path.join(ROOT, "launch", "ray_launch.py"), *args, "--address", address,
                            "--device", "cpu", "--quiet"], cwd=cwd, capture_output=True, text=True, timeout=300,
@@ -151,16 +189,43 @@ def _torchrun_cli(*args: str, cwd) -> subprocess.Popen:
                             env={**env, "PYTHONPATH": ROOT})
 
 
+def test_sigterm_ends_the_launcher_with_143_and_every_ranks_verdict(ray_cluster, tmp_path):
+    from ray.util.placement_group import placement_group_table
+
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "launch", "ray_launch.py"), "--tp", "2", "--num-ranks",
+                             "8", "--address", ray_cluster, "--device", "cpu", "--quiet", "--json", "out-{rank}.json",
+                             "--ready-timeout", "120"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:  # 8 bundles of 1 CPU never fit the 4 CPUs: the driver waits in ray.get, where Ray has its own handlers
+        deadline = time.monotonic() + 60
+        while not any(g["state"] == "PENDING" for g in placement_group_table().values()):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.2)
+        proc.terminate()
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, stderr
+    assert stderr.splitlines()[-1] == "distload: error: interrupted: SIGTERM received [rank 0]"
+    for rank in range(8):  # every rank's file, as each torchrun rank writes on SIGTERM
+        verdict = json.loads((tmp_path / f"out-{rank}.json").read_text())
+        assert (verdict["exit_code"], verdict["rank"], verdict["error"]["message"]) == (
+            143, rank, "interrupted: SIGTERM received"), rank
+    assert _cluster_idle() and not any(g["state"] == "PENDING" for g in placement_group_table().values())
+
+
 @pytest.mark.slow  # the slowest here: three launchers in subprocesses
 def test_launcher_verdicts_equal_the_torchrun_clis(ray_cluster, tmp_path):
     bad = copy_checkpoint(distload.example_checkpoint(), str(tmp_path / "bad"))
     delete_tensors(bad, ["model.layers.1.post_attention_layernorm.weight"])
     put_tensors(bad, {"model.layers.1.extra.weight": torch.ones(4)})
-    under_torchrun = _torchrun_cli(bad, "--tp", "2", "--dp", "2", "--json", "torchrun.json", cwd=tmp_path)
+    under_torchrun = _torchrun_cli(bad, "--tp", "2", "--dp", "2", "--json", "torchrun-{rank}.json", cwd=tmp_path)
     try:  # the torchrun CLI runs alongside the two Ray launches
         ok = _ray_launch(distload.example_checkpoint(), "--tp", "2", "--num-ranks", "4", "--json", "ok.json",
                          cwd=tmp_path, address=ray_cluster)
-        on_ray = _ray_launch(bad, "--tp", "2", "--dp", "2", "--json", "ray.json", cwd=tmp_path, address=ray_cluster)
+        on_ray = _ray_launch(bad, "--tp", "2", "--dp", "2", "--json", "ray-{rank}.json", cwd=tmp_path,
+                             address=ray_cluster)
         torchrun_err = under_torchrun.communicate(timeout=300)[1]
     finally:
         under_torchrun.kill()
@@ -168,11 +233,16 @@ def test_launcher_verdicts_equal_the_torchrun_clis(ray_cluster, tmp_path):
     assert ok.stdout.startswith("distload load: COMPLETE")
     ok_report = json.loads((tmp_path / "ok.json").read_text())
     assert ok_report["ok"] and ok_report["layout"]["world_size"] == 4
+    assert sorted(p.name for p in tmp_path.glob("*.json")) == ["ok.json", *(f"{kind}-{r}.json" for kind in ("ray", "torchrun")
+                                                                            for r in range(4))]
 
     assert (on_ray.returncode, under_torchrun.returncode) == (3, 3), on_ray.stderr + torchrun_err
     assert on_ray.stdout.count("distload load: INCOMPLETE") == 1
-    ray_report = json.loads((tmp_path / "ray.json").read_text())
+    ray_report = json.loads((tmp_path / "ray-0.json").read_text())
     assert [e["name"] for e in ray_report["missing"]] == ["model.layers.1.post_attention_layernorm.weight"]
     assert ray_report["unexpected"] == [{"name": "model.layers.1.extra.weight"}]
-    assert _untimed(ray_report) == _untimed(json.loads((tmp_path / "torchrun.json").read_text()))
+    for rank in range(4):  # every rank's own file, as each torchrun rank writes it
+        ray_rank = json.loads((tmp_path / f"ray-{rank}.json").read_text())
+        assert _untimed(ray_rank) == _untimed(json.loads((tmp_path / f"torchrun-{rank}.json").read_text())), rank
+        assert _untimed(ray_rank) == _untimed(ray_report)  # the merged report, on every rank
     assert _cluster_idle()

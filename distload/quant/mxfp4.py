@@ -36,8 +36,6 @@ BLOCK = 32
 """values per e8m0 scale"""
 E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 """the value of each 4-bit code: sign bit 3, then 2 exponent bits and 1 mantissa bit"""
-E8M0_BIAS = 127
-"""a scale byte ``s`` means ``2^(s - 127)``"""
 STORED = ("blocks", "scales")
 """what the format stores per matrix ``X``: ``X_blocks``, ``X_scales``"""
 
@@ -58,8 +56,20 @@ def dequantize_blocks(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tenso
     table = torch.tensor(E2M1, dtype=torch.float32, device=blocks.device)
     codes = torch.stack((blocks & 0x0F, blocks >> 4), dim=-1).long()  # low nibble first
     values = table[codes].flatten(-2)  # [..., rows, groups, 32]
-    values = torch.ldexp(values, scales.to(torch.int32).unsqueeze(-1) - E8M0_BIAS)
-    return values.flatten(-2)
+    return (values * e8m0(scales).unsqueeze(-1)).flatten(-2)  # a power of two: exact
+
+
+def e8m0(scales: torch.Tensor) -> torch.Tensor:
+    """``2^(s - 127)`` of uint8 ``scales`` in float32, built from its bits (byte ``s`` is the float's
+    exponent field; 0 is the subnormal 2^-127), so it is exact on any device.
+
+    Example:
+        >>> e8m0(torch.tensor([0, 1, 126, 127, 130], dtype=torch.uint8)).tolist() == [2.0 ** -127, 2.0 ** -126,
+        ...                                                                              0.5, 1.0, 8.0]
+        True
+    """
+    bits = torch.where(scales > 0, scales.to(torch.int32) << 23, torch.full_like(scales, 1 << 22, dtype=torch.int32))
+    return bits.view(torch.float32)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -78,8 +78,8 @@ class Checkpoints:
     @property
     def q(self) -> str:
         if self._q is None:
-            base = write_hf_checkpoint(str(self.root / "bf16"), SPEC)
-            self._q = write_mxfp4_checkpoint(base, str(self.root / "mxfp4"))
+            self.base = write_hf_checkpoint(str(self.root / "bf16"), SPEC)
+            self._q = write_mxfp4_checkpoint(self.base, str(self.root / "mxfp4"))
         return self._q
 
     @property
@@ -383,3 +383,23 @@ def test_modules_to_not_convert_follow_transformers_rule():
     with pytest.raises(ConfigError) as err:
         quant_config({"quantization_config": {"quant_method": "mxfp4", "modules_to_not_convert": ["model.("]}})
     assert str(err.value).startswith("quant_method mxfp4 modules_to_not_convert entry 'model.(' is not a regex")
+
+
+def test_another_format_naming_the_packed_experts_is_refused_naming_them(ckpts, tmp_path):
+    """Only MXFP4 defines tensors for experts packed per layer: a compressed-tensors FP8 group whose
+    targets name gpt-oss's experts is refused, naming the fused tensor, before anything is read."""
+    ckpts.q  # the bf16 checkpoint is written with it
+    directory = copy_checkpoint(ckpts.base, str(tmp_path / "fp8"))
+    with open(os.path.join(directory, "config.json")) as f:
+        config = json.load(f)
+    config["quantization_config"] = {"quant_method": "compressed-tensors", "format": "float-quantized",
+                                     "config_groups": {"g": {"targets": ["re:.*mlp\\.experts$"], "weights": {
+                                         "num_bits": 8, "type": "float", "strategy": "channel"}}}}
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(config, f)
+    with pytest.raises(PlanError) as err:
+        dry_run(directory, LoadConfig(), world_size=1)
+    assert str(err.value).startswith("parameter model.layers.0.mlp.experts.gate_up_proj is cut from a fused "
+                                     "checkpoint tensor; serialized quantized checkpoints of fused-on-disk weights "
+                                     "are not supported")
+    assert err.value.tensor == EXPERTS.format(0) + "gate_up_proj"

@@ -121,8 +121,8 @@ class WeightGeometry:
         return source.name if self.experts is None else self.experts.name(source, expert)
 
     def companion(self, name_of: Callable[[str], str], shape_of: Callable[[int, int], tuple[int, ...]], *,
-                  out: Follow | None, inp: Follow | None,
-                  blame: Callable[[str], str] | None = None) -> tuple[tuple[Source, ...], tuple[int, ...]]:
+                  out: Follow | None, inp: Follow | None, blame: Callable[[str], str] | None = None,
+                  boxes: bool = False) -> tuple[tuple[Source, ...], tuple[int, ...]]:
         """One companion source per part, split like the weight where a dim of it follows the
         weight's split features, whole where none does; and the local shape they tile.
 
@@ -134,12 +134,14 @@ class WeightGeometry:
             out, inp: the companion's dims that follow output / input features; None: the
                 companion does not follow them (whole on every rank that splits them).
             blame: a part's checkpoint name -> the tensor a refusal names (default: the companion).
+            boxes: the format stores a weight that is an expert's box of a tensor of every expert
+                as that expert's boxes of its own tensors (MXFP4); False: such a weight is refused.
 
         Raises:
             PlanError: a TP or expert-TP shard of the weight cuts an entry of a dim that follows it,
                 naming the tensor and the degrees that keep whole entries.
         """
-        self._refuse_regions(expert_boxes=True)
+        self._refuse_regions(expert_boxes=boxes)
         cat = out.dim if out is not None else 0
         sources, offset, local = [], 0, None
         for seg in self.segments:

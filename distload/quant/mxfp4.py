@@ -92,8 +92,9 @@ class MXFP4(QuantMethod):
                                 tensor=suffixed("blocks")(g.tensor_name(seg.source)))
         rows = Follow(dim=0)
         cols = Follow(dim=1, per=BLOCK, what=f"an MXFP4 block of {BLOCK} values")
-        blocks = g.companion(suffixed("blocks"), lambda o, i: (o, i // BLOCK, BLOCK // 2), out=rows, inp=cols)
-        scales = g.companion(suffixed("scales"), lambda o, i: (o, i // BLOCK), out=rows, inp=cols)
+        blocks = g.companion(suffixed("blocks"), lambda o, i: (o, i // BLOCK, BLOCK // 2), out=rows, inp=cols,
+                             boxes=True)
+        scales = g.companion(suffixed("scales"), lambda o, i: (o, i // BLOCK), out=rows, inp=cols, boxes=True)
         return (g.declared(attr, "blocks", *blocks, torch.uint8), g.declared(attr, "scales", *scales, torch.uint8))
 
     def refusal(self, declared: Declared, info: TensorInfo) -> str | None:

@@ -212,7 +212,7 @@ def prepare(directory: str, config: LoadConfig, layout: Layout, build: ModelBuil
         peer = layout.rank(tp=coords.tp, dp=coords.dp, pp=stage)  # this rank's place in that stage
         ctx = BuildContext(config=ckpt.config, tp=layout.tp, tp_rank=coords.tp, ops=ops, dtype=dtype,
                            layout=layout, stage=stage, pipe=pipe_ops_for(layout, peer), rank=peer,
-                           stage_ops=stage_ops, experts=placements)
+                           stage_ops=stage_ops, experts=placements, quant=quant)
         try:
             model = build(ctx)
             quantized.update(quantize_model(model, quant, ckpt.tensors, dtype))

@@ -39,10 +39,11 @@ def fingerprint(ckpt: Checkpoint, layout: Layout, specs: Iterable[ParamSpec], ve
                      for t in ckpt.tensors.values())
     index = sorted((t.name, os.path.basename(t.file)) for t in ckpt.tensors.values())
     spec_rows = [(s.name, s.stage, s.shape, s.role.value, s.default, s.derived_from,
-                  [(src.name, src.shape, src.shard.dim, src.shard.num_shards, src.shard.pad, src.offset, src.region)
-                   for src in (*s.sources, *s.verify)],
+                  [(src.name, src.shape, src.shard.dim, src.shard.num_shards, src.shard.pad, src.shard.block,
+                    src.offset, src.region) for src in (*s.sources, *s.verify)],
                   None if s.experts is None else (s.experts.placement.slots, s.experts.placement.kind,
-                                                  [(p.name, p.shape, p.offset, p.region) for p in s.experts.parts]))
+                                                  [(p.name, p.shape, p.shard, p.offset, p.region)
+                                                   for p in s.experts.parts]))
                  for s in specs]
     values = (version, dict(ckpt.config), index, files, headers, layout.to_dict(), spec_rows, options)
     return Fingerprint(tuple(_digest(v) for v in values))

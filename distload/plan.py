@@ -159,6 +159,8 @@ class Plan:
         reads, defaults, zero, owned = (list(part) for part in self._dense_for(coords.tp, coords.pp))
         group, shard_i = self.layout.expert_coords(rank)
         for spec in self._expert_specs(coords.pp):
+            if any(p.shard.pad and _is_short(p, shard_i, self.layout.expert_tp) for p in spec.experts.parts):
+                zero.append(spec.name)  # whole blocks split unevenly: this shard ends in padding
             for slot, part, unit, info in self._hosted_units(spec, group, shard_i):
                 owned.append(unit)
                 if info is not None:

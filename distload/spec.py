@@ -43,6 +43,8 @@ class Shard:
         (4, 8)
         >>> Shard(dim=0, num_shards=4, pad=True).span(size=10, index=3)
         (9, 10)
+        >>> Shard(dim=0, num_shards=4, pad=True, block=32).span(size=2880, index=3)  # 23, 23, 23, 21 blocks
+        (2208, 2880)
     """
 
     dim: int | None = None
@@ -52,6 +54,9 @@ class Shard:
     pad: bool = False
     """pieces are ceil(size / num_shards) long and the last ones may be short or empty
     (vocabulary padding); otherwise the size must divide"""
+    block: int = 1
+    """with ``pad``: pieces are whole blocks of this many entries, ceil(blocks / num_shards) of them
+    (MXFP4's blocks of 32 features), the last ones fewer or none"""
 
     def index(self, tp_rank: int, tp: int) -> int:
         """Returns which piece TP rank ``tp_rank`` of ``tp`` takes."""
@@ -59,7 +64,9 @@ class Shard:
 
     def piece_len(self, size: int) -> int:
         """Returns the (padded) length of one piece along ``dim``."""
-        return -(-size // self.num_shards) if self.pad else size // self.num_shards
+        if not self.pad:
+            return size // self.num_shards
+        return -(-(-(-size // self.block)) // self.num_shards) * self.block
 
     def span(self, *, size: int, index: int) -> tuple[int, int]:
         """Returns ``[start, stop)`` of piece ``index`` along ``dim`` of a tensor of that size."""

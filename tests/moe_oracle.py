@@ -107,13 +107,19 @@ def packed_slot(t: torch.Tensor, expert: int, etp: int, shard: int, *, halves: b
     return block(piece, piece.dim() - 1, etp, shard)
 
 
-def hf_reference(directory: str, ids: torch.Tensor) -> tuple[torch.Tensor, dict[int, tuple]]:
+def hf_reference(directory: str, ids: torch.Tensor, model=None) -> tuple[torch.Tensor, dict[int, tuple]]:
     """transformers' logits (eager attention, eval, float32) and, per sparse layer, what its router
     chose: (top-k expert indices [N, k], their weights [N, k]). Top-k routers return (logits, weights,
-    indices); Llama 4's returns (scores over every expert, logits): its choice is the top-k logits'."""
+    indices); Llama 4's returns (scores over every expert, logits): its choice is the top-k logits'.
+
+    Args:
+        model: transformers' model of the checkpoint, loaded by the caller (a quantized one); None:
+            ``from_pretrained(directory)`` in float32.
+    """
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, attn_implementation="eager")
+    if model is None:
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, attn_implementation="eager")
     model.eval()
     k = model.config.num_experts_per_tok
     routes = {}

@@ -12,6 +12,7 @@ from torch import nn
 from ..comm import SINGLE_STAGE, SOLO, Collectives, PipeOps
 from ..experts import ExpertFacts, ExpertPlan
 from ..layout import Layout
+from ..quant.config import QuantConfig
 from .config import DecoderTraits
 
 
@@ -44,6 +45,9 @@ class BuildContext:
     None: linear, no redundant experts"""
     device: str = "meta"
     """build here; ``load`` materializes on the rank's device afterwards"""
+    quant: QuantConfig = QuantConfig()
+    """the checkpoint's quantization: a scheme may fix how a layer splits before it is built
+    (``QuantConfig.feature_block``); the layers are quantized after building"""
 
 
 ModelBuilder = Callable[[BuildContext], nn.Module]

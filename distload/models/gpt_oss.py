@@ -5,7 +5,8 @@ of experts in every layer, its experts packed per layer into ``mlp.experts.gate_
 and their biases, routed by ``mlp.router`` (weight and bias) with a softmax over the top-k logits.
 
 Each expert's gate/up TP shard is one contiguous column range of its region of ``gate_up_proj``
-(``layers.packed_moe``); an EP rank reads only its experts' regions.
+(``layers.packed_moe``); an EP rank reads only its experts' regions. The MXFP4 checkpoints store
+the expert matrices as ``*_blocks`` / ``*_scales`` (``quant.mxfp4``), split on whole blocks.
 """
 
 from __future__ import annotations
@@ -136,7 +137,7 @@ def build_gpt_oss(cfg: GptOssConfig, ctx: BuildContext) -> DecoderForCausalLM:
         router = TopKRouter(cfg.num_experts, h, top_k=cfg.top_k, bias=True, sigmoid=False, dtype=ctx.dtype,
                             device=ctx.device)
         experts = packed_experts(ctx, layer, hidden=h, intermediate=dec.intermediate_size, interleaved=True,
-                                 glu=cfg.glu, bias=True)
+                                 glu=cfg.glu, bias=True, path=f"model.layers.{layer}.mlp.experts")
         return "mlp", SparseMoE(router, experts, exchange, router_name="router")
 
     return DecoderForCausalLM(dec, tp=ctx.tp, tp_rank=ctx.tp_rank, ops=ctx.ops, pipe=ctx.pipe,

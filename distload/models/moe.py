@@ -176,12 +176,19 @@ def routed_experts(ctx: BuildContext, layer: int, *, hidden: int, intermediate: 
                         names=names, dtype=ctx.dtype, device=ctx.device)
 
 
-def packed_experts(ctx: BuildContext, layer: int, *, hidden: int, intermediate: int, **kwargs) -> PackedExperts:
+def packed_experts(ctx: BuildContext, layer: int, *, hidden: int, intermediate: int, path: str | None = None,
+                   **kwargs) -> PackedExperts:
     """This rank's expert slots of ``layer`` read from packed expert tensors, placed as ``ctx.experts``
-    says (``kwargs``: the packing and activation, as ``PackedExperts`` takes them)."""
+    says (``kwargs``: the packing and activation, as ``PackedExperts`` takes them).
+
+    Args:
+        path: the experts' module name; the checkpoint's scheme for it may split them on whole
+            blocks (``QuantConfig.feature_block``). None: split evenly.
+    """
     group, shard = ctx.layout.expert_coords(ctx.rank)
+    block = None if path is None else ctx.quant.feature_block(path, PackedExperts.TARGET)
     return PackedExperts(hidden, intermediate, ctx.experts.placement(layer), group=group, shard=shard,
-                         etp=ctx.layout.expert_tp, dtype=ctx.dtype, device=ctx.device, **kwargs)
+                         etp=ctx.layout.expert_tp, block=block, dtype=ctx.dtype, device=ctx.device, **kwargs)
 
 
 def build_moe_model(moe: MoEConfig, ctx: BuildContext) -> nn.Module:

@@ -34,7 +34,7 @@ def quantize_model(model: nn.Module, config: QuantConfig, tensors: Mapping[str, 
         if isinstance(module, Quantizable) and module.quantizable and config.rules:
             parts = [_module_of(spec) for spec in module.unquantized_specs(path)
                      if spec.name[len(path) + 1:] in module.QUANTIZABLE]
-            method = config.method_for(path, [p for group in parts for p in group]) if parts else None
+            method = config.method_for(path, [p for group in parts for p in group], module.TARGET) if parts else None
             if method is not None:
                 for d in module.quantize(method, path, dtype, tensors):
                     if d.spec.role is not Role.DERIVED:

@@ -12,11 +12,11 @@ Nothing here knows a format: companions are named by the format (``name_of``) an
 by the format (``shape_of`` and which of their dims follow the weight's features).
 
 Adding a format is one module (a ``QuantMethod``) and its config parsing (``quant.config``).
-MXFP4 (gpt-oss) will need, beyond the module: companions of region sources (its experts are
-regions ``at=(e,)`` of fused tensors; ``_refuse_regions`` marks the spot), ``MATRIX_DIMS`` on the
-gpt-oss experts layer (bf16 ``[E, in, out]``, blocks ``(out, in)``), and uneven splits on whole
-blocks of 32 (a padded ``Follow``; the layer's local intermediate size taken from the method
-before it is built, since ``ceil(90 / tp)`` blocks is not the bf16 spec's even split).
+A weight that is one expert's box of a tensor holding every expert (gpt-oss's packed experts)
+has companions that are the same expert's boxes of their own tensors. A format whose blocks may
+be split unevenly (MXFP4: ``ceil(blocks / tp)`` per rank, the last fewer) says so by
+``feature_block``; the layer is then built with padded shards on whole blocks (its local size is
+not the even split), and its companions follow those shards.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from ..checkpoint.header import TensorInfo
 from ..errors import PlanError
-from ..spec import ExpertSources, ParamSpec, Role, Shard, Source
+from ..spec import ExpertSources, ParamSpec, Region, Role, Shard, Source
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -121,8 +121,8 @@ class WeightGeometry:
         return source.name if self.experts is None else self.experts.name(source, expert)
 
     def companion(self, name_of: Callable[[str], str], shape_of: Callable[[int, int], tuple[int, ...]], *,
-                  out: Follow | None, inp: Follow | None,
-                  blame: Callable[[str], str] | None = None) -> tuple[tuple[Source, ...], tuple[int, ...]]:
+                  out: Follow | None, inp: Follow | None, blame: Callable[[str], str] | None = None,
+                  boxes: bool = False) -> tuple[tuple[Source, ...], tuple[int, ...]]:
         """One companion source per part, split like the weight where a dim of it follows the
         weight's split features, whole where none does; and the local shape they tile.
 
@@ -134,12 +134,14 @@ class WeightGeometry:
             out, inp: the companion's dims that follow output / input features; None: the
                 companion does not follow them (whole on every rank that splits them).
             blame: a part's checkpoint name -> the tensor a refusal names (default: the companion).
+            boxes: the format stores a weight that is an expert's box of a tensor of every expert
+                as that expert's boxes of its own tensors (MXFP4); False: such a weight is refused.
 
         Raises:
             PlanError: a TP or expert-TP shard of the weight cuts an entry of a dim that follows it,
                 naming the tensor and the degrees that keep whole entries.
         """
-        self._refuse_regions()
+        self._refuse_regions(expert_boxes=boxes)
         cat = out.dim if out is not None else 0
         sources, offset, local = [], 0, None
         for seg in self.segments:
@@ -153,18 +155,26 @@ class WeightGeometry:
             else:
                 size = full[0] if follow is out else full[1]
                 self._check_cut(p, size, follow, blame or name_of)
-                shard = Shard(dim=follow.dim, num_shards=p.shard.num_shards)
+                shard = Shard(dim=follow.dim, num_shards=p.shard.num_shards, pad=p.shard.pad,
+                              block=p.shard.block // follow.per if p.shard.pad else 1)
                 piece[follow.dim] = shard.piece_len(shape[follow.dim])
+            # an expert's box of a tensor of every expert: the companion is that expert's box of its own
+            region = None if p.region is None else Region(tensor_shape=(p.region.tensor_shape[0], *shape),
+                                                          at=p.region.at)
             sources.append(Source(name=name_of(p.name), shape=shape, shard=shard,
-                                  offset=offset if shard.dim == cat else 0))
+                                  offset=offset if shard.dim == cat else 0, region=region))
             offset += piece[cat] if piece else 0
             local = piece if local is None else [offset if d == cat else n for d, n in enumerate(local)]
         return tuple(sources), tuple(local)
 
-    def _refuse_regions(self) -> None:
+    def _refuse_regions(self, *, expert_boxes: bool = False) -> None:
         """Companions of a region (a part of a fused-on-disk tensor) would be regions of their own
-        tensors; no format declares those yet (MXFP4's fused expert tensors will)."""
-        part = next((seg.source for seg in self.segments if seg.source.region is not None), None)
+        tensors; only whole experts' boxes of a tensor of every expert have them (``expert_boxes``),
+        a range cut inside a tensor (Phi-3's q, k, v; Llama 4's gate and up halves) has none."""
+        def refused(box: Region | None) -> bool:
+            return box is not None and not (expert_boxes and self.experts is not None and box.dim is None)
+
+        part = next((seg.source for seg in self.segments if refused(seg.source.region)), None)
         if part is not None:
             raise PlanError(f"parameter {self.spec.name} is cut from a fused checkpoint tensor; serialized quantized "
                             "checkpoints of fused-on-disk weights are not supported", tensor=part.name)
@@ -172,6 +182,9 @@ class WeightGeometry:
     def _check_cut(self, p: Source, size: int, follow: Follow, name_of: Callable[[str], str]) -> None:
         n = p.shard.num_shards
         piece = p.shard.piece_len(size)
+        if p.shard.pad and n > 1 and p.shard.block % follow.per:
+            raise PlanError(f"parameter {self.spec.name} is split on blocks of {p.shard.block}, which cut "
+                            f"{follow.what} of {follow.per}", tensor=self.tensor_name(p))
         if n == 1 or piece % follow.per == 0:
             return
         axis = "tp" if self.experts is None else "expert tp"
@@ -239,6 +252,10 @@ class QuantMethod:
 
     name: str = ""
     """the scheme, as reports and errors name it"""
+    feature_block: int | None = None
+    """a TP shard of a weight in this format may end unevenly, on whole blocks of this many
+    features (each rank ``ceil(blocks / tp)``, the last fewer, padded with zeros); the layer asks
+    before it is built (``QuantConfig.feature_block``). None: the layer's own even split"""
 
     def declare(self, attr: str, geometry: WeightGeometry, model_dtype: torch.dtype) -> tuple[Declared, ...]:
         """Every parameter replacing the unquantized weight ``attr`` (the weight itself where it is kept).

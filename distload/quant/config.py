@@ -6,7 +6,8 @@ compressed-tensors`` in the ``float-quantized`` format (FP8 weights per tensor, 
 channel or per block; dynamic activations, or static per-tensor ``input_scale``) and the
 ``pack-quantized`` format (int4 / int8 weights, per group or channel, symmetric or not;
 ``quant.packed``), ``quant_method: gptq`` (4 / 8 bits, ``desc_act``, both zero-point
-conventions; ``quant.gptq``), online FP8 of an unquantized checkpoint, and FP8 KV-cache scales.
+conventions; ``quant.gptq``), ``quant_method: mxfp4`` (gpt-oss's packed experts; ``quant.mxfp4``),
+online FP8 of an unquantized checkpoint, and FP8 KV-cache scales.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from .base import QuantMethod
 from . import gptq, packed
 from .fp8 import OnlineFP8, SerializedFP8
 from .gptq import GPTQ
+from .mxfp4 import MXFP4
 from .packed import PackedInt
 
-FORMATS: tuple[type[QuantMethod], ...] = (SerializedFP8, OnlineFP8, PackedInt, GPTQ)
+FORMATS: tuple[type[QuantMethod], ...] = (SerializedFP8, OnlineFP8, PackedInt, GPTQ, MXFP4)
 """every scheme class (asked about tensors no scheme declared: ``QuantMethod.unquantized_refusal``)"""
-QUANT_METHODS = ("fp8", "compressed-tensors", "gptq")
+QUANT_METHODS = ("fp8", "compressed-tensors", "gptq", "mxfp4")
 """``quant_method`` values of config.json that load"""
 CT_FORMATS = ("float-quantized", "pack-quantized")
 """compressed-tensors storage formats that load"""
@@ -42,7 +44,8 @@ class Rule:
 
     method: QuantMethod
     targets: tuple[str, ...]
-    """``Linear`` (every quantizable layer), exact module names, or ``re:`` regexes"""
+    """a kind of layer (``Linear``: every quantizable linear; ``PackedExperts``: experts packed per
+    layer, see ``Quantizable.TARGET``), exact module names, or ``re:`` regexes"""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -56,38 +59,50 @@ class QuantConfig:
     name fragments"""
     ignore_fragments: bool = False
     """``ignore`` entries match any module whose name contains them (transformers' FP8 rule)"""
+    ignore_patterns: bool = False
+    """``ignore`` entries are regexes matching a module name from its start to a dot or its end,
+    or the name's suffix (transformers' ``modules_to_not_convert`` rule for mxfp4)"""
     kv_cache_fp8: bool = False
     """attention declares ``k_scale`` / ``v_scale``"""
     description: str = ""
     """for the report"""
 
-    def method_for(self, module: str, parts: Sequence[str]) -> QuantMethod | None:
+    def method_for(self, module: str, parts: Sequence[str], target: str = "Linear") -> QuantMethod | None:
         """The scheme of the layer at ``module`` whose weight is made of checkpoint modules ``parts``
-        (q_proj, k_proj, v_proj of a fused QKV); None: unquantized.
+        (q_proj, k_proj, v_proj of a fused QKV), a layer of the kind ``target``; None: unquantized.
 
         Raises:
             ConfigError: the parts of one fused layer are not all quantized the same way.
         """
-        chosen = {p: self._match(p) for p in parts}
+        chosen = {p: self._match(p, target) for p in parts}
         if len(set(chosen.values())) > 1:  # schemes compare by value (two groups may repeat one)
             listed = ", ".join(f"{p}: {m.name if m else 'unquantized'}" for p, m in chosen.items())
             raise ConfigError(f"the parts of the fused layer {module} are quantized differently ({listed}); "
                               "they must share one scheme")
         return chosen[parts[0]]
 
-    def _match(self, name: str) -> QuantMethod | None:
-        if any(_matches(name, pattern, fragment=self.ignore_fragments) for pattern in self.ignore):
+    def feature_block(self, module: str, target: str) -> int | None:
+        """The block of features on which the scheme of the layer at ``module`` (a ``target``) lets a
+        TP shard end unevenly (``QuantMethod.feature_block``); None: the layer splits evenly."""
+        method = self._match(module, target)
+        return None if method is None else method.feature_block
+
+    def _match(self, name: str, target: str) -> QuantMethod | None:
+        if any(_matches(name, p, fragment=self.ignore_fragments, prefix=self.ignore_patterns) for p in self.ignore):
             return None
         for rule in self.rules:
-            if any(t == "Linear" or _matches(name, t, fragment=False) for t in rule.targets):
+            if any(t == target or _matches(name, t, fragment=False) for t in rule.targets):
                 return rule.method
         return None
 
 
-def _matches(name: str, pattern: str, *, fragment: bool) -> bool:
+def _matches(name: str, pattern: str, *, fragment: bool, prefix: bool = False) -> bool:
     """``re:`` patterns match from the start of the name; others the whole name, or with
     ``fragment`` a run of whole dotted components (``mlp.gate`` is not ``mlp.gate_proj``,
-    ``model.layers.1`` is not ``model.layers.12``)."""
+    ``model.layers.1`` is not ``model.layers.12``), or with ``prefix`` as a regex from the
+    start up to a dot or the end (``model.layers.*.self_attn``), or as the name's suffix."""
+    if prefix:
+        return re.match(f"(?:{pattern})(?:(?<=\\.)|(?=\\.|$))", name) is not None or name.endswith(pattern)
     if pattern.startswith("re:"):
         return re.match(pattern[3:], name) is not None
     if fragment:
@@ -135,6 +150,8 @@ def quant_config(model_config: Mapping, *, quantize: str | None = None, kv_cache
         scheme, targets = gptq.parse(q)
         return QuantConfig(rules=(Rule(method=scheme, targets=targets),), ignore=("lm_head",), kv_cache_fp8=kv,
                            description=scheme.name)
+    if method == "mxfp4":
+        return _mxfp4(q, kv)
     raise ConfigError(f"config.json quantization_config quant_method {method!r} is not supported "
                       f"(supported: {', '.join(QUANT_METHODS)}; or load an unquantized checkpoint with --quantize fp8)")
 
@@ -211,6 +228,24 @@ def _ct_scheme(group: str, spec: Mapping) -> SerializedFP8:
     label = f"fp8 {strategy}" + (f" {block[0]}x{block[1]}" if strategy == "block" else "") + \
         (", static input" if static else ", dynamic input" if act else ", weight-only")
     return SerializedFP8(strategy=strategy, block=block, static_input=static, scale_suffix="weight_scale", name=label)
+
+
+def _mxfp4(q: Mapping, kv: bool) -> QuantConfig:
+    """transformers' rule: every packed experts layer (gpt-oss's) but those ``modules_to_not_convert``
+    names; attention, routers, embeddings and the head are never MXFP4.
+
+    Raises:
+        ConfigError: ``modules_to_not_convert`` is not a list of names, or one is not a regex.
+    """
+    ignore = _names(q.get("modules_to_not_convert") or (), "modules_to_not_convert")
+    for pattern in ignore:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ConfigError(f"quant_method mxfp4 modules_to_not_convert entry {pattern!r} is not a regex ({err})")
+    method = MXFP4()
+    return QuantConfig(rules=(Rule(method=method, targets=("PackedExperts",)),), ignore=ignore, ignore_patterns=True,
+                       kv_cache_fp8=kv, description=method.name)
 
 
 def _names(value, key: str) -> tuple[str, ...]:

@@ -27,6 +27,8 @@ class Quantizable(SpecProvider, PostLoad):
     """
 
     QUANTIZABLE: tuple[str, ...] = ("weight",)
+    TARGET: str = "Linear"
+    """the kind of layer a config's targets name (compressed-tensors' ``Linear``; ``PackedExperts``)"""
     MATRIX_DIMS: dict[str, tuple[int, int]] = {}
     """(output dim, input dim) of a quantizable weight (per expert) that is not ``(out, in)``"""
     quant: QuantMethod | None = None

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any, Callable
 
-DEVICES = ("cpu", "cuda")
+DEVICES = ("auto", "cpu", "cuda")
 """where ranks run: ``cpu`` (gloo), ``cuda`` (NCCL, one GPU per rank)"""
 
 
@@ -104,8 +104,9 @@ class RankPool:
 
     Args:
         size: the number of workers, the largest world a call can ask for.
-        device: ``cpu`` (gloo) or ``cuda``: one visible GPU per rank, ``torch.cuda.set_device
-            (LOCAL_RANK)`` before ``fn``, and distload's loads use NCCL.
+        device: ``cpu`` (gloo), ``cuda`` (one visible GPU per rank, ``torch.cuda.set_device
+            (LOCAL_RANK)`` before ``fn``, and distload's loads use NCCL), or ``auto``: ``cuda``
+            when at least ``size`` GPUs are visible, else ``cpu``.
         timeout: default seconds a call may take before its unfinished ranks are killed (counted
             once its workers have started: a worker's start, torch's import, is not timed).
         fresh_processes: start ``world`` new processes for every call (and end them after it)
@@ -115,15 +116,17 @@ class RankPool:
         ConfigError: an unknown device, or ``cuda`` with fewer visible GPUs than ``size``.
     """
 
-    def __init__(self, size: int, *, device: str = "cpu", timeout: float = 180.0,
+    def __init__(self, size: int, *, device: str = "auto", timeout: float = 180.0,
                  fresh_processes: bool = False) -> None:
         from .errors import ConfigError
 
         if device not in DEVICES:
             raise ConfigError(f"RankPool device must be one of {', '.join(DEVICES)}, not {device!r}")
-        if device == "cuda":
+        if device != "cpu":
             import torch
-            if torch.cuda.device_count() < size:
+            if device == "auto":
+                device = "cuda" if torch.cuda.device_count() >= size else "cpu"
+            elif torch.cuda.device_count() < size:
                 raise ConfigError(f"RankPool(device='cuda') of {size} ranks needs {size} visible GPUs, "
                                   f"found {torch.cuda.device_count()}")
         self.size = size

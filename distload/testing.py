@@ -9,7 +9,8 @@ killed and named. ``fresh_processes=True`` starts new processes for every call i
 As a pytest plugin, enabled explicitly (``pytest -p distload.testing``, or
 ``pytest_plugins = ["distload.testing"]`` in the root conftest.py), it adds the session
 fixture ``distload_ranks`` (a ``RankPool``) and the options ``--distload-ranks N``,
-``--distload-device cpu|cuda`` and ``--distload-timeout SECONDS`` (ini keys
+``--distload-device auto|cpu|cuda`` (``auto``, the default: one GPU per rank with NCCL
+when there are enough, else gloo on the CPU) and ``--distload-timeout SECONDS`` (ini keys
 ``distload_ranks``, ``distload_device``, ``distload_timeout``).
 
 Example:
@@ -31,7 +32,7 @@ __all__ = ["RankFailed", "RankPool", "RankResult", "RankTimeout", "WorkerDied", 
            "run_ranks"]
 
 
-def run_ranks(world: int, fn: Callable, *args: Any, device: str = "cpu", timeout: float = 180.0,
+def run_ranks(world: int, fn: Callable, *args: Any, device: str = "auto", timeout: float = 180.0,
               env: dict[str, str] | None = None) -> list[RankResult]:
     """Runs ``fn(*args)`` once on ``world`` new processes and returns a ``RankResult`` per rank.
 
@@ -55,11 +56,12 @@ def pytest_addoption(parser) -> None:
     group.addoption("--distload-ranks", type=int, default=None, metavar="N",
                     help="workers of the distload_ranks pool (ini distload_ranks; default 2)")
     group.addoption("--distload-device", choices=DEVICES, default=None,
-                    help="cpu: gloo ranks; cuda: one GPU per rank (ini distload_device; default cpu)")
+                    help="cpu: gloo ranks; cuda: one GPU per rank; auto: cuda when there are enough GPUs, "
+                         "else cpu (ini distload_device; default auto)")
     group.addoption("--distload-timeout", type=float, default=None, metavar="SECONDS",
                     help="seconds a call may take before its ranks are killed (ini distload_timeout; default 180)")
     parser.addini("distload_ranks", "workers of the distload_ranks pool", default="2")
-    parser.addini("distload_device", "cpu or cuda", default="cpu")
+    parser.addini("distload_device", "auto, cpu or cuda", default="auto")
     parser.addini("distload_timeout", "seconds a call may take before its ranks are killed", default="180")
 
 

@@ -12,7 +12,7 @@ def pool():
     """Eight long-lived gloo workers shared by every multi-rank test."""
     from distload.testing import RankPool
 
-    p = RankPool(8)
+    p = RankPool(8, device="cpu")  # distload's own multi-rank tests are gloo tests
     yield p
     p.close()
 

@@ -125,7 +125,7 @@ def test_fresh_processes_per_call_and_none_left():
 
 
 def test_device_errors_are_config_errors():
-    with pytest.raises(distload.ConfigError, match=r"^RankPool device must be one of cpu, cuda, not 'tpu'$"):
+    with pytest.raises(distload.ConfigError, match=r"^RankPool device must be one of auto, cpu, cuda, not 'tpu'$"):
         RankPool(2, device="tpu")
     import torch
     if torch.cuda.device_count() < 64:
@@ -133,6 +133,14 @@ def test_device_errors_are_config_errors():
             RankPool(64, device="cuda")
         assert str(info.value) == (f"RankPool(device='cuda') of 64 ranks needs 64 visible GPUs, "
                                    f"found {torch.cuda.device_count()}")
+
+
+def test_auto_takes_gpus_only_when_there_is_one_per_rank():
+    import torch
+    with RankPool(1, device="auto") as pool:
+        assert pool.device == ("cuda" if torch.cuda.device_count() >= 1 else "cpu")
+    with RankPool(torch.cuda.device_count() + 1, device="auto") as pool:
+        assert pool.device == "cpu"
 
 
 def _gpus() -> int:

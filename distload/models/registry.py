@@ -16,6 +16,7 @@ from ..layout import Layout
 from .arch import Architecture, BuildContext, ModelBuilder
 from .deepseek import DEEPSEEK_V3
 from .fields import Fields
+from .gemma3 import GEMMA3_TEXT
 from .llama import LLAMA, MISTRAL, QWEN2, QWEN3
 from .moe import MIXTRAL, QWEN2_MOE, QWEN3_MOE
 from .phi3 import PHI3
@@ -42,6 +43,7 @@ register(QWEN2_MOE)
 register(QWEN3_MOE)
 register(DEEPSEEK_V3)
 register(PHI3)
+register(GEMMA3_TEXT)
 
 
 def supported_model_types() -> tuple[str, ...]:

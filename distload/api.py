@@ -25,7 +25,8 @@ from .errors import ConfigError, DistloadError, LayoutError, MissingWeightsError
 from .execute import ExecResult, Executor
 from .expert_map import expert_plan
 from .layout import Layout
-from .models import BuildContext, ModelBuilder, check_config, default_ignores, expert_facts, reference_model
+from .models import (BuildContext, ModelBuilder, check_config, default_ignores, expert_facts, model_notes,
+                     reference_model)
 from .fingerprint import Fingerprint, fingerprint
 from .plan import Plan, RankPlan, plan as make_plan
 from .quant import quant_config
@@ -295,10 +296,11 @@ def _merge(comm: Comm, config: LoadConfig, layout: Layout, ckpt: Checkpoint, pla
     merge_seconds = time.perf_counter() - merge_start
     verification = verify.merge(comm, checks, hashed) if checks is not None and hashed is not None else None
     notes = tuple(f"cast {c} while loading (model dtype differs from the checkpoint's)" for c in result.casts)
-    notes += quant_notes(ckpt, config)
+    notes += load_notes(ckpt, config)
     report = LoadReport(mode="load", checkpoint=ckpt.directory, layout=layout.to_dict(),
                         tracked=config.track_enabled, num_units=len(plan.units), findings=findings,
-                        unexpected=plan.unexpected, ignored=plan.ignored, notes=notes, ranks=(),
+                        unexpected=plan.unexpected, ignored=plan.ignored, ignored_rules=plan.ignore_rules,
+                        notes=notes, ranks=(),
                         seconds=0.0, strict=config.strict, verification=verification)
     if report.ok:
         after_merge()
@@ -314,6 +316,11 @@ def _merge(comm: Comm, config: LoadConfig, layout: Layout, ckpt: Checkpoint, pla
                             hash_seconds=float(s[9]))
                   for r, s in enumerate(stats.tolist()))
     return dataclasses.replace(report, ranks=ranks, seconds=time.perf_counter() - start)
+
+
+def load_notes(ckpt: Checkpoint, config: LoadConfig) -> tuple[str, ...]:
+    """Report notes on the model loaded (which part of a multimodal checkpoint) and its quantization."""
+    return model_notes(ckpt.config) + quant_notes(ckpt, config)
 
 
 def quant_notes(ckpt: Checkpoint, config: LoadConfig) -> tuple[str, ...]:

@@ -40,7 +40,8 @@ class HFSpec:
 CONFIG_CLASSES = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config",
                   "mistral": "MistralConfig", "mixtral": "MixtralConfig", "qwen2_moe": "Qwen2MoeConfig",
                   "qwen3_moe": "Qwen3MoeConfig", "deepseek_v3": "DeepseekV3Config",
-                  "phi3": "Phi3Config", "gemma3_text": "Gemma3TextConfig"}
+                  "phi3": "Phi3Config", "gemma3_text": "Gemma3TextConfig",
+                  "llama4_text": "Llama4TextConfig"}
 """model_type -> transformers config class; MoE sizes (experts, top-k, expert widths) go in ``extra``"""
 
 NO_HEAD_DIM = {"deepseek_v3"}

@@ -186,7 +186,8 @@ def test_stray_tensor_is_unexpected_and_fails_under_strict(pool, ckpts):
         assert r["raised"] is False
         assert r["report"]["complete"] is True and r["report"]["ok"] is True
         assert r["report"]["unexpected"] == [{"name": "model.layers.0.mlp.stray.weight"}]
-        assert r["report"]["ignored"] == [{"name": "model.layers.0.self_attn.rotary_emb.inv_freq"}]
+        assert r["report"]["ignored"] == [{"name": "model.layers.0.self_attn.rotary_emb.inv_freq",
+                                           "rule": r"(^|\.)rotary_emb\.(inv_freq|original_inv_freq)$"}]
         assert r["report"]["missing"] == [] and r["report"]["inconsistent"] == []
 
     strict = pool.run(2, jobs.load_outcome, directory, 2, {"strict": True})

@@ -30,8 +30,10 @@ from .models import (BuildContext, ModelBuilder, check_config, default_ignores, 
 from .fingerprint import Fingerprint, fingerprint
 from .plan import Plan, RankPlan, plan as make_plan
 from .quant import quant_config
+from .quant.config import QuantConfig
 from .quant.apply import check_stored, process_after_loading, quantize_model
 from .report import LoadReport, RankStats
+from .rules import bind_rules, rules_builder, rules_note
 from .spec import ParamSpec, collect_specs
 
 
@@ -192,15 +194,21 @@ def prepare(directory: str, config: LoadConfig, layout: Layout, build: ModelBuil
     ckpt = open_checkpoint(directory, allow_pickle=config.allow_pickle_format)
     dtype = config.torch_dtype() or checkpoint_dtype(ckpt)
     config_json = os.path.join(ckpt.directory, "config.json")
-    try:
-        quant = quant_config(ckpt.config, quantize=config.quantize, kv_cache_dtype=config.kv_cache_dtype)
-        if build is reference_model:  # every field typed and the layer count bounded, before any layer is built
-            check_config(ckpt.config, ckpt.tensors)
-        experts = expert_facts(ckpt.config)
-        model_ignores = default_ignores(ckpt.config)
-    except ConfigError as err:
-        err.file = err.file or config_json
-        raise
+    if config.rules is not None:  # rules say how each tensor splits: no model class
+        if build is not reference_model:
+            raise ConfigError("LoadConfig.rules and a model builder both say what to load; give one")
+        bound = bind_rules(config, ckpt, layout, config_json)
+        build, experts, model_ignores, quant = rules_builder(bound, config), bound.facts, bound.ignores, QuantConfig()
+    else:
+        try:
+            quant = quant_config(ckpt.config, quantize=config.quantize, kv_cache_dtype=config.kv_cache_dtype)
+            if build is reference_model:  # every field typed and the layer count bounded, before any layer is built
+                check_config(ckpt.config, ckpt.tensors)
+            experts = expert_facts(ckpt.config)
+            model_ignores = default_ignores(ckpt.config)
+        except ConfigError as err:
+            err.file = err.file or config_json
+            raise
     quantized: dict = {}  # checkpoint name -> the scheme and parameter reading it
     coords = layout.coords(rank)
     placements = expert_plan(experts, ep=layout.ep, placement=config.expert_placement,
@@ -226,7 +234,8 @@ def prepare(directory: str, config: LoadConfig, layout: Layout, build: ModelBuil
             mine = model
     assert mine is not None
     _refuse_expert_options(config, specs, ckpt.config)
-    check_stored(specs, ckpt.tensors, quantized)
+    if config.rules is None:  # rules mode loads each tensor as stored
+        check_stored(specs, ckpt.tensors, quantized)
     # every stage's casts, on every rank: a load and a dry run refuse the same ones, before any read
     refuse_casts(zip(specs, dtypes), ckpt.tensors, strict_dtype=config.strict_dtype)
     ignore = (*model_ignores, *config.ignore)
@@ -319,7 +328,10 @@ def _merge(comm: Comm, config: LoadConfig, layout: Layout, ckpt: Checkpoint, pla
 
 
 def load_notes(ckpt: Checkpoint, config: LoadConfig) -> tuple[str, ...]:
-    """Report notes on the model loaded (which part of a multimodal checkpoint) and its quantization."""
+    """Report notes on the model loaded (which part of a multimodal checkpoint, or rules mode) and its
+    quantization."""
+    if config.rules is not None:
+        return (rules_note(config),)
     return model_notes(ckpt.config) + quant_notes(ckpt, config)
 
 

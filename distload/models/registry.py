@@ -58,12 +58,13 @@ def architecture(config: Mapping) -> Architecture:
     """The description of ``config['model_type']``.
 
     Raises:
-        ConfigError: the model type is unknown (the message lists the supported ones).
+        ConfigError: the model type is unknown (the message lists the built-in ones and names rules mode).
     """
     arch = _known(config)
     if arch is None:
-        raise ConfigError(f"config.json model_type {config.get('model_type')!r} is not supported "
-                          f"(supported: {', '.join(supported_model_types())})")
+        raise ConfigError(f"config.json model_type {config.get('model_type')!r} has no built-in model (built in: "
+                          f"{', '.join(supported_model_types())}); to load it anyway, give a rules file saying how "
+                          "its tensors split: --rules rules.json, or LoadConfig(rules=...)")
     return arch
 
 

@@ -142,11 +142,13 @@ def wrapped(wrapper: Wrapper, decoders: Callable[[str], Architecture | None]) ->
 
 
 GEMMA3 = Wrapper(model_type="gemma3", text_model_type="gemma3_text", prefix="language_model.",
-                 ignored_parts=(("vision tower", r"^vision_tower\."), ("multimodal projector", r"^multi_modal_projector\.")),
+                 ignored_parts=(("vision tower", r"^vision_tower\."),
+                                ("multimodal projector", r"^multi_modal_projector\.")),
                  tie_word_embeddings=True)
 """Gemma 3 4B and larger: a SigLIP vision tower and a projector beside the text model"""
 
 LLAMA4 = Wrapper(model_type="llama4", text_model_type="llama4_text", prefix="language_model.",
-                 ignored_parts=(("vision model", r"^vision_model\."), ("multimodal projector", r"^multi_modal_projector\.")),
+                 ignored_parts=(("vision model", r"^vision_model\."),
+                                ("multimodal projector", r"^multi_modal_projector\.")),
                  tie_word_embeddings=False)
 """Llama 4 Scout and Maverick: a vision model and a projector beside the text model"""

@@ -120,3 +120,26 @@ def test_an_unsupported_rope_type_is_named():
         architecture(config).read(config, architecture(config))
     assert str(err.value) == ("config.json rope_scaling.rope_type 'yarn' is not supported for gemma3_text "
                               "(supported: default, linear)")
+
+
+def test_the_embedding_is_scaled_in_its_own_dtype_as_transformers_scales_it():
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3TextScaledWordEmbedding
+
+    from distload.models import build_model
+
+    hidden = 2560  # sqrt(2560) = 50.596 is 50.5 in bfloat16
+    config = {"model_type": "gemma3_text", "vocab_size": 8, "hidden_size": hidden, "intermediate_size": 8,
+              "num_hidden_layers": 1, "num_attention_heads": 1, "num_key_value_heads": 1, "head_dim": 8}
+    model = build_model(config, dtype=torch.bfloat16, device="cpu")
+    theirs = Gemma3TextScaledWordEmbedding(8, hidden, 0, embed_scale=hidden ** 0.5).to(torch.bfloat16)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p))
+        theirs.weight.copy_(model.model.embed_tokens.weight)
+    seen = []
+    model.model.layers["0"].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    ids = torch.tensor([[0, 3, 7]])
+    with torch.no_grad():
+        model(ids)
+        assert torch.equal(seen[0], theirs(ids))
+        assert not torch.equal(seen[0], model.model.embed_tokens(ids) * hidden ** 0.5)  # the rounding matters

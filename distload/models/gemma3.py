@@ -226,7 +226,8 @@ class Gemma3ForCausalLM(nn.Module):
         dec = self.config.decoder
         if self.pipe.first:
             x = self.model.embed_tokens(input_ids)
-            x = x * torch.tensor(math.sqrt(dec.hidden_size), dtype=x.dtype)  # rounded to the dtype, as transformers
+            # a float32 scale rounded to the embedding's dtype (bf16: sqrt(2560) is 50.5), as transformers
+            x = x * torch.tensor(math.sqrt(dec.hidden_size), dtype=torch.float32).to(x.dtype)
         else:
             weight = next(self.parameters())
             x = self.pipe.recv_prev((b, s, dec.hidden_size), weight.dtype, weight.device)

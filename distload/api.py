@@ -25,12 +25,15 @@ from .errors import ConfigError, DistloadError, LayoutError, MissingWeightsError
 from .execute import ExecResult, Executor
 from .expert_map import expert_plan
 from .layout import Layout
-from .models import BuildContext, ModelBuilder, check_config, default_ignores, expert_facts, reference_model
+from .models import (BuildContext, ModelBuilder, check_config, default_ignores, expert_facts, model_notes,
+                     reference_model)
 from .fingerprint import Fingerprint, fingerprint
 from .plan import Plan, RankPlan, plan as make_plan
 from .quant import quant_config
+from .quant.config import QuantConfig
 from .quant.apply import check_stored, process_after_loading, quantize_model
 from .report import LoadReport, RankStats
+from .rules import bind_rules, rules_builder, rules_note
 from .spec import ParamSpec, collect_specs
 
 
@@ -191,15 +194,21 @@ def prepare(directory: str, config: LoadConfig, layout: Layout, build: ModelBuil
     ckpt = open_checkpoint(directory, allow_pickle=config.allow_pickle_format)
     dtype = config.torch_dtype() or checkpoint_dtype(ckpt)
     config_json = os.path.join(ckpt.directory, "config.json")
-    try:
-        quant = quant_config(ckpt.config, quantize=config.quantize, kv_cache_dtype=config.kv_cache_dtype)
-        if build is reference_model:  # every field typed and the layer count bounded, before any layer is built
-            check_config(ckpt.config, ckpt.tensors)
-        experts = expert_facts(ckpt.config)
-        model_ignores = default_ignores(ckpt.config)
-    except ConfigError as err:
-        err.file = err.file or config_json
-        raise
+    if config.rules is not None:  # rules say how each tensor splits: no model class
+        if build is not reference_model:
+            raise ConfigError("LoadConfig.rules and a model builder both say what to load; give one")
+        bound = bind_rules(config, ckpt, layout, config_json)
+        build, experts, model_ignores, quant = rules_builder(bound, config), bound.facts, bound.ignores, QuantConfig()
+    else:
+        try:
+            quant = quant_config(ckpt.config, quantize=config.quantize, kv_cache_dtype=config.kv_cache_dtype)
+            if build is reference_model:  # every field typed and the layer count bounded, before any layer is built
+                check_config(ckpt.config, ckpt.tensors)
+            experts = expert_facts(ckpt.config)
+            model_ignores = default_ignores(ckpt.config)
+        except ConfigError as err:
+            err.file = err.file or config_json
+            raise
     quantized: dict = {}  # checkpoint name -> the scheme and parameter reading it
     coords = layout.coords(rank)
     placements = expert_plan(experts, ep=layout.ep, placement=config.expert_placement,
@@ -225,7 +234,8 @@ def prepare(directory: str, config: LoadConfig, layout: Layout, build: ModelBuil
             mine = model
     assert mine is not None
     _refuse_expert_options(config, specs, ckpt.config)
-    check_stored(specs, ckpt.tensors, quantized)
+    if config.rules is None:  # rules mode loads each tensor as stored
+        check_stored(specs, ckpt.tensors, quantized)
     # every stage's casts, on every rank: a load and a dry run refuse the same ones, before any read
     refuse_casts(zip(specs, dtypes), ckpt.tensors, strict_dtype=config.strict_dtype)
     ignore = (*model_ignores, *config.ignore)
@@ -295,10 +305,11 @@ def _merge(comm: Comm, config: LoadConfig, layout: Layout, ckpt: Checkpoint, pla
     merge_seconds = time.perf_counter() - merge_start
     verification = verify.merge(comm, checks, hashed) if checks is not None and hashed is not None else None
     notes = tuple(f"cast {c} while loading (model dtype differs from the checkpoint's)" for c in result.casts)
-    notes += quant_notes(ckpt, config)
+    notes += load_notes(ckpt, config)
     report = LoadReport(mode="load", checkpoint=ckpt.directory, layout=layout.to_dict(),
                         tracked=config.track_enabled, num_units=len(plan.units), findings=findings,
-                        unexpected=plan.unexpected, ignored=plan.ignored, notes=notes, ranks=(),
+                        unexpected=plan.unexpected, ignored=plan.ignored, ignored_rules=plan.ignore_rules,
+                        notes=notes, ranks=(),
                         seconds=0.0, strict=config.strict, verification=verification)
     if report.ok:
         after_merge()
@@ -314,6 +325,14 @@ def _merge(comm: Comm, config: LoadConfig, layout: Layout, ckpt: Checkpoint, pla
                             hash_seconds=float(s[9]))
                   for r, s in enumerate(stats.tolist()))
     return dataclasses.replace(report, ranks=ranks, seconds=time.perf_counter() - start)
+
+
+def load_notes(ckpt: Checkpoint, config: LoadConfig) -> tuple[str, ...]:
+    """Report notes on the model loaded (which part of a multimodal checkpoint, or rules mode) and its
+    quantization."""
+    if config.rules is not None:
+        return (rules_note(config),)
+    return model_notes(ckpt.config) + quant_notes(ckpt, config)
 
 
 def quant_notes(ckpt: Checkpoint, config: LoadConfig) -> tuple[str, ...]:

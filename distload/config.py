@@ -100,6 +100,10 @@ class LoadConfig:
     """hash config.json, the index and every weight file whole, beside the reads, against the
     Hugging Face cache's blob names or the checkpoint's distload-manifest.json; a file that
     differs fails the load (also the extra-config key ``verify_checksums``)"""
+    rules: "str | Mapping | None" = None
+    """a rules file (path) or rules document (mapping) saying how each checkpoint tensor splits: load
+    per-rank sharded state dicts of a model type without a built-in class (``--rules``; see
+    ``distload.rules``); None: the reference model of config.json's model_type"""
     skip_units: Mapping[int, tuple[str, ...]] = field(default_factory=dict)
     """test hook: rank -> checkpoint names that rank pretends not to load (``name[label]``: only
     that region of a fused tensor, e.g. ``...qkv_proj.weight[k]``)"""
@@ -148,6 +152,8 @@ class LoadConfig:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ConfigError(f"kv_cache_dtype {self.kv_cache_dtype!r} is not supported "
                               f"(supported: {', '.join(KV_CACHE_DTYPES)})")
+        if not (self.rules is None or isinstance(self.rules, Mapping) or isinstance(self.rules, str) and self.rules):
+            raise ConfigError(f"rules must be a rules file path or a rules document (a mapping), got {self.rules!r}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ConfigError(f"dtype {self.dtype!r} is not supported (supported: {', '.join(DTYPES)})")
 

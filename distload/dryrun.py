@@ -33,7 +33,7 @@ def dry_run(checkpoint: str, config: LoadConfig = LoadConfig(), *, world_size: i
         >>> r.mode, r.complete, [(c.rank, c.num_ranks) for c in r.ranks]  # one row per TP index
         ('dry-run', True, [(0, 4), (1, 4)])
     """
-    from .api import prepare, quant_notes
+    from .api import load_notes, prepare
 
     start = time.perf_counter()
     layout = config.layout(world_size)
@@ -60,7 +60,8 @@ def dry_run(checkpoint: str, config: LoadConfig = LoadConfig(), *, world_size: i
         findings = tracking.findings(plan, verdict, None)
     return LoadReport(mode="dry-run", checkpoint=ckpt.directory, layout=layout.to_dict(),
                       tracked=config.track_enabled, num_units=len(plan.units), findings=findings,
-                      unexpected=plan.unexpected, ignored=plan.ignored, ranks=tuple(classes),
-                      notes=quant_notes(ckpt, config),
+                      unexpected=plan.unexpected, ignored=plan.ignored, ignored_rules=plan.ignore_rules,
+                      ranks=tuple(classes),
+                      notes=load_notes(ckpt, config),
                       seconds=time.perf_counter() - start, strict=config.strict,
                       extra={"planned_rank_classes": len(classes)})

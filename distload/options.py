@@ -81,6 +81,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
                    help="fp8: attention loads k_scale/v_scale (optional, default 1.0); auto (default): "
                         "only when config.json's quantization_config has a KV-cache scheme")
+    p.add_argument("--rules", metavar="FILE",
+                   help="load a model type without a built-in model: a JSON file of checkpoint-name patterns and "
+                        "how each tensor splits (replicate, a dim, fused parts, experts, optional tensors), into "
+                        "per-rank sharded state dicts")
     p.add_argument("--track", choices=("on", "off"), help="merge every rank's record (default on)")
     p.add_argument("--ignore", action="append", default=[], metavar="REGEX",
                    help="checkpoint names matching REGEX are never unexpected (repeatable)")
@@ -203,7 +207,20 @@ def _load_config(args: argparse.Namespace) -> LoadConfig:
                       kv_cache_dtype=args.kv_cache_dtype, track=None if args.track is None else args.track == "on",
                       ignore=tuple(args.ignore), strict=args.strict, failure_timeout=args.failure_timeout,
                       check_finite=args.check_finite, strict_dtype=args.strict_dtype,
-                      allow_pickle_format=args.allow_pickle_format, verify_checksums=args.verify_checksums)
+                      allow_pickle_format=args.allow_pickle_format, verify_checksums=args.verify_checksums,
+                      rules=_rules(args.rules))
+
+
+def _rules(path: str | None) -> str | None:
+    """A --rules file, checked on its own before anything is read (its match with the checkpoint is
+    checked by the load)."""
+    if path is not None:
+        from .rules import read_rules
+        try:
+            read_rules(path)
+        except ConfigError as err:
+            raise UsageError(str(err)) from None
+    return path
 
 
 def _extra_config(text: str | None) -> dict:

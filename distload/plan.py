@@ -123,6 +123,8 @@ class Plan:
     load's summed records equal, kept as one buffer so tracking compares without a loop"""
     verify_units: tuple[int, ...]
     """indices of the units read only to be compared (their mismatch flags trail each record)"""
+    ignore_rules: tuple[str, ...] = ()
+    """for each of ``ignored``, the ignore rule (regex) that ignored it"""
     _dense: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
     """cache: (tp index, stage) -> the part of a rank plan that does not depend on expert
     groups; ("pieces", expert parameter, expert shard) -> per part, every expert's unit and tensor"""
@@ -300,11 +302,13 @@ def plan(tensors: Mapping[str, TensorInfo], specs: Iterable[ParamSpec], layout: 
     consumed = {u.name for u in units}
     patterns = [re.compile(p) for p in (*DEFAULT_IGNORE, *ignore)]
     leftover = sorted(n for n in tensors if n not in consumed)
-    ignored = tuple(n for n in leftover if any(p.search(n) for p in patterns))
-    unexpected = tuple(n for n in leftover if n not in set(ignored))
+    rule_of = {n: next((p.pattern for p in patterns if p.search(n)), None) for n in leftover}
+    ignored = tuple(n for n in leftover if rule_of[n] is not None)
+    unexpected = tuple(n for n in leftover if rule_of[n] is None)
     counts = owner_counts(units, layout)
     verify_units = tuple(i for i, u in enumerate(units) if u.verify)
-    return Plan(layout, specs, tuple(units), unit_ids, tensors, unexpected, ignored, counts, verify_units)
+    return Plan(layout, specs, tuple(units), unit_ids, tensors, unexpected, ignored, counts, verify_units,
+                tuple(rule_of[n] for n in ignored))
 
 
 def _is_short(src: Source, tp_i: int, tp: int) -> bool:

@@ -86,6 +86,8 @@ class LoadReport:
     """checkpoint tensors no rank consumed"""
     ignored: tuple[str, ...] = ()
     """checkpoint tensors skipped by an ignore rule"""
+    ignored_rules: tuple[str, ...] = ()
+    """the rule (regex) that ignored each of ``ignored``, in the same order"""
     notes: tuple[str, ...] = ()
     """remarks such as dtype casts"""
     ranks: tuple[RankStats, ...] = ()
@@ -133,6 +135,10 @@ class LoadReport:
         want = (("tp", c.tp), ("pp", c.pp), ("expert_group", group), ("expert_shard", shard))
         return next(r for r in self.ranks if r.coords == want)
 
+    def _rules(self) -> tuple[str, ...]:
+        """``ignored_rules``, or empty rules where a report was made without them."""
+        return self.ignored_rules if len(self.ignored_rules) == len(self.ignored) else ("",) * len(self.ignored)
+
     def _entries(self, kind: str) -> tuple[Entry, ...]:
         return getattr(self.findings, kind) if self.findings is not None else ()
 
@@ -150,7 +156,8 @@ class LoadReport:
             "defaulted": [e.to_json() for e in self._entries("defaulted")],
             "mismatched": [e.to_json() for e in self._entries("mismatched")],
             "nonfinite": [e.to_json() for e in self._entries("nonfinite")],
-            "ignored": [{"name": n} for n in self.ignored],
+            "ignored": [{"name": n, **({"rule": r} if r else {})}
+                        for n, r in zip(self.ignored, self._rules())],
             "notes": list(self.notes),
             "bytes_read": bytes_read,
             "verification": self.verification.to_json() if self.verification is not None else None,
@@ -204,7 +211,7 @@ class LoadReport:
                 lines.append(f"    ... and {len(self.unexpected) - limit} more (see --json)")
         if self.ignored:
             lines.append(f"  ignored ({len(self.ignored)}), by an ignore rule:")
-            lines += [f"    {n}" for n in self.ignored[:limit]]
+            lines += [f"    {n}  (rule {r})" if r else f"    {n}" for n, r in zip(self.ignored[:limit], self._rules())]
             if len(self.ignored) > limit:
                 lines.append(f"    ... and {len(self.ignored) - limit} more (see --json)")
         if self.verification is not None:

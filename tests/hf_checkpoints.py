@@ -40,16 +40,61 @@ class HFSpec:
 CONFIG_CLASSES = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config",
                   "mistral": "MistralConfig", "mixtral": "MixtralConfig", "qwen2_moe": "Qwen2MoeConfig",
                   "qwen3_moe": "Qwen3MoeConfig", "deepseek_v3": "DeepseekV3Config",
-                  "phi3": "Phi3Config", "gpt_oss": "GptOssConfig", "llama4_text": "Llama4TextConfig"}
+                  "phi3": "Phi3Config", "gpt_oss": "GptOssConfig", "gemma3_text": "Gemma3TextConfig",
+                  "llama4_text": "Llama4TextConfig"}
 """model_type -> transformers config class; MoE sizes (experts, top-k, expert widths) go in ``extra``"""
 
 NO_HEAD_DIM = {"deepseek_v3"}
 """model types whose head sizes come from ``extra`` (MLA: qk_nope/qk_rope/v_head_dim), not ``head_dim``"""
 
 
-def hf_config(spec: HFSpec):
+@dataclass(frozen=True, kw_only=True)
+class WrappedSpec:
+    """A multimodal checkpoint: the text model of ``text`` inside ``config_class`` (its
+    ``text_config``) beside a tiny vision tower, written by ``model_class``."""
+
+    text: HFSpec
+    config_class: str
+    """the wrapper's transformers config class (``Gemma3Config``)"""
+    model_class: str
+    """the transformers model class that writes it (``Gemma3ForConditionalGeneration``)"""
+    vision: dict
+    """the vision_config fields"""
+    prefix: str = "language_model."
+    """what the checkpoint puts before the text model's own names"""
+    extra: dict = field(default_factory=dict)
+    """further top-level config fields"""
+    seed: int = 0
+
+    @property
+    def vocab_size(self) -> int:
+        return self.text.vocab_size
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConfigSpec:
+    """A checkpoint of a model type whose config takes other names than HFSpec's (gpt2's n_embd):
+    ``config_class(**fields)``, written by AutoModelForCausalLM."""
+
+    config_class: str
+    fields: dict
+    seed: int = 0
+
+    @property
+    def vocab_size(self) -> int:
+        return self.fields["vocab_size"]
+
+
+def hf_config(spec: HFSpec | WrappedSpec | ConfigSpec):
     import transformers
 
+    if isinstance(spec, ConfigSpec):
+        return getattr(transformers, spec.config_class)(**spec.fields)
+    if isinstance(spec, WrappedSpec):
+        return getattr(transformers, spec.config_class)(text_config=hf_config(spec.text).to_dict(),
+                                                        vision_config=dict(spec.vision),
+                                                        **{"tie_word_embeddings": spec.text.tie_word_embeddings,
+                                                           **spec.extra})
     cls = getattr(transformers, CONFIG_CLASSES[spec.model_type])
     head_dim = {} if spec.model_type in NO_HEAD_DIM else {"head_dim": spec.head_dim}
     return cls(vocab_size=spec.vocab_size, hidden_size=spec.hidden_size,
@@ -59,7 +104,8 @@ def hf_config(spec: HFSpec):
                max_position_embeddings=64, dtype=spec.dtype, **head_dim, **spec.extra)
 
 
-def write_hf_checkpoint(directory: str, spec: HFSpec, *, max_shard_size: str = "48KB") -> str:
+def write_hf_checkpoint(directory: str, spec: HFSpec | WrappedSpec | ConfigSpec, *,
+                        max_shard_size: str = "48KB") -> str:
     """Builds a random model of ``spec`` with transformers and saves it in several shards.
 
     Every parameter is re-drawn from a fixed seed (transformers initializes norms to
@@ -67,10 +113,13 @@ def write_hf_checkpoint(directory: str, spec: HFSpec, *, max_shard_size: str = "
     and so is DeepSeek-V3's router ``e_score_correction_bias`` buffer (zero by default,
     which would leave the group / expert choice to the plain scores).
     """
-    from transformers import AutoModelForCausalLM
+    import transformers
 
     torch.manual_seed(spec.seed)
-    model = AutoModelForCausalLM.from_config(hf_config(spec), dtype=torch.float32)
+    if isinstance(spec, WrappedSpec):
+        model = getattr(transformers, spec.model_class)._from_config(hf_config(spec), dtype=torch.float32)
+    else:
+        model = transformers.AutoModelForCausalLM.from_config(hf_config(spec), dtype=torch.float32)
     with torch.no_grad():
         for name, p in model.named_parameters():  # tied parameters appear once
             if name.endswith("norm.weight"):
@@ -82,7 +131,7 @@ def write_hf_checkpoint(directory: str, spec: HFSpec, *, max_shard_size: str = "
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 b.copy_(0.1 * torch.randn_like(b))
-    if spec.dtype != "float32":
+    if isinstance(spec, HFSpec) and spec.dtype != "float32":
         model = model.to(getattr(torch, spec.dtype))
     model.save_pretrained(directory, max_shard_size=max_shard_size)
     files = [f for f in os.listdir(directory) if f.endswith(".safetensors")]
@@ -95,6 +144,22 @@ def hf_logits(directory: str, input_ids: torch.Tensor) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, attn_implementation="eager")
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids).logits.float()
+
+
+def hf_text_logits(directory: str, prefix: str, input_ids: torch.Tensor) -> torch.Tensor:
+    """Returns the float32 logits of transformers' own text model (``AutoModelForCausalLM`` of the
+    checkpoint's ``text_config``) holding the checkpoint's tensors under ``prefix``, prefix removed."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    text_config = AutoConfig.from_pretrained(directory).get_text_config()
+    model = AutoModelForCausalLM.from_config(text_config, dtype=torch.float32, attn_implementation="eager")
+    state = {n[len(prefix):]: t for n, t in read_tensors(directory).items() if n.startswith(prefix)}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and all(n == "lm_head.weight" for n in missing), (missing, unexpected)
+    model.tie_weights()
     model.eval()
     with torch.no_grad():
         return model(input_ids).logits.float()
@@ -197,7 +262,11 @@ class CheckpointCache:
 
     def reference_logits(self, name: str) -> torch.Tensor:
         if name not in self._logits:
-            self._logits[name] = hf_logits(self.path(name), token_ids(self.specs[name]))
+            spec = self.specs[name]
+            if isinstance(spec, WrappedSpec):  # the text model on the same weights
+                self._logits[name] = hf_text_logits(self.path(name), spec.prefix, token_ids(spec))
+            else:
+                self._logits[name] = hf_logits(self.path(name), token_ids(spec))
         return self._logits[name]
 
 

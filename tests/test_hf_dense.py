@@ -2,9 +2,9 @@
 mistral) at world sizes 1, 2, 4 and 8.
 
 Each (checkpoint, layout) is loaded once, in one job that returns every rank's
-parameters, logits and report. Expected slices are computed here from the checkpoint
-(read with safetensors) by head / row / column arithmetic written for this test, not by
-distload's planner; reference logits come from transformers itself.
+parameters, logits and report. Expected slices are computed from the checkpoint (read with
+safetensors) by head / row / column arithmetic written for the tests (tests/dense_slices.py),
+not by distload's planner; reference logits come from transformers itself.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from tests import jobs
+from tests.dense_slices import expected_params
 from tests.hf_checkpoints import CheckpointCache, HFSpec, delete_tensors, put_tensors, read_tensors, token_ids
 
 pytest.importorskip("transformers")
@@ -53,59 +54,6 @@ def ckpts(tmp_path_factory) -> CheckpointCache:
 
 def rank_of(tp_i: int, dp_i: int, tp: int, dp: int, pp_i: int = 0) -> int:
     return (pp_i * dp + dp_i) * tp + tp_i
-
-
-def expected_params(ckpt: dict[str, torch.Tensor], spec: HFSpec, tp: int, tp_i: int) -> dict[str, torch.Tensor]:
-    """The parameters TP rank ``tp_i`` of ``tp`` must hold, sliced from the checkpoint by hand.
-
-    qkv = [rows of this rank's query heads; rows of the KV head(s) those query heads
-    attend to; the same for v]; gate_up = [gate row block; up row block]; o_proj and
-    down_proj take column blocks; vocabulary rows come in blocks of ceil(V / tp) with
-    zero rows at the end of the last block(s); everything else is whole.
-    """
-    hd, heads, kv_heads = spec.head_dim, spec.num_attention_heads, spec.num_key_value_heads
-    my_heads = range(tp_i * heads // tp, (tp_i + 1) * heads // tp)
-    my_kv = sorted({h // (heads // kv_heads) for h in my_heads})  # GQA: query head h reads KV head h // group
-
-    def head_rows(t: torch.Tensor, which) -> torch.Tensor:
-        return torch.cat([t[h * hd:(h + 1) * hd] for h in which])
-
-    def head_cols(t: torch.Tensor, which) -> torch.Tensor:
-        return torch.cat([t[:, h * hd:(h + 1) * hd] for h in which], dim=1)
-
-    def block(t: torch.Tensor, dim: int) -> torch.Tensor:
-        n = t.shape[dim] // tp
-        return t.narrow(dim, tp_i * n, n)
-
-    def vocab_rows(t: torch.Tensor) -> torch.Tensor:
-        n = -(-spec.vocab_size // tp)
-        out = torch.zeros(n, t.shape[1], dtype=t.dtype)
-        part = t[tp_i * n:(tp_i + 1) * n]
-        out[:len(part)] = part
-        return out
-
-    out = {"model.embed_tokens.weight": vocab_rows(ckpt["model.embed_tokens.weight"]),
-           "lm_head.weight": vocab_rows(ckpt["model.embed_tokens.weight" if spec.tie_word_embeddings
-                                             else "lm_head.weight"]),
-           "model.norm.weight": ckpt["model.norm.weight"]}
-    for i in range(spec.num_hidden_layers):
-        p = f"model.layers.{i}."
-        a, m = p + "self_attn.", p + "mlp."
-        for kind in ("weight", "bias"):
-            if a + f"q_proj.{kind}" in ckpt:
-                out[a + f"qkv_proj.{kind}"] = torch.cat([head_rows(ckpt[a + f"q_proj.{kind}"], my_heads),
-                                                         head_rows(ckpt[a + f"k_proj.{kind}"], my_kv),
-                                                         head_rows(ckpt[a + f"v_proj.{kind}"], my_kv)])
-            if m + f"gate_proj.{kind}" in ckpt:
-                out[m + f"gate_up_proj.{kind}"] = torch.cat([block(ckpt[m + f"gate_proj.{kind}"], 0),
-                                                             block(ckpt[m + f"up_proj.{kind}"], 0)])
-        out[a + "o_proj.weight"] = head_cols(ckpt[a + "o_proj.weight"], my_heads)
-        out[m + "down_proj.weight"] = block(ckpt[m + "down_proj.weight"], 1)
-        for whole in (a + "o_proj.bias", m + "down_proj.bias", a + "q_norm.weight", a + "k_norm.weight",
-                      p + "input_layernorm.weight", p + "post_attention_layernorm.weight"):
-            if whole in ckpt:
-                out[whole] = ckpt[whole]
-    return out
 
 
 def _clean(report: dict, world: int, tp: int) -> None:
@@ -238,7 +186,8 @@ def test_stray_tensor_is_unexpected_and_fails_under_strict(pool, ckpts):
         assert r["raised"] is False
         assert r["report"]["complete"] is True and r["report"]["ok"] is True
         assert r["report"]["unexpected"] == [{"name": "model.layers.0.mlp.stray.weight"}]
-        assert r["report"]["ignored"] == [{"name": "model.layers.0.self_attn.rotary_emb.inv_freq"}]
+        assert r["report"]["ignored"] == [{"name": "model.layers.0.self_attn.rotary_emb.inv_freq",
+                                           "rule": r"(^|\.)rotary_emb\.(inv_freq|original_inv_freq)$"}]
         assert r["report"]["missing"] == [] and r["report"]["inconsistent"] == []
 
     strict = pool.run(2, jobs.load_outcome, directory, 2, {"strict": True})

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..comm import SOLO, Collectives
-from ..spec import ParamSpec, Role, Shard, Source, SpecProvider
+from ..spec import ParamSpec, Role, Shard, Source, SpecProvider, sibling
 
 
 def vocab_shard(tp: int) -> Shard:
@@ -52,7 +52,9 @@ class ParallelLMHead(nn.Module, SpecProvider):
     is the embedding unit. With ``tied_copy`` (a tied head on another pipeline stage
     than the embedding) it is a separate weight filled from the embedding's units.
     A ``lm_head.weight`` that a tied checkpoint carries anyway is read and verified
-    equal to the embedding (see ``ParamSpec.verify``).
+    equal to the embedding (see ``ParamSpec.verify``). ``tied_name`` is the embedding's name
+    beside the head (``model.embed_tokens.weight``): under a multimodal wrapper both sit behind
+    its prefix.
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, *, tp: int = 1,
@@ -77,12 +79,13 @@ class ParallelLMHead(nn.Module, SpecProvider):
     def param_specs(self, path: str):
         source = Source(name=f"{path}.weight", shape=(self.num_embeddings, self.embedding_dim),
                         shard=vocab_shard(self.tp))
+        tied_name = sibling(path, self.tied_name)
         if self.tied:
             yield ParamSpec(name=f"{path}.weight", shape=tuple(self.weight.shape), role=Role.DERIVED,
-                            derived_from=(self.tied_name,), verify=(source,))
+                            derived_from=(tied_name,), verify=(source,))
         elif self.tied_copy:
-            embed = Source(name=self.tied_name, shape=source.shape, shard=source.shard)
+            embed = Source(name=tied_name, shape=source.shape, shard=source.shard)
             yield ParamSpec(name=f"{path}.weight", shape=tuple(self.weight.shape), sources=(embed,),
-                            derived_from=(self.tied_name,), verify=(source,))
+                            derived_from=(tied_name,), verify=(source,))
         else:
             yield ParamSpec(name=f"{path}.weight", shape=tuple(self.weight.shape), sources=(source,))

@@ -20,3 +20,13 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(dtype)
+
+
+class OffsetRMSNorm(RMSNorm):
+    """``x / rms(x) * (1 + weight)``, all in float32 and then cast (Gemma's: its checkpoints store
+    the norm's offset from one, and it multiplies before casting, unlike Llama)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x32 * (1.0 + self.weight.float())).to(x.dtype)

@@ -59,6 +59,11 @@ def no_ignores(config: Mapping) -> tuple[str, ...]:
     return ()
 
 
+def no_notes(config: Mapping) -> tuple[str, ...]:
+    """The report notes of a model type that loads all of its checkpoint's model."""
+    return ()
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Architecture:
     """One model type, described once: shared code asks this, never the ``model_type`` string.
@@ -75,11 +80,17 @@ class Architecture:
     """the typed config reader: checks every field the builder uses (raises ConfigError)"""
     build: Callable[[Any, BuildContext], nn.Module]
     """makes one rank's model from the read config and the context"""
-    experts: Callable[[Any], ExpertFacts] | None = None
-    """the experts of the read config (count, layers with experts); None: a dense model"""
+    experts: Callable[[Any], ExpertFacts | None] | None = None
+    """the experts of the read config (count, layers with experts; None from it: this config has
+    none); None: a dense model"""
     expert_keys: tuple[str, ...] = ()
     """config.json keys of the expert count, the first preferred (several present must agree)"""
     block: Any = None
     """the sparse feed-forward's names and rules, for readers that take them (``moe.SparseBlock``)"""
     ignores: Callable[[Mapping], tuple[str, ...]] = no_ignores
     """checkpoint-name patterns it leaves unused on purpose (listed as ignored, not unexpected)"""
+    notes: Callable[[Mapping], tuple[str, ...]] = no_notes
+    """report notes on what it loads (a multimodal wrapper: which part of the checkpoint)"""
+    text_key: str | None = None
+    """config.json key of the nested decoder config (a multimodal wrapper's ``text_config``);
+    None: config.json itself describes the decoder"""

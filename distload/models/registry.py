@@ -18,12 +18,14 @@ from .deepseek import DEEPSEEK_V3
 from .fields import Fields
 from .gpt_oss import GPT_OSS
 from .llama4 import LLAMA4_TEXT
+from .gemma3 import GEMMA3_TEXT
 from .llama import LLAMA, MISTRAL, QWEN2, QWEN3
 from .moe import MIXTRAL, QWEN2_MOE, QWEN3_MOE
 from .phi3 import PHI3
+from .wrapper import GEMMA3, LLAMA4, wrapped
 
 __all__ = ["Architecture", "BuildContext", "ModelBuilder", "architecture", "build_model", "check_config",
-           "default_ignores", "expert_facts", "reference_model", "register", "supported_model_types"]
+           "default_ignores", "expert_facts", "model_notes", "reference_model", "register", "supported_model_types"]
 
 ARCHITECTURES: dict[str, Architecture] = {}
 """model_type -> its description, in registration order"""
@@ -46,6 +48,9 @@ register(DEEPSEEK_V3)
 register(PHI3)
 register(GPT_OSS)
 register(LLAMA4_TEXT)
+register(GEMMA3_TEXT)
+register(wrapped(GEMMA3, ARCHITECTURES.get))
+register(wrapped(LLAMA4, ARCHITECTURES.get))  # its decoder: llama4_text, above
 
 
 def supported_model_types() -> tuple[str, ...]:
@@ -57,12 +62,13 @@ def architecture(config: Mapping) -> Architecture:
     """The description of ``config['model_type']``.
 
     Raises:
-        ConfigError: the model type is unknown (the message lists the supported ones).
+        ConfigError: the model type is unknown (the message lists the built-in ones and names rules mode).
     """
     arch = _known(config)
     if arch is None:
-        raise ConfigError(f"config.json model_type {config.get('model_type')!r} is not supported "
-                          f"(supported: {', '.join(supported_model_types())})")
+        raise ConfigError(f"config.json model_type {config.get('model_type')!r} has no built-in model (built in: "
+                          f"{', '.join(supported_model_types())}); to load it anyway, give a rules file saying how "
+                          "its tensors split: --rules rules.json, or LoadConfig(rules=...)")
     return arch
 
 
@@ -77,9 +83,9 @@ def reference_model(ctx: BuildContext) -> nn.Module:
     (a mixture of experts without ``ctx.experts`` gets the linear placement)."""
     arch = architecture(ctx.config)
     cfg = arch.read(ctx.config, arch)
-    if arch.experts is not None and ctx.experts is None:
-        ctx = dataclasses.replace(ctx, experts=ExpertPlan.make(num_experts=arch.experts(cfg).num_experts,
-                                                               ep=ctx.layout.ep))
+    facts = arch.experts(cfg) if arch.experts is not None else None
+    if facts is not None and ctx.experts is None:
+        ctx = dataclasses.replace(ctx, experts=ExpertPlan.make(num_experts=facts.num_experts, ep=ctx.layout.ep))
     return arch.build(cfg, ctx)
 
 
@@ -118,7 +124,11 @@ def check_config(config: Mapping, tensor_names: Iterable[str]) -> None:
     arch = _known(config)
     if arch is None:
         return
-    layers = Fields(config).integer("num_hidden_layers")
+    key = arch.text_key  # a multimodal wrapper's layers are its decoder's
+    decoder, prefix = (config, "") if key is None else (config.get(key), f"{key}.")
+    if not isinstance(decoder, Mapping):
+        arch.read(config, arch)  # names what is wrong with it
+    layers = Fields(decoder, prefix=prefix).integer("num_hidden_layers")
     top = largest_layer_index(tensor_names)
     # a short checkpoint (its last layers lost) is a missing finding; a count far beyond what it
     # holds is a config.json that does not describe it, and building that many layers costs minutes
@@ -126,7 +136,7 @@ def check_config(config: Mapping, tensor_names: Iterable[str]) -> None:
         held = (f"more than twice the {top + 1} layers the checkpoint has tensors for (its largest layer index "
                 f"is {top}): this config.json does not describe the checkpoint" if top >= 0
                 else "but the checkpoint holds no layer tensors (no name has layers.<i>.)")
-        raise ConfigError(f"config.json num_hidden_layers is {layers}, {held}")
+        raise ConfigError(f"config.json {prefix}num_hidden_layers is {layers}, {held}")
     arch.read(config, arch)
     arch.ignores(config)
 
@@ -142,6 +152,13 @@ def expert_facts(config: Mapping) -> ExpertFacts | None:
     if arch is None or arch.experts is None:
         return None
     return arch.experts(arch.read(config, arch))
+
+
+def model_notes(config: Mapping) -> tuple[str, ...]:
+    """What the report says about the model loaded (a multimodal wrapper: which part); () for a
+    model type without a reference model."""
+    arch = _known(config)
+    return () if arch is None else arch.notes(config)
 
 
 def build_model(config: Mapping, *, tp: int = 1, tp_rank: int = 0, ops: Collectives = SOLO,

@@ -1,0 +1,154 @@
+"""Multimodal wrappers: a model type whose config.json nests its decoder under ``text_config``
+(``gemma3``, ``llama4``) and whose checkpoint puts the decoder's tensors under a prefix beside a
+vision tower and a projector.
+
+distload loads the language model: the decoder the text config names is read and built as
+usual, inside a module whose path is the prefix, so every parameter, unit and quantization
+target carries the checkpoint's own full name. The vision tower and the projector are listed
+under ``ignored``, each with the rule that ignored it, and the report says which part was loaded.
+A new wrapper is one ``Wrapper`` value and its ``register(wrapped(...))`` line in registry.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..jsondoc import quoted, show
+from .arch import Architecture, BuildContext
+from .config import DecoderTraits
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Wrapper:
+    """What a multimodal model type puts around the decoder it nests."""
+
+    model_type: str
+    """config.json's ``model_type`` (``gemma3``)"""
+    text_model_type: str
+    """the decoder's model type when ``text_config`` names none (``gemma3_text``)"""
+    prefix: str
+    """what the checkpoint puts before the decoder's own names (``language_model.``)"""
+    ignored_parts: tuple[tuple[str, str], ...]
+    """(what it is, the regex of its checkpoint names) for each part that is not the language model"""
+    tie_word_embeddings: bool
+    """whether the LM head is the embedding when config.json's top level does not say (the
+    wrapper's transformers class reads the top level's, not text_config's)"""
+    text_key: str = "text_config"
+    """config.json key of the nested decoder config"""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class WrappedConfig:
+    """A wrapper's config.json, read: the decoder's own read config and where it came from."""
+
+    inner: Architecture
+    """the decoder's architecture"""
+    text: Mapping
+    """the decoder's config (``text_config``, with the top level's ``tie_word_embeddings``)"""
+    decoder: Any
+    """what ``inner.read`` made of ``text``"""
+
+
+class LanguageModelOf(nn.Module):
+    """Holds a decoder at the module path of the checkpoint's prefix (``language_model``), so its
+    parameters are named as the checkpoint names them; forward is the decoder's."""
+
+    def __init__(self, prefix: str, decoder: nn.Module) -> None:
+        super().__init__()
+        *outer, last = prefix.rstrip(".").split(".")
+        holder: nn.Module = self
+        for name in outer:
+            holder.add_module(name, nn.Module())
+            holder = getattr(holder, name)
+        holder.add_module(last, decoder)
+        self.decoder_path = prefix.rstrip(".")
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        return self.get_submodule(self.decoder_path)(input_ids)
+
+
+def _in_text_config(err: ConfigError, key: str) -> ConfigError:
+    """The decoder's reader names fields of config.json; they are fields of its ``key`` object."""
+    message = err.message
+    lead = "config.json "
+    message = f"config.json {key}: {message[len(lead):]}" if message.startswith(lead) else f"{message} (in {key})"
+    return ConfigError(message, file=err.file)
+
+
+def wrapped(wrapper: Wrapper, decoders: Callable[[str], Architecture | None]) -> Architecture:
+    """The ``Architecture`` of a multimodal model type: reads, builds and ignores for its decoder.
+
+    Args:
+        wrapper: the wrapper's facts.
+        decoders: model type -> its registered architecture (None: not registered), asked when a
+            config is read, so the decoder may be registered after the wrapper.
+    """
+
+    def text_of(config: Mapping) -> tuple[Architecture, Mapping]:
+        key = wrapper.text_key
+        text = config.get(key)
+        if not isinstance(text, Mapping):
+            raise ConfigError(f"config.json {key} must be an object (the language model's config, which "
+                              f"model_type {quoted(wrapper.model_type)} nests), got {show(text)}")
+        text_type = text.get("model_type", wrapper.text_model_type)
+        inner = decoders(text_type) if isinstance(text_type, str) else None
+        if inner is None or inner.text_key is not None:
+            named = quoted(text_type) if isinstance(text_type, str) else show(text_type)
+            raise ConfigError(f"config.json {key}.model_type {named} is not a language model distload "
+                              f"builds, so model_type {quoted(wrapper.model_type)} cannot be loaded "
+                              f"(it expects {quoted(wrapper.text_model_type)})")
+        tie = config.get("tie_word_embeddings", wrapper.tie_word_embeddings)
+        return inner, {**text, "model_type": text_type, "tie_word_embeddings": tie}
+
+    def read(config: Mapping, arch: Architecture) -> WrappedConfig:
+        inner, text = text_of(config)
+        try:
+            return WrappedConfig(inner=inner, text=text, decoder=inner.read(text, inner))
+        except ConfigError as err:
+            raise _in_text_config(err, wrapper.text_key) from None
+
+    def build(cfg: WrappedConfig, ctx: BuildContext) -> nn.Module:
+        return LanguageModelOf(wrapper.prefix, cfg.inner.build(cfg.decoder, dataclasses.replace(ctx, config=cfg.text)))
+
+    def experts(cfg: WrappedConfig):
+        return cfg.inner.experts(cfg.decoder) if cfg.inner.experts is not None else None
+
+    def ignores(config: Mapping) -> tuple[str, ...]:
+        inner, text = text_of(config)
+        try:
+            own = inner.ignores(text)
+        except ConfigError as err:
+            raise _in_text_config(err, wrapper.text_key) from None
+        # the decoder's anchored rules name its own names: they sit behind the prefix here
+        prefixed = tuple(f"^{re.escape(wrapper.prefix)}{p[1:]}" if p.startswith("^") else p for p in own)
+        return tuple(pattern for _, pattern in wrapper.ignored_parts) + prefixed
+
+    def notes(config: Mapping) -> tuple[str, ...]:
+        parts = " and ".join(f"the {what} ({pattern})" for what, pattern in wrapper.ignored_parts)
+        text_type = config[wrapper.text_key].get("model_type", wrapper.text_model_type)
+        return (f"loaded the language model of model_type {quoted(wrapper.model_type)}: {wrapper.text_key} "
+                f"(model_type {quoted(text_type)}), checkpoint names under {quoted(wrapper.prefix)}; "
+                f"{parts} are ignored",)
+
+    return Architecture(model_type=wrapper.model_type, decoder=DecoderTraits(qkv_bias=None), read=read, build=build,
+                        experts=experts, ignores=ignores, notes=notes, text_key=wrapper.text_key)
+
+
+GEMMA3 = Wrapper(model_type="gemma3", text_model_type="gemma3_text", prefix="language_model.",
+                 ignored_parts=(("vision tower", r"^vision_tower\."),
+                                ("multimodal projector", r"^multi_modal_projector\.")),
+                 tie_word_embeddings=True)
+"""Gemma 3 4B and larger: a SigLIP vision tower and a projector beside the text model"""
+
+LLAMA4 = Wrapper(model_type="llama4", text_model_type="llama4_text", prefix="language_model.",
+                 ignored_parts=(("vision model", r"^vision_model\."),
+                                ("multimodal projector", r"^multi_modal_projector\.")),
+                 tie_word_embeddings=False)
+"""Llama 4 Scout and Maverick: a vision model and a projector beside the text model"""

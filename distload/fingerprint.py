@@ -9,9 +9,10 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from .checkpoint.directory import Checkpoint
+from .errors import DistloadError
 from .layout import Layout
 from .spec import ParamSpec
 
@@ -51,3 +52,28 @@ def fingerprint(ckpt: Checkpoint, layout: Layout, specs: Iterable[ParamSpec], ve
 def _digest(value: object) -> bytes:
     text = json.dumps(value, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.blake2b(text.encode(), digest_size=16).digest()
+
+
+def disagreement(prints: Sequence[Fingerprint], *, rank: int, before: str = "loading") -> DistloadError | None:
+    """The error every rank raises when some rank's fingerprint differs from rank 0's (None: all agree).
+
+    It names the differing ranks (positions in ``prints``) and the parts they differ in.
+    """
+    odd = {r: prints[0].differing(p) for r, p in enumerate(prints) if p != prints[0]}
+    if not odd:
+        return None
+    parts = sorted({part for diff in odd.values() for part in diff})
+    return DistloadError(f"ranks {sorted(odd)} disagree with rank 0 before {before}, in: {', '.join(parts)} "
+                         "(different checkpoints, layouts, model specs or distload versions)", rank=rank)
+
+
+def to_words(fp: Fingerprint) -> list[int]:
+    """The digests as signed 64-bit integers (to travel in an int64 tensor)."""
+    raw = b"".join(fp.digests)
+    return [int.from_bytes(raw[i:i + 8], "little", signed=True) for i in range(0, len(raw), 8)]
+
+
+def from_words(words: Sequence[int]) -> Fingerprint:
+    """The inverse of ``to_words``."""
+    raw = b"".join(int(w).to_bytes(8, "little", signed=True) for w in words)
+    return Fingerprint(tuple(raw[i:i + 16] for i in range(0, len(raw), 16)))

@@ -20,7 +20,8 @@ from .layout import Layout
 from .spec import ParamSpec, Role, Source
 from .units import Unit, UnitKey, add_expert_units, add_units, check_regions, check_tiling, owner_counts
 
-__all__ = ["DEFAULT_IGNORE", "Plan", "RankPlan", "RankSummary", "Read", "Unit", "check_tiling", "plan"]
+__all__ = ["DEFAULT_IGNORE", "Plan", "RankPlan", "RankSummary", "Read", "Unit", "check_tiling", "plan",
+           "split_leftover"]
 
 DEFAULT_IGNORE = (r"(^|\.)rotary_emb\.(inv_freq|original_inv_freq)$",)
 """checkpoint names never reported unexpected: rotary tables that old checkpoints
@@ -300,13 +301,25 @@ def plan(tensors: Mapping[str, TensorInfo], specs: Iterable[ParamSpec], layout: 
     if fused:
         check_regions(units, fused)
     consumed = {u.name for u in units}
-    patterns = [re.compile(p) for p in (*DEFAULT_IGNORE, *ignore)]
-    leftover = sorted(n for n in tensors if n not in consumed)
-    ignored = tuple(n for n in leftover if any(p.search(n) for p in patterns))
-    unexpected = tuple(n for n in leftover if n not in set(ignored))
+    ignored, unexpected = split_leftover((n for n in tensors if n not in consumed), ignore)
     counts = owner_counts(units, layout)
     verify_units = tuple(i for i, u in enumerate(units) if u.verify)
     return Plan(layout, specs, tuple(units), unit_ids, tensors, unexpected, ignored, counts, verify_units)
+
+
+def split_leftover(leftover: Iterable[str], ignore: Iterable[str] = ()) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The one definition of *unexpected*, shared by ``load`` and ``distload.track``: of the
+    checkpoint tensors nothing consumes, those an ignore rule names (DEFAULT_IGNORE and the
+    regexes ``ignore``) are *ignored*, the others *unexpected*.
+
+    Returns:
+        ``(ignored, unexpected)``, each sorted by name.
+    """
+    patterns = [re.compile(p) for p in (*DEFAULT_IGNORE, *ignore)]
+    leftover = sorted(leftover)
+    ignored = tuple(n for n in leftover if any(p.search(n) for p in patterns))
+    skip = set(ignored)
+    return ignored, tuple(n for n in leftover if n not in skip)
 
 
 def _is_short(src: Source, tp_i: int, tp: int) -> bool:

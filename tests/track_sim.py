@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 
 from distload.checkpoint.directory import Checkpoint
+from distload.errors import DistloadError
 from distload.plan import Plan
 from distload.track import Expectations, Key, Recorder
 from distload.units import Unit
@@ -23,7 +24,7 @@ class SimGroup:
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._barrier = threading.Barrier(size, timeout=120)
+        self._barrier = threading.Barrier(size, timeout=60)
         self._slots: list = [None] * size
         self.sent = [0] * size
         """bytes each rank contributed to collectives (its tensors' sizes)"""
@@ -34,7 +35,9 @@ class SimGroup:
         def body(rank: int) -> None:
             try:
                 out[rank] = fn(SimComm(self, rank))
-            except BaseException as err:  # every rank's outcome is returned, as RankPool does
+            except DistloadError as err:  # raised by every rank alike: the others are not waiting
+                out[rank] = err
+            except BaseException as err:  # a bug on one rank: release the others
                 out[rank] = err
                 self._barrier.abort()
 
@@ -100,3 +103,56 @@ def plan_rank(p: Plan, rank: int, skip: set[str] = frozenset()) -> tuple[Expecta
 def plan_checkpoint(p: Plan) -> Checkpoint:
     """A ``Checkpoint`` holding the plan's tensor headers (no files: the merge reads headers only)."""
     return Checkpoint(directory="/synthetic", config={}, tensors=dict(p.tensors), files=(), sizes={})
+
+
+MIXTRAL = {"model_type": "mixtral", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "num_local_experts": 16,
+           "num_experts_per_tok": 2}
+"""a tiny Mixtral: 16 experts of width 64 in each of 2 layers"""
+
+
+def moe_plan(layout, *, redundant: int = 0, drop=()) -> Plan:
+    """The plan of distload's reference Mixtral for ``layout`` (one stage), from headers made here."""
+    from distload.comm import SOLO, Collectives
+    from distload.experts import ExpertPlan
+    from distload.models import BuildContext, reference_model
+    from distload.plan import plan as make_plan
+    from distload.spec import collect_specs
+    from tests.synthetic import tensor_infos
+
+    experts = ExpertPlan.make(num_experts=MIXTRAL["num_local_experts"], ep=layout.ep, redundant=redundant)
+    model = reference_model(BuildContext(config=MIXTRAL, tp=layout.tp, tp_rank=0, ops=Collectives(None, layout.tp),
+                                         dtype=torch.float32, layout=layout, experts=experts, stage_ops=SOLO))
+    specs = collect_specs(model)
+    shapes = {}
+    for spec in specs:
+        for src in (*spec.sources, *spec.verify):
+            shapes[src.name] = src.shape
+        if spec.experts is not None:
+            for e in range(spec.experts.placement.num_experts):
+                for part in spec.experts.parts:
+                    shapes[spec.experts.name(part, e)] = part.shape
+    for name in drop:
+        shapes.pop(name)
+    return make_plan(tensor_infos(shapes, dtype=torch.float32, num_files=4), specs, layout)
+
+
+def load_findings(p: Plan, skip: dict[int, set[str]]):
+    """``load``'s own merge of the same simulated load (``tracking`` over the plan's unit table)."""
+    from distload import tracking
+
+    records = [tracking.record(p, [r.unit for r in p.for_rank(rank).reads
+                                   if r.tensor.name not in skip.get(rank, ()) and not r.verify])
+               for rank in range(p.layout.world_size)]
+    verdict = tracking.classify(p, torch.stack(records).sum(0))
+    rows = torch.stack([tracking.exchange_rows(p, verdict, r) for r in records]) if verdict.failed else None
+    return tracking.findings(p, verdict, rows)
+
+
+def track_reports(p: Plan, skip: dict[int, set[str]], **merge_options) -> list:
+    """``distload.track.merge`` on every simulated rank of ``p``'s layout (a report or an error per rank)."""
+    from distload.track.merge import merge_with
+
+    group, ckpt = SimGroup(p.layout.world_size), plan_checkpoint(p)
+    return group.run(lambda c: merge_with(c, *plan_rank(p, c.rank, skip.get(c.rank, set())), checkpoint=ckpt,
+                                          layout=p.layout, **merge_options))

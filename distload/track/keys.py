@@ -104,8 +104,8 @@ def key_hashes(keys: Sequence[Key]) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int32)
     digests = bytearray(b"".join(hashlib.blake2b(k.canonical(), digest_size=12).digest() for k in keys))
     raw = torch.frombuffer(digests, dtype=torch.uint8).view(len(keys), 12)
-    first = raw[:, :8].contiguous().view(torch.int64).flatten()
-    second = raw[:, 8:].contiguous().view(torch.int32).flatten() & ~OPTIONAL_BIT
+    first = raw[:, :8].reshape(-1).view(torch.int64)
+    second = raw[:, 8:].reshape(-1).view(torch.int32) & ~OPTIONAL_BIT
     return first, second
 
 

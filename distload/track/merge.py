@@ -65,7 +65,8 @@ def merge(expectations: Expectations, recorder: Recorder, *, checkpoint: str | C
         checkpoint: the checkpoint directory (its headers are the universe of tensors and what
             the ranks must agree on), or a ``Checkpoint`` already opened.
         group: the engine's process group; None: the world (or one rank without torch.distributed).
-        layout: the engine's layout, for the report (its world must be the group's size).
+        layout: the engine's layout, for the report and the fingerprint (its world must be the
+            group's size); default: every rank its own replica.
         extra_config: the loader extra-config; ``enable_weights_track: false`` merges nothing.
         ignore: regexes of checkpoint names never reported unexpected (besides DEFAULT_IGNORE).
         strict: unexpected tensors make ``report.ok`` false.
@@ -87,7 +88,7 @@ def merge_with(comm, expectations: Expectations, recorder: Recorder, *, checkpoi
     """``merge`` over ``comm`` (anything with ``rank``, ``size``, ``ranks``, ``gather_rows``, ``sum``
     and ``gather_objects``: the group's collectives, or a simulation of them)."""
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
-    layout = layout or Layout(world_size=comm.size)
+    layout = layout or Layout.for_world(comm.size)
     if layout.world_size != comm.size:
         raise DistloadError(f"layout {layout.describe()} does not fit the group of {comm.size} ranks", rank=comm.rank)
     base = dict(mode="track", checkpoint=ckpt.directory, layout=layout.to_dict(), strict=strict)

@@ -173,22 +173,32 @@ class Recorder:
 class _WriteWatch(TorchDispatchMode):
     """Sees every operator call; reports those that mutate a parameter's storage."""
 
+    _written_args: dict = {}
+    """operator -> the positions and names of the arguments it writes (from its schema; most write none)"""
+
     def __init__(self, recorder: Recorder) -> None:
         super().__init__()
         self.recorder = recorder
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        return False  # loaders are not compiled; wrapping this in dynamo's disable would import dynamo (~3 s)
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        storages = self.recorder._storages
-        schema = func._schema
-        for i, arg in enumerate(schema.arguments):
-            if arg.alias_info is None or not arg.alias_info.is_write:
-                continue
-            dest = args[i] if i < len(args) else kwargs.get(arg.name)
-            if isinstance(dest, torch.Tensor) and _storage(dest) in storages:
-                sources = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a is not dest]
-                self.recorder._written(dest, sources)
+        written = self._written_args.get(func)
+        if written is None:
+            written = tuple((i, a.name) for i, a in enumerate(func._schema.arguments)
+                            if a.alias_info is not None and a.alias_info.is_write)
+            self._written_args[func] = written
+        if written:
+            storages = self.recorder._storages
+            for i, name in written:
+                dest = args[i] if i < len(args) else kwargs.get(name)
+                if isinstance(dest, torch.Tensor) and _storage(dest) in storages:
+                    sources = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a is not dest]
+                    self.recorder._written(dest, sources)
         return out
 
 

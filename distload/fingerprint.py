@@ -33,20 +33,28 @@ class Fingerprint:
 
 
 def fingerprint(ckpt: Checkpoint, layout: Layout, specs: Iterable[ParamSpec], version: str,
-                options: dict) -> Fingerprint:
-    """Digests what must be equal on every rank (file sizes as their headers were read, no data)."""
-    files = {os.path.basename(f): ckpt.sizes[f] for f in ckpt.files}
-    headers = sorted((t.name, os.path.basename(t.file), str(t.dtype), t.shape, t.end - t.begin)
-                     for t in ckpt.tensors.values())
-    index = sorted((t.name, os.path.basename(t.file)) for t in ckpt.tensors.values())
+                options: dict, *, checkpoint: tuple[bytes, ...] | None = None) -> Fingerprint:
+    """Digests what must be equal on every rank (file sizes as their headers were read, no data).
+
+    ``checkpoint``: ``checkpoint_digests(ckpt)`` computed before (they depend on the checkpoint only).
+    """
     spec_rows = [(s.name, s.stage, s.shape, s.role.value, s.default, s.derived_from,
                   [(src.name, src.shape, src.shard.dim, src.shard.num_shards, src.shard.pad, src.offset)
                    for src in (*s.sources, *s.verify)],
                   None if s.experts is None else (s.experts.placement.slots, s.experts.placement.kind,
                                                   [(p.name, p.shape, p.offset) for p in s.experts.parts]))
                  for s in specs]
-    values = (version, dict(ckpt.config), index, files, headers, layout.to_dict(), spec_rows, options)
-    return Fingerprint(tuple(_digest(v) for v in values))
+    return Fingerprint((_digest(version), *(checkpoint or checkpoint_digests(ckpt)), _digest(layout.to_dict()),
+                        _digest(spec_rows), _digest(options)))
+
+
+def checkpoint_digests(ckpt: Checkpoint) -> tuple[bytes, ...]:
+    """The digests of the checkpoint's config, index, file sizes and headers (PARTS 1-4)."""
+    base = {f: os.path.basename(f) for f in {t.file for t in ckpt.tensors.values()} | set(ckpt.files)}
+    files = {base[f]: ckpt.sizes[f] for f in ckpt.files}
+    rows = sorted((t.name, base[t.file], str(t.dtype), t.shape, t.end - t.begin) for t in ckpt.tensors.values())
+    index = [(name, file) for name, file, *_ in rows]
+    return (_digest(dict(ckpt.config)), _digest(index), _digest(files), _digest(rows))
 
 
 def _digest(value: object) -> bytes:

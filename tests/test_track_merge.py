@@ -151,17 +151,23 @@ def test_ranks_that_disagree_on_the_checkpoint_are_refused():
 
 
 def test_keys_that_share_a_hash_are_refused_naming_them(monkeypatch):
-    module = importlib.import_module("distload.track.merge")  # the module, not the function it exports
-    real = module.key_hashes
-
-    def clash(keys):  # both ranks' keys get the same 64-bit hash, their second hashes differ
-        first, second = real(keys)
-        return torch.zeros_like(first), second
-
-    monkeypatch.setattr(module, "key_hashes", clash)
+    module = importlib.import_module("distload.track.expect")
+    real = module.key_hash
+    # both ranks' keys get the same 64-bit hash; their second hashes differ
+    monkeypatch.setattr(module, "key_hash", lambda key: (0, real(key)[1]))
     reports = _run(2, lambda r: _one(Key.of("w", dim=0, index=r, num_shards=2)))
     assert [str(r) for r in reports] == [f"different keys share a 64-bit hash across ranks: w; rename one of "
                                          f"them [rank {r}]" for r in range(2)]
+    reports = _run(1, lambda r: _two(Key.of("w", dim=0, index=0, num_shards=2), Key.of("w", dim=0, index=1,
+                                                                                       num_shards=2)))
+    assert str(reports[0]) == "rank 0: keys w and w share a 64-bit hash; rename one of them [rank 0]"
+
+
+def _two(*keys: Key) -> tuple[Expectations, Recorder]:
+    exp = Expectations()
+    for k in keys:
+        exp.expect(k, param="w")
+    return exp, Recorder(exp, {})
 
 
 def test_bytes_each_rank_sends_are_two_fixed_size_collectives_and_a_small_agreement():

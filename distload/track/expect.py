@@ -7,13 +7,17 @@ declares its own, and the merge finds the owners of each key by comparing them.
 
 from __future__ import annotations
 
+import dataclasses
 import re
+from array import array
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Sequence
 
+import torch
+
 from ..errors import PlanError
 from ..spec import Role
-from .keys import Key
+from .keys import OPTIONAL_BIT, Key, key_hash
 
 StackedMapping = Sequence[tuple[str, str, object]]
 """vLLM's ``stacked_params_mapping``: ``(param_name, shard_name, shard_id)``, e.g.
@@ -49,6 +53,9 @@ class Expected:
 class Expectations:
     """One rank's expected keys and derived parameters.
 
+    Each key is hashed as it is declared (while the engine builds its model), so the merge only
+    sorts and sends the hashes.
+
     Example:
         >>> exp = Expectations()
         >>> exp.expect(Key.of("model.norm.weight"), param="model.norm.weight")
@@ -59,9 +66,14 @@ class Expectations:
     """
 
     def __init__(self) -> None:
-        self._entries: dict[Key, Expected] = {}
-        self._by_name: dict[str, list[Key]] = {}
+        self._entries: list[Expected] = []
+        self._position: dict[Key, int] = {}
+        self._by_name: dict[str, list[int]] = {}
+        self._first = array("q")
+        self._second = array("i")
+        self._copies = array("i")
         self._derived: dict[str, tuple[str, ...]] = {}
+        self._placed: tuple = (None, 0, None)  # (index it was placed in, keys then, positions)
 
     def expect(self, key: Key, *, param: str = "", optional: float | None = None) -> None:
         """Declares that this rank loads ``key`` into ``param``: required, or optional with the
@@ -72,16 +84,22 @@ class Expectations:
             PlanError: the key was declared before with another role or default.
         """
         role = Role.REQUIRED if optional is None else Role.OPTIONAL
-        old = self._entries.get(key)
-        if old is not None:
+        at = self._position.get(key)
+        if at is not None:
+            old = self._entries[at]
             if (old.role, old.default) != (role, optional):
                 raise PlanError(f"{key.label} is declared {old.role.value} for {old.param or 'a parameter'} and "
                                 f"{role.value} for {param or 'another'}", tensor=key.name)
-            self._entries[key] = Expected(key=key, param=old.param, role=role, default=optional,
-                                          copies=old.copies + 1)
+            self._entries[at] = dataclasses.replace(old, copies=old.copies + 1)
+            self._copies[at] += 1
             return
-        self._entries[key] = Expected(key=key, param=param, role=role, default=optional)
-        self._by_name.setdefault(key.name, []).append(key)
+        first, second = key_hash(key)
+        self._position[key] = len(self._entries)
+        self._by_name.setdefault(key.name, []).append(len(self._entries))
+        self._entries.append(Expected(key=key, param=param, role=role, default=optional))
+        self._first.append(first)
+        self._second.append(second | (OPTIONAL_BIT if optional is not None else 0))
+        self._copies.append(1)
 
     def derive(self, param: str, sources: Iterable[str]) -> None:
         """Declares a parameter computed after loading from the checkpoint tensors ``sources``
@@ -90,15 +108,43 @@ class Expectations:
 
     def entries(self) -> tuple[Expected, ...]:
         """Every expected key, in declaration order."""
-        return tuple(self._entries.values())
+        return tuple(self._entries)
+
+    def entry(self, position: int) -> Expected:
+        """The key declared ``position``-th."""
+        return self._entries[position]
+
+    def position(self, key: Key) -> int | None:
+        """Where ``key`` was declared (None: not expected here)."""
+        return self._position.get(key)
 
     def of_name(self, name: str) -> tuple[Expected, ...]:
         """The keys of checkpoint tensor ``name`` this rank expects."""
-        return tuple(self._entries[k] for k in self._by_name.get(name, ()))
+        return tuple(self._entries[i] for i in self._by_name.get(name, ()))
+
+    def positions_of(self, name: str) -> list[int]:
+        """Positions of the keys of checkpoint tensor ``name`` (see ``position``)."""
+        return self._by_name.get(name, [])
 
     def names(self) -> frozenset[str]:
         """The checkpoint tensors this rank expects some piece of."""
         return frozenset(self._by_name)
+
+    def name_positions(self, index: Mapping[str, int]) -> torch.Tensor:
+        """The positions in ``index`` (checkpoint name -> position) of the tensors this rank expects
+        a piece of (remembered for the last ``index`` while no key is added)."""
+        held, count, positions = self._placed
+        if held is not index or count != len(self._entries):
+            positions = torch.tensor([index[n] for n in self._by_name if n in index], dtype=torch.int64)
+            self._placed = (index, len(self._entries), positions)
+        return positions
+
+    def hashes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per key, in declaration order: its 64-bit hash, its 32-bit second hash with the role in
+        the low bit (``OPTIONAL_BIT``), and its local copies."""
+        return tuple(torch.frombuffer(a, dtype=d).clone() if len(a) else torch.zeros(0, dtype=d)
+                     for a, d in ((self._first, torch.int64), (self._second, torch.int32),
+                                  (self._copies, torch.int32)))
 
     @property
     def derived(self) -> Mapping[str, tuple[str, ...]]:

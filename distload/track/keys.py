@@ -12,8 +12,6 @@ import hashlib
 from dataclasses import dataclass
 from typing import Sequence
 
-import torch
-
 from ..errors import PlanError
 from ..spec import Region, Shard
 
@@ -92,21 +90,21 @@ OPTIONAL_BIT = 1
 the key at no cost; collisions are judged on the other 31 bits"""
 
 
-def key_hashes(keys: Sequence[Key]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns each key's 64-bit hash (the merge's unit key) and an independent 32-bit hash
-    (catches two different keys that share the first), as int64 and int32 tensors.
+def key_hash(key: Key) -> tuple[int, int]:
+    """The key's 64-bit hash (the merge's unit key) and an independent 32-bit one (catches two
+    different keys that share the first), as signed integers.
 
-    Both come from one 96-bit BLAKE2b digest of ``Key.canonical``: its first 8 bytes and its
-    last 4, independent bits of a cryptographic hash. The second's low bit is cleared (it
-    carries the role, see ``OPTIONAL_BIT``).
+    Both come from one 96-bit BLAKE2b digest of ``Key.canonical``: its first 8 bytes and its last 4,
+    independent bits of a cryptographic hash. The second's low bit is cleared: it carries the role
+    (``OPTIONAL_BIT``).
+
+    Example:
+        >>> key_hash(Key.of("w")) == key_hash(Key.of("w")) != key_hash(Key.of("w", dim=0, num_shards=2))
+        True
     """
-    if not keys:
-        return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int32)
-    digests = bytearray(b"".join(hashlib.blake2b(k.canonical(), digest_size=12).digest() for k in keys))
-    raw = torch.frombuffer(digests, dtype=torch.uint8).view(len(keys), 12)
-    first = raw[:, :8].reshape(-1).view(torch.int64)
-    second = raw[:, 8:].reshape(-1).view(torch.int32) & ~OPTIONAL_BIT
-    return first, second
+    digest = hashlib.blake2b(key.canonical(), digest_size=12).digest()
+    return (int.from_bytes(digest[:8], "little", signed=True),
+            int.from_bytes(digest[8:], "little", signed=True) & ~OPTIONAL_BIT)
 
 
 def covers(target: Box, boxes: Sequence[Box]) -> bool:

@@ -30,13 +30,13 @@ from ..checkpoint.directory import Checkpoint, open_checkpoint
 from ..comm import GroupComm
 from ..config import LoadConfig
 from ..errors import DistloadError
-from ..fingerprint import disagreement, fingerprint, from_words, to_words
+from ..fingerprint import checkpoint_digests, disagreement, fingerprint, from_words, to_words
 from ..layout import Layout
 from ..plan import split_leftover
 from ..report import LoadReport, RankStats
 from ..tracking import Entry, Findings, NameFacts
 from .expect import Expectations
-from .keys import OPTIONAL_BIT, Key, key_hashes
+from .keys import OPTIONAL_BIT, Key
 from .record import Recorder
 
 _AGREE = 6
@@ -95,18 +95,20 @@ def merge_with(comm, expectations: Expectations, recorder: Recorder, *, checkpoi
     if not enabled(extra_config):
         return LoadReport(tracked=False, num_units=len(expectations), findings=None, **base)
     mine = _Local.of(expectations, recorder)
-    agreed = _agree(comm, mine, fingerprint(ckpt, layout, (), __version__, {"ignore": list(ignore), "strict": strict}))
+    universe = _Universe.of(ckpt)
+    agreed = _agree(comm, mine, fingerprint(ckpt, layout, (), __version__, {"ignore": list(ignore), "strict": strict},
+                                            checkpoint=universe.digests))
     table = _Table.of(comm.gather_rows(mine.row(int(agreed[:, 0].max()))), agreed[:, 0].tolist())
     if len(table.collided):
         _refuse_collisions(comm, mine, table)
-    names = sorted(ckpt.tensors)
-    totals = comm.sum(mine.flags(table, names))
+    totals = comm.sum(mine.flags(table, universe, comm.rank))
     units = len(table.hashes)
     failed, defaulted = tracking.unit_outcomes(totals[:units], table.counts, lambda u: bool(table.optional[u]))
     findings = Findings(missing=(), inconsistent=(), defaulted=(), mismatched=())
     if failed or defaulted:
         findings = _name_failures(comm, mine, table, failed, defaulted, has_derived=bool(agreed[:, 2].any()))
-    ignored, unexpected = split_leftover((n for n, t in zip(names, totals[units:].tolist()) if t == 0), ignore)
+    unused = torch.nonzero(totals[units:] == 0).flatten().tolist()
+    ignored, unexpected = split_leftover((universe.names[i] for i in unused), ignore)
     ranks = tuple(RankStats(rank=comm.ranks[r], units_loaded=a[1], units_owned=a[0], units_not_loaded=a[0] - a[1],
                             bytes_read=a[4], seconds=a[5] / 1e6, files_opened=0)
                   for r, a in enumerate(agreed.tolist()))
@@ -115,18 +117,42 @@ def merge_with(comm, expectations: Expectations, recorder: Recorder, *, checkpoi
 
 
 @dataclass(frozen=True, slots=True)
+class _Universe:
+    """A checkpoint's tensor names (sorted) and digests: worked out once per opened checkpoint."""
+
+    names: list[str]
+    index: dict[str, int]
+    digests: tuple[bytes, ...]
+
+    @classmethod
+    def of(cls, ckpt: Checkpoint) -> "_Universe":
+        held = _UNIVERSES.get(id(ckpt))
+        if held is not None and held[0] is ckpt:
+            return held[1]
+        names = sorted(ckpt.tensors)
+        made = cls(names=names, index={n: i for i, n in enumerate(names)}, digests=checkpoint_digests(ckpt))
+        if len(_UNIVERSES) >= 4:
+            _UNIVERSES.pop(next(iter(_UNIVERSES)))
+        _UNIVERSES[id(ckpt)] = (ckpt, made)
+        return made
+
+
+_UNIVERSES: dict[int, tuple[Checkpoint, _Universe]] = {}
+"""the last few checkpoints merged over (an engine merges once per load, a benchmark many times)"""
+
+
+@dataclass(frozen=True, slots=True)
 class _Local:
     """One rank's keys sorted by hash, with what it loaded of them."""
 
-    keys: tuple[Key, ...]
+    order: torch.Tensor
+    """declaration positions in hash order"""
     hashes: torch.Tensor
     """int64, sorted"""
     second: torch.Tensor
     """int32, the role in the low bit"""
     loaded: torch.Tensor
     """bool per key: written as many times as the rank holds copies"""
-    touched: frozenset[str]
-    """checkpoint tensors this rank expects a piece of or consumed"""
     expectations: Expectations
     recorder: Recorder
     problem: str = ""
@@ -134,20 +160,19 @@ class _Local:
 
     @classmethod
     def of(cls, expectations: Expectations, recorder: Recorder) -> "_Local":
-        entries = expectations.entries()
-        first, second = key_hashes([e.key for e in entries])
-        second = second | torch.tensor([e.default is not None for e in entries], dtype=torch.int32) * OPTIONAL_BIT
+        first, second, _ = expectations.hashes()
         first, order = torch.sort(first, stable=True)
-        done = set(recorder.loaded())
-        keys = tuple(entries[i].key for i in order.tolist())
         problem = ""
         same = torch.nonzero(first[1:] == first[:-1]).flatten().tolist()
         if same:
-            problem = f"keys {keys[same[0]].label} and {keys[same[0] + 1].label} share a 64-bit hash"
-        return cls(keys=keys, hashes=first, second=second[order],
-                   loaded=torch.tensor([k in done for k in keys], dtype=torch.bool),
-                   touched=expectations.names() | frozenset(recorder.consumed),
+            a, b = (expectations.entry(int(order[i])).key.label for i in (same[0], same[0] + 1))
+            problem = f"keys {a} and {b} share a 64-bit hash"
+        return cls(order=order, hashes=first, second=second[order], loaded=recorder.loaded_mask()[order],
                    expectations=expectations, recorder=recorder, problem=problem)
+
+    def key(self, i: int) -> Key:
+        """The ``i``-th key in hash order."""
+        return self.expectations.entry(int(self.order[i])).key
 
     def row(self, width: int) -> torch.Tensor:
         """``width`` hashes (padded), then the second hashes packed two per int64."""
@@ -158,13 +183,14 @@ class _Local:
         first[:n] = self.hashes
         return torch.cat([first, second.view(torch.int64)])
 
-    def flags(self, table: "_Table", names: list[str]) -> torch.Tensor:
+    def flags(self, table: "_Table", universe: "_Universe", rank: int) -> torch.Tensor:
         """1 per unit this rank loaded, then 1 per checkpoint tensor it expected or consumed."""
         units = len(table.hashes)
-        out = torch.zeros(units + len(names), dtype=tracking.count_dtype(table.size))
-        out[torch.searchsorted(table.hashes, self.hashes[self.loaded])] = 1
-        index = {n: i for i, n in enumerate(names)}
-        out[[units + index[n] for n in self.touched if n in index]] = 1
+        out = torch.zeros(units + len(universe.names), dtype=tracking.count_dtype(table.size))
+        out[table.positions[rank][self.loaded]] = 1
+        index = universe.index
+        out[units + self.expectations.name_positions(index)] = 1
+        out[[units + index[n] for n in self.recorder.foreign if n in index]] = 1
         return out
 
 
@@ -180,6 +206,8 @@ class _Table:
     """bool per unit: every owner declared it optional"""
     rows: tuple[torch.Tensor, ...]
     """each rank's sorted hashes (its valid prefix)"""
+    positions: tuple[torch.Tensor, ...]
+    """each rank's keys' units (``rows[r]``'s places in ``hashes``)"""
     collided: torch.Tensor
     """units whose owners' second hashes differ"""
 
@@ -189,23 +217,29 @@ class _Table:
 
     @classmethod
     def of(cls, gathered: torch.Tensor, counts: list[int]) -> "_Table":
-        """Builds the table from the all-gathered rows and each rank's key count."""
+        """Builds the table from the all-gathered rows and each rank's key count, with one sort."""
         width = (gathered.shape[1] * 2) // 3
         second = gathered[:, width:].contiguous().view(torch.int32)
         rows = tuple(gathered[r, :c] for r, c in enumerate(counts))
         every = torch.cat(rows)
         flat = torch.cat([second[r, :c] for r, c in enumerate(counts)])
-        hashes = torch.unique(every)
-        pos = torch.searchsorted(hashes, every)
-        owners = torch.bincount(pos, minlength=len(hashes)).to(torch.int32)
-        optional = torch.bincount(pos, weights=(flat & OPTIONAL_BIT).double(), minlength=len(hashes)) == owners
-        bits = flat >> 1
-        low = torch.full((len(hashes),), torch.iinfo(torch.int32).max, dtype=torch.int32)
-        high = torch.full((len(hashes),), torch.iinfo(torch.int32).min, dtype=torch.int32)
-        low.scatter_reduce_(0, pos, bits, "amin")
-        high.scatter_reduce_(0, pos, bits, "amax")
+        ordered, perm = torch.sort(every)
+        first = torch.ones(len(ordered), dtype=torch.bool)
+        first[1:] = ordered[1:] != ordered[:-1]
+        unit = torch.cumsum(first, 0) - 1  # each sorted key's unit
+        hashes = ordered[first]
+        starts = torch.nonzero(first).flatten()
+        owners = torch.diff(starts, append=torch.tensor([len(ordered)])).to(torch.int32)
+        bits = flat[perm]
+        optional = torch.zeros(len(hashes), dtype=torch.int32).index_add_(0, unit, bits & OPTIONAL_BIT) == owners
+        high = bits >> 1
+        clash = ~first[1:] & (high[1:] != high[:-1])
+        where = torch.empty_like(unit)
+        where[perm] = unit
+        bounds = [0, *torch.cumsum(torch.tensor(counts, dtype=torch.int64), 0).tolist()]
         return cls(hashes=hashes, counts=owners, optional=optional, rows=rows,
-                   collided=torch.nonzero(low != high).flatten())
+                   positions=tuple(where[a:b] for a, b in zip(bounds, bounds[1:])),
+                   collided=torch.unique(unit[1:][clash]))
 
     def owner_matrix(self, units: torch.Tensor) -> torch.Tensor:
         """``[ranks, len(units)]`` bool: whether each rank owns each unit."""
@@ -221,7 +255,7 @@ class _Table:
 def _agree(comm, mine: _Local, fp) -> torch.Tensor:
     """The agreement step; returns every rank's leading integers ``[ranks, _AGREE]``."""
     rec = mine.recorder
-    head = [len(mine.keys), int(mine.loaded.sum()), int(bool(mine.expectations.derived)), int(bool(mine.problem)),
+    head = [len(mine.hashes), int(mine.loaded.sum()), int(bool(mine.expectations.derived)), int(bool(mine.problem)),
             rec.bytes_written, int(rec.seconds * 1e6)]
     rows = comm.gather_rows(torch.tensor(head + to_words(fp), dtype=torch.int64))
     err = disagreement([from_words(r[_AGREE:].tolist()) for r in rows], rank=comm.rank, before="merging")
@@ -237,7 +271,7 @@ def _agree(comm, mine: _Local, fp) -> torch.Tensor:
 def _refuse_collisions(comm, mine: _Local, table: _Table) -> None:
     """Two different keys on different ranks share a 64-bit hash: every rank names them and stops."""
     wanted = set(table.hashes[table.collided].tolist())
-    labels = comm.gather_objects(sorted({k.label for k, h in zip(mine.keys, mine.hashes.tolist()) if h in wanted}))
+    labels = comm.gather_objects(sorted({mine.key(i).label for i, h in enumerate(mine.hashes.tolist()) if h in wanted}))
     names = sorted({n for part in labels for n in part})
     raise DistloadError(f"different keys share a 64-bit hash across ranks: {', '.join(names)}; rename one of them",
                         rank=comm.rank)
@@ -250,16 +284,16 @@ def _name_failures(comm, mine: _Local, table: _Table, failed: tuple[int, ...], d
     owns = table.owner_matrix(chosen)
     lowest = owns.to(torch.int8).argmax(dim=0).tolist()
     at = torch.searchsorted(mine.hashes, table.hashes[chosen]).tolist()
-    labels = {u: mine.keys[at[i]] for i, u in enumerate(chosen.tolist()) if lowest[i] == comm.rank}
+    labels = {u: mine.key(at[i]) for i, u in enumerate(chosen.tolist()) if lowest[i] == comm.rank}
     keys: dict[int, Key] = {}
     for part in comm.gather_objects(labels):
         keys.update(part)
     names = sorted({keys[u].name for u in failed})
-    loaded = {k for k, ok in zip(mine.keys, mine.loaded.tolist()) if ok}
+    done = mine.recorder.loaded_mask().tolist()  # by declaration position
     facts = []
     for name in names:  # per failed name: owns a piece of it, loaded all of them, loaded any
-        own = [e.key for e in mine.expectations.of_name(name)]
-        facts += [bool(own), all(k in loaded for k in own), any(k in loaded for k in own)]
+        own = [done[p] for p in mine.expectations.positions_of(name)]
+        facts += [bool(own), all(own), any(own)]
     rows = comm.gather_rows(torch.tensor(facts, dtype=torch.int8)).bool()
     affects: dict[str, list[str]] = {}
     if has_derived:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from array import array
 import time
 import weakref
 from typing import Iterable, Iterator, Mapping
@@ -56,10 +57,12 @@ class Recorder:
         self._storages = {_storage(t): n for n, t in self._params.items() if _storage(t) is not None}
         self._yielded: dict[int, list] = {}  # storage -> [(name, tensor ref)]
         self._current: str | None = None
-        self._writes: dict[Key, int] = {}
-        self._partial: dict[Key, list[Box]] = {}
+        self._writes = array("i")  # per expected key (by position): complete writes seen
+        self._partial: dict[int, list[Box]] = {}
         self.consumed: set[str] = set()
         """checkpoint tensors some write (or read, see ``note_read``) on this rank took bytes from"""
+        self.foreign: set[str] = set()
+        """the consumed tensors of which this rank expects no piece"""
         self.seen: set[str] = set()
         """checkpoint tensors the weights iterator yielded"""
         self.bytes_written = 0
@@ -94,8 +97,16 @@ class Recorder:
 
     def mark(self, key: Key) -> None:
         """Records a whole write of ``key``, for an engine that knows it filled that piece."""
-        self.consumed.add(key.name)
-        self._writes[key] = self._writes.get(key, 0) + 1
+        self._consume(key.name)
+        at = self.expectations.position(key)
+        if at is not None:
+            self._bump(at)
+
+    def _consume(self, name: str) -> None:
+        if name not in self.consumed:
+            self.consumed.add(name)
+            if not self.expectations.positions_of(name):
+                self.foreign.add(name)
 
     def note_read(self, name: str, shape: tuple[int, ...], box: Box | None) -> None:
         """Records that the bytes ``box`` of checkpoint tensor ``name`` of ``shape`` (None: all of
@@ -105,7 +116,22 @@ class Recorder:
 
     def loaded(self) -> tuple[Key, ...]:
         """The expected keys this rank loaded as many times as it holds copies of them."""
-        return tuple(e.key for e in self.expectations.entries() if self._writes.get(e.key, 0) >= e.copies)
+        mask = self.loaded_mask().tolist()
+        return tuple(e.key for e, ok in zip(self.expectations.entries(), mask) if ok)
+
+    def loaded_mask(self) -> torch.Tensor:
+        """Per expected key, in declaration order: whether this rank loaded all its copies."""
+        _, _, copies = self.expectations.hashes()
+        writes = torch.zeros(len(copies), dtype=torch.int32)
+        if len(self._writes):
+            done = torch.frombuffer(self._writes, dtype=torch.int32)[:len(copies)]
+            writes[:len(done)] = done
+        return writes >= copies
+
+    def _bump(self, at: int) -> None:
+        if at >= len(self._writes):
+            self._writes.extend([0] * (at + 1 - len(self._writes)))
+        self._writes[at] += 1
 
     # ---------------------------------------------------------------- attribution
 
@@ -142,20 +168,19 @@ class Recorder:
         return None
 
     def _note(self, name: str, box: Box | None, shape: tuple[int, ...]) -> None:
-        self.consumed.add(name)
-        for e in self.expectations.of_name(name):
-            key = e.key
+        self._consume(name)
+        for at in self.expectations.positions_of(name):
             if box is None:
-                self._writes[key] = self._writes.get(key, 0) + 1
+                self._bump(at)
                 continue
-            target = key.box(shape)
+            target = self.expectations.entry(at).key.box(shape)
             if not _overlaps(target, box):
                 continue
-            boxes = self._partial.setdefault(key, [])
+            boxes = self._partial.setdefault(at, [])
             boxes.append(box)
             if covers(target, boxes):
-                self._writes[key] = self._writes.get(key, 0) + 1
-                del self._partial[key]
+                self._bump(at)
+                del self._partial[at]
 
     def _replaced(self, before: Mapping[str, int | None]) -> None:
         """A loader that replaced a parameter's data (``param.data = tensor``) wrote all of it."""

@@ -38,6 +38,20 @@ DTYPES: Mapping[str, torch.dtype] = MappingProxyType({
 })
 
 
+def weights_track(extra_config: Mapping) -> bool:
+    """The ``enable_weights_track`` contract, for ``load`` and ``distload.track`` alike: true, false,
+    or unset (= on); anything else is an error. Other keys are not looked at here.
+
+    Example:
+        >>> weights_track({}), weights_track({"enable_weights_track": False, "num_threads": 8})
+        (True, False)
+    """
+    value = extra_config.get("enable_weights_track")
+    if value is not None and not isinstance(value, bool):
+        raise ConfigError(f"enable_weights_track must be true, false or unset, got {value!r}")
+    return True if value is None else value
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class LoadConfig:
     """How to load: layout, device, dtype and tracking options (all keyword-only).
@@ -100,9 +114,7 @@ class LoadConfig:
         if unknown:
             raise ConfigError(f"unknown loader extra-config key {unknown[0]!r}; allowed keys: "
                               f"{', '.join(EXTRA_CONFIG_KEYS)}")
-        track = self.extra_config.get("enable_weights_track")
-        if track is not None and not isinstance(track, bool):
-            raise ConfigError(f"enable_weights_track must be true, false or unset, got {track!r}")
+        weights_track(self.extra_config)
         for key in ("num_read_threads", "staging_mib"):
             value = self.extra_config.get(key, 1)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -151,8 +163,7 @@ class LoadConfig:
     def track_enabled(self) -> bool:
         if self.track is not None:
             return self.track
-        value = self.extra_config.get("enable_weights_track")
-        return True if value is None else value
+        return weights_track(self.extra_config)
 
     def read_threads(self, local_ranks: int) -> int:
         """Reader threads per rank: the extra-config's, else this node's cores shared by its ranks."""

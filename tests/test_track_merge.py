@@ -11,13 +11,14 @@ import importlib
 import pytest
 import torch
 
+from distload.errors import ConfigError
 from distload.layout import Layout
 from distload.plan import plan
 from distload.spec import ParamSpec, Role, Source
 from distload.track import Expectations, Key, Recorder
 from distload.track.merge import merge_with
 from tests.synthetic import hf_shapes, llama_config, llama_plan, llama_specs, tensor_infos
-from tests.track_sim import SimGroup, load_findings, moe_plan, plan_checkpoint, track_reports
+from tests.track_sim import SimGroup, load_findings, moe_plan, plan_checkpoint, plan_rank, track_reports
 
 CFG = llama_config()  # 2 layers, 16 heads, 8 kv heads, vocab 1000
 WIDE = Layout(world_size=64, tp=8, dp=8)
@@ -136,8 +137,9 @@ def test_tracking_off_merges_nothing():
     reports = group.run(lambda c: merge_with(c, *_one(Key.of("w"), write=False), checkpoint=ckpt,
                                              extra_config={"enable_weights_track": False}))
     assert calls == [] and all(r.complete is None and not r.tracked for r in reports)
-    with pytest.raises(Exception, match="unknown loader extra-config key 'enable_weight_track'"):
-        merge_with(group, *_one(Key.of("w")), checkpoint=ckpt, extra_config={"enable_weight_track": True})
+    with pytest.raises(ConfigError) as err:
+        merge_with(group, *_one(Key.of("w")), checkpoint=ckpt, extra_config={"enable_weights_track": "no"})
+    assert str(err.value) == "enable_weights_track must be true, false or unset, got 'no'"
 
 
 def test_ranks_that_disagree_on_the_checkpoint_are_refused():
@@ -163,6 +165,15 @@ def test_keys_that_share_a_hash_are_refused_naming_them(monkeypatch):
     assert str(reports[0]) == "rank 0: keys w and w share a 64-bit hash; rename one of them [rank 0]"
 
 
+def test_a_rank_that_cannot_read_the_checkpoint_stops_every_rank(tmp_path):
+    infos = tensor_infos({"w": (8, 4)}, dtype=torch.float32, num_files=1)
+    ckpt = plan_checkpoint(plan(infos, [], Layout(world_size=1)))
+    gone = str(tmp_path / "gone")
+    reports = SimGroup(2).run(lambda c: merge_with(c, *_one(Key.of("w")), checkpoint=gone if c.rank else ckpt))
+    assert [str(r) for r in reports] == [f"rank 1: checkpoint directory does not exist [file {gone}] [rank {r}]"
+                                         for r in range(2)]
+
+
 def _two(*keys: Key) -> tuple[Expectations, Recorder]:
     exp = Expectations()
     for k in keys:
@@ -173,7 +184,6 @@ def _two(*keys: Key) -> tuple[Expectations, Recorder]:
 def test_bytes_each_rank_sends_are_two_fixed_size_collectives_and_a_small_agreement():
     p = llama_plan(CFG, WIDE)
     group, ckpt = SimGroup(64), plan_checkpoint(p)
-    from tests.track_sim import plan_rank
     reports = group.run(lambda c: merge_with(c, *plan_rank(p, c.rank), checkpoint=ckpt, layout=WIDE))
     same_everywhere(reports)
     most = max(len(p.for_rank(r).owned) for r in range(64))

@@ -20,14 +20,12 @@ import sys
 import pytest
 
 from distload.testing import free_port
-from tests.hf_checkpoints import HFSpec, copy_checkpoint, delete_tensors, write_hf_checkpoint
+from tests.hf_checkpoints import QWEN3_MOE, copy_checkpoint, delete_tensors, write_hf_checkpoint
 
 pytest.importorskip("transformers")
 
 JOB = os.path.join(os.path.dirname(__file__), "transformers_tp_job.py")
-SPEC = HFSpec(model_type="qwen3_moe", num_hidden_layers=3, seed=13,
-              extra={"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
-                     "norm_topk_prob": True, "mlp_only_layers": [1]})
+SPEC = QWEN3_MOE
 UP = "model.layers.2.mlp.experts.5.up_proj.weight"
 
 

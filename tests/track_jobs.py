@@ -23,7 +23,9 @@ def engine_track(directory: str, layout: dict, skip: dict | None = None, redunda
         dist.init_process_group("gloo")
     try:
         model = EngineModel(engine_config(directory), Place(rank=world.rank, **layout), redundant=redundant)
-        # ---- the lines an engine adds (README: "Tracking an engine's own load")
+        dropped = set((skip or {}).get(world.rank, ()))
+        weights = ((n, t) for n, t in safetensors_weights(directory) if n not in dropped)
+        # ---- the lines an engine adds (the README's recipe, checked by tests/test_track_readme.py)
         params = dict(model.named_parameters())
         expected = track.from_engine(
             params, piece_of=lambda p, name, shard_id: params[p].piece(name, shard_id), stacked=STACKED,
@@ -32,8 +34,6 @@ def engine_track(directory: str, layout: dict, skip: dict | None = None, redunda
             checkpoint_name=lambda p: p.replace(".attn.k_scale", ".k_scale").replace(".attn.v_scale", ".v_scale"),
             optional={r"\.attn\.[kv]_scale$": 1.0})
         recorder = track.Recorder(expected, model, enabled=track.enabled(extra_config))
-        dropped = set((skip or {}).get(world.rank, ()))
-        weights = ((n, t) for n, t in safetensors_weights(directory) if n not in dropped)
         with recorder.observe():
             returned = model.load_weights(recorder.weights(weights))
         report = track.merge(expected, recorder, checkpoint=directory, extra_config=extra_config,

@@ -112,29 +112,10 @@ MIXTRAL = {"model_type": "mixtral", "vocab_size": 64, "hidden_size": 32, "interm
 
 
 def moe_plan(layout, *, redundant: int = 0, drop=()) -> Plan:
-    """The plan of distload's reference Mixtral for ``layout`` (one stage), from headers made here."""
-    from distload.comm import SOLO, Collectives
-    from distload.experts import ExpertPlan
-    from distload.models import BuildContext, reference_model
-    from distload.plan import plan as make_plan
-    from distload.spec import collect_specs
-    from tests.synthetic import tensor_infos
+    """The plan of distload's reference Mixtral (``MIXTRAL``) for ``layout``."""
+    from tests.synthetic import reference_plan
 
-    experts = ExpertPlan.make(num_experts=MIXTRAL["num_local_experts"], ep=layout.ep, redundant=redundant)
-    model = reference_model(BuildContext(config=MIXTRAL, tp=layout.tp, tp_rank=0, ops=Collectives(None, layout.tp),
-                                         dtype=torch.float32, layout=layout, experts=experts, stage_ops=SOLO))
-    specs = collect_specs(model)
-    shapes = {}
-    for spec in specs:
-        for src in (*spec.sources, *spec.verify):
-            shapes[src.name] = src.shape
-        if spec.experts is not None:
-            for e in range(spec.experts.placement.num_experts):
-                for part in spec.experts.parts:
-                    shapes[spec.experts.name(part, e)] = part.shape
-    for name in drop:
-        shapes.pop(name)
-    return make_plan(tensor_infos(shapes, dtype=torch.float32, num_files=4), specs, layout)
+    return reference_plan(MIXTRAL, layout, redundant=redundant, drop=drop)
 
 
 def load_findings(p: Plan, skip: dict[int, set[str]]):

@@ -28,9 +28,9 @@ from .. import tracking
 from .._version import __version__
 from ..checkpoint.directory import Checkpoint, open_checkpoint
 from ..comm import GroupComm
-from ..config import LoadConfig
+from ..config import weights_track
 from ..errors import DistloadError
-from ..fingerprint import checkpoint_digests, disagreement, fingerprint, from_words, to_words
+from ..fingerprint import PARTS, checkpoint_digests, disagreement, fingerprint, from_words, to_words
 from ..layout import Layout
 from ..plan import split_leftover
 from ..report import LoadReport, RankStats
@@ -44,14 +44,18 @@ _AGREE = 6
 
 
 def enabled(extra_config: Mapping | None = None) -> bool:
-    """Whether tracking is on for a loader extra-config: ``enable_weights_track`` true, false or unset
-    (= on), validated exactly as ``LoadConfig`` validates it (an unknown key is an error).
+    """Whether tracking is on for an engine's loader extra-config: ``enable_weights_track`` true,
+    false or unset (= on), validated as ``LoadConfig`` validates it. The dict is the engine's, so
+    its other keys (vLLM's ``num_threads``, ...) are its own business.
+
+    Raises:
+        ConfigError: ``enable_weights_track`` is neither a bool nor unset.
 
     Example:
-        >>> enabled({"enable_weights_track": False}), enabled()
+        >>> enabled({"enable_weights_track": False}), enabled({"num_threads": 8})
         (False, True)
     """
-    return LoadConfig(extra_config=dict(extra_config or {})).track_enabled
+    return weights_track(dict(extra_config or {}))
 
 
 def merge(expectations: Expectations, recorder: Recorder, *, checkpoint: str | Checkpoint, group=None,
@@ -87,17 +91,24 @@ def merge_with(comm, expectations: Expectations, recorder: Recorder, *, checkpoi
                strict: bool = False) -> LoadReport:
     """``merge`` over ``comm`` (anything with ``rank``, ``size``, ``ranks``, ``gather_rows``, ``sum``
     and ``gather_objects``: the group's collectives, or a simulation of them)."""
-    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
     layout = layout or Layout.for_world(comm.size)
     if layout.world_size != comm.size:
         raise DistloadError(f"layout {layout.describe()} does not fit the group of {comm.size} ranks", rank=comm.rank)
-    base = dict(mode="track", checkpoint=ckpt.directory, layout=layout.to_dict(), strict=strict)
     if not enabled(extra_config):
-        return LoadReport(tracked=False, num_units=len(expectations), findings=None, **base)
+        directory = checkpoint.directory if isinstance(checkpoint, Checkpoint) else checkpoint
+        return LoadReport(mode="track", checkpoint=directory, layout=layout.to_dict(), strict=strict, tracked=False,
+                          num_units=len(expectations), findings=None)
     mine = _Local.of(expectations, recorder)
-    universe = _Universe.of(ckpt)
-    agreed = _agree(comm, mine, fingerprint(ckpt, layout, (), __version__, {"ignore": list(ignore), "strict": strict},
-                                            checkpoint=universe.digests))
+    fp, fault = None, mine.problem
+    try:  # a rank that cannot read the checkpoint says so in the agreement: every rank stops alike
+        ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
+        universe = _Universe.of(ckpt)
+        fp = fingerprint(ckpt, layout, (), __version__, {"ignore": list(ignore), "strict": strict},
+                         checkpoint=universe.digests)
+    except DistloadError as err:
+        fault = fault or str(err)
+    agreed = _agree(comm, mine, fp, fault)
+    base = dict(mode="track", checkpoint=ckpt.directory, layout=layout.to_dict(), strict=strict)
     table = _Table.of(comm.gather_rows(mine.row(int(agreed[:, 0].max()))), agreed[:, 0].tolist())
     if len(table.collided):
         _refuse_collisions(comm, mine, table)
@@ -166,7 +177,7 @@ class _Local:
         same = torch.nonzero(first[1:] == first[:-1]).flatten().tolist()
         if same:
             a, b = (expectations.entry(int(order[i])).key.label for i in (same[0], same[0] + 1))
-            problem = f"keys {a} and {b} share a 64-bit hash"
+            problem = f"keys {a} and {b} share a 64-bit hash; rename one of them"
         return cls(order=order, hashes=first, second=second[order], loaded=recorder.loaded_mask()[order],
                    expectations=expectations, recorder=recorder, problem=problem)
 
@@ -252,19 +263,24 @@ class _Table:
         return out
 
 
-def _agree(comm, mine: _Local, fp) -> torch.Tensor:
-    """The agreement step; returns every rank's leading integers ``[ranks, _AGREE]``."""
+def _agree(comm, mine: _Local, fp, fault: str) -> torch.Tensor:
+    """The agreement step; returns every rank's leading integers ``[ranks, _AGREE]``.
+
+    Raises (on every rank): the first rank's fault (a checkpoint it could not read, two of its keys
+    sharing a hash), else the ranks whose fingerprint differs from rank 0's.
+    """
     rec = mine.recorder
-    head = [len(mine.hashes), int(mine.loaded.sum()), int(bool(mine.expectations.derived)), int(bool(mine.problem)),
+    head = [len(mine.hashes), int(mine.loaded.sum()), int(bool(mine.expectations.derived)), int(bool(fault)),
             rec.bytes_written, int(rec.seconds * 1e6)]
-    rows = comm.gather_rows(torch.tensor(head + to_words(fp), dtype=torch.int64))
+    words = to_words(fp) if fp is not None else [0] * (len(PARTS) * 2)
+    rows = comm.gather_rows(torch.tensor(head + words, dtype=torch.int64))
+    if bool(rows[:, 3].any()):
+        texts = comm.gather_objects(fault)
+        first = next(r for r, t in enumerate(texts) if t)
+        raise DistloadError(f"rank {comm.ranks[first]}: {texts[first]}", rank=comm.rank)
     err = disagreement([from_words(r[_AGREE:].tolist()) for r in rows], rank=comm.rank, before="merging")
     if err is not None:
         raise err
-    if bool(rows[:, 3].any()):
-        texts = comm.gather_objects(mine.problem)
-        first = next(r for r, t in enumerate(texts) if t)
-        raise DistloadError(f"rank {comm.ranks[first]}: {texts[first]}; rename one of them", rank=comm.rank)
     return rows[:, :_AGREE]
 
 

@@ -9,6 +9,7 @@ from .config import EXTRA_CONFIG_KEYS, LoadConfig
 from .errors import (CheckpointError, ConfigError, DistloadError, LayoutError, MissingWeightsError,
                      PeerFailedError, PlanError)
 from .examples import example_checkpoint
+from . import track
 from .layout import Layout
 from .models import BuildContext
 from .report import LoadReport
@@ -16,4 +17,4 @@ from .report import LoadReport
 
 __all__ = ["BuildContext", "CheckpointError", "ConfigError", "DistloadError", "EXTRA_CONFIG_KEYS", "LayoutError", "LoadConfig",
            "LoadReport", "Loaded", "MissingWeightsError", "PeerFailedError", "PlanError", "WorldInfo", "example_checkpoint", "load",
-           "Layout", "__version__"]
+           "Layout", "__version__", "track"]

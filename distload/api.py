@@ -27,7 +27,7 @@ from .expert_map import expert_plan
 from .layout import Layout
 from .models import (BuildContext, ModelBuilder, check_config, default_ignores, expert_facts, model_notes,
                      reference_model)
-from .fingerprint import Fingerprint, fingerprint
+from .fingerprint import Fingerprint, disagreement, fingerprint, from_words, to_words
 from .plan import Plan, RankPlan, plan as make_plan
 from .quant import quant_config
 from .quant.config import QuantConfig
@@ -270,16 +270,10 @@ def _agree(comm: Comm, mine: Fingerprint) -> None:
     """
     if comm.world_size == 1:
         return
-    row = torch.frombuffer(bytearray(b"".join(mine.digests)), dtype=torch.int64)
-    rows = comm.gather_rows(row)
-    prints = [Fingerprint(tuple(bytes(r.numpy().tobytes()[i:i + 16]) for i in range(0, r.numel() * 8, 16)))
-              for r in rows]
-    odd = {r: prints[0].differing(p) for r, p in enumerate(prints) if p != prints[0]}
-    if odd:
-        parts = sorted({part for diff in odd.values() for part in diff})
-        raise DistloadError(f"ranks {sorted(odd)} disagree with rank 0 before loading, in: {', '.join(parts)} "
-                            "(different checkpoints, layouts, model specs or distload versions)",
-                            rank=comm.rank)
+    rows = comm.gather_rows(torch.tensor(to_words(mine), dtype=torch.int64))
+    err = disagreement([from_words(r.tolist()) for r in rows], rank=comm.rank)
+    if err is not None:
+        raise err
 
 
 def _merge(comm: Comm, config: LoadConfig, layout: Layout, ckpt: Checkpoint, plan: Plan, rank_plan: RankPlan,

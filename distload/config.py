@@ -43,6 +43,20 @@ DTYPES: Mapping[str, torch.dtype] = MappingProxyType({
 })
 
 
+def weights_track(extra_config: Mapping) -> bool:
+    """The ``enable_weights_track`` contract, for ``load`` and ``distload.track`` alike: true, false,
+    or unset (= on); anything else is an error. Other keys are not looked at here.
+
+    Example:
+        >>> weights_track({}), weights_track({"enable_weights_track": False, "num_threads": 8})
+        (True, False)
+    """
+    value = extra_config.get("enable_weights_track")
+    if value is not None and not isinstance(value, bool):
+        raise ConfigError(f"enable_weights_track must be true, false or unset, got {value!r}")
+    return True if value is None else value
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class LoadConfig:
     """How to load: layout, device, dtype and tracking options (all keyword-only).
@@ -113,9 +127,7 @@ class LoadConfig:
         if unknown:
             raise ConfigError(f"unknown loader extra-config key {unknown[0]!r}; allowed keys: "
                               f"{', '.join(EXTRA_CONFIG_KEYS)}")
-        track = self.extra_config.get("enable_weights_track")
-        if track is not None and not isinstance(track, bool):
-            raise ConfigError(f"enable_weights_track must be true, false or unset, got {track!r}")
+        weights_track(self.extra_config)
         verify = self.extra_config.get("verify_checksums")
         for value in (verify, self.verify_checksums):
             if value is not None and not isinstance(value, bool):
@@ -173,8 +185,7 @@ class LoadConfig:
     def track_enabled(self) -> bool:
         if self.track is not None:
             return self.track
-        value = self.extra_config.get("enable_weights_track")
-        return True if value is None else value
+        return weights_track(self.extra_config)
 
     @property
     def verify_enabled(self) -> bool:

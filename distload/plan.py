@@ -20,7 +20,8 @@ from .layout import Layout
 from .spec import ParamSpec, Role, Source
 from .units import Unit, UnitKey, add_expert_units, add_units, check_regions, check_tiling, owner_counts
 
-__all__ = ["DEFAULT_IGNORE", "Plan", "RankPlan", "RankSummary", "Read", "Unit", "check_tiling", "plan"]
+__all__ = ["DEFAULT_IGNORE", "Plan", "RankPlan", "RankSummary", "Read", "Unit", "check_tiling", "plan",
+           "split_leftover"]
 
 DEFAULT_IGNORE = (r"(^|\.)rotary_emb\.(inv_freq|original_inv_freq)$",)
 """checkpoint names never reported unexpected: rotary tables that old checkpoints
@@ -300,15 +301,27 @@ def plan(tensors: Mapping[str, TensorInfo], specs: Iterable[ParamSpec], layout: 
     if fused:
         check_regions(units, fused)
     consumed = {u.name for u in units}
-    patterns = [re.compile(p) for p in (*DEFAULT_IGNORE, *ignore)]
-    leftover = sorted(n for n in tensors if n not in consumed)
-    rule_of = {n: next((p.pattern for p in patterns if p.search(n)), None) for n in leftover}
-    ignored = tuple(n for n in leftover if rule_of[n] is not None)
-    unexpected = tuple(n for n in leftover if rule_of[n] is None)
+    ignored, unexpected, rules = split_leftover((n for n in tensors if n not in consumed), ignore)
     counts = owner_counts(units, layout)
     verify_units = tuple(i for i, u in enumerate(units) if u.verify)
-    return Plan(layout, specs, tuple(units), unit_ids, tensors, unexpected, ignored, counts, verify_units,
-                tuple(rule_of[n] for n in ignored))
+    return Plan(layout, specs, tuple(units), unit_ids, tensors, unexpected, ignored, counts, verify_units, rules)
+
+
+def split_leftover(leftover: Iterable[str], ignore: Iterable[str] = ()) \
+        -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """The one definition of *unexpected*, shared by ``load`` and ``distload.track``: of the
+    checkpoint tensors nothing consumes, those an ignore rule names (DEFAULT_IGNORE and the
+    regexes ``ignore``) are *ignored*, the others *unexpected*.
+
+    Returns:
+        ``(ignored, unexpected, rules)``, the names sorted, ``rules[i]`` the pattern that
+        ignored ``ignored[i]`` (the first that matches).
+    """
+    patterns = [re.compile(p) for p in (*DEFAULT_IGNORE, *ignore)]
+    leftover = sorted(leftover)
+    rule_of = {n: next((p.pattern for p in patterns if p.search(n)), None) for n in leftover}
+    ignored = tuple(n for n in leftover if rule_of[n] is not None)
+    return ignored, tuple(n for n in leftover if rule_of[n] is None), tuple(rule_of[n] for n in ignored)
 
 
 def _is_short(src: Source, tp_i: int, tp: int) -> bool:

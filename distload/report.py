@@ -71,7 +71,7 @@ class LoadReport:
     """
 
     mode: str
-    """``load`` or ``dry-run``"""
+    """``load``, ``dry-run``, or ``track`` (``distload.track.merge``: an engine's own load)"""
     checkpoint: str
     """checkpoint directory"""
     layout: dict
@@ -184,6 +184,8 @@ class LoadReport:
                  f"{self.num_units} units",
                  f"  read: {_size(total)} over {num_ranks} rank(s); load took {self.seconds:.2f} s on rank 0 "
                  f"(wall time), the slowest rank's read step {slowest:.2f} s" if self.mode == "load" else
+                 f"  recorded: {_size(total)} written into parameters over {num_ranks} rank(s), observed for "
+                 f"{self.seconds:.2f} s on rank 0" if self.mode == "track" else
                  f"  planned: {_size(total)} over {num_ranks} rank(s) in {len(self.ranks)} class(es) of ranks "
                  f"that read alike, planned in {self.seconds:.2f} s"]
         if self.ranks:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from array import array
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -128,16 +128,71 @@ def classify(plan: Plan, totals: torch.Tensor) -> Verdict:
         totals: the sum over ranks of ``record`` vectors.
     """
     n = len(plan.units)
-    loaded = totals[:n].to(torch.int32)
-    expected = expected_counts(plan)
-    assert bool((loaded <= expected).all()), "a rank recorded a unit it does not own"
-    short = (loaded < expected).nonzero().flatten().tolist()
-    optional = {u for u in short if plan.units[u].role is Role.OPTIONAL and int(loaded[u]) == 0}
+    failed, defaulted = unit_outcomes(totals[:n], expected_counts(plan),
+                                      lambda u: plan.units[u].role is Role.OPTIONAL)
     v = len(plan.verify_units)
     differs = totals[n:n + v].nonzero().flatten().tolist()
-    return Verdict(failed=tuple(u for u in short if u not in optional), defaulted=tuple(sorted(optional)),
+    return Verdict(failed=failed, defaulted=defaulted,
                    mismatched=tuple(plan.verify_units[i] for i in differs),
                    nonfinite=tuple(totals[n + v:].nonzero().flatten().tolist()))
+
+
+def unit_outcomes(loaded: torch.Tensor, expected: torch.Tensor,
+                  optional: Callable[[int], bool]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The one definition of a unit's outcome, shared by ``load`` and ``distload.track``.
+
+    A unit is complete when every owner loaded it. An optional unit no owner loaded is
+    *defaulted*; any other unit some owner did not load has *failed* (``failure_entries``
+    tells missing from inconsistent, by checkpoint name).
+
+    Args:
+        loaded: per unit, how many owners loaded it (the summed records).
+        expected: per unit, how many owners it has.
+        optional: whether unit ``u`` is optional (asked only of units short of their owners).
+
+    Returns:
+        ``(failed, defaulted)`` unit indices, in table order.
+    """
+    loaded = loaded.to(torch.int32)
+    assert bool((loaded <= expected).all()), "a rank recorded a unit it does not own"
+    short = (loaded < expected).nonzero().flatten().tolist()
+    defaulted = tuple(u for u in short if int(loaded[u]) == 0 and optional(u))
+    skipped = set(defaulted)
+    return tuple(u for u in short if u not in skipped), defaulted
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class NameFacts:
+    """What the ranks did with one checkpoint tensor of which some unit failed."""
+
+    name: str
+    """checkpoint tensor name"""
+    owners: tuple[int, ...]
+    """ranks that own any of its units, in rank order"""
+    loaded_by: tuple[int, ...]
+    """owners that loaded every unit of it they own"""
+    anything: bool
+    """whether any rank loaded any unit of it"""
+    affects: tuple[str, ...] = ()
+    """derived parameters computed from it"""
+
+
+def failure_entries(facts: Iterable[NameFacts]) -> tuple[tuple[Entry, ...], tuple[Entry, ...]]:
+    """The one definition of *missing* and *inconsistent*, shared by ``load`` and ``distload.track``.
+
+    A checkpoint tensor with a failed unit is *missing* when no rank loaded any unit of it, and
+    *inconsistent* when some did: then ``loaded_by`` names the owners that loaded all of theirs
+    (a fused tensor's regions are several units on one rank: skipping ``k`` alone makes that
+    rank fall out of ``loaded_by``).
+
+    Returns:
+        ``(missing, inconsistent)`` entries, in the order of ``facts``.
+    """
+    missing, inconsistent = [], []
+    for f in facts:
+        entry = Entry(name=f.name, owners=f.owners, loaded_by=f.loaded_by, affects=f.affects)
+        (inconsistent if f.anything else missing).append(entry)
+    return tuple(missing), tuple(inconsistent)
 
 
 def exchange_rows(plan: Plan, verdict: Verdict, local: torch.Tensor) -> torch.Tensor:
@@ -165,17 +220,16 @@ def findings(plan: Plan, verdict: Verdict, rows: torch.Tensor | None) -> Finding
             affects.setdefault(source, []).append(spec.name)
 
     units_of = _by_name(plan, range(len(plan.units)))
-    missing, inconsistent = [], []
+    facts = []
     for name, bad in _by_name(plan, verdict.failed).items():
         units = units_of[name]
         owners = _owners(plan, units)
-        # an owner loaded the tensor when it loaded every unit it owns of it (a fused tensor's
-        # regions are several units on one rank: skipping k alone makes that rank inconsistent)
+        # an owner loaded the tensor when it loaded every unit it owns of it
         short = {r for u in bad for r in set(plan.owners(u)).difference(loaded_by[u])}
-        anything = len(bad) < len(units) or any(loaded_by[u] for u in bad)
-        entry = Entry(name=name, owners=owners, loaded_by=tuple(r for r in owners if r not in short),
-                      affects=tuple(affects.get(name, ())))
-        (inconsistent if anything else missing).append(entry)
+        facts.append(NameFacts(name=name, owners=owners, loaded_by=tuple(r for r in owners if r not in short),
+                               anything=len(bad) < len(units) or any(loaded_by[u] for u in bad),
+                               affects=tuple(affects.get(name, ()))))
+    missing, inconsistent = failure_entries(facts)
     defaulted = [Entry(name=n, owners=_owners(plan, us), affects=tuple(affects.get(n, ())))
                  for n, us in _by_name(plan, verdict.defaulted).items()]
     unloaded = {e.name for e in (*missing, *inconsistent)}
@@ -189,7 +243,7 @@ def findings(plan: Plan, verdict: Verdict, rows: torch.Tensor | None) -> Finding
     nonfinite = [Entry(name=name, owners=_owners(plan, units_of[name]),
                        found_on=tuple(sorted({r for u in units for r in bad_by[u]})))
                  for name, units in _by_name(plan, verdict.nonfinite).items()]
-    return Findings(missing=tuple(missing), inconsistent=tuple(inconsistent),
+    return Findings(missing=missing, inconsistent=inconsistent,
                     defaulted=tuple(defaulted), mismatched=tuple(mismatched), nonfinite=tuple(nonfinite))
 
 

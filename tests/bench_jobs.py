@@ -157,3 +157,114 @@ def byte_shares(shapes: Mapping[str, tuple[int, ...]], cfg: Mapping, tp: int, it
             pieces = min(tp, kv) if name.endswith(("k_proj.weight", "v_proj.weight")) else tp
             share += nbytes / pieces
     return {"sharded_bytes": sharded, "replicated_bytes": replicated, "share_bytes": int(share)}
+
+
+def track_inputs(keys_per_rank: int, rank: int, world_size: int):
+    """One rank's inputs to a ``distload.track`` merge of ``keys_per_rank`` keys: piece ``rank`` of
+    ``world_size`` of every one of ``keys_per_rank`` expert matrices (as under TP = world), all
+    marked loaded, and the checkpoint headers naming those matrices."""
+    from distload.checkpoint.directory import Checkpoint
+    from distload.track import Expectations, Key, Recorder
+
+    names = [f"model.layers.{i // 3072}.mlp.experts.{i // 3 % 1024}.{MOE_PROJECTIONS[i % 3]}.weight"
+             for i in range(keys_per_rank)]
+    exp = Expectations()
+    for name in names:
+        exp.expect(Key.of(name, dim=0, index=rank, num_shards=world_size), param=name)
+    rec = Recorder(exp, {})
+    for e in exp.entries():
+        rec.mark(e.key)
+    rows, cols = 4 * world_size, 16
+    tensors = {n: TensorInfo(name=n, file="/synthetic/experts.safetensors", dtype=torch.bfloat16, shape=(rows, cols),
+                             begin=i * rows * cols * 2, end=(i + 1) * rows * cols * 2) for i, n in enumerate(names)}
+    return exp, rec, Checkpoint(directory="/synthetic", config={}, tensors=tensors, files=(), sizes={})
+
+
+def _rss_mib() -> float:
+    """This process's peak resident set, in MiB."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def track_merge_job(keys_per_rank: int, reps: int) -> dict | None:
+    """Times ``distload.track.merge`` (agreement, key all-gather, flag all-reduce, classification,
+    hashing and fingerprinting included) against an ``all_gather_object`` of each rank's expected and
+    loaded name sets (missing = expected - loaded over their unions), on this rank.
+
+    Returns (rank 0 only) per repetition and mechanism the seconds from the last rank's entry to the
+    last rank's exit; the slowest rank's first merge, which also digests the checkpoint and places the
+    expected names in it (once per opened checkpoint: later merges reuse both); each rank's bytes
+    handed to the collectives, and each rank's peak RSS."""
+    import pickle
+
+    from distload.comm import GroupComm
+    from distload.track.merge import merge_with
+
+    world = world_from_env()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    comm = Comm.connect(world, device=torch.device("cpu"))
+    try:
+        start_rss = _rss_mib()
+        group = GroupComm()
+        exp, rec, ckpt = track_inputs(keys_per_rank, world.rank, world.world_size)
+        labels = {f"{e.key.name}#{e.key.index}" for e in exp.entries()}
+        inputs_rss = _rss_mib()
+
+        def tracked(expected, recorder) -> tuple[str, ...]:
+            report = merge_with(group, expected, recorder, checkpoint=ckpt)
+            return tuple(e.name for e in (*report.findings.missing, *report.findings.inconsistent))
+
+        def baseline(expected: set[str], loaded: set[str]) -> set[str]:
+            sets = comm.gather_objects((expected, loaded))
+            return set().union(*(e for e, _ in sets)) - set().union(*(l for _, l in sets))
+
+        # both must find the one piece rank 0 does not load (its owner is rank 0 alone: the name is
+        # inconsistent, its other pieces loaded)
+        dropped = exp.entries()[0].key if world.rank == 0 else None
+        lossy = rec
+        if dropped is not None:
+            from distload.track import Recorder
+            lossy = Recorder(exp, {})
+            for e in exp.entries()[1:]:
+                lossy.mark(e.key)
+        name = comm.gather_objects(dropped.name if dropped else None)[0]
+        comm.barrier()
+        first = time.perf_counter()
+        assert tracked(exp, lossy) == (name,)  # the first merge also digests the checkpoint, once
+        first = time.perf_counter() - first
+        track_rss = _rss_mib()  # before the baseline ever ran here
+        assert baseline(labels, labels - ({f"{dropped.name}#0"} if dropped else set())) == {f"{name}#0"}
+
+        steps = (lambda: tracked(exp, rec) == (), lambda: baseline(labels, labels) == set())
+        clock = time.CLOCK_MONOTONIC
+        stamps = []
+        for rep in range(reps + 1):  # repetition 0 warms up and is dropped
+            row = [(0.0, 0.0)] * len(steps)
+            for which in (range(len(steps)) if rep % 2 else reversed(range(len(steps)))):
+                comm.barrier()
+                t0 = time.clock_gettime(clock)
+                ok = steps[which]()
+                row[which] = (t0, time.clock_gettime(clock))
+                assert ok
+            if rep:
+                stamps.extend(row)
+        half = (keys_per_rank + 1) // 2
+        sent = {"track_agree": 8 * (6 + 16), "track_keys": 8 * (keys_per_rank + half),
+                "track_flags": None, "baseline": len(pickle.dumps((labels, labels)))}
+        every = comm.gather_rows(torch.tensor([*(x for pair in stamps for x in pair), first, start_rss, inputs_rss,
+                                               track_rss, _rss_mib()], dtype=torch.float64))
+        if world.rank != 0:
+            return None
+        times = every[:, :-5].view(world.world_size, reps, len(steps), 2)
+        last_in_to_last_out = times[..., 1].max(0).values - times[..., 0].max(0).values
+        units = keys_per_rank * world.world_size
+        sent["track_flags"] = units + keys_per_rank  # int8 per unit, then per checkpoint tensor
+        return {"track_s": last_in_to_last_out[:, 0].tolist(), "baseline_s": last_in_to_last_out[:, 1].tolist(),
+                "first_track_s": float(every[:, -5].max()), "bytes_handed_per_rank": sent, "num_units": units,
+                "rss_mib": {"start": every[:, -4].tolist(), "inputs": every[:, -3].tolist(),
+                            "after_track": every[:, -2].tolist(), "peak": every[:, -1].tolist()}}
+    finally:
+        comm.close()
+        torch.set_num_threads(threads)

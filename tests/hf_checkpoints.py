@@ -37,6 +37,20 @@ class HFSpec:
     """dtype the checkpoint is saved in (parameters are drawn in float32, then cast)"""
 
 
+QWEN3_MOE = HFSpec(model_type="qwen3_moe", num_hidden_layers=3, seed=13,
+                   extra={"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                          "norm_topk_prob": True, "mlp_only_layers": [1]})
+"""8 experts of width 32, q/k norms, renormalized top-k, layer 1 a dense MLP (intermediate_size 96)"""
+
+DEEPSEEK_V3 = HFSpec(model_type="deepseek_v3", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                     num_attention_heads=4, num_key_value_heads=4, seed=21,
+                     extra={"moe_intermediate_size": 16, "n_routed_experts": 8, "n_shared_experts": 1,
+                            "num_experts_per_tok": 2, "n_group": 2, "topk_group": 1, "first_k_dense_replace": 1,
+                            "q_lora_rank": 16, "kv_lora_rank": 8, "qk_rope_head_dim": 4, "qk_nope_head_dim": 8,
+                            "v_head_dim": 8})
+"""multi-head latent attention, a dense first layer, 8 routed experts of width 16 and a shared one;
+kv_a_proj_with_mqa [12, 32] (kv_lora_rank 8 + qk_rope 4) and kv_b_proj [64, 8]"""
+
 CONFIG_CLASSES = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config",
                   "mistral": "MistralConfig", "mixtral": "MixtralConfig", "qwen2_moe": "Qwen2MoeConfig",
                   "qwen3_moe": "Qwen3MoeConfig", "deepseek_v3": "DeepseekV3Config",

@@ -117,3 +117,29 @@ def write_llama_checkpoint(directory: str, cfg: Mapping, *, dtype: torch.dtype =
     with open(os.path.join(directory, "config.json"), "w") as fh:
         json.dump({**cfg, "dtype": str(dtype).removeprefix("torch.")}, fh)
     return shapes
+
+
+def reference_plan(cfg: Mapping, layout: Layout, *, kind: str = "linear", redundant: int = 0,
+                   drop: Iterable[str] = ()) -> Plan:
+    """The plan of distload's reference model of ``cfg`` (a mixture of experts: ``kind`` placement
+    with ``redundant`` copies) for ``layout`` (one stage), from headers made here of every tensor
+    its specs name, minus ``drop``."""
+    from distload.comm import SOLO, Collectives
+    from distload.experts import ExpertPlan
+    from distload.models import BuildContext, expert_facts, reference_model
+
+    experts = ExpertPlan.make(num_experts=expert_facts(cfg).num_experts, ep=layout.ep, kind=kind, redundant=redundant)
+    model = reference_model(BuildContext(config=cfg, tp=layout.tp, tp_rank=0, ops=Collectives(None, layout.tp),
+                                         dtype=torch.float32, layout=layout, experts=experts, stage_ops=SOLO))
+    specs = collect_specs(model)
+    shapes = {}
+    for spec in specs:
+        for src in (*spec.sources, *spec.verify):
+            shapes[src.name] = src.shape
+        if spec.experts is not None:
+            for e in range(spec.experts.placement.num_experts):
+                for part in spec.experts.parts:
+                    shapes[spec.experts.name(part, e)] = part.shape
+    for name in drop:
+        shapes.pop(name)
+    return plan(tensor_infos(shapes, dtype=torch.float32, num_files=4), specs, layout)

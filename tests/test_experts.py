@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
-from distload.comm import SOLO, Collectives
 from distload.errors import LayoutError
-from distload.experts import ExpertPlacement, ExpertPlan, parse_expert_map
+from distload.experts import ExpertPlacement, parse_expert_map
 from distload.layout import Layout
-from distload.models import BuildContext, expert_facts, reference_model
-from distload.plan import plan as make_plan
-from distload.spec import collect_specs
-from tests.synthetic import tensor_infos
+from tests.synthetic import reference_plan
 
 MIXTRAL = {"model_type": "mixtral", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 1024,
            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "num_local_experts": 16,
@@ -55,21 +50,7 @@ def test_layout_expert_coordinates_cover_each_group_shard_once():
 
 
 def _plan(layout: Layout, cfg=MIXTRAL, *, kind="linear", redundant=0, drop=()):
-    experts = ExpertPlan.make(num_experts=expert_facts(cfg).num_experts, ep=layout.ep, kind=kind, redundant=redundant)
-    model = reference_model(BuildContext(config=cfg, tp=layout.tp, tp_rank=0, ops=Collectives(None, layout.tp),
-                                         dtype=torch.float32, layout=layout, experts=experts, stage_ops=SOLO))
-    specs = collect_specs(model)
-    shapes = {}
-    for spec in specs:
-        for src in (*spec.sources, *spec.verify):
-            shapes[src.name] = src.shape
-        if spec.experts is not None:
-            for e in range(spec.experts.placement.num_experts):
-                for part in spec.experts.parts:
-                    shapes[spec.experts.name(part, e)] = part.shape
-    for name in drop:
-        shapes.pop(name)
-    return make_plan(tensor_infos(shapes, dtype=torch.float32, num_files=4), specs, layout)
+    return reference_plan(cfg, layout, kind=kind, redundant=redundant, drop=drop)
 
 
 @pytest.mark.parametrize("layout,kind,redundant", [

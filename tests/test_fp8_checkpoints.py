@@ -23,7 +23,8 @@ from tests.fp8_checkpoints import (
     write_block_fp8_checkpoint,
     write_dequantized_checkpoint,
 )
-from tests.hf_checkpoints import INDEX, HFSpec, hf_config, hf_logits, read_tensors, write_hf_checkpoint
+from tests.hf_checkpoints import DEEPSEEK_V3, INDEX, QWEN3_MOE, HFSpec, hf_config, hf_logits, read_tensors, \
+    write_hf_checkpoint
 
 pytest.importorskip("transformers")
 
@@ -36,16 +37,9 @@ SPECS = {
     # file does not import distload)
     "mixtral": HFSpec(model_type="mixtral", intermediate_size=32, seed=11,
                       extra={"num_local_experts": 8, "num_experts_per_tok": 2, "sliding_window": 5}),
-    "qwen3_moe": HFSpec(model_type="qwen3_moe", num_hidden_layers=3, seed=13,
-                        extra={"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
-                               "norm_topk_prob": True, "mlp_only_layers": [1]}),
+    "qwen3_moe": QWEN3_MOE,
     # kv_a_proj_with_mqa [12, 32] (kv_lora_rank 8 + qk_rope 4) and kv_b_proj [64, 8]: one partial block
-    "deepseek_v3": HFSpec(model_type="deepseek_v3", vocab_size=64, hidden_size=32, intermediate_size=64,
-                          num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, seed=21,
-                          extra={"moe_intermediate_size": 16, "n_routed_experts": 8, "n_shared_experts": 1,
-                                 "num_experts_per_tok": 2, "n_group": 2, "topk_group": 1,
-                                 "first_k_dense_replace": 1, "q_lora_rank": 16, "kv_lora_rank": 8,
-                                 "qk_rope_head_dim": 4, "qk_nope_head_dim": 8, "v_head_dim": 8}),
+    "deepseek_v3": DEEPSEEK_V3,
 }
 MODELS = list(SPECS)
 

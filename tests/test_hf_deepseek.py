@@ -22,18 +22,13 @@ import pytest
 import torch
 
 from tests import moe_jobs
-from tests.hf_checkpoints import HFSpec, copy_checkpoint, delete_tensors, put_tensors, read_tensors, write_hf_checkpoint
+from tests.hf_checkpoints import DEEPSEEK_V3, copy_checkpoint, delete_tensors, put_tensors, read_tensors, write_hf_checkpoint
 from tests.moe_oracle import (TOLERANCE, L, assert_routes_and_logits, by_expert, coords, headers, hf_reference, hosted,
                               stage_of_layer)
 
 pytest.importorskip("transformers")
 
-SPEC = HFSpec(model_type="deepseek_v3", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-              num_attention_heads=4, num_key_value_heads=4, seed=21,
-              extra={"moe_intermediate_size": 16, "n_routed_experts": 8, "n_shared_experts": 1,
-                     "num_experts_per_tok": 2, "n_group": 2, "topk_group": 1, "first_k_dense_replace": 1,
-                     "q_lora_rank": 16, "kv_lora_rank": 8, "qk_rope_head_dim": 4, "qk_nope_head_dim": 8,
-                     "v_head_dim": 8})
+SPEC = DEEPSEEK_V3
 
 BIAS = "model.layers.1.mlp.gate.e_score_correction_bias"
 MTP = "model.layers.3.eh_proj.weight"  # num_hidden_layers = 3: the multi-token-prediction layer

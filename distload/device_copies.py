@@ -39,7 +39,8 @@ class TorchCopies:
         self.stream = torch.cuda.Stream(device=device)
         # zeroing and default fills were queued on the current stream: copies come after them
         self.stream.wait_stream(torch.cuda.current_stream(device))
-        self._events: list[torch.cuda.Event | None] = [None] * slots
+        self._events = [torch.cuda.Event(blocking=True) for _ in range(slots)]
+        self._recorded_torch = [False] * slots
 
     def copy_bytes(self, dst: torch.Tensor, dst_at: int, src: torch.Tensor, src_at: int, n: int) -> None:
         """Queues ``dst[dst_at:dst_at+n] = src[src_at:src_at+n]`` (flat uint8 tensors)."""
@@ -53,25 +54,22 @@ class TorchCopies:
 
     def record(self, slot: int) -> None:
         """Marks the end of the copies queued so far from ``slot``."""
-        event = torch.cuda.Event(blocking=True)
-        event.record(self.stream)
-        self._events[slot] = event
+        self._events[slot].record(self.stream)
+        self._recorded_torch[slot] = True
 
     def done(self, slot: int) -> bool:
         """Whether ``slot``'s recorded copies have finished."""
-        event = self._events[slot]
-        return event is None or event.query()
+        return not self._recorded_torch[slot] or self._events[slot].query()
 
     def wait(self, slot: int) -> None:
         """Blocks until ``slot``'s recorded copies have finished."""
-        event = self._events[slot]
-        if event is not None:
-            event.synchronize()
+        if self._recorded_torch[slot]:
+            self._events[slot].synchronize()
 
     def close(self) -> None:
         """Waits for every queued copy (pinned memory may be freed after this)."""
         self.stream.synchronize()
-        self._events = [None] * len(self._events)
+        self._recorded_torch = [False] * len(self._events)
 
 
 class RuntimeCopies(TorchCopies):
@@ -89,12 +87,17 @@ class RuntimeCopies(TorchCopies):
         self._fast = ctypes.PyDLL(lib._name)  # keeps it: for calls that return at once
         self._handle = ctypes.c_void_p(self.stream.cuda_stream)
         self._raw: list[ctypes.c_void_p] = []
-        with torch.cuda.device(device):  # an event belongs to the device current when it is made
-            for _ in range(slots):
-                event = ctypes.c_void_p()
-                self._check(lib.cudaEventCreateWithFlags(ctypes.byref(event), _EVENT_FLAGS), "cudaEventCreateWithFlags")
-                self._raw.append(event)
         self._recorded = [False] * slots
+        try:
+            with torch.cuda.device(device):  # an event belongs to the device current when it is made
+                for _ in range(slots):
+                    event = ctypes.c_void_p()
+                    self._check(lib.cudaEventCreateWithFlags(ctypes.byref(event), _EVENT_FLAGS),
+                                "cudaEventCreateWithFlags")
+                    self._raw.append(event)
+        except BaseException:
+            self.close()
+            raise
 
     def copy_bytes(self, dst: torch.Tensor, dst_at: int, src: torch.Tensor, src_at: int, n: int) -> None:
         self._check(self._fast.cudaMemcpyAsync(ctypes.c_void_p(dst.data_ptr() + dst_at),

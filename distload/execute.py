@@ -174,7 +174,7 @@ class _Job:
             else:
                 self._run_cpu(progress, abort_check)
             if self._error is None and self.compared:
-                self._compare()
+                self._compare(progress, abort_check)
         except BaseException as err:  # an interrupt or a peer's failure
             self._fail(err)
         if self._error is not None:
@@ -281,10 +281,14 @@ class _Job:
         level = len(chunk.prefix)
         return (chunk.hi - chunk.lo, *shape[level + 1:])
 
-    def _compare(self) -> None:
+    def _compare(self, progress, abort_check) -> None:
         """Compares each compared read's bytes with its parameter, once every other chunk landed."""
         buf: list[torch.Tensor] = []
+        next_tick = time.monotonic() + TICK_SECONDS
         for chunk in self.compared:
+            if time.monotonic() > next_tick:
+                self.tick(progress, abort_check)
+                next_tick = time.monotonic() + TICK_SECONDS
             if self._stop.is_set():
                 return
             read = self.reads[chunk.read]

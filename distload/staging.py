@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from .device_copies import TorchCopies, open_copies
+from .errors import DistloadError
 from .fileio import byte_view, fill
 
 if TYPE_CHECKING:
@@ -147,11 +148,16 @@ def _copy(job: "_Job", copies: TorchCopies, pool: torch.Tensor, slot: int, free:
             ended += 1
             continue
         k, chunk, part, src = item
-        if part is None:
-            copies.copy_bytes(job.dest_bytes[chunk.read], chunk.start, pool, k * slot, chunk.nbytes)
-        else:
-            copies.copy_tensor(part, src)
-        copies.record(k)
+        try:
+            if part is None:
+                copies.copy_bytes(job.dest_bytes[chunk.read], chunk.start, pool, k * slot, chunk.nbytes)
+            else:
+                copies.copy_tensor(part, src)
+            copies.record(k)
+        except RuntimeError as err:  # the runtime's error, or out of device memory for a cast
+            read = job.reads[chunk.read]
+            raise DistloadError(f"copy to {job.ex.device} failed: {err}", file=read.tensor.file,
+                                tensor=read.tensor.name) from err
         inflight.append((k, chunk))
         retire(wait=False)
 

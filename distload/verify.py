@@ -10,6 +10,8 @@ hashed it.
 
 from __future__ import annotations
 
+import concurrent.futures
+
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -121,7 +123,7 @@ class Hashing:
                 try:
                     equal, nbytes, ended = future.result(timeout=0.2)
                     break
-                except TimeoutError:
+                except (TimeoutError, concurrent.futures.TimeoutError):  # one class from 3.11 on
                     abort_check()
             outcome[i] = MATCHED if equal else DIFFERS
             total, end = total + nbytes, max(end, ended)

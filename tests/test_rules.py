@@ -235,6 +235,9 @@ BAD = [
      r"checkpoint tensor transformer.ln_f.bias matches rules[7] 'transformer\\.(wpe\\.weight|ln_f\\.(weight|bias))' "
      "and ignore[0] 'ln_f': one rule per tensor"),
     ({**GPT2, "ignore": ["lm_head"]}, 2, ConfigError, "ignore[0] 'lm_head' matches no checkpoint tensor"),
+    (_with(GPT2, {"names": ["transformer.ln_f.weight"]}, {"names": ["transformer.ln_f.weight", "x"]}), 2, ConfigError,
+     "checkpoint tensor transformer.ln_f.weight is listed by rules[8] 'transformer.ln_f.weight' and rules[9] "
+     "'transformer.ln_f.weight' (and 1 more): one rule per tensor"),
     (GPT2, 3, PlanError, r"rules[0] 'transformer\\.wte\\.weight': dim 0 of transformer.wte.weight (128) does not "
                          'split into 3 pieces for tp=3 (a vocabulary may pad: "pad": true)'),
     ({**GPT2, "rules": [{**GPT2["rules"][0], "split": {"dim": 0, "pad": True}}, *GPT2["rules"][1:]]}, 3, PlanError,

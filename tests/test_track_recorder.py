@@ -40,7 +40,11 @@ def test_a_narrowed_copy_records_exactly_the_piece_it_copied():
     col = frozen(8, 2)
     piece = Key.of("w", dim=1, index=1, num_shards=4)
     rec = record([piece], {"col": col}, lambda n, t: col.data.copy_(t[:, 2:4].double()), {"w": torch.ones(8, 8)})
-    assert rec.loaded() == (piece,)  # copied from a cast: only the tensor is known, and its one piece counts
+    assert rec.loaded() == (piece,)  # copied from a cast of its piece
+    rec = record([piece], {"col": col}, lambda n, t: col.data.copy_(t[:, 0:2].double()), {"w": torch.ones(8, 8)})
+    assert rec.loaded() == ()  # a cast of another rank's columns
+    rec = record([piece], {"col": col}, lambda n, t: col.data.copy_(t[:, 2:4] * 2), {"w": torch.ones(8, 8)})
+    assert rec.loaded() == ()  # computed from the tensor: which piece is unknown, and this key is one piece
     assert record([piece], {"col": col}, lambda n, t: col.data.copy_(t[:, 2:4]), {"w": torch.ones(8, 8)}).loaded() \
         == (piece,)
     assert record([piece], {"col": col}, lambda n, t: col.data.copy_(t[:, 4:6]), {"w": torch.ones(8, 8)}).loaded() \

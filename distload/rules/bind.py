@@ -162,7 +162,13 @@ def bind(rules: Rules, config: Mapping, tensors: Mapping[str, TensorInfo], layou
                           f"need a model's layer order (pp={layout.pp}): use --pp 1", file=rules.source)
     by_rule: dict[int, list[str]] = {i: [] for i in range(len(rules.rules))}
     ignored: dict[str, int] = {where: 0 for where, _ in rules.ignore}
-    listed = {n: i for i, r in enumerate(rules.rules) for n in r.names}
+    listed: dict[str, int] = {}
+    for i, r in enumerate(rules.rules):
+        for n in r.names:
+            if n in listed:
+                raise rules.error(f"checkpoint tensor {n} is listed by {rules.rules[listed[n]].where} and {r.where}: "
+                                  f"one rule per tensor")
+            listed[n] = i
     for name in sorted(tensors):
         hits = [r.where for i, r in enumerate(rules.rules)
                 if (r.pattern.fullmatch(name) if r.pattern is not None else listed.get(name) == i)]

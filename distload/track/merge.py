@@ -93,7 +93,7 @@ def merge_with(comm, expectations: Expectations, recorder: Recorder, *, checkpoi
     and ``gather_objects``: the group's collectives, or a simulation of them)."""
     layout = layout or Layout.for_world(comm.size)
     if layout.world_size != comm.size:
-        raise DistloadError(f"layout {layout.describe()} does not fit the group of {comm.size} ranks", rank=comm.rank)
+        raise DistloadError(f"layout {layout.describe()} does not fit the group of {comm.size} ranks", rank=comm.ranks[comm.rank])
     if not enabled(extra_config):
         directory = checkpoint.directory if isinstance(checkpoint, Checkpoint) else checkpoint
         return LoadReport(mode="track", checkpoint=directory, layout=layout.to_dict(), strict=strict, tracked=False,
@@ -277,7 +277,7 @@ def _agree(comm, mine: _Local, fp, fault: str) -> torch.Tensor:
     if bool(rows[:, 3].any()):
         texts = comm.gather_objects(fault)
         first = next(r for r, t in enumerate(texts) if t)
-        raise DistloadError(f"rank {comm.ranks[first]}: {texts[first]}", rank=comm.rank)
+        raise DistloadError(f"rank {comm.ranks[first]}: {texts[first]}", rank=comm.ranks[comm.rank])
     err = disagreement([from_words(r[_AGREE:].tolist()) for r in rows], rank=comm.rank, before="merging")
     if err is not None:
         raise err
@@ -290,7 +290,7 @@ def _refuse_collisions(comm, mine: _Local, table: _Table) -> None:
     labels = comm.gather_objects(sorted({mine.key(i).label for i, h in enumerate(mine.hashes.tolist()) if h in wanted}))
     names = sorted({n for part in labels for n in part})
     raise DistloadError(f"different keys share a 64-bit hash across ranks: {', '.join(names)}; rename one of them",
-                        rank=comm.rank)
+                        rank=comm.ranks[comm.rank])
 
 
 def _name_failures(comm, mine: _Local, table: _Table, failed: tuple[int, ...], defaulted: tuple[int, ...], *,

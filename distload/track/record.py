@@ -56,6 +56,7 @@ class Recorder:
         self._params = dict(params)
         self._storages = {_storage(t): n for n, t in self._params.items() if _storage(t) is not None}
         self._yielded: dict[int, list] = {}  # storage -> [(name, tensor ref)]
+        self._converted: dict[int, tuple] = {}  # storage of a cast / clone -> (its ref, what it was made from)
         self._current: str | None = None
         self._writes = array("i")  # per expected key (by position): complete writes seen
         self._partial: dict[int, list[Box]] = {}
@@ -155,8 +156,9 @@ class Recorder:
                 self._note(*where)
                 found = True
         if not found and self._current is not None and any(s.dim() > 0 for s in sources):
-            # copied from a converted tensor (cast, clone): only its checkpoint tensor is known
-            self._note(self._current, None, ())
+            # copied from something not traced to a checkpoint piece (computed from it): only its
+            # checkpoint tensor is known, not which piece, so only keys of the whole tensor count
+            self._note_whole(self._current)
 
     def _locate(self, src: torch.Tensor) -> tuple[str, Box | None, tuple[int, ...]] | None:
         """The checkpoint tensor ``src`` is a view of, ``src``'s box in it (None: no box) and its shape."""
@@ -165,7 +167,20 @@ class Recorder:
             base = ref()
             if base is not None and base.dtype == src.dtype and _inside(src, base):
                 return name, _box_in(src, base), tuple(base.shape)
+        made = self._converted.get(ptr)
+        if made is not None:  # a whole cast or clone of a located piece is that piece
+            ref, where = made
+            whole = ref()
+            if whole is not None and src.shape == whole.shape and src.storage_offset() == whole.storage_offset():
+                return where
         return None
+
+    def _conversion(self, out: torch.Tensor, src: torch.Tensor) -> None:
+        """``out`` was made from ``src`` by a cast or a clone, element for element."""
+        where = self._locate(src)
+        ptr = _storage(out)
+        if where is not None and ptr is not None:
+            self._converted[ptr] = (weakref.ref(out), where)
 
     def _note(self, name: str, box: Box | None, shape: tuple[int, ...]) -> None:
         self._consume(name)
@@ -181,6 +196,13 @@ class Recorder:
             if covers(target, boxes):
                 self._bump(at)
                 del self._partial[at]
+
+    def _note_whole(self, name: str) -> None:
+        self._consume(name)
+        for at in self.expectations.positions_of(name):
+            key = self.expectations.entry(at).key
+            if key.region is None and (key.shard.dim is None or key.shard.num_shards == 1):
+                self._bump(at)
 
     def _replaced(self, before: Mapping[str, int | None]) -> None:
         """A loader that replaced a parameter's data (``param.data = tensor``) wrote all of it."""
@@ -217,6 +239,9 @@ class _WriteWatch(TorchDispatchMode):
             written = tuple((i, a.name) for i, a in enumerate(func._schema.arguments)
                             if a.alias_info is not None and a.alias_info.is_write)
             self._written_args[func] = written
+        if not written and func in _CONVERSIONS and isinstance(out, torch.Tensor) and args \
+                and isinstance(args[0], torch.Tensor) and out.shape == args[0].shape:
+            self.recorder._conversion(out, args[0])
         if written:
             storages = self.recorder._storages
             for i, name in written:
@@ -225,6 +250,11 @@ class _WriteWatch(TorchDispatchMode):
                     sources = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a is not dest]
                     self.recorder._written(dest, sources)
         return out
+
+
+_CONVERSIONS = frozenset({torch.ops.aten._to_copy.default, torch.ops.aten.clone.default})
+"""operators whose output is their input element for element (``.to``, ``.float()``, ``.clone()``,
+``.contiguous()``): a copy from the output is a copy from the input's piece"""
 
 
 def _storage(t: torch.Tensor) -> int | None:

@@ -51,6 +51,45 @@ DEEPSEEK_V3 = HFSpec(model_type="deepseek_v3", vocab_size=64, hidden_size=32, in
 """multi-head latent attention, a dense first layer, 8 routed experts of width 16 and a shared one;
 kv_a_proj_with_mqa [12, 32] (kv_lora_rank 8 + qk_rope 4) and kv_b_proj [64, 8]"""
 
+DENSE_SPECS = {
+    # llama3 rope scaling, with an original context short enough to scale some frequencies
+    "llama": HFSpec(model_type="llama", vocab_size=128, intermediate_size=128,
+                    extra={"rope_parameters": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 4.0,
+                                               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                               "original_max_position_embeddings": 16}}),
+    # vocabulary 130: padding rows at tp=4; every bias llama can have
+    "llama_tied": HFSpec(model_type="llama", vocab_size=130, tie_word_embeddings=True, seed=1,
+                         extra={"attention_bias": True, "mlp_bias": True}),
+    # q/k/v biases; vocabulary 250: padding rows at tp=4; layer 1 (only) has a sliding window
+    "qwen2": HFSpec(model_type="qwen2", vocab_size=250, seed=2,
+                    extra={"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}),
+    # q/k norms; 8 query heads so that tp=8 fits, heads x head_dim (128) differs from the
+    # hidden size (64); 4 KV heads: two per rank at tp=2, each on two ranks at tp=8;
+    # vocabulary 33 at tp=8: blocks of 5 rows, block 6 has 3, block 7 is only padding
+    "qwen3": HFSpec(model_type="qwen3", vocab_size=33, num_attention_heads=8, num_key_value_heads=4,
+                    intermediate_size=128, seed=3),
+    # a sliding window shorter than the test sequence
+    "mistral": HFSpec(model_type="mistral", vocab_size=128, seed=4, extra={"sliding_window": 5}),
+}
+"""the dense models of the transformers checkpoint tests (test_hf_dense, test_pipeline)"""
+
+MOE_SPECS = {
+    # 8 experts of width 32 (mixtral's intermediate_size is the expert's); a sliding window
+    # shorter than the test sequence; transformers 5 writes block_sparse_moe.experts.N.w1/w2/w3
+    "mixtral": HFSpec(model_type="mixtral", intermediate_size=32, seed=11,
+                      extra={"num_local_experts": 8, "num_experts_per_tok": 2, "sliding_window": 5}),
+    # 6 experts (so that round-robin slots of redundant copies land on other groups), a gated
+    # shared expert of width 48, top-k weights not renormalized; q/k/v biases
+    "qwen2_moe": HFSpec(model_type="qwen2_moe", seed=12,
+                        extra={"num_experts": 6, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                               "shared_expert_intermediate_size": 48, "norm_topk_prob": False}),
+    # q/k norms, renormalized top-k, and layer 1 a dense MLP (intermediate_size 96)
+    "qwen3_moe": HFSpec(model_type="qwen3_moe", num_hidden_layers=3, seed=13,
+                        extra={"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                               "norm_topk_prob": True, "mlp_only_layers": [1]}),
+}
+"""the MoE models of the transformers checkpoint tests (test_hf_moe and the quantization tests)"""
+
 CONFIG_CLASSES = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config",
                   "mistral": "MistralConfig", "mixtral": "MixtralConfig", "qwen2_moe": "Qwen2MoeConfig",
                   "qwen3_moe": "Qwen3MoeConfig", "deepseek_v3": "DeepseekV3Config",

@@ -19,6 +19,22 @@ TOLERANCE = 1e-5
 """max |distload - transformers| / max |transformers| for float32 logits (and routing weights)"""
 
 
+def moe_input_ids() -> torch.Tensor:
+    """Token ids of the MoE tests (vocabulary 128; its first and last ids included)."""
+    gen = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, 128, (2, 10), generator=gen)
+    ids[0, 0], ids[1, 3] = 127, 0
+    return ids
+
+
+def deepseek_input_ids() -> torch.Tensor:
+    """Token ids of the DeepSeek-V3 tests (vocabulary 64; its first and last ids included)."""
+    gen = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, 64, (2, 10), generator=gen)
+    ids[0, 0], ids[1, 3] = 63, 0
+    return ids
+
+
 def headers(directory: str) -> dict[str, tuple[str, int, int]]:
     """name -> (file, absolute begin, absolute end) of its data, parsed from the safetensors headers."""
     out = {}

@@ -9,7 +9,6 @@ is torch's own ``narrow`` of the tensor as safetensors reads it.
 from __future__ import annotations
 
 import math
-import os
 import random
 
 import pytest

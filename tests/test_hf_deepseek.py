@@ -23,6 +23,7 @@ import torch
 
 from tests import moe_jobs
 from tests.hf_checkpoints import DEEPSEEK_V3, copy_checkpoint, delete_tensors, put_tensors, read_tensors, write_hf_checkpoint
+from tests.moe_oracle import deepseek_input_ids as input_ids
 from tests.moe_oracle import (TOLERANCE, L, assert_routes_and_logits, by_expert, coords, headers, hf_reference, hosted,
                               stage_of_layer)
 
@@ -156,13 +157,6 @@ def expected_state(ckpt: dict[str, torch.Tensor], m: Model, lay: L, rank: int) -
 
 
 # ---------------------------------------------------------------- transformers' side
-
-
-def input_ids() -> torch.Tensor:
-    gen = torch.Generator().manual_seed(7)
-    ids = torch.randint(0, 64, (2, 10), generator=gen)
-    ids[0, 0], ids[1, 3] = 63, 0
-    return ids
 
 
 class Checkpoints:

@@ -16,30 +16,11 @@ import torch
 
 from tests import jobs
 from tests.dense_slices import expected_params
-from tests.hf_checkpoints import CheckpointCache, HFSpec, delete_tensors, put_tensors, read_tensors, token_ids
+from tests.hf_checkpoints import DENSE_SPECS, CheckpointCache, delete_tensors, put_tensors, read_tensors, token_ids
 
 pytest.importorskip("transformers")
 
-SPECS = {
-    # llama3 rope scaling, with an original context short enough to scale some frequencies
-    "llama": HFSpec(model_type="llama", vocab_size=128, intermediate_size=128,
-                    extra={"rope_parameters": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 4.0,
-                                               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                               "original_max_position_embeddings": 16}}),
-    # vocabulary 130: padding rows at tp=4; every bias llama can have
-    "llama_tied": HFSpec(model_type="llama", vocab_size=130, tie_word_embeddings=True, seed=1,
-                         extra={"attention_bias": True, "mlp_bias": True}),
-    # q/k/v biases; vocabulary 250: padding rows at tp=4; layer 1 (only) has a sliding window
-    "qwen2": HFSpec(model_type="qwen2", vocab_size=250, seed=2,
-                    extra={"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}),
-    # q/k norms; 8 query heads so that tp=8 fits, heads x head_dim (128) differs from the
-    # hidden size (64); 4 KV heads: two per rank at tp=2, each on two ranks at tp=8;
-    # vocabulary 33 at tp=8: blocks of 5 rows, block 6 has 3, block 7 is only padding
-    "qwen3": HFSpec(model_type="qwen3", vocab_size=33, num_attention_heads=8, num_key_value_heads=4,
-                    intermediate_size=128, seed=3),
-    # a sliding window shorter than the test sequence
-    "mistral": HFSpec(model_type="mistral", vocab_size=128, seed=4, extra={"sliding_window": 5}),
-}
+SPECS = DENSE_SPECS
 
 TOLERANCE = 1e-5
 """max |distload - transformers| / max |transformers| for float32 logits"""

@@ -27,27 +27,14 @@ from distload.dryrun import dry_run
 from distload.layout import Layout
 from distload.models import reference_model
 from tests import moe_jobs
-from tests.hf_checkpoints import INDEX, HFSpec, copy_checkpoint, delete_tensors, read_tensors, write_hf_checkpoint
+from tests.hf_checkpoints import INDEX, MOE_SPECS, copy_checkpoint, delete_tensors, read_tensors, write_hf_checkpoint
+from tests.moe_oracle import moe_input_ids as input_ids
 from tests.moe_oracle import (L, assert_routes_and_logits, block, common_state, coords, dense_ffn_state, headers,
                               hf_reference, hosted, stage_of_layer)
 
 pytest.importorskip("transformers")
 
-SPECS = {
-    # 8 experts of width 32 (mixtral's intermediate_size is the expert's); a sliding window
-    # shorter than the test sequence; transformers 5 writes block_sparse_moe.experts.N.w1/w2/w3
-    "mixtral": HFSpec(model_type="mixtral", intermediate_size=32, seed=11,
-                      extra={"num_local_experts": 8, "num_experts_per_tok": 2, "sliding_window": 5}),
-    # 6 experts (so that round-robin slots of redundant copies land on other groups), a gated
-    # shared expert of width 48, top-k weights not renormalized; q/k/v biases
-    "qwen2_moe": HFSpec(model_type="qwen2_moe", seed=12,
-                        extra={"num_experts": 6, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
-                               "shared_expert_intermediate_size": 48, "norm_topk_prob": False}),
-    # q/k norms, renormalized top-k, and layer 1 a dense MLP (intermediate_size 96)
-    "qwen3_moe": HFSpec(model_type="qwen3_moe", num_hidden_layers=3, seed=13,
-                        extra={"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
-                               "norm_topk_prob": True, "mlp_only_layers": [1]}),
-}
+SPECS = MOE_SPECS
 
 # every checkpoint of a model loses the same tensors: an expert (one that has a redundant
 # copy in the layouts that replicate), the router, and (qwen2_moe) a shared-expert matrix
@@ -179,13 +166,6 @@ def owners_of(m: Model, lay: L, name: str) -> list[int]:
 
 
 # ---------------------------------------------------------------- transformers' side
-
-
-def input_ids() -> torch.Tensor:
-    gen = torch.Generator().manual_seed(7)
-    ids = torch.randint(0, 128, (2, 10), generator=gen)
-    ids[0, 0], ids[1, 3] = 127, 0
-    return ids
 
 
 class Checkpoints:

@@ -8,7 +8,9 @@ import torch
 from tests import jobs
 from tests.hf_checkpoints import delete_tensors, read_tensors
 from tests.hf_checkpoints import CheckpointCache, token_ids
-from tests.test_hf_dense import SPECS, TOLERANCE, expected_params
+from tests.dense_slices import expected_params
+from tests.hf_checkpoints import DENSE_SPECS as SPECS
+from tests.moe_oracle import TOLERANCE
 
 # (checkpoint, world, tp, pp): dp = world / (tp x pp)
 LAYOUTS = [("llama", 2, 1, 2), ("llama_tied", 4, 2, 2), ("qwen3", 8, 2, 2)]

@@ -32,11 +32,10 @@ from tests.fp8_checkpoints import (
     write_dequantized_checkpoint,
 )
 from tests.hf_checkpoints import HFSpec, hf_logits, read_tensors, write_hf_checkpoint
-from tests.test_hf_deepseek import SPEC as DEEPSEEK_SPEC
-from tests.test_hf_deepseek import input_ids as deepseek_input_ids
-from tests.test_hf_moe import SPECS as MOE_SPECS
-from tests.test_hf_moe import L, coords, hosted, stage_of_layer
-from tests.test_hf_moe import input_ids as moe_input_ids
+from tests.hf_checkpoints import DEEPSEEK_V3 as DEEPSEEK_SPEC
+from tests.hf_checkpoints import MOE_SPECS
+from tests.layouts import L, coords, hosted, stage_of_layer
+from tests.moe_oracle import deepseek_input_ids, moe_input_ids
 
 pytest.importorskip("transformers")
 

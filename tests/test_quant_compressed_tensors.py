@@ -27,8 +27,9 @@ from tests.quant_slices import Piece, block_range, part
 from tests.ct_checkpoints import dequantized_checkpoint, write_ct_checkpoint
 from tests.hf_checkpoints import HFSpec, hf_logits, put_tensors, read_tensors
 from tests.int_slices import facts, matrices
-from tests.test_hf_moe import SPECS as MOE_SPECS
-from tests.test_hf_moe import L, coords, input_ids, stage_of_layer
+from tests.hf_checkpoints import MOE_SPECS
+from tests.layouts import L, coords, stage_of_layer
+from tests.moe_oracle import moe_input_ids as input_ids
 
 pytest.importorskip("transformers")
 pytest.importorskip("compressed_tensors")

@@ -17,7 +17,7 @@ from tests.ct_checkpoints import dequantized_checkpoint, write_ct_checkpoint
 from tests.fp8_checkpoints import write_block_fp8_checkpoint
 from tests.hf_checkpoints import HFSpec, copy_checkpoint, delete_tensors, hf_logits, put_tensors, read_tensors, \
     write_hf_checkpoint
-from tests.test_hf_moe import SPECS
+from tests.hf_checkpoints import MOE_SPECS as SPECS
 
 pytest.importorskip("transformers")
 pytest.importorskip("compressed_tensors")

@@ -35,19 +35,10 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
-
-def _cudart() -> ctypes.CDLL | None:
-    """The CUDA runtime torch loaded (its soname differs between CUDA 12 and 13 builds)."""
-    torch.zeros(1, device="cuda")
-    with open("/proc/self/maps") as maps:
-        paths = {line.split()[-1] for line in maps if "libcudart.so" in line}
-    for path in sorted(paths):
-        try:
-            return ctypes.CDLL(path)
-        except OSError:
-            continue
-    return None
+from distload.device_copies import runtime_library  # noqa: E402  (after the path above)
+from distload.staging import release_pinned  # noqa: E402
 
 
 def _chunks(paths: list[str], chunk: int) -> list[tuple[int, int, int, int]]:
@@ -205,7 +196,7 @@ def _run_copier(chunks, dev: torch.Tensor, threads: int, slot: int, slots: int, 
     _run_threads([reader] * threads + [copier])
     torch.cuda.synchronize()
     state.clear()
-    _empty_host_cache()
+    release_pinned()
     seconds = time.perf_counter() - start
     if errors:
         raise errors[0]
@@ -216,7 +207,7 @@ def _timed(worker, threads: int, errors: list) -> float:
     start = time.perf_counter()
     _run_threads([worker] * threads)
     torch.cuda.synchronize()
-    _empty_host_cache()
+    release_pinned()
     seconds = time.perf_counter() - start
     if errors:
         raise errors[0]
@@ -230,14 +221,6 @@ def _run_threads(targets: list) -> None:
         t.start()
     for t in pool:
         t.join()
-
-
-def _empty_host_cache() -> None:
-    for name in ("_accelerator_emptyHostCache", "_host_emptyCache"):
-        fn = getattr(torch._C, name, None)
-        if fn is not None:
-            fn()
-            return
 
 
 def floor(chunks, big: torch.Tensor, threads: int) -> float:
@@ -267,14 +250,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--out")
     args = p.parse_args(argv)
-    sys.path.insert(0, ROOT)
     from benchmarks.page_cache import make_warm
     from benchmarks.synth_checkpoints import ensure_checkpoint
     directory = ensure_checkpoint(args.preset)
     paths = sorted(os.path.join(directory, f) for f in os.listdir(directory) if f.endswith(".safetensors"))
     make_warm(paths)
     total = sum(os.path.getsize(x) for x in paths)
-    rt = _cudart()
+    torch.cuda.init()
+    rt = runtime_library()
     dev = torch.empty(total, dtype=torch.uint8, device="cuda")
     rows = []
     big = torch.empty(total, dtype=torch.uint8, pin_memory=True)
@@ -288,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.synchronize()
         rows.append({"kind": "h2d", "seconds": time.perf_counter() - t})
     del big
-    _empty_host_cache()
+    release_pinned()
     kinds = [k for k in args.kinds.split(",") if k in ("reads", "torch") or rt is not None]
     grid = list(itertools.product(kinds, map(int, args.threads.split(",")), map(int, args.slot_mib.split(",")),
                                   map(int, args.slots.split(","))))

@@ -10,12 +10,9 @@ path) makes those reads visible; a key counts as loaded when its box was read.
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Iterator, Mapping
 
-from ..checkpoint.directory import INDEX_NAME, SINGLE_NAME
-from ..errors import CheckpointError
+from ..checkpoint.directory import open_checkpoint
 from .keys import Box
 from .record import Recorder
 
@@ -74,21 +71,13 @@ def read_slices(directory: str, recorder: Recorder) -> Mapping[str, RecordedSlic
     """Opens every safetensors file of ``directory`` lazily; returns name -> ``RecordedSlice``.
 
     Raises:
-        CheckpointError: no index and no single ``model.safetensors``.
+        CheckpointError: as ``open_checkpoint`` (no weights, a bad index or header, naming the file).
     """
     from safetensors import safe_open
 
-    index = os.path.join(directory, INDEX_NAME)
-    if os.path.exists(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
-    elif os.path.exists(os.path.join(directory, SINGLE_NAME)):
-        with safe_open(os.path.join(directory, SINGLE_NAME), "pt") as f:
-            weight_map = {n: SINGLE_NAME for n in f.keys()}
-    else:
-        raise CheckpointError("no safetensors index or model.safetensors to read", file=directory)
-    handles = {f: safe_open(os.path.join(directory, f), "pt") for f in sorted(set(weight_map.values()))}
-    return _Slices({n: RecordedSlice(n, handles[f].get_slice(n), recorder) for n, f in weight_map.items()})
+    tensors = open_checkpoint(directory).tensors
+    handles = {f: safe_open(f, "pt") for f in sorted({t.file for t in tensors.values()})}
+    return _Slices({n: RecordedSlice(n, handles[t.file].get_slice(n), recorder) for n, t in tensors.items()})
 
 
 class _Slices(dict):

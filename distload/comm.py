@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from .errors import ConfigError, DistloadError, PeerFailedError
 from .layout import Layout
-from .watch import FailureWatch
+from .watch import STORE_SLACK, FailureWatch
 
 
 class Collectives:
@@ -220,7 +220,27 @@ class Comm:
     def publish_failure(self, err: DistloadError) -> None:
         """Tells every rank, out of band, that this rank failed with ``err``."""
         if self._watch is not None:
-            self._watch.publish(self.rank, err, linger=2.0)
+            self._watch.publish(self.rank, err)
+            self._watch.linger(self._store_linger(2.0))
+
+    def linger_after_peer_failure(self) -> None:
+        """A rank that read a peer's failure and may serve the store waits, like the failing
+        rank, until the others have read it too."""
+        if self._watch is not None:
+            self._watch.linger(self._store_linger(0.0))
+
+    def _store_linger(self, otherwise: float) -> float:
+        """How long a failing rank waits for its peers to read its failure before it goes on (and
+        may exit, which under torchrun ends the other ranks too). The wait ends once every peer
+        has read the failure (within a heartbeat) or failed itself. A process that may serve the
+        store waits up to the failure timeout, not 2 s: a peer still starting its load, many
+        seconds behind on a busy host, would find no store and report that instead of the error.
+        Any other rank waits ``otherwise``."""
+        host = self._store_host()
+        agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+        if agent or (host is not None and host != self.rank):
+            return otherwise
+        return self._watch.dead_after + STORE_SLACK
 
     def check_peers(self) -> None:
         """Raises PeerFailedError if another rank published a failure or fell silent."""

@@ -123,6 +123,8 @@ class FailureWatch:
         self.store = BoundedStore(store, deadline=dead_after + STORE_SLACK)
         self._stop = threading.Event()
         self._failed = False  # once a failure is known, the store may vanish: touch it no more
+        self._noticed: PeerFailedError | None = None  # a peer's failure, read once (by either thread)
+        self._notice_lock = threading.Lock()
         self._meetings = 0
         self._watch_peer = True
         try:
@@ -146,10 +148,8 @@ class FailureWatch:
             raise PeerFailedError(f"lost the rendezvous store{host} ({lost})", rank=self.rank,
                                   failed_rank=self.store_host, lost_ranks=lost_ranks) from None
 
-    def publish(self, rank: int, err: DistloadError, *, linger: float = 0.0, lost: bool = False) -> None:
-        """Stores ``err`` as rank ``rank``'s failure (``lost``: rank ``rank`` fell silent); with
-        ``linger``, waits (bounded) until every other rank has read it or failed itself, since
-        this process may host the store and exit next.
+    def publish(self, rank: int, err: DistloadError, *, lost: bool = False) -> None:
+        """Stores ``err`` as rank ``rank``'s failure (``lost``: rank ``rank`` fell silent).
 
         Failures are numbered in the order they are published, so every rank reports the
         first one (the cause), not a later consequence of it.
@@ -160,25 +160,47 @@ class FailureWatch:
             # plain JSON, never a pickle: the store is open to anyone who can reach it
             self._call("set", f"{self.prefix}error/{order}", json.dumps(
                 {"rank": rank, "message": err.message, "file": err.file, "tensor": err.tensor, "lost": lost}))
-            deadline = time.monotonic() + linger
-            # a rank that failed too never reads: counting it avoids waiting out the linger
-            # when every rank fails alike (a bad checkpoint)
+        except Exception:  # the store itself is gone: peers will notice that instead
+            pass
+
+    def linger(self, seconds: float) -> None:
+        """After a failure, waits (at most ``seconds``) until every rank has read it or failed
+        itself, since this process may host the store, or be ended with its peers, next."""
+        deadline = time.monotonic() + seconds
+        try:
+            # a rank that failed too never reads: counting it ends the wait at once when every
+            # rank fails alike (a bad checkpoint)
             while time.monotonic() < deadline and int(self._call("add", f"{self.prefix}seen", 0)) + \
                     int(self._call("add", f"{self.prefix}failed", 0)) < self.world_size:
                 time.sleep(0.01)
-        except Exception:  # the store itself is gone: peers will notice that instead
+        except Exception:
             pass
 
     def check(self) -> None:
         """Raises PeerFailedError if a rank published a failure (or the store is lost)."""
+        self._raise_noticed()
         if self._call("add", f"{self.prefix}failed", 0):
+            self._notice()
+            self._raise_noticed()
+
+    def _raise_noticed(self) -> None:
+        if self._noticed is not None:
             self._failed = True
+            raise self._noticed
+
+    def _notice(self) -> None:
+        """Reads the first published failure and counts this rank as having seen it, once: the
+        heartbeat does it too, so a rank deep in one long read still tells the store's host
+        (lingering in ``publish``) that it may go."""
+        with self._notice_lock:
+            if self._noticed is not None:
+                return
             err = self._first_error()
             try:
                 self._call("add", f"{self.prefix}seen", 1)
             except PeerFailedError:
                 pass
-            raise err
+            self._noticed = err
 
     def await_failure(self, cause: Exception) -> None:
         """After a collective broke, waits (bounded) for the failure that explains it, and raises.
@@ -203,6 +225,7 @@ class FailureWatch:
         with a timeout is no way out: a timed-out wait leaves its reply owed on the client's
         socket, and logs a warning each time.)
         """
+        self._raise_noticed()  # read by the heartbeat meanwhile: the store's host may have gone since
         self._meetings += 1
         key = f"{self.prefix}meet/{self._meetings}"
         if self._call("add", key, 1) == self.world_size:
@@ -255,6 +278,9 @@ class FailureWatch:
         while not self._stop.wait(interval):
             try:
                 self._call("add", f"{self.prefix}beat/{self.rank}", 1)
+                if not self._failed and self._noticed is None and self._call("add", f"{self.prefix}failed", 0):
+                    self._notice()  # the main thread raises it at its next check
+                    return  # this rank fails now, and the store's host may go once all have read
                 if not self._watch_peer or int(self._call("add", f"{self.prefix}done/{peer}", 0)):
                     continue  # the peer finished its load: silence is expected
                 seen = int(self._call("add", f"{self.prefix}beat/{peer}", 0))

@@ -55,13 +55,16 @@ def fail_while_reading(directory: str, tp: int, victim: int, how: str, failure_t
     return _outcome(lambda: distload.load(directory, cfg, progress=progress))
 
 
-def fail_while_building(directory: str, tp: int, victim: int):
-    """Rank ``victim`` fails before any data is read (in its model builder)."""
+def fail_while_building(directory: str, tp: int, victim: int, late: int | None = None, late_s: float = 0.0):
+    """Rank ``victim`` fails before any data is read (in its model builder); rank ``late`` spends
+    ``late_s`` seconds in its builder first (a rank far behind the others)."""
     rank = int(os.environ["RANK"])
 
     def build(ctx):
         if rank == victim:
             raise distload.PlanError("injected planning failure", tensor="model.embed_tokens.weight")
+        if rank == late:
+            time.sleep(late_s)
         return reference_model(ctx)
 
     return _outcome(lambda: distload.load(directory, distload.LoadConfig(tp=tp, device="cpu"), build=build))

@@ -36,6 +36,17 @@ def test_a_rank_failing_before_reading_stops_the_others(pool, example):
     assert all(o["type"] == "PeerFailedError" and o["failed_rank"] == 1 for r, o in enumerate(out) if r != 1)
 
 
+def test_a_rank_far_behind_still_reads_the_failure_of_the_store_host(pool, example):
+    """Rank 0 serves the store and fails at once; rank 3 is still building its model 6 s later.
+    Rank 0 stays until rank 3 has read the failure (its heartbeat reads it), so rank 3 reports
+    rank 0's error, not a lost store."""
+    out = pool.run(4, failure_jobs.fail_while_building, example, 2, 0, 3, 6.0)
+    assert out[0]["type"] == "PlanError"
+    for o in out[1:]:
+        assert o["type"] == "PeerFailedError" and o["failed_rank"] == 0, o
+        assert "injected planning failure" in o["message"] and o["tensor"] == "model.embed_tokens.weight", o
+
+
 @pytest.mark.parametrize("victim", [2, 0])
 def test_a_killed_rank_ends_the_job_within_the_bound(pool, example, victim, tmp_path):
     timeout = 3.0

@@ -1,5 +1,6 @@
-"""Cost of ``distload.track.merge``: the all-gather of each rank's sorted 64-bit key hashes, the sum
-all-reduce of loaded flags over their union, and everything around them (hashing the keys, the
+"""Cost of ``distload.track.merge``: the all-gather of each rank's sorted 64-bit key hashes (with their
+second hashes and loaded bits), each rank's judgement of its hash range of their union, the sum
+all-reduce over the checkpoint's tensors, and everything around them (hashing the keys, the
 checkpoint fingerprint, classification), against an ``all_gather_object`` of each rank's expected
 and loaded name sets in the same job (missing = union of expected - union of loaded).
 
@@ -51,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         pool.close()
     tr, base = statistics.median(out["track_s"]), statistics.median(out["baseline_s"])
     sent = out["bytes_handed_per_rank"]
-    track_bytes = sent["track_agree"] + sent["track_keys"] + sent["track_flags"]
+    gathered = sent["track_agree"] + sent["track_keys"] + sent["track_parts"]
+    track_bytes = gathered + sent["track_flags"]
     w = args.world
     result = {
         "benchmark": "track_merge", "world_size": w, "keys_per_rank": args.keys, "num_units": out["num_units"],
@@ -62,8 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         "track_s": [round(x, 4) for x in out["track_s"]], "baseline_s": [round(x, 4) for x in out["baseline_s"]],
         "bytes_per_rank": {"track_handed": track_bytes, **sent,
                            # what a ring moves out of each rank: (W-1) rows of an all-gather, 2 (W-1) / W of a sum
-                           "track_ring_sent": (w - 1) * (sent["track_agree"] + sent["track_keys"])
-                           + 2 * (w - 1) * sent["track_flags"] // w,
+                           "track_ring_sent": (w - 1) * gathered + 2 * (w - 1) * sent["track_flags"] // w,
                            "baseline_ring_sent": (w - 1) * sent["baseline"]},
         "peak_rss_mib": {"max_rank": round(max(out["rss_mib"]["peak"]), 1),
                          "max_rank_after_track_only": round(max(out["rss_mib"]["after_track"]), 1),

@@ -4,7 +4,7 @@ RankPool workers), plus the synthetic inputs they share."""
 from __future__ import annotations
 
 import time
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 
@@ -187,6 +187,22 @@ def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _handed(group, merge: Callable[[], object]) -> dict[str, int]:
+    """The bytes this rank hands to each collective of one ``merge`` over ``group``, measured: its
+    all-gathers in order (the agreement, the keys, its part of the table), then its sum."""
+    gathered, summed = [], []
+    gather_rows, total = group.gather_rows, group.sum
+    group.gather_rows = lambda row: gathered.append(row.numel() * row.element_size()) or gather_rows(row)
+    group.sum = lambda counts: summed.append(counts.numel() * counts.element_size()) or total(counts)
+    try:
+        merge()
+    finally:
+        del group.gather_rows, group.sum
+    agree, keys, parts = gathered
+    (flags,) = summed
+    return {"track_agree": agree, "track_keys": keys, "track_parts": parts, "track_flags": flags}
+
+
 def track_merge_job(keys_per_rank: int, reps: int) -> dict | None:
     """Times ``distload.track.merge`` (agreement, key all-gather, flag all-reduce, classification,
     hashing and fingerprinting included) against an ``all_gather_object`` of each rank's expected and
@@ -250,9 +266,7 @@ def track_merge_job(keys_per_rank: int, reps: int) -> dict | None:
                 assert ok
             if rep:
                 stamps.extend(row)
-        half = (keys_per_rank + 1) // 2
-        sent = {"track_agree": 8 * (6 + 16), "track_keys": 8 * (keys_per_rank + half),
-                "track_flags": None, "baseline": len(pickle.dumps((labels, labels)))}
+        sent = {**_handed(group, lambda: tracked(exp, rec)), "baseline": len(pickle.dumps((labels, labels)))}
         every = comm.gather_rows(torch.tensor([*(x for pair in stamps for x in pair), first, start_rss, inputs_rss,
                                                track_rss, _rss_mib()], dtype=torch.float64))
         if world.rank != 0:
@@ -260,7 +274,6 @@ def track_merge_job(keys_per_rank: int, reps: int) -> dict | None:
         times = every[:, :-5].view(world.world_size, reps, len(steps), 2)
         last_in_to_last_out = times[..., 1].max(0).values - times[..., 0].max(0).values
         units = keys_per_rank * world.world_size
-        sent["track_flags"] = units + keys_per_rank  # int8 per unit, then per checkpoint tensor
         return {"track_s": last_in_to_last_out[:, 0].tolist(), "baseline_s": last_in_to_last_out[:, 1].tolist(),
                 "first_track_s": float(every[:, -5].max()), "bytes_handed_per_rank": sent, "num_units": units,
                 "rss_mib": {"start": every[:, -4].tolist(), "inputs": every[:, -3].tolist(),

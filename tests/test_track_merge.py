@@ -181,7 +181,7 @@ def _two(*keys: Key) -> tuple[Expectations, Recorder]:
     return exp, Recorder(exp, {})
 
 
-def test_bytes_each_rank_sends_are_two_fixed_size_collectives_and_a_small_agreement():
+def test_bytes_each_rank_sends_are_two_fixed_size_collectives_and_two_small_ones():
     p = llama_plan(CFG, WIDE)
     group, ckpt = SimGroup(64), plan_checkpoint(p)
     reports = group.run(lambda c: merge_with(c, *plan_rank(p, c.rank), checkpoint=ckpt, layout=WIDE))
@@ -189,5 +189,6 @@ def test_bytes_each_rank_sends_are_two_fixed_size_collectives_and_a_small_agreem
     most = max(len(p.for_rank(r).owned) for r in range(64))
     agree = 8 * (6 + 16)  # six counts and the checkpoint fingerprint, as int64
     keys = 8 * (most + (most + 1) // 2)  # 64-bit hashes, then the 32-bit second hashes two per int64
-    flags = len(p.units) + len(p.tensors)  # int8 per unit, then per checkpoint tensor
-    assert group.sent == [agree + keys + flags] * 64
+    parts = 8 * 4  # this rank's part of the table: its units, failed, defaulted, colliding (none here)
+    flags = len(p.tensors)  # int8 per checkpoint tensor
+    assert group.sent == [agree + keys + parts + flags] * 64

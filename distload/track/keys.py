@@ -87,7 +87,11 @@ class Key:
 
 OPTIONAL_BIT = 1
 """the low bit of a key's second hash carries its role (1: optional), so the role travels with
-the key at no cost; collisions are judged on the other 31 bits"""
+the key at no cost"""
+
+LOADED_BIT = 2
+"""the next bit is left clear for the merge, which sets it in a rank's row for a key that rank
+loaded; collisions are judged on the other 30 bits"""
 
 
 def key_hash(key: Key) -> tuple[int, int]:
@@ -95,8 +99,8 @@ def key_hash(key: Key) -> tuple[int, int]:
     different keys that share the first), as signed integers.
 
     Both come from one 96-bit BLAKE2b digest of ``Key.canonical``: its first 8 bytes and its last 4,
-    independent bits of a cryptographic hash. The second's low bit is cleared: it carries the role
-    (``OPTIONAL_BIT``).
+    independent bits of a cryptographic hash. The second's two low bits are cleared: they carry the
+    role (``OPTIONAL_BIT``) and, in the merge, whether the key was loaded (``LOADED_BIT``).
 
     Example:
         >>> key_hash(Key.of("w")) == key_hash(Key.of("w")) != key_hash(Key.of("w", dim=0, num_shards=2))
@@ -104,7 +108,7 @@ def key_hash(key: Key) -> tuple[int, int]:
     """
     digest = hashlib.blake2b(key.canonical(), digest_size=12).digest()
     return (int.from_bytes(digest[:8], "little", signed=True),
-            int.from_bytes(digest[8:], "little", signed=True) & ~OPTIONAL_BIT)
+            int.from_bytes(digest[8:], "little", signed=True) & ~(OPTIONAL_BIT | LOADED_BIT))
 
 
 def covers(target: Box, boxes: Sequence[Box]) -> bool:

@@ -6,10 +6,17 @@ fixed-size collectives (names travel only for what failed):
 1. *agree*: an all-gather of a few integers per rank (key count, loaded count, flags, the
    checkpoint's fingerprint); ranks that disagree on the checkpoint are refused, as in ``load``.
 2. *keys*: an all-gather of each rank's sorted 64-bit key hashes, padded to the largest count,
-   with their independent 32-bit second hashes packed behind. The union is the unit table; a
-   rank owns the units its row holds; a unit whose second hashes differ is a collision.
-3. *flags*: one sum all-reduce of each rank's loaded flags over the unit table, followed by
-   whether it expected or consumed each checkpoint tensor (for *unexpected*).
+   with their independent 32-bit second hashes packed behind; a second hash's two low bits say
+   whether the key is optional and whether the rank loaded it. The union of the hashes is the
+   unit table; a rank owns the units its row holds; a unit whose second hashes differ is a
+   collision.
+3. *units*: every rank holds every row, so the table is judged in parts: rank ``r`` of ``W``
+   sorts and classifies the units whose hashes fall in the ``r``-th of ``W`` equal hash ranges
+   (hashes are uniform, so the parts are even), then one small all-gather shares each part's
+   unit count and the hashes of its failed, defaulted and colliding units. Each rank sorts a
+   ``W``-th of the table, not all of it.
+4. *names*: one sum all-reduce of whether each rank expected or consumed each checkpoint
+   tensor (for *unexpected*).
 
 Only when some unit failed or was defaulted: the lowest owner of each sends its key (the names),
 then every rank its facts about each failed name, then (when some rank declared derived
@@ -36,7 +43,7 @@ from ..plan import split_leftover
 from ..report import LoadReport, RankStats
 from ..tracking import Entry, Findings, NameFacts
 from .expect import Expectations
-from .keys import OPTIONAL_BIT, Key
+from .keys import LOADED_BIT, OPTIONAL_BIT, Key
 from .record import Recorder
 
 _AGREE = 6
@@ -110,21 +117,21 @@ def merge_with(comm, expectations: Expectations, recorder: Recorder, *, checkpoi
     agreed = _agree(comm, mine, fp, fault)
     base = dict(mode="track", checkpoint=ckpt.directory, layout=layout.to_dict(), strict=strict)
     table = _Table.of(comm.gather_rows(mine.row(int(agreed[:, 0].max()))), agreed[:, 0].tolist())
-    if len(table.collided):
-        _refuse_collisions(comm, mine, table)
-    totals = comm.sum(mine.flags(table, universe, comm.rank))
-    units = len(table.hashes)
-    failed, defaulted = tracking.unit_outcomes(totals[:units], table.counts, lambda u: bool(table.optional[u]))
+    part = table.part(comm.rank)
+    verdict = _Verdict.of(comm, part)
+    if len(verdict.collided):
+        _refuse_collisions(comm, mine, verdict.collided)
     findings = Findings(missing=(), inconsistent=(), defaulted=(), mismatched=())
-    if failed or defaulted:
-        findings = _name_failures(comm, mine, table, failed, defaulted, has_derived=bool(agreed[:, 2].any()))
-    unused = torch.nonzero(totals[units:] == 0).flatten().tolist()
+    if len(verdict.failed) or len(verdict.defaulted):
+        findings = _name_failures(comm, mine, table, verdict, has_derived=bool(agreed[:, 2].any()))
+    totals = comm.sum(mine.name_flags(universe, tracking.count_dtype(comm.size)))
+    unused = torch.nonzero(totals == 0).flatten().tolist()
     ignored, unexpected, _ = split_leftover((universe.names[i] for i in unused), ignore)
     ranks = tuple(RankStats(rank=comm.ranks[r], units_loaded=a[1], units_owned=a[0], units_not_loaded=a[0] - a[1],
                             bytes_read=a[4], seconds=a[5] / 1e6, files_opened=0)
                   for r, a in enumerate(agreed.tolist()))
-    return LoadReport(tracked=True, num_units=units, findings=findings, unexpected=unexpected, ignored=ignored,
-                      ranks=ranks, seconds=ranks[0].seconds, **base)
+    return LoadReport(tracked=True, num_units=verdict.units, findings=findings, unexpected=unexpected,
+                      ignored=ignored, ranks=ranks, seconds=ranks[0].seconds, **base)
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,41 +193,32 @@ class _Local:
         return self.expectations.entry(int(self.order[i])).key
 
     def row(self, width: int) -> torch.Tensor:
-        """``width`` hashes (padded), then the second hashes packed two per int64."""
+        """``width`` hashes (padded), then the second hashes, with ``LOADED_BIT`` set on the keys
+        this rank loaded, packed two per int64."""
         n, half = len(self.hashes), (width + 1) // 2
         second = torch.zeros(2 * half, dtype=torch.int32)
-        second[:n] = self.second
+        second[:n] = self.second | self.loaded.to(torch.int32) * LOADED_BIT
         first = torch.zeros(width, dtype=torch.int64)
         first[:n] = self.hashes
         return torch.cat([first, second.view(torch.int64)])
 
-    def flags(self, table: "_Table", universe: "_Universe", rank: int) -> torch.Tensor:
-        """1 per unit this rank loaded, then 1 per checkpoint tensor it expected or consumed."""
-        units = len(table.hashes)
-        out = torch.zeros(units + len(universe.names), dtype=tracking.count_dtype(table.size))
-        out[table.positions[rank][self.loaded]] = 1
+    def name_flags(self, universe: "_Universe", dtype: torch.dtype) -> torch.Tensor:
+        """1 per checkpoint tensor this rank expected or consumed."""
+        out = torch.zeros(len(universe.names), dtype=dtype)
         index = universe.index
-        out[units + self.expectations.name_positions(index)] = 1
-        out[[units + index[n] for n in self.recorder.foreign if n in index]] = 1
+        out[self.expectations.name_positions(index)] = 1
+        out[[index[n] for n in self.recorder.foreign if n in index]] = 1
         return out
 
 
 @dataclass(frozen=True, slots=True)
 class _Table:
-    """The unit table: the union of every rank's key hashes, and what the rows say of each unit."""
+    """Every rank's sorted key hashes and second hashes, as all-gathered."""
 
-    hashes: torch.Tensor
-    """sorted unique int64 hashes"""
-    counts: torch.Tensor
-    """int32 owners per unit"""
-    optional: torch.Tensor
-    """bool per unit: every owner declared it optional"""
     rows: tuple[torch.Tensor, ...]
     """each rank's sorted hashes (its valid prefix)"""
-    positions: tuple[torch.Tensor, ...]
-    """each rank's keys' units (``rows[r]``'s places in ``hashes``)"""
-    collided: torch.Tensor
-    """units whose owners' second hashes differ"""
+    seconds: tuple[torch.Tensor, ...]
+    """each rank's second hashes, with its role and loaded bits, in the order of ``rows``"""
 
     @property
     def size(self) -> int:
@@ -228,39 +226,96 @@ class _Table:
 
     @classmethod
     def of(cls, gathered: torch.Tensor, counts: list[int]) -> "_Table":
-        """Builds the table from the all-gathered rows and each rank's key count, with one sort."""
         width = (gathered.shape[1] * 2) // 3
         second = gathered[:, width:].contiguous().view(torch.int32)
-        rows = tuple(gathered[r, :c] for r, c in enumerate(counts))
-        every = torch.cat(rows)
-        flat = torch.cat([second[r, :c] for r, c in enumerate(counts)])
-        ordered, perm = torch.sort(every)
-        first = torch.ones(len(ordered), dtype=torch.bool)
-        first[1:] = ordered[1:] != ordered[:-1]
-        unit = torch.cumsum(first, 0) - 1  # each sorted key's unit
-        hashes = ordered[first]
-        starts = torch.nonzero(first).flatten()
-        owners = torch.diff(starts, append=torch.tensor([len(ordered)])).to(torch.int32)
-        bits = flat[perm]
-        optional = torch.zeros(len(hashes), dtype=torch.int32).index_add_(0, unit, bits & OPTIONAL_BIT) == owners
-        high = bits >> 1
-        clash = ~first[1:] & (high[1:] != high[:-1])
-        where = torch.empty_like(unit)
-        where[perm] = unit
-        bounds = [0, *torch.cumsum(torch.tensor(counts, dtype=torch.int64), 0).tolist()]
-        return cls(hashes=hashes, counts=owners, optional=optional, rows=rows,
-                   positions=tuple(where[a:b] for a, b in zip(bounds, bounds[1:])),
-                   collided=torch.unique(unit[1:][clash]))
+        return cls(rows=tuple(gathered[r, :c] for r, c in enumerate(counts)),
+                   seconds=tuple(second[r, :c] for r, c in enumerate(counts)))
 
-    def owner_matrix(self, units: torch.Tensor) -> torch.Tensor:
-        """``[ranks, len(units)]`` bool: whether each rank owns each unit."""
-        wanted = self.hashes[units]
-        out = torch.zeros((self.size, len(units)), dtype=torch.bool)
+    def part(self, index: int) -> "_Part":
+        """The units whose hashes fall in the ``index``-th of ``size`` equal ranges of int64."""
+        span = 2**64 // self.size
+        lo = -2**63 + index * span
+        hi = -2**63 + (index + 1) * span if index + 1 < self.size else None
+        hashes, bits = [], []
+        for row, second in zip(self.rows, self.seconds):
+            a = int(torch.searchsorted(row, torch.tensor(lo, dtype=torch.int64)))
+            b = len(row) if hi is None else int(torch.searchsorted(row, torch.tensor(hi, dtype=torch.int64)))
+            hashes.append(row[a:b])
+            bits.append(second[a:b])
+        return _Part.of(torch.cat(hashes), torch.cat(bits))
+
+    def owner_matrix(self, wanted: torch.Tensor) -> torch.Tensor:
+        """``[ranks, len(wanted)]`` bool: whether each rank owns each of the hashes ``wanted``."""
+        out = torch.zeros((self.size, len(wanted)), dtype=torch.bool)
         for r, row in enumerate(self.rows):
             at = torch.searchsorted(row, wanted)
             ok = at < len(row)
             out[r, ok] = row[at[ok]] == wanted[ok]
         return out
+
+
+@dataclass(frozen=True, slots=True)
+class _Part:
+    """One hash range of the unit table, judged by the rank it falls to."""
+
+    units: int
+    failed: torch.Tensor
+    """hashes (sorted) of the units some owner did not load"""
+    defaulted: torch.Tensor
+    """hashes of the optional units no owner loaded"""
+    collided: torch.Tensor
+    """hashes of the units whose owners' second hashes differ"""
+
+    @classmethod
+    def of(cls, every: torch.Tensor, bits: torch.Tensor) -> "_Part":
+        """Judges the keys ``every`` (all ranks' in this range, with their second hashes ``bits``)."""
+        ordered, perm = torch.sort(every)
+        first = torch.ones(len(ordered), dtype=torch.bool)
+        first[1:] = ordered[1:] != ordered[:-1]
+        unit = torch.cumsum(first, 0) - 1  # each sorted key's unit
+        hashes = ordered[first]
+        bits = bits[perm]
+        owners = torch.zeros(len(hashes), dtype=torch.int32).index_add_(0, unit, torch.ones_like(bits))
+        loaded = torch.zeros(len(hashes), dtype=torch.int32).index_add_(0, unit, (bits & LOADED_BIT) // LOADED_BIT)
+        optional = torch.zeros(len(hashes), dtype=torch.int32).index_add_(0, unit, bits & OPTIONAL_BIT) == owners
+        high = bits >> 2
+        clash = ~first[1:] & (high[1:] != high[:-1])
+        failed, defaulted = tracking.unit_outcomes(loaded, owners, lambda u: bool(optional[u]))
+        pick = lambda units: hashes[torch.tensor(units, dtype=torch.int64)]  # noqa: E731
+        return cls(units=len(hashes), failed=pick(failed), defaulted=pick(defaulted),
+                   collided=torch.unique(hashes[unit[1:][clash]]))
+
+
+@dataclass(frozen=True, slots=True)
+class _Verdict:
+    """Every part's judgement, the same on every rank (each list sorted: the parts are in order)."""
+
+    units: int
+    failed: torch.Tensor
+    defaulted: torch.Tensor
+    collided: torch.Tensor
+
+    @classmethod
+    def of(cls, comm, part: _Part) -> "_Verdict":
+        """Shares ``part`` with every rank: its sizes, then (only when some part found something)
+        its hashes, in one all-gather padded to the longest."""
+        lists = (part.failed, part.defaulted, part.collided)
+        sizes = comm.gather_rows(torch.tensor([part.units, *map(len, lists)], dtype=torch.int64))
+        units = int(sizes[:, 0].sum())
+        lengths = sizes[:, 1:].sum(1)
+        if not int(lengths.max()):
+            empty = torch.zeros(0, dtype=torch.int64)
+            return cls(units=units, failed=empty, defaulted=empty, collided=empty)
+        row = torch.zeros(int(lengths.max()), dtype=torch.int64)
+        mine = torch.cat(lists)
+        row[:len(mine)] = mine
+        rows = comm.gather_rows(row)
+        out = [[], [], []]
+        for r, (got, n) in enumerate(zip(rows, sizes[:, 1:].tolist())):
+            cuts = [0, *torch.cumsum(torch.tensor(n), 0).tolist()]
+            for j in range(3):
+                out[j].append(got[cuts[j]:cuts[j + 1]])
+        return cls(units=units, failed=torch.cat(out[0]), defaulted=torch.cat(out[1]), collided=torch.cat(out[2]))
 
 
 def _agree(comm, mine: _Local, fp, fault: str) -> torch.Tensor:
@@ -284,23 +339,24 @@ def _agree(comm, mine: _Local, fp, fault: str) -> torch.Tensor:
     return rows[:, :_AGREE]
 
 
-def _refuse_collisions(comm, mine: _Local, table: _Table) -> None:
+def _refuse_collisions(comm, mine: _Local, collided: torch.Tensor) -> None:
     """Two different keys on different ranks share a 64-bit hash: every rank names them and stops."""
-    wanted = set(table.hashes[table.collided].tolist())
+    wanted = set(collided.tolist())
     labels = comm.gather_objects(sorted({mine.key(i).label for i, h in enumerate(mine.hashes.tolist()) if h in wanted}))
     names = sorted({n for part in labels for n in part})
     raise DistloadError(f"different keys share a 64-bit hash across ranks: {', '.join(names)}; rename one of them",
                         rank=comm.ranks[comm.rank])
 
 
-def _name_failures(comm, mine: _Local, table: _Table, failed: tuple[int, ...], defaulted: tuple[int, ...], *,
-                   has_derived: bool) -> Findings:
+def _name_failures(comm, mine: _Local, table: _Table, verdict: _Verdict, *, has_derived: bool) -> Findings:
     """The exchanges that name what failed, and the shared classification of it."""
-    chosen = torch.tensor([*failed, *defaulted], dtype=torch.int64)
+    chosen = torch.cat([verdict.failed, verdict.defaulted])
+    failed = range(len(verdict.failed))
+    defaulted = range(len(verdict.failed), len(chosen))
     owns = table.owner_matrix(chosen)
     lowest = owns.to(torch.int8).argmax(dim=0).tolist()
-    at = torch.searchsorted(mine.hashes, table.hashes[chosen]).tolist()
-    labels = {u: mine.key(at[i]) for i, u in enumerate(chosen.tolist()) if lowest[i] == comm.rank}
+    at = torch.searchsorted(mine.hashes, chosen).tolist()
+    labels = {u: mine.key(at[u]) for u in range(len(chosen)) if lowest[u] == comm.rank}
     keys: dict[int, Key] = {}
     for part in comm.gather_objects(labels):
         keys.update(part)
@@ -329,8 +385,8 @@ def _name_failures(comm, mine: _Local, table: _Table, failed: tuple[int, ...], d
                   anything=bool(rows[:, 3 * i + 2].any()), affects=tuple(affects.get(n, ())))
         for i, n in enumerate(names))
     by_name: dict[str, set[int]] = {}
-    for j, u in enumerate(defaulted, start=len(failed)):
-        by_name.setdefault(keys[u].name, set()).update(who(owns[:, j]))
+    for u in defaulted:
+        by_name.setdefault(keys[u].name, set()).update(who(owns[:, u]))
     defaults = tuple(Entry(name=n, owners=tuple(sorted(rs)), affects=tuple(affects.get(n, ())))
                      for n, rs in sorted(by_name.items()))
     return Findings(missing=missing, inconsistent=inconsistent, defaulted=defaults, mismatched=())

@@ -26,6 +26,15 @@ import torch
 
 from tests.hf_checkpoints import read_tensors, save_float_twin
 
+SCHEMES = {  # bits, group size (None: one group per row), symmetric, desc_act, gptq_v2
+    "gptq-int4-g32": dict(bits=4, group_size=32, sym=True),
+    "gptq-int4-g64-desc": dict(bits=4, group_size=64, sym=False, desc_act=True),
+    "gptq-int4-g32-desc-v2": dict(bits=4, group_size=32, sym=False, desc_act=True, v2=True),
+    "gptq-int8-g64-v2": dict(bits=8, group_size=64, sym=False, v2=True),
+    "gptq-int8-channel": dict(bits=8, group_size=None, sym=True),
+}
+"""the GPTQ schemes the tests write (keyword arguments of ``write_gptq_checkpoint``)"""
+
 QUANTIZED = ("_proj.weight",)
 """name endings of the quantized weights (q/k/v/o, gate/up/down of dense MLPs and experts)"""
 

@@ -219,11 +219,13 @@ def hf_text_logits(directory: str, prefix: str, input_ids: torch.Tensor) -> torc
 
 
 def read_tensors(directory: str) -> dict[str, torch.Tensor]:
-    """Returns every tensor of the checkpoint, by name (read with safetensors.safe_open)."""
+    """Returns every tensor of the checkpoint, by name (read with safetensors.safe_open; without an
+    index, of its one ``model.safetensors``)."""
     from safetensors import safe_open
 
+    indexed = os.path.exists(os.path.join(directory, INDEX))
     out = {}
-    for fname in sorted(set(_weight_map(directory).values())):
+    for fname in sorted(set(_weight_map(directory).values())) if indexed else ["model.safetensors"]:
         with safe_open(os.path.join(directory, fname), framework="pt") as f:
             for name in f.keys():
                 out[name] = f.get_tensor(name)

@@ -23,7 +23,8 @@ from distload import LoadConfig, PlanError
 from distload.dryrun import dry_run
 from tests import quant_jobs
 from tests.ct_int_checkpoints import dequantized_int_checkpoint, write_ct_int_checkpoint
-from tests.gptq_checkpoints import dequantized_gptq_checkpoint, pack_words, quantize, write_gptq_checkpoint
+from tests.gptq_checkpoints import SCHEMES as GPTQ_SCHEMES, dequantized_gptq_checkpoint, pack_words, quantize, \
+    write_gptq_checkpoint
 from tests.hf_checkpoints import HFSpec, copy_checkpoint, delete_tensors, hf_logits, put_tensors, read_tensors, \
     write_hf_checkpoint
 from tests.int_slices import expected, facts, matrices
@@ -46,16 +47,12 @@ MODELS = {
                                "norm_topk_prob": True, "mlp_only_layers": [1]}),
 }
 
-SCHEMES = {  # compressed-tensors: bits, group size (None: per channel), symmetric; GPTQ: + desc_act, gptq_v2
+SCHEMES = {  # compressed-tensors: bits, group size (None: per channel), symmetric; GPTQ: tests.gptq_checkpoints
     "ct-int4-g32": dict(bits=4, group_size=32, symmetric=True),
     "ct-int4-g64-asym": dict(bits=4, group_size=64, symmetric=False),
     "ct-int8-channel": dict(bits=8, group_size=None, symmetric=True),
     "ct-int8-g32-asym": dict(bits=8, group_size=32, symmetric=False),
-    "gptq-int4-g32": dict(bits=4, group_size=32, sym=True),
-    "gptq-int4-g64-desc": dict(bits=4, group_size=64, sym=False, desc_act=True),
-    "gptq-int4-g32-desc-v2": dict(bits=4, group_size=32, sym=False, desc_act=True, v2=True),
-    "gptq-int8-g64-v2": dict(bits=8, group_size=64, sym=False, v2=True),
-    "gptq-int8-channel": dict(bits=8, group_size=None, sym=True),
+    **GPTQ_SCHEMES,
 }
 
 NOTES = {

@@ -49,7 +49,8 @@ pytestmark = pytest.mark.skipif(
 
 
 def _run(python: str, script: str, *args: str, out) -> tuple[subprocess.CompletedProcess, dict]:
-    proc = subprocess.run([python, os.path.join(ROOT, "scripts", script), *args, "--json", str(out)], cwd=ROOT,
+    # run beside its result: GPT-QModel writes a logs/ folder into its working directory
+    proc = subprocess.run([python, os.path.join(ROOT, "scripts", script), *args, "--json", str(out)], cwd=out.parent,
                           capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONPATH": ROOT})
     assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc, json.loads(out.read_text())

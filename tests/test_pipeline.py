@@ -28,9 +28,10 @@ def stage_layers(num_layers: int, pp: int, stage: int) -> list[int]:
     return list(range(start, start + per[stage]))
 
 
-@pytest.mark.parametrize("name,world,tp,pp,ranks",
-                         and_on_gpus(LAYOUTS, lambda c, w, t, p: w, [f"{c}-w{w}-tp{t}-pp{p}" for c, w, t, p in LAYOUTS]),
-                         indirect=["ranks"])
+IDS = [f"{c}-w{w}-tp{t}-pp{p}" for c, w, t, p in LAYOUTS]
+
+
+@pytest.mark.parametrize("name,world,tp,pp,ranks", and_on_gpus(LAYOUTS, lambda c, w, t, p: w, IDS), indirect=["ranks"])
 def test_stages_hold_their_layers_exactly_and_logits_match(ranks, ckpts, name, world, tp, pp):
     spec = SPECS[name]
     directory = ckpts.path(name)

@@ -306,7 +306,8 @@ class Comm:
         failure timeout, while watched) ends it when a rank was lost inside. NCCL's runs on the
         device, where a lost peer leaves it waiting for good: its completion is polled beside the
         failure channel, and a failure learned meanwhile (a peer's error, or a silence its watcher
-        published) aborts the communicators before it is raised."""
+        published) aborts the communicators (a caller's group too: its pending work would never
+        end) before it is raised."""
         if self._watch is None or not self._nccl:
             work.wait()
             return

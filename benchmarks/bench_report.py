@@ -23,6 +23,7 @@ DEFINITIONS = {
     "needed_bytes": "sum over ranks of the checkpoint bytes that rank's parameters need (distload's plan; each "
                     "DP replica counts)",
     "gbps": "needed_bytes / seconds / 1e9",
+    "gbps_per_rank": "gbps / world: per GPU on CUDA (one rank per GPU)",
     "unique_bytes": "distinct checkpoint bytes the job needs (each byte once, whatever the replicas)",
     "gbps_unique": "unique_bytes / seconds / 1e9",
     "vs_floor": "median seconds / the floor's median seconds at the same world size, same invocation",
@@ -51,6 +52,7 @@ def summarize_run(ranks: list[dict], needed: int, unique: int) -> dict:
     out = {
         "seconds": round(seconds, 4), "slowest_rank_seconds": round(max(r["seconds"] for r in ranks), 4),
         "gbps": round(needed / seconds / 1e9, 3), "gbps_unique": round(unique / seconds / 1e9, 3),
+        "gbps_per_rank": round(needed / seconds / 1e9 / len(ranks), 3),
         "planned_bytes_per_rank": [r.get("planned_bytes") for r in ranks],
         "read_bytes_node": _sum(r.get("read_bytes") for r in ranks),
         "rchar_node": _sum(r.get("rchar") for r in ranks),
@@ -100,6 +102,7 @@ def summarize(runs: list[dict], loaders: list[str]) -> dict:
             per[name] = {"runs": len(ok), "seconds": round(med, 4),
                          "gbps": round(statistics.median(r["gbps"] for r in ok), 3),
                          "gbps_unique": round(statistics.median(r["gbps_unique"] for r in ok), 3),
+                         "gbps_per_rank": round(statistics.median(r["gbps"] / world for r in ok), 3),
                          "cpu_seconds": round(statistics.median(r["cpu_seconds"] for r in ok), 3),
                          "peak_rss_bytes": int(statistics.median(r["peak_rss_bytes"] for r in ok)),
                          "read_bytes_node": _median([r["read_bytes_node"] for r in ok]),
@@ -194,8 +197,8 @@ def print_table(result: dict) -> None:
     ckpt = result["checkpoint"]
     print(f"\n{result['preset']} ({ckpt['bytes'] / 1e9:.2f} GB, {ckpt['files']} files), {result['device']}, "
           f"layout {result['layout']}, {result['mode']}; {m['cores']} cores, {m.get('gpu') or m['cpu']}")
-    print(f"{'world':>5} {'loader':>15} {'runs':>4} {'median s':>9} {'GB/s':>7} {'x floor':>8} {'CPU s':>7} "
-          f"{'RSS MiB':>8} {'+RSS MiB':>8} {'read GB':>8} {'rchar GB':>8} {'merge s':>8} {'ar8 s':>7}")
+    print(f"{'world':>5} {'loader':>15} {'runs':>4} {'median s':>9} {'GB/s':>7} {'/rank':>6} {'x floor':>8} "
+          f"{'CPU s':>7} {'RSS MiB':>8} {'+RSS MiB':>8} {'read GB':>8} {'rchar GB':>8} {'merge s':>8} {'ar8 s':>7}")
     for world, per in result["summary"].items():
         for name, s in per.items():
             rb = f"{s['read_bytes_node'] / 1e9:8.2f}" if s["read_bytes_node"] is not None else f"{'-':>8}"
@@ -206,8 +209,9 @@ def print_table(result: dict) -> None:
             gr = f"{grow / 2**20:8.0f}" if grow is not None else f"{'-':>8}"
             ar = s.get("allreduce8_seconds")
             ar8 = f"{ar:7.4f}" if ar is not None else f"{'-':>7}"
-            print(f"{world:>5} {name:>15} {s['runs']:>4} {s['seconds']:9.3f} {s['gbps']:7.2f} {vf} "
-                  f"{s['cpu_seconds']:7.2f} {s['peak_rss_bytes'] / 2**20:8.0f} {gr} {rb} {ms} {ar8}")
+            print(f"{world:>5} {name:>15} {s['runs']:>4} {s['seconds']:9.3f} {s['gbps']:7.2f} "
+                  f"{s['gbps_per_rank']:6.2f} {vf} {s['cpu_seconds']:7.2f} {s['peak_rss_bytes'] / 2**20:8.0f} "
+                  f"{gr} {rb} {ms} {ar8}")
     failed = [r for r in result["runs"] if r.get("error")]
     for name, why in result["not_run"].items():
         print(f"{name}: {why}")

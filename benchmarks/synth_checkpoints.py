@@ -69,6 +69,11 @@ PRESETS: dict[str, dict] = {
         hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
         num_hidden_layers=12, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192,
         bos_token_id=128000, eos_token_id=128001)},
+    # the same layers, 64 of them (30.0 GB in 2 GB files): the multi-GPU runs (scripts/multigpu)
+    "llama8b-30g": {"max_shard_size": "2GB", "config": _llama(
+        hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+        num_hidden_layers=64, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192,
+        bos_token_id=128000, eos_token_id=128001)},
     "qwen3moe-tiny": {"max_shard_size": "2MB", "config": {**_QWEN3_MOE,
         "hidden_size": 256, "intermediate_size": 512, "moe_intermediate_size": 128, "num_experts": 8,
         "num_experts_per_tok": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,

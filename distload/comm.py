@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import threading
 from dataclasses import dataclass
 from typing import Callable
 
@@ -48,6 +49,9 @@ def _check_open() -> None:
         raise DistloadError("the model's process group is closed: call distload.load(..., keep_group=True) "
                             "to run a model split over several ranks, and Loaded.close() when done")
 
+
+ABORT_WAIT = STORE_SLACK
+"""seconds a failing rank waits for NCCL's abort before it raises its error all the same"""
 
 SOLO = Collectives()
 """Collectives of a group of one rank (no process group needed)."""
@@ -140,6 +144,8 @@ class Comm:
         self._tp: dict[tuple[int, ...], Collectives] = {}
         self._watch: FailureWatch | None = None
         self._group_timeout = datetime.timedelta(minutes=10)  # the collectives' timeout, as connect() makes it
+        self._failed = False  # this load failed (here or on a peer): NCCL's groups are aborted, not destroyed
+        self._aborted = False
 
     @classmethod
     def connect(cls, world: WorldInfo, *, device: torch.device,
@@ -158,23 +164,56 @@ class Comm:
         if world.world_size == 1:
             return cls(rank=0, world_size=1, device=device, owns_group=False, grouped=False)
         backend = "nccl" if device.type == "cuda" else "gloo"
+        where = {}
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        where = {}
+            # NCCL's communicator is made here, bound to this rank's device, not lazily in the load's
+            # first collective: there its creation would block until every rank joined, where no
+            # failure watch can reach it, while a collective on a made one only queues work (_wait)
+            where["device_id"] = device
         if world.master_addr is not None and world.master_port is not None:  # Ray: no environment to read
             host = f"[{world.master_addr}]" if ":" in world.master_addr else world.master_addr
-            where = {"init_method": f"tcp://{host}:{world.master_port}"}
+            where["init_method"] = f"tcp://{host}:{world.master_port}"
         dist.init_process_group(backend, rank=world.rank, world_size=world.world_size, timeout=timeout, **where)
         comm = cls(rank=world.rank, world_size=world.world_size, device=device, owns_group=True, grouped=True)
         comm._group_timeout = timeout
         return comm
 
     def close(self) -> None:
-        """Stops failure watching and destroys the process group if this object created it."""
+        """Stops failure watching and destroys the process group if this object created it (after a
+        failed load, NCCL's is aborted instead: a graceful NCCL teardown may wait for a lost peer)."""
         self.stop_watch()
         if self._owns_group and dist.is_initialized():
-            dist.destroy_process_group()
+            if self._failed and self._nccl:
+                self._abort()
+            else:
+                dist.destroy_process_group()
         self._owns_group = False
+
+    @property
+    def _nccl(self) -> bool:
+        return self._grouped and self.device.type == "cuda"
+
+    def _abort(self) -> None:
+        """Aborts every NCCL communicator of this process at once (the world's and its subgroups',
+        torch's ``_abort_process_group``, torch >= 2.5): their pending collectives end, and the
+        process can go on. On a thread of its own, waited for at most ``ABORT_WAIT`` seconds: torch
+        waits for NCCL's abort up to the group's timeout, and some NCCL versions hung in it."""
+        if self._aborted:
+            return
+        self._aborted, self._owns_group = True, False  # nothing is left to destroy
+        abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+        if abort is None or not dist.is_initialized():  # older torch: pending collectives stay queued
+            return
+
+        def run() -> None:
+            try:
+                abort()
+            except Exception:  # the load's own error is the one to report
+                pass
+        thread = threading.Thread(target=run, name="distload-nccl-abort", daemon=True)
+        thread.start()
+        thread.join(ABORT_WAIT)
 
     def start_watch(self, *, dead_after: float, timeout: float = 600.0) -> None:
         """Starts publishing this rank's heartbeat and watching for failed or silent peers.
@@ -219,6 +258,7 @@ class Comm:
 
     def publish_failure(self, err: DistloadError) -> None:
         """Tells every rank, out of band, that this rank failed with ``err``."""
+        self._failed = True
         if self._watch is not None:
             self._watch.publish(self.rank, err)
             self._watch.linger(self._store_linger(2.0))
@@ -226,6 +266,7 @@ class Comm:
     def linger_after_peer_failure(self) -> None:
         """A rank that read a peer's failure and may serve the store waits, like the failing
         rank, until the others have read it too."""
+        self._failed = True
         if self._watch is not None:
             self._watch.linger(self._store_linger(0.0))
 
@@ -247,8 +288,9 @@ class Comm:
         if self._watch is not None:
             self._watch.check()
 
-    def _collective(self, run: Callable[[], None]) -> None:
-        """Runs one collective once every rank is ready for it, watching for failed peers.
+    def _collective(self, start: Callable[[], "dist.Work"]) -> None:
+        """Runs one collective (``start`` issues it with ``async_op=True``) once every rank is ready
+        for it, and waits for it, watching for failed peers.
 
         Ranks meet in the store first, so a collective only starts when all ranks have
         reached it: a failure before that leaves no operation pending, and the group
@@ -256,7 +298,26 @@ class Comm:
         """
         if self._watch is not None:
             self._watch.meet()
-        self._guarded(run)
+        work = self._guarded(start)
+        self._guarded(lambda: self._wait(work))
+
+    def _wait(self, work: "dist.Work") -> None:
+        """Waits for an issued collective. gloo's wait blocks in the host, and its timeout (the
+        failure timeout, while watched) ends it when a rank was lost inside. NCCL's runs on the
+        device, where a lost peer leaves it waiting for good: its completion is polled beside the
+        failure channel, and a failure learned meanwhile (a peer's error, or a silence its watcher
+        published) aborts the communicators (a caller's group too: its pending work would never
+        end) before it is raised."""
+        if self._watch is None or not self._nccl:
+            work.wait()
+            return
+        try:
+            self._watch.wait_until(work.is_completed)
+        except PeerFailedError:
+            self._failed = True
+            self._abort()
+            raise
+        work.wait()  # makes this stream wait for NCCL's (the work is done: the host does not wait)
 
     def _guarded(self, run: Callable[[], object]) -> object:
         """Runs a torch.distributed call; a peer lost inside it (a reset connection, the store's
@@ -315,14 +376,18 @@ class Comm:
                 self._watch.meet()
 
     def _connect_timeout(self) -> datetime.timedelta | None:
-        """How long a new group may take to connect: the failure timeout. A rank lost while the
+        """How long a new gloo group may take to connect: the failure timeout. A rank lost while the
         others connect (gloo waits for its address, or retries its connection, until the group's
-        timeout) fails them within it, not after the 10 minutes a model's collectives may wait."""
-        return None if self._watch is None else datetime.timedelta(seconds=self._watch.dead_after)
+        timeout) fails them within it, not after the 10 minutes a model's collectives may wait.
+        NCCL's keep the job's timeout: it does not bound their connection, and a short one left on
+        would have NCCL's watchdog end the process in a long collective of the model."""
+        if self._watch is None or self._nccl:
+            return None
+        return datetime.timedelta(seconds=self._watch.dead_after)
 
     def _restore_timeout(self, group) -> None:
         """Gives a group connected under ``_connect_timeout`` the job's timeout for its collectives."""
-        if self._watch is None:
+        if self._connect_timeout() is None:
             return
         try:
             dist.distributed_c10d._set_pg_timeout(self._group_timeout, group)
@@ -336,7 +401,7 @@ class Comm:
         # a copy even on CPU (where .to() returns ``counts`` itself): all_reduce sums in
         # place, and the caller still needs its own record to name loaded_by afterwards
         on_device = counts.to(self.device, copy=True)
-        self._collective(lambda: dist.all_reduce(on_device))
+        self._collective(lambda: dist.all_reduce(on_device, async_op=True))
         return on_device.cpu()
 
     def gather_rows(self, row: torch.Tensor) -> torch.Tensor:
@@ -346,7 +411,7 @@ class Comm:
         local = row.to(self.device).contiguous()
         parts = [torch.empty_like(local) for _ in range(self.world_size)]
         # the list form works on every backend and torch version
-        self._collective(lambda: dist.all_gather(parts, local))
+        self._collective(lambda: dist.all_gather(parts, local, async_op=True))
         return torch.stack(parts).cpu()
 
     def gather_objects(self, obj: object) -> list:
@@ -382,7 +447,7 @@ class GroupComm:
         self.size = dist.get_world_size(group)
         self.ranks = tuple(dist.get_process_group_ranks(group if group is not None else dist.group.WORLD))
         backend = str(dist.get_backend(group)).lower()
-        self.device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else torch.device("cpu")
+        self.device = _nccl_device(group) if "nccl" in backend else torch.device("cpu")
 
     def _run(self, call: Callable[[], object]) -> None:
         try:
@@ -414,6 +479,15 @@ class GroupComm:
         out: list = [None] * self.size
         self._run(lambda: dist.all_gather_object(out, obj, group=self.group))
         return out
+
+
+def _nccl_device(group: "dist.ProcessGroup | None") -> torch.device:
+    """The device an NCCL group's collectives run on: the one it was bound to
+    (``init_process_group(device_id=...)``), else the current one, as torch's own object collectives
+    take it. A tensor on another device would make NCCL a second communicator, for it alone."""
+    pg = group if group is not None else dist.distributed_c10d._get_default_group()
+    bound = pg.bound_device_id
+    return bound if bound is not None else torch.device("cuda", torch.cuda.current_device())
 
 
 def _default_store():

@@ -12,6 +12,7 @@ import json
 import queue
 import threading
 import time
+from typing import Callable
 
 from .errors import DistloadError, PeerFailedError
 
@@ -247,6 +248,21 @@ class FailureWatch:
                                       f"within {self.timeout:.0f} s (a hung read or a stuck rank?)", rank=self.rank)
                 self.publish(self.rank, err)
                 raise err
+
+    def wait_until(self, done: Callable[[], bool]) -> None:
+        """Returns once ``done()`` is true (a collective queued on a device has completed), checking
+        for failures between polls, backing off as ``meet`` does. No deadline of its own: every rank
+        has met before, so only a failed or silent rank keeps it waiting, and the heartbeats tell.
+
+        Raises:
+            PeerFailedError: a rank published a failure (or fell silent), or the store is lost.
+        """
+        cap = 0.002 if self.world_size <= 64 else 0.02
+        pause = 0.0001
+        while not done():
+            self.check()
+            time.sleep(pause)
+            pause = min(pause * 2, cap)
 
     def stop(self) -> None:
         """Ends the heartbeat (bounded: after a failure it may sit in a store call, and is a daemon)."""

@@ -18,6 +18,27 @@ def pool():
 
 
 @pytest.fixture(scope="session")
+def gpu_pool():
+    """One NCCL worker per visible GPU, each on its own device (``LOCAL_RANK``), for the
+    ``cuda`` cases of tests/devices.py; skips without two GPUs."""
+    from distload.testing import RankPool
+    from tests.devices import visible_gpus
+
+    if visible_gpus() < 2:
+        pytest.skip(f"needs 2 CUDA devices, {visible_gpus()} visible")
+    p = RankPool(visible_gpus(), device="cuda")
+    yield p
+    p.close()
+
+
+@pytest.fixture
+def ranks(request):
+    """The pool a case of ``tests.devices.and_on_gpus`` names: ``cpu`` the gloo pool, ``cuda`` the
+    NCCL pool; ``ranks.device`` is the device its jobs load on."""
+    return request.getfixturevalue("gpu_pool" if request.param == "cuda" else "pool")
+
+
+@pytest.fixture(scope="session")
 def ray_cluster():
     """A local Ray cluster of 4 logical CPUs, started once (about 3 s) for every Ray test;
     yields its address (for drivers in subprocesses). Skips when Ray is not installed."""

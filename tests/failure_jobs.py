@@ -25,34 +25,45 @@ def _outcome(fn):
 
 
 def fail_while_reading(directory: str, tp: int, victim: int, how: str, failure_timeout: float,
-                       stamp: str | None = None):
+                       stamp: str | None = None, device: str = "cpu"):
     """Rank ``victim`` raises (``how='raise'``), is SIGKILLed (``how='kill'``) or SIGSTOPped
-    (``how='stop'``; it raises if continued) after its first read, or SIGSTOPped as it enters
-    the first collective (``how='stop-in-collective'``: it patches torch.distributed, so plain
-    processes only, never the pool's); before a kill or a stop it writes the time to ``stamp``."""
+    (``how='stop'``; it raises if continued) after its first read, or, as it enters the first
+    collective (the others are in it: every rank met first), SIGSTOPs itself
+    (``stop-in-collective``: plain processes only, never the pool's), SIGKILLs itself
+    (``kill-in-collective``) or raises (``raise-in-collective``); before a kill or a stop it
+    writes the time to ``stamp``. ``device``: ``cuda`` loads on this rank's GPU, with NCCL."""
+    import torch.distributed as dist
+
     rank = int(os.environ["RANK"])
 
     def progress(done: int, total: int) -> None:
         if rank == victim:
             if how in ("kill", "stop"):
-                with open(stamp, "w") as f:
-                    f.write(repr(time.time()))
-                os.kill(os.getpid(), signal.SIGKILL if how == "kill" else signal.SIGSTOP)
+                _stop_here(stamp, signal.SIGKILL if how == "kill" else signal.SIGSTOP)
             raise distload.CheckpointError("injected read failure", file="injected.safetensors",
                                            tensor="model.norm.weight")
 
-    if how == "stop-in-collective" and rank == victim:  # the others are in it: every rank met first
-        import torch.distributed as dist
-        gather = dist.all_gather
+    gather = dist.all_gather
+    if how.endswith("-in-collective") and rank == victim:
 
-        def stop_then_gather(*args, **kwargs):
-            with open(stamp, "w") as f:
-                f.write(repr(time.time()))
-            os.kill(os.getpid(), signal.SIGSTOP)
+        def fail_then_gather(*args, **kwargs):
+            if how == "raise-in-collective":
+                raise distload.CheckpointError("injected failure in a collective", file="injected.safetensors")
+            _stop_here(stamp, signal.SIGSTOP if how == "stop-in-collective" else signal.SIGKILL)
             return gather(*args, **kwargs)
-        dist.all_gather = stop_then_gather
-    cfg = distload.LoadConfig(tp=tp, device="cpu", failure_timeout=failure_timeout)
-    return _outcome(lambda: distload.load(directory, cfg, progress=progress))
+        dist.all_gather = fail_then_gather
+    cfg = distload.LoadConfig(tp=tp, device=device, failure_timeout=failure_timeout)
+    try:
+        return _outcome(lambda: distload.load(directory, cfg, progress=progress))
+    finally:
+        dist.all_gather = gather  # a pool's worker runs other jobs next
+
+
+def _stop_here(stamp: str, sig: int) -> None:
+    """Writes the time to ``stamp``, then sends this process ``sig``."""
+    with open(stamp, "w") as f:
+        f.write(repr(time.time()))
+    os.kill(os.getpid(), sig)
 
 
 def fail_while_building(directory: str, tp: int, victim: int, late: int | None = None, late_s: float = 0.0):

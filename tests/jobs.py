@@ -14,28 +14,33 @@ def load_summary(directory: str, tp: int, **kwargs):
         return err.report.to_json()
 
 
-def load_outcome(directory: str, tp: int, options: dict | None = None) -> dict:
-    """Loads on this rank with further LoadConfig ``options``; returns whether ``load`` raised
-    MissingWeightsError, its message and the report JSON."""
+def load_outcome(directory: str, tp: int, options: dict | None = None, device: str = "cpu") -> dict:
+    """Loads on this rank (on ``device``: ``cuda`` is this rank's GPU, with NCCL) with further
+    LoadConfig ``options``; returns whether ``load`` raised MissingWeightsError, its message and
+    the report JSON."""
     try:
-        loaded = distload.load(directory, distload.LoadConfig(tp=tp, device="cpu", **(options or {})))
+        loaded = distload.load(directory, distload.LoadConfig(tp=tp, device=device, **(options or {})))
     except distload.MissingWeightsError as err:
         return {"raised": True, "message": str(err), "report": err.report.to_json()}
     return {"raised": False, "report": loaded.report.to_json()}
 
 
-def load_and_forward(directory: str, tp: int, input_ids) -> dict:
-    """Loads with the process group kept open, runs the model on ``input_ids``, and returns
-    the report JSON, this rank's parameters (as numpy arrays) and its logits."""
+def load_and_forward(directory: str, tp: int, input_ids, device: str = "cpu") -> dict:
+    """Loads on ``device`` with the process group kept open, runs the model on ``input_ids``, and
+    returns the report JSON, this rank's parameters (as numpy arrays) and its logits."""
     import torch
 
-    with distload.load(directory, distload.LoadConfig(tp=tp, device="cpu"), keep_group=True) as loaded:
+    with distload.load(directory, distload.LoadConfig(tp=tp, device=device), keep_group=True) as loaded:
         with torch.no_grad():
-            logits = loaded.model(input_ids)
-        state = {name: t.detach().numpy().copy() for name, t in loaded.model.state_dict().items()}
-        return {"report": loaded.report.to_json(), "state": state,
+            logits = loaded.model(input_ids.to(device))
+        return {"report": loaded.report.to_json(), "state": numpy_state(loaded.model),
                 "dtypes": {name: str(t.dtype) for name, t in loaded.model.state_dict().items()},
-                "logits": logits.numpy().copy()}
+                "logits": logits.cpu().numpy().copy()}
+
+
+def numpy_state(model) -> dict:
+    """The model's state dict as numpy arrays in host memory (from any device)."""
+    return {name: t.detach().cpu().numpy().copy() for name, t in model.state_dict().items()}
 
 
 def group_lifetime(directory: str, tp: int) -> dict:
@@ -70,16 +75,15 @@ def forward_after_close(directory: str, tp: int) -> str:
     return "no error"
 
 
-def load_and_forward_pp(directory: str, tp: int, pp: int, input_ids) -> dict:
+def load_and_forward_pp(directory: str, tp: int, pp: int, input_ids, device: str = "cpu") -> dict:
     """Like ``load_and_forward`` with pipeline stages: logits come back from the last stage only."""
     import torch
 
-    with distload.load(directory, distload.LoadConfig(tp=tp, pp=pp, device="cpu"), keep_group=True) as loaded:
+    with distload.load(directory, distload.LoadConfig(tp=tp, pp=pp, device=device), keep_group=True) as loaded:
         with torch.no_grad():
-            logits = loaded.model(input_ids)
-        state = {name: t.detach().numpy().copy() for name, t in loaded.model.state_dict().items()}
-        return {"report": loaded.report.to_json(), "state": state,
-                "logits": None if logits is None else logits.numpy().copy()}
+            logits = loaded.model(input_ids.to(device))
+        return {"report": loaded.report.to_json(), "state": numpy_state(loaded.model),
+                "logits": None if logits is None else logits.cpu().numpy().copy()}
 
 
 def load_on_nodes(directory: str, tp: int, ranks_per_node: int, options: dict | None = None) -> dict:

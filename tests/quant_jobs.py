@@ -17,14 +17,14 @@ def _plain(t):
     return t.numpy().copy()
 
 
-def load_quantized(directory: str, options: dict, input_ids=None) -> dict:
-    """Loads with ``LoadConfig(device="cpu", **options)``; returns whether ``load`` raised
-    MissingWeightsError (and the report JSON), this rank's state with FP8 tensors as raw bytes,
-    and, given ``input_ids``, its logits (None before the last pipeline stage)."""
+def load_quantized(directory: str, options: dict, input_ids=None, device: str = "cpu") -> dict:
+    """Loads with ``LoadConfig(device=device, **options)`` (``cuda``: this rank's GPU, with NCCL);
+    returns whether ``load`` raised MissingWeightsError (and the report JSON), this rank's state with
+    FP8 tensors as raw bytes, and, given ``input_ids``, its logits (None before the last pipeline stage)."""
     import torch
 
     try:
-        loaded = distload.load(directory, distload.LoadConfig(device="cpu", **options),
+        loaded = distload.load(directory, distload.LoadConfig(device=device, **options),
                                keep_group=input_ids is not None)
     except distload.MissingWeightsError as err:
         return {"raised": True, "report": err.report.to_json()}
@@ -32,10 +32,10 @@ def load_quantized(directory: str, options: dict, input_ids=None) -> dict:
         logits = None
         if input_ids is not None:
             with torch.no_grad():
-                logits = loaded.model(input_ids)
+                logits = loaded.model(input_ids.to(device))
         state = {name: _plain(t) for name, t in loaded.model.state_dict().items()}
         return {"raised": False, "report": loaded.report.to_json(), "state": state,
-                "logits": None if logits is None else logits.float().numpy().copy()}
+                "logits": None if logits is None else logits.float().cpu().numpy().copy()}
 
 
 def load_error(directory: str, options: dict) -> str:

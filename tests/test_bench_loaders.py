@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -17,6 +19,8 @@ from benchmarks.bench_ctx import Ctx, verify_params
 from distload.execute import destination
 from benchmarks.load_worker import pool_job
 from benchmarks.loaders import run_engine, unavailable
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CPU_LOADERS = ["distload", "eager", "load_file", "engine", "fastsafetensors", "floor", "floor_fresh"]
 
@@ -77,7 +81,8 @@ def test_a_wrong_slice_is_caught(tiny):
     assert not bad["ok"] and any("o_proj" in b for b in bad["bad"])
 
 
-@pytest.mark.parametrize("preset,tp,ep", [("llama8b-7g", 8, 1), ("qwen3moe-small", 8, 1), ("qwen3moe-small", 2, 8)])
+@pytest.mark.parametrize("preset,tp,ep", [("llama8b-7g", 8, 1), ("llama8b-30g", 8, 1), ("qwen3moe-small", 8, 1),
+                                         ("qwen3moe-small", 2, 8)])
 def test_full_size_presets_plan_complete(tmp_path, preset, tp, ep):
     import distload
     from distload.dryrun import dry_run
@@ -87,6 +92,8 @@ def test_full_size_presets_plan_complete(tmp_path, preset, tp, ep):
     assert report["complete"] and not report["unexpected"] and not report["missing"]
     if preset == "llama8b-7g":  # the Llama-3-8B shape at 12 layers: 7.34 GB in 3 files at 3 GB
         assert len(info["files"]) == 3 and round(info["total_size"] / 1e9, 2) == 7.34
+    if preset == "llama8b-30g":  # 64 layers: 30.02 GB in 2 GB files (scripts/multigpu)
+        assert len(info["files"]) == 16 and round(info["total_size"] / 1e9, 2) == 30.02
 
 
 def test_mincore_reports_residency(tmp_path):
@@ -127,3 +134,23 @@ def _header_bytes(files: list[str]) -> int:
         with open(f, "rb") as fh:
             total += 8 + int.from_bytes(fh.read(8), "little")
     return total
+
+
+def _multigpu(*args: str, out) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return subprocess.run(["bash", os.path.join(ROOT, "scripts", "multigpu"), *args], env=env, capture_output=True,
+                          text=True, timeout=150)
+
+
+def test_multigpu_script_without_its_gpus_stops_at_once_naming_them(tmp_path):
+    if torch.cuda.device_count() >= 2:
+        pytest.skip("this machine has the GPUs: the script would run")
+    done = _multigpu("2", "tests", out=tmp_path / "out")
+    assert done.returncode == 3, done
+    assert done.stderr.strip().splitlines()[-1] == \
+        f"scripts/multigpu: needs 2 CUDA devices, {torch.cuda.device_count()} visible (CUDA_VISIBLE_DEVICES=0,1)"
+    assert not (tmp_path / "out").exists()  # nothing was started or written
+    for bad in (["3"], ["2", "everything"], []):
+        wrong = _multigpu(*bad, out=tmp_path / "out")
+        assert wrong.returncode == 2 and wrong.stderr.strip() == "usage: scripts/multigpu 1|2|4|8 [tests|bench|all]"

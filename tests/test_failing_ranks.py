@@ -7,6 +7,7 @@ import pytest
 import distload
 from distload.testing import WorkerDied
 from tests import failure_jobs
+from tests.devices import and_on_gpus
 
 
 @pytest.fixture(scope="module")
@@ -14,9 +15,9 @@ def example():
     return distload.example_checkpoint()
 
 
-@pytest.mark.parametrize("victim", [0, 3])
-def test_a_rank_that_raises_stops_every_rank_at_once(pool, example, victim):
-    out = pool.run(4, failure_jobs.fail_while_reading, example, 2, victim, "raise", 30.0)
+@pytest.mark.parametrize("victim,ranks", and_on_gpus([0, 3], lambda victim: 4, ["0", "3"]), indirect=["ranks"])
+def test_a_rank_that_raises_stops_every_rank_at_once(ranks, example, victim):
+    out = ranks.run(4, failure_jobs.fail_while_reading, example, 2, victim, "raise", 30.0, None, ranks.device)
     assert out[victim]["type"] == "CheckpointError" and out[victim]["rank"] == victim
     for rank, o in enumerate(out):
         assert not o["ok"]
@@ -47,11 +48,15 @@ def test_a_rank_far_behind_still_reads_the_failure_of_the_store_host(pool, examp
         assert "injected planning failure" in o["message"] and o["tensor"] == "model.embed_tokens.weight", o
 
 
-@pytest.mark.parametrize("victim", [2, 0])
-def test_a_killed_rank_ends_the_job_within_the_bound(pool, example, victim, tmp_path):
+@pytest.mark.parametrize("victim,ranks", and_on_gpus([2, 0], lambda victim: 4, ["2", "0"]), indirect=["ranks"])
+def test_a_killed_rank_ends_the_job_within_the_bound(ranks, example, victim, tmp_path):
     timeout = 3.0
     stamp = str(tmp_path / "killed-at")
-    out = pool.run(4, failure_jobs.fail_while_reading, example, 2, victim, "kill", timeout, stamp, timeout=150)
+    try:
+        out = ranks.run(4, failure_jobs.fail_while_reading, example, 2, victim, "kill", timeout, stamp, ranks.device,
+                        timeout=150)
+    finally:
+        _fresh_if_nccl(ranks)
     assert isinstance(out[victim], WorkerDied)
     with open(stamp) as f:
         killed_at = float(f.read())
@@ -67,3 +72,57 @@ def test_a_killed_rank_ends_the_job_within_the_bound(pool, example, victim, tmp_
                                     o["message"]), o
             # bound: the timeout, a heartbeat interval, and slack for a loaded 2-core machine
             assert o["finished_at"] - killed_at < timeout + 8, (o, killed_at)
+
+
+# (world, victim): the victim fails as it enters the load's first collective, which the others
+# have entered (every rank met first); on NCCL their collective waits on the device for good
+IN_COLLECTIVE = and_on_gpus([(2, 1), (4, 2)], lambda world, victim: world, ["w2-victim1", "w4-victim2"])
+
+
+@pytest.mark.parametrize("world,victim,ranks", IN_COLLECTIVE, indirect=["ranks"])
+def test_a_rank_killed_inside_a_collective_ends_the_others_within_the_bound(ranks, example, world, victim,
+                                                                           tmp_path):
+    timeout = 3.0
+    stamp = str(tmp_path / "killed-at")
+    try:
+        out = ranks.run(world, failure_jobs.fail_while_reading, example, 2, victim, "kill-in-collective", timeout,
+                        stamp, ranks.device, timeout=150)
+    finally:
+        _fresh_if_nccl(ranks)
+    assert isinstance(out[victim], WorkerDied)
+    with open(stamp) as f:
+        killed_at = float(f.read())
+    for rank, o in enumerate(out):
+        if rank != victim:
+            assert o["type"] == "PeerFailedError", o
+            assert o["failed_rank"] == victim and o["lost_ranks"] == [victim], o
+            assert re.fullmatch(rf"rank {victim} silent for \d+ s \(no heartbeat\) \[rank {victim}\]",
+                                o["message"]), o
+            assert o["finished_at"] - killed_at < timeout + 8, (o, killed_at)
+
+
+@pytest.mark.parametrize("world,victim,ranks", IN_COLLECTIVE, indirect=["ranks"])
+def test_a_rank_raising_inside_a_collective_stops_the_others(ranks, example, world, victim):
+    timeout = 6.0
+    try:
+        out = ranks.run(world, failure_jobs.fail_while_reading, example, 2, victim, "raise-in-collective", timeout,
+                        None, ranks.device, timeout=150)
+    finally:
+        _fresh_if_nccl(ranks)
+    assert out[victim]["type"] == "CheckpointError" and out[victim]["rank"] == victim
+    for rank, o in enumerate(out):
+        if rank != victim:
+            assert o["type"] == "PeerFailedError" and o["failed_rank"] == victim and o["lost_ranks"] == [], o
+            assert o["message"] == f"injected failure in a collective [file injected.safetensors, rank {victim}]", o
+    after = max(o["finished_at"] for o in out) - out[victim]["finished_at"]
+    if ranks.device == "cuda":  # the waiting ranks read the failure beside NCCL's work, and abort it
+        assert after < 3, after
+    else:  # gloo holds them until the victim's connections close (when its group is freed) or the
+        # collective's timeout, the failure timeout while watched
+        assert after < timeout + 8, after
+
+
+def _fresh_if_nccl(ranks) -> None:
+    """Restarts an NCCL pool's workers after a test that aborted their communicators."""
+    if ranks.device == "cuda":
+        ranks.restart()

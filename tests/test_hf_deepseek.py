@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from tests import moe_jobs
+from tests.devices import and_on_gpus
 from tests.hf_checkpoints import DEEPSEEK_V3, copy_checkpoint, delete_tensors, put_tensors, read_tensors, write_hf_checkpoint
 from tests.moe_oracle import deepseek_input_ids as input_ids
 from tests.moe_oracle import (TOLERANCE, L, assert_routes_and_logits, by_expert, coords, headers, hf_reference, hosted,
@@ -44,6 +45,7 @@ LAYOUTS = [
     L("deepseek_v3", 8, tp=2, dp=2, pp=2, ep=2),                 # stages of 4 ranks, 4 experts per TP pair
 ]
 PARAMS = [pytest.param(lay, id=lay.id, marks=[pytest.mark.slow] if lay.world == 8 else []) for lay in LAYOUTS]
+ON_DEVICES = and_on_gpus(PARAMS, lambda lay: lay.world)
 
 
 @dataclass(frozen=True)
@@ -173,11 +175,11 @@ class Checkpoints:
             self._ref = hf_reference(self.path, input_ids())
         return self._ref
 
-    def forward(self, lay: L) -> list[dict]:
-        if lay not in self._runs:
-            self._runs[lay] = self.pool.run(lay.world, moe_jobs.load_forward_route, self.path, lay.options(),
-                                            input_ids(), raise_errors=True)
-        return self._runs[lay]
+    def forward(self, lay: L, ranks) -> list[dict]:
+        if (lay, ranks.device) not in self._runs:
+            self._runs[lay, ranks.device] = ranks.run(lay.world, moe_jobs.load_forward_route, self.path,
+                                                      lay.options(), input_ids(), ranks.device, raise_errors=True)
+        return self._runs[lay, ranks.device]
 
 
 @pytest.fixture(scope="module")
@@ -203,8 +205,8 @@ def test_checkpoint_holds_mla_router_bias_and_per_expert_tensors_in_several_shar
 # ---------------------------------------------------------------- 1. exact parameters, logits, routing
 
 
-@pytest.mark.parametrize("lay", PARAMS)
-def test_params_exact_logits_and_routing_match_transformers(ckpts, lay):
+@pytest.mark.parametrize("lay,ranks", ON_DEVICES, indirect=["ranks"])
+def test_params_exact_logits_and_routing_match_transformers(ckpts, lay, ranks):
     m = Model.of(ckpts.path)
     ckpt = read_tensors(ckpts.path)
     hdr = headers(ckpts.path)
@@ -212,7 +214,7 @@ def test_params_exact_logits_and_routing_match_transformers(ckpts, lay):
     assert sorted(ref_routes) == sorted(m.sparse)
     # the input reaches every expert in some layer, so the logits depend on every slot's weights
     assert {e for experts, _ in ref_routes.values() for e in experts.flatten().tolist()} == set(range(m.num_experts))
-    out = ckpts.forward(lay)
+    out = ckpts.forward(lay, ranks)
     for rank, got in enumerate(out):
         report = got["report"]
         assert report["complete"] is True and report["ok"] is True
@@ -257,11 +259,11 @@ def test_correction_bias_changes_the_routing(ckpts):
 # ---------------------------------------------------------------- 2. missing bias, ignored MTP
 
 
-@pytest.mark.parametrize("lay", PARAMS)
-def test_deleted_correction_bias_is_missing_with_every_rank_of_the_stage(ckpts, tmp_path, lay):
+@pytest.mark.parametrize("lay,ranks", ON_DEVICES, indirect=["ranks"])
+def test_deleted_correction_bias_is_missing_with_every_rank_of_the_stage(ckpts, tmp_path, lay, ranks):
     directory = copy_checkpoint(ckpts.path, str(tmp_path / "no-bias"))
     delete_tensors(directory, [BIAS])
-    out = ckpts.pool.run(lay.world, moe_jobs.load_report, directory, lay.options(), raise_errors=True)
+    out = ranks.run(lay.world, moe_jobs.load_report, directory, lay.options(), ranks.device, raise_errors=True)
     assert all(o["raised"] for o in out)
     report = out[0]["report"]
     assert report["complete"] is False and report["inconsistent"] == [] and report["unexpected"] == []

@@ -16,6 +16,7 @@ import torch
 
 from tests import jobs
 from tests.dense_slices import expected_params
+from tests.devices import and_on_gpus
 from tests.hf_checkpoints import DENSE_SPECS, CheckpointCache, delete_tensors, put_tensors, read_tensors, token_ids
 
 pytest.importorskip("transformers")
@@ -56,11 +57,14 @@ LAYOUTS = [
 ]
 
 
-@pytest.mark.parametrize("name,world,tp", LAYOUTS, ids=[f"{n}-w{w}-tp{t}" for n, w, t in LAYOUTS])
-def test_params_exact_and_logits_match_transformers(pool, ckpts, name, world, tp):
+@pytest.mark.parametrize("name,world,tp,ranks", and_on_gpus(LAYOUTS, lambda n, w, t: w,
+                                                            [f"{n}-w{w}-tp{t}" for n, w, t in LAYOUTS]),
+                         indirect=["ranks"])
+def test_params_exact_and_logits_match_transformers(ranks, ckpts, name, world, tp):
     spec = SPECS[name]
     directory = ckpts.path(name)
-    results = pool.run(world, jobs.load_and_forward, directory, tp, token_ids(spec), raise_errors=True)
+    results = ranks.run(world, jobs.load_and_forward, directory, tp, token_ids(spec), ranks.device,
+                        raise_errors=True)
     checkpoint = read_tensors(directory)
     reference = ckpts.reference_logits(name)
     dp = world // tp
@@ -149,10 +153,13 @@ SKIPPED = [
 ]
 
 
-@pytest.mark.parametrize("name,world,tp,skip,skipped,loaded_by", SKIPPED,
-                         ids=[f"{n}-w{w}-tp{t}-{s.split('.')[-2]}" for n, w, t, _, s, _ in SKIPPED])
-def test_rank_that_skips_a_unit_is_inconsistent(pool, ckpts, name, world, tp, skip, skipped, loaded_by):
-    report = _failed(pool.run(world, jobs.load_outcome, ckpts.path(name), tp, {"skip_units": skip}))
+@pytest.mark.parametrize("name,world,tp,skip,skipped,loaded_by,ranks",
+                         and_on_gpus(SKIPPED, lambda n, w, *_: w,
+                                     [f"{n}-w{w}-tp{t}-{s.split('.')[-2]}" for n, w, t, _, s, _ in SKIPPED]),
+                         indirect=["ranks"])
+def test_rank_that_skips_a_unit_is_inconsistent(ranks, ckpts, name, world, tp, skip, skipped, loaded_by):
+    report = _failed(ranks.run(world, jobs.load_outcome, ckpts.path(name), tp, {"skip_units": skip},
+                               ranks.device))
     assert report["complete"] is False
     assert report["missing"] == []
     assert report["inconsistent"] == [{"name": skipped, "owners": list(range(world)), "loaded_by": loaded_by}]

@@ -27,6 +27,7 @@ from distload.dryrun import dry_run
 from distload.layout import Layout
 from distload.models import reference_model
 from tests import moe_jobs
+from tests.devices import and_on_gpus
 from tests.hf_checkpoints import INDEX, MOE_SPECS, copy_checkpoint, delete_tensors, read_tensors, write_hf_checkpoint
 from tests.moe_oracle import moe_input_ids as input_ids
 from tests.moe_oracle import (L, assert_routes_and_logits, block, common_state, coords, dense_ffn_state, headers,
@@ -60,6 +61,7 @@ LAYOUTS = [
     L("qwen3_moe", 8, tp=2, dp=2, pp=2, ep=2, placement="round_robin"),
 ]
 IDS = [lay.id for lay in LAYOUTS]
+ON_DEVICES = and_on_gpus(LAYOUTS, lambda lay: lay.world, IDS)
 
 
 # ---------------------------------------------------------------- checkpoint facts, by hand
@@ -195,18 +197,20 @@ class Checkpoints:
             self._refs[name] = hf_reference(self.path(name), input_ids())
         return self._refs[name]
 
-    def forward(self, lay: L) -> list[dict]:
-        key = ("forward", lay)
+    def forward(self, lay: L, ranks=None) -> list[dict]:
+        ranks = ranks or self.pool
+        key = ("forward", lay, ranks.device)
         if key not in self._runs:
-            self._runs[key] = self.pool.run(lay.world, moe_jobs.load_forward_route, self.path(lay.model),
-                                            lay.options(), input_ids(), raise_errors=True)
+            self._runs[key] = ranks.run(lay.world, moe_jobs.load_forward_route, self.path(lay.model),
+                                        lay.options(), input_ids(), ranks.device, raise_errors=True)
         return self._runs[key]
 
-    def deleted(self, lay: L) -> list[dict]:
-        key = ("deleted", lay)
+    def deleted(self, lay: L, ranks=None) -> list[dict]:
+        ranks = ranks or self.pool
+        key = ("deleted", lay, ranks.device)
         if key not in self._runs:
-            self._runs[key] = self.pool.run(lay.world, moe_jobs.load_report, self.damaged(lay.model), lay.options(),
-                                            raise_errors=True)
+            self._runs[key] = ranks.run(lay.world, moe_jobs.load_report, self.damaged(lay.model), lay.options(),
+                                        ranks.device, raise_errors=True)
         return self._runs[key]
 
 
@@ -231,8 +235,8 @@ def test_checkpoints_hold_per_expert_tensors_in_several_shards(ckpts):
 # ---------------------------------------------------------------- 1. exact parameters, logits, routing
 
 
-@pytest.mark.parametrize("lay", LAYOUTS, ids=IDS)
-def test_params_exact_logits_and_routing_match_transformers(ckpts, lay):
+@pytest.mark.parametrize("lay,ranks", ON_DEVICES, indirect=["ranks"])
+def test_params_exact_logits_and_routing_match_transformers(ckpts, lay, ranks):
     directory = ckpts.path(lay.model)
     m = Model.of(directory)
     ckpt = read_tensors(directory)
@@ -240,7 +244,7 @@ def test_params_exact_logits_and_routing_match_transformers(ckpts, lay):
     ref_logits, ref_routes = ckpts.reference(lay.model)
     # the input reaches every expert in some layer, so the logits depend on every slot's weights
     assert {e for experts, _ in ref_routes.values() for e in experts.flatten().tolist()} == set(range(m.num_experts))
-    out = ckpts.forward(lay)
+    out = ckpts.forward(lay, ranks)
     for rank, got in enumerate(out):
         report = got["report"]
         assert report["complete"] is True and report["ok"] is True
@@ -269,10 +273,10 @@ def test_params_exact_logits_and_routing_match_transformers(ckpts, lay):
 # ---------------------------------------------------------------- 2. missing and inconsistent
 
 
-@pytest.mark.parametrize("lay", LAYOUTS, ids=IDS)
-def test_deleted_expert_shared_and_router_are_missing_once_with_their_owners(ckpts, lay):
+@pytest.mark.parametrize("lay,ranks", ON_DEVICES, indirect=["ranks"])
+def test_deleted_expert_shared_and_router_are_missing_once_with_their_owners(ckpts, lay, ranks):
     m = Model.of(ckpts.path(lay.model))
-    out = ckpts.deleted(lay)
+    out = ckpts.deleted(lay, ranks)
     assert all(o["raised"] for o in out)
     report = out[0]["report"]
     for o in out[1:]:

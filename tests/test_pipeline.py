@@ -9,6 +9,7 @@ from tests import jobs
 from tests.hf_checkpoints import delete_tensors, read_tensors
 from tests.hf_checkpoints import CheckpointCache, token_ids
 from tests.dense_slices import expected_params
+from tests.devices import and_on_gpus
 from tests.hf_checkpoints import DENSE_SPECS as SPECS
 from tests.moe_oracle import TOLERANCE
 
@@ -27,12 +28,15 @@ def stage_layers(num_layers: int, pp: int, stage: int) -> list[int]:
     return list(range(start, start + per[stage]))
 
 
-@pytest.mark.parametrize("name,world,tp,pp", LAYOUTS, ids=[f"{c}-w{w}-tp{t}-pp{p}" for c, w, t, p in LAYOUTS])
-def test_stages_hold_their_layers_exactly_and_logits_match(pool, ckpts, name, world, tp, pp):
+IDS = [f"{c}-w{w}-tp{t}-pp{p}" for c, w, t, p in LAYOUTS]
+
+
+@pytest.mark.parametrize("name,world,tp,pp,ranks", and_on_gpus(LAYOUTS, lambda c, w, t, p: w, IDS), indirect=["ranks"])
+def test_stages_hold_their_layers_exactly_and_logits_match(ranks, ckpts, name, world, tp, pp):
     spec = SPECS[name]
     directory = ckpts.path(name)
     ids = token_ids(spec)
-    out = pool.run(world, jobs.load_and_forward_pp, directory, tp, pp, ids)
+    out = ranks.run(world, jobs.load_and_forward_pp, directory, tp, pp, ids, ranks.device)
     ckpt = read_tensors(directory)
     ref = ckpts.reference_logits(name)
     dp = world // (tp * pp)

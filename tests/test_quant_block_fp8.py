@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from tests import quant_jobs
+from tests.devices import and_on_gpus
 from tests.quant_slices import Piece, block_range, part
 from tests.fp8_checkpoints import (
     FP8_DTYPE,
@@ -73,6 +74,7 @@ LAYOUTS = [
     L("deepseek_v3", 8, tp=2, dp=4, ep=4),
 ]
 PARAMS = [pytest.param(lay, id=lay.id, marks=[pytest.mark.slow] if lay.world == 8 else []) for lay in LAYOUTS]
+ON_DEVICES = and_on_gpus(PARAMS, lambda lay: lay.world)
 
 
 # ---------------------------------------------------------------- the layout's slices, by hand
@@ -282,12 +284,13 @@ class Checkpoints:
             c["ref"] = hf_logits(c["deq"], self.ids(model))
         return c["ref"]
 
-    def run(self, lay: L) -> list[dict]:
-        if lay not in self._runs:
+    def run(self, lay: L, ranks) -> list[dict]:
+        if (lay, ranks.device) not in self._runs:
             options = {**lay.options(), "dtype": "float32"}
-            self._runs[lay] = self.pool.run(lay.world, quant_jobs.load_quantized, self.get(lay.model)["fp8"],
-                                            options, self.ids(lay.model), raise_errors=True)
-        return self._runs[lay]
+            self._runs[lay, ranks.device] = ranks.run(lay.world, quant_jobs.load_quantized,
+                                                      self.get(lay.model)["fp8"], options, self.ids(lay.model),
+                                                      ranks.device, raise_errors=True)
+        return self._runs[lay, ranks.device]
 
 
 @pytest.fixture(scope="module")
@@ -314,10 +317,10 @@ def test_slices_of_the_layouts_are_whole_blocks_and_cover_every_fp8_tensor(ckpts
 # ---------------------------------------------------------------- 1. exact slices
 
 
-@pytest.mark.parametrize("lay", PARAMS)
-def test_fp8_weights_and_scales_are_exact_slices(ckpts, lay):
+@pytest.mark.parametrize("lay,ranks", ON_DEVICES, indirect=["ranks"])
+def test_fp8_weights_and_scales_are_exact_slices(ckpts, lay, ranks):
     c = ckpts.get(lay.model)
-    out = ckpts.run(lay)
+    out = ckpts.run(lay, ranks)
     for rank, got in enumerate(out):
         report = got["report"]
         assert got["raised"] is False and report["complete"] is True and report["ok"] is True, f"rank {rank}"
@@ -353,10 +356,10 @@ def test_fp8_rounding_moves_the_reference_logits_beyond_the_tolerance(ckpts):
         assert ((orig - ref).abs().max() / ref.abs().max()).item() > 100 * TOLERANCE, model
 
 
-@pytest.mark.parametrize("lay", PARAMS)
-def test_logits_match_transformers_on_the_dequantized_checkpoint(ckpts, lay):
+@pytest.mark.parametrize("lay,ranks", ON_DEVICES, indirect=["ranks"])
+def test_logits_match_transformers_on_the_dequantized_checkpoint(ckpts, lay, ranks):
     ref = ckpts.reference(lay.model)
-    for rank, got in enumerate(ckpts.run(lay)):
+    for rank, got in enumerate(ckpts.run(lay, ranks)):
         _, _, pp_i = coords(lay, rank)
         if pp_i != lay.pp - 1:
             assert got["logits"] is None, f"rank {rank}"

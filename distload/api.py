@@ -167,7 +167,7 @@ def _load(directory: str, config: LoadConfig, comm: Comm, device: torch.device,
         report = _merge(comm, config, layout, ckpt, plan, rank_plan, result, start,
                         after_merge=lambda: process_after_loading(model), checks=checks, hashed=hashed)
     except PeerFailedError:
-        comm.linger_after_peer_failure()
+        comm.peer_failed()
         raise
     except DistloadError as err:
         comm.publish_failure(err.with_rank(rank))

@@ -156,6 +156,7 @@ class FailureWatch:
         first one (the cause), not a later consequence of it.
         """
         self._failed = True
+        self._watch_peer = False  # a silence from now on is a consequence, and would be counted twice
         try:
             order = int(self._call("add", f"{self.prefix}failed", 1))
             # plain JSON, never a pickle: the store is open to anyone who can reach it
@@ -165,14 +166,15 @@ class FailureWatch:
             pass
 
     def linger(self, seconds: float) -> None:
-        """After a failure, waits (at most ``seconds``) until every rank has read it or failed
-        itself, since this process may host the store, or be ended with its peers, next."""
+        """After a failure, waits (at most ``seconds``) until every rank has read it, failed
+        itself or finished its load, since this process may host the store, or be ended with its
+        peers, next."""
         deadline = time.monotonic() + seconds
         try:
-            # a rank that failed too never reads: counting it ends the wait at once when every
-            # rank fails alike (a bad checkpoint)
-            while time.monotonic() < deadline and int(self._call("add", f"{self.prefix}seen", 0)) + \
-                    int(self._call("add", f"{self.prefix}failed", 0)) < self.world_size:
+            # a rank that failed too, or finished, never reads: counting it ends the wait at once
+            # when every rank fails alike (a bad checkpoint)
+            while time.monotonic() < deadline and sum(int(self._call("add", f"{self.prefix}{count}", 0))
+                                                      for count in ("seen", "failed", "finished")) < self.world_size:
                 time.sleep(0.01)
         except Exception:
             pass
@@ -196,6 +198,7 @@ class FailureWatch:
         with self._notice_lock:
             if self._noticed is not None:
                 return
+            self._watch_peer = False  # this rank stops beating: its watcher, too, knows the cause
             err = self._first_error()
             try:
                 self._call("add", f"{self.prefix}seen", 1)
@@ -233,15 +236,11 @@ class FailureWatch:
             self._call("set", f"{key}/all", b"1")
             return
         deadline = time.monotonic() + self.timeout
-        # poll fast in small jobs; in large ones every waiting rank polling one store must back off
-        cap = 0.002 if self.world_size <= 64 else 0.02
-        pause = 0.0002
-        while True:
+        for pause in self._pauses():
             self.check()
             if self._call("check", [f"{key}/all"]):
                 return
             time.sleep(pause)
-            pause = min(pause * 2, cap)
             if time.monotonic() > deadline:  # alive (heartbeats) but stuck, e.g. a hung read
                 arrived = self._call("add", key, 0)
                 err = PeerFailedError(f"{self.world_size - arrived} rank(s) did not reach step {self._meetings} "
@@ -257,11 +256,18 @@ class FailureWatch:
         Raises:
             PeerFailedError: a rank published a failure (or fell silent), or the store is lost.
         """
-        cap = 0.002 if self.world_size <= 64 else 0.02
-        pause = 0.0001
-        while not done():
+        for pause in self._pauses():
+            if done():
+                return
             self.check()
             time.sleep(pause)
+
+    def _pauses(self):
+        """The sleeps between polls: doubling from 0.2 ms to 2 ms, or to 20 ms above 64 ranks (in
+        large jobs every waiting rank polls one store, and must back off)."""
+        pause, cap = 0.0002, 0.002 if self.world_size <= 64 else 0.02
+        while True:
+            yield pause
             pause = min(pause * 2, cap)
 
     def stop(self) -> None:
@@ -316,8 +322,10 @@ class FailureWatch:
                 self._watch_peer = False  # keep beating: this rank is alive, and others watch it
 
     def mark_done(self) -> None:
-        """Tells this rank's watcher that its silence from now on is expected."""
+        """Tells this rank's watcher that its silence from now on is expected, and a lingering
+        rank that this one will never read its failure."""
         try:
             self._call("add", f"{self.prefix}done/{self.rank}", 1)
+            self._call("add", f"{self.prefix}finished", 1)
         except PeerFailedError:
             pass

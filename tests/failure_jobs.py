@@ -66,10 +66,25 @@ def _stop_here(stamp: str, sig: int) -> None:
     os.kill(os.getpid(), sig)
 
 
-def fail_while_building(directory: str, tp: int, victim: int, late: int | None = None, late_s: float = 0.0):
+def fail_while_building(directory: str, tp: int, victim: int, late: int | None = None, late_s: float = 0.0,
+                        failure_timeout: float = 30.0, late_at: str = "build"):
     """Rank ``victim`` fails before any data is read (in its model builder); rank ``late`` spends
-    ``late_s`` seconds in its builder first (a rank far behind the others)."""
+    ``late_s`` seconds first (a rank far behind the others): in its builder (``late_at='build'``,
+    its failure watch already running), or before its failure watch starts (``'watch'``)."""
     rank = int(os.environ["RANK"])
+    if rank == late and late_at == "watch":
+        from distload.comm import Comm
+
+        start = Comm.start_watch
+
+        def start_late(self, **kwargs):
+            time.sleep(late_s)
+            return start(self, **kwargs)
+        Comm.start_watch = start_late  # this pool worker's own class: restored below
+        try:
+            return fail_while_building(directory, tp, victim, None, 0.0, failure_timeout)
+        finally:
+            Comm.start_watch = start
 
     def build(ctx):
         if rank == victim:
@@ -78,7 +93,8 @@ def fail_while_building(directory: str, tp: int, victim: int, late: int | None =
             time.sleep(late_s)
         return reference_model(ctx)
 
-    return _outcome(lambda: distload.load(directory, distload.LoadConfig(tp=tp, device="cpu"), build=build))
+    config = distload.LoadConfig(tp=tp, device="cpu", failure_timeout=failure_timeout)
+    return _outcome(lambda: distload.load(directory, config, build=build))
 
 
 def load_per_rank_checkpoint(directories: list[str], tp: int, **options):

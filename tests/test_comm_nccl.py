@@ -71,7 +71,7 @@ def test_a_failure_published_while_an_nccl_collective_waits_aborts_every_group_a
 def test_a_failed_nccl_load_aborts_its_group_instead_of_destroying_it(torch_calls, monkeypatch):
     monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")  # the launcher serves the store: no linger
     comm = nccl_comm(dist.HashStore())
-    comm.linger_after_peer_failure()  # what load() does when a peer failed outside a collective
+    comm.peer_failed()  # what load() does when a peer failed outside a collective
     comm.close()
     assert torch_calls == ["abort"]
 

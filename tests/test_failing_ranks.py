@@ -37,11 +37,15 @@ def test_a_rank_failing_before_reading_stops_the_others(pool, example):
     assert all(o["type"] == "PeerFailedError" and o["failed_rank"] == 1 for r, o in enumerate(out) if r != 1)
 
 
-def test_a_rank_far_behind_still_reads_the_failure_of_the_store_host(pool, example):
-    """Rank 0 serves the store and fails at once; rank 3 is still building its model 6 s later.
-    Rank 0 stays until rank 3 has read the failure (its heartbeat reads it), so rank 3 reports
-    rank 0's error, not a lost store."""
-    out = pool.run(4, failure_jobs.fail_while_building, example, 2, 0, 3, 6.0)
+@pytest.mark.parametrize("late_s,failure_timeout,late_at", [(6.0, 30.0, "build"), (4.0, 2.0, "watch")])
+def test_a_rank_far_behind_still_reads_the_failure_of_the_store_host(pool, example, late_s, failure_timeout,
+                                                                     late_at):
+    """Rank 0 serves the store and fails at once; rank 3 is seconds behind: still building its
+    model (its heartbeat reads the failure), or not yet watching at all. Rank 0 stays until rank
+    3 has read it, so rank 3 reports rank 0's error, not a lost store. With a failure timeout
+    below the delay, the ranks that read the failure and stopped beating are not also counted
+    as silent (which would end rank 0's wait before rank 3 arrives)."""
+    out = pool.run(4, failure_jobs.fail_while_building, example, 2, 0, 3, late_s, failure_timeout, late_at)
     assert out[0]["type"] == "PlanError"
     for o in out[1:]:
         assert o["type"] == "PeerFailedError" and o["failed_rank"] == 0, o

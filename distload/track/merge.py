@@ -12,9 +12,10 @@ fixed-size collectives (names travel only for what failed):
    collision.
 3. *units*: every rank holds every row, so the table is judged in parts: rank ``r`` of ``W``
    sorts and classifies the units whose hashes fall in the ``r``-th of ``W`` equal hash ranges
-   (hashes are uniform, so the parts are even), then one small all-gather shares each part's
-   unit count and the hashes of its failed, defaulted and colliding units. Each rank sorts a
-   ``W``-th of the table, not all of it.
+   (hashes are uniform, so the parts are even), then a small all-gather shares each part's
+   unit count and the numbers of its failed, defaulted and colliding units, and (only when
+   some part found any) a second one their hashes. Each rank sorts a ``W``-th of the table,
+   not all of it.
 4. *names*: one sum all-reduce of whether each rank expected or consumed each checkpoint
    tensor (for *unexpected*).
 
@@ -117,8 +118,7 @@ def merge_with(comm, expectations: Expectations, recorder: Recorder, *, checkpoi
     agreed = _agree(comm, mine, fp, fault)
     base = dict(mode="track", checkpoint=ckpt.directory, layout=layout.to_dict(), strict=strict)
     table = _Table.of(comm.gather_rows(mine.row(int(agreed[:, 0].max()))), agreed[:, 0].tolist())
-    part = table.part(comm.rank)
-    verdict = _Verdict.of(comm, part)
+    verdict = table.part(comm.rank).shared(comm)
     if len(verdict.collided):
         _refuse_collisions(comm, mine, verdict.collided)
     findings = Findings(missing=(), inconsistent=(), defaulted=(), mismatched=())
@@ -226,12 +226,13 @@ class _Table:
 
     @classmethod
     def of(cls, gathered: torch.Tensor, counts: list[int]) -> "_Table":
+        """Splits the all-gathered rows (``_Local.row``) into each rank's valid prefix."""
         width = (gathered.shape[1] * 2) // 3
         second = gathered[:, width:].contiguous().view(torch.int32)
         return cls(rows=tuple(gathered[r, :c] for r, c in enumerate(counts)),
                    seconds=tuple(second[r, :c] for r, c in enumerate(counts)))
 
-    def part(self, index: int) -> "_Part":
+    def part(self, index: int) -> "_Judgement":
         """The units whose hashes fall in the ``index``-th of ``size`` equal ranges of int64."""
         span = 2**64 // self.size
         lo = -2**63 + index * span
@@ -242,7 +243,7 @@ class _Table:
             b = len(row) if hi is None else int(torch.searchsorted(row, torch.tensor(hi, dtype=torch.int64)))
             hashes.append(row[a:b])
             bits.append(second[a:b])
-        return _Part.of(torch.cat(hashes), torch.cat(bits))
+        return _Judgement.of(torch.cat(hashes), torch.cat(bits))
 
     def owner_matrix(self, wanted: torch.Tensor) -> torch.Tensor:
         """``[ranks, len(wanted)]`` bool: whether each rank owns each of the hashes ``wanted``."""
@@ -255,8 +256,8 @@ class _Table:
 
 
 @dataclass(frozen=True, slots=True)
-class _Part:
-    """One hash range of the unit table, judged by the rank it falls to."""
+class _Judgement:
+    """What was found in one hash range of the unit table, or (``shared``) in all of them."""
 
     units: int
     failed: torch.Tensor
@@ -267,7 +268,7 @@ class _Part:
     """hashes of the units whose owners' second hashes differ"""
 
     @classmethod
-    def of(cls, every: torch.Tensor, bits: torch.Tensor) -> "_Part":
+    def of(cls, every: torch.Tensor, bits: torch.Tensor) -> "_Judgement":
         """Judges the keys ``every`` (all ranks' in this range, with their second hashes ``bits``)."""
         ordered, perm = torch.sort(every)
         first = torch.ones(len(ordered), dtype=torch.bool)
@@ -281,41 +282,31 @@ class _Part:
         high = bits >> 2
         clash = ~first[1:] & (high[1:] != high[:-1])
         failed, defaulted = tracking.unit_outcomes(loaded, owners, lambda u: bool(optional[u]))
-        pick = lambda units: hashes[torch.tensor(units, dtype=torch.int64)]  # noqa: E731
-        return cls(units=len(hashes), failed=pick(failed), defaulted=pick(defaulted),
+        return cls(units=len(hashes), failed=hashes[torch.tensor(failed, dtype=torch.int64)],
+                   defaulted=hashes[torch.tensor(defaulted, dtype=torch.int64)],
                    collided=torch.unique(hashes[unit[1:][clash]]))
 
-
-@dataclass(frozen=True, slots=True)
-class _Verdict:
-    """Every part's judgement, the same on every rank (each list sorted: the parts are in order)."""
-
-    units: int
-    failed: torch.Tensor
-    defaulted: torch.Tensor
-    collided: torch.Tensor
-
-    @classmethod
-    def of(cls, comm, part: _Part) -> "_Verdict":
-        """Shares ``part`` with every rank: its sizes, then (only when some part found something)
-        its hashes, in one all-gather padded to the longest."""
-        lists = (part.failed, part.defaulted, part.collided)
-        sizes = comm.gather_rows(torch.tensor([part.units, *map(len, lists)], dtype=torch.int64))
+    def shared(self, comm) -> "_Judgement":
+        """Every part's judgement, the same on every rank (each list sorted: the parts are in
+        order): the sizes in one all-gather, then, only when some part found something, the
+        hashes in a second, padded to the longest."""
+        lists = (self.failed, self.defaulted, self.collided)
+        sizes = comm.gather_rows(torch.tensor([self.units, *map(len, lists)], dtype=torch.int64))
         units = int(sizes[:, 0].sum())
-        lengths = sizes[:, 1:].sum(1)
-        if not int(lengths.max()):
+        longest = int(sizes[:, 1:].sum(1).max())
+        if not longest:
             empty = torch.zeros(0, dtype=torch.int64)
-            return cls(units=units, failed=empty, defaulted=empty, collided=empty)
-        row = torch.zeros(int(lengths.max()), dtype=torch.int64)
+            return _Judgement(units=units, failed=empty, defaulted=empty, collided=empty)
+        row = torch.zeros(longest, dtype=torch.int64)
         mine = torch.cat(lists)
         row[:len(mine)] = mine
-        rows = comm.gather_rows(row)
-        out = [[], [], []]
-        for r, (got, n) in enumerate(zip(rows, sizes[:, 1:].tolist())):
+        out: tuple[list, list, list] = ([], [], [])
+        for got, n in zip(comm.gather_rows(row), sizes[:, 1:].tolist()):
             cuts = [0, *torch.cumsum(torch.tensor(n), 0).tolist()]
             for j in range(3):
                 out[j].append(got[cuts[j]:cuts[j + 1]])
-        return cls(units=units, failed=torch.cat(out[0]), defaulted=torch.cat(out[1]), collided=torch.cat(out[2]))
+        return _Judgement(units=units, failed=torch.cat(out[0]), defaulted=torch.cat(out[1]),
+                          collided=torch.cat(out[2]))
 
 
 def _agree(comm, mine: _Local, fp, fault: str) -> torch.Tensor:
@@ -348,7 +339,7 @@ def _refuse_collisions(comm, mine: _Local, collided: torch.Tensor) -> None:
                         rank=comm.ranks[comm.rank])
 
 
-def _name_failures(comm, mine: _Local, table: _Table, verdict: _Verdict, *, has_derived: bool) -> Findings:
+def _name_failures(comm, mine: _Local, table: _Table, verdict: _Judgement, *, has_derived: bool) -> Findings:
     """The exchanges that name what failed, and the shared classification of it."""
     chosen = torch.cat([verdict.failed, verdict.defaulted])
     failed = range(len(verdict.failed))

@@ -1,130 +1,25 @@
-"""The only module that talks to torch.distributed.
-
-Everything above it (planning, tracking, models) calls these small wrappers, so
-the backend (gloo on CPU, NCCL on CUDA) and process-group handling live here.
-"""
+"""The load's process group: creating it, the collectives of the tracking merge, and the
+failure watch beside them (a failed or silent rank ends every rank's wait)."""
 
 from __future__ import annotations
 
 import datetime
 import os
 import threading
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 
-from .errors import ConfigError, DistloadError, PeerFailedError
-from .layout import Layout
-from .watch import STORE_SLACK, FailureWatch
-
-
-class Collectives:
-    """Tensor collectives over one group of ranks; with one rank they are identities."""
-
-    def __init__(self, group: "dist.ProcessGroup | None" = None, size: int = 1) -> None:
-        self.group = group
-        self.size = size
-
-    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sums ``tensor`` over the group, in place, and returns it."""
-        if self.size > 1:
-            _check_open()
-            dist.all_reduce(tensor, group=self.group)
-        return tensor
-
-    def all_gather(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
-        """Concatenates every rank's ``tensor`` along ``dim``, in group order."""
-        if self.size == 1:
-            return tensor
-        _check_open()
-        parts = [torch.empty_like(tensor) for _ in range(self.size)]
-        dist.all_gather(parts, tensor.contiguous(), group=self.group)
-        return torch.cat(parts, dim=dim)
-
-
-def _check_open() -> None:
-    if not dist.is_initialized():
-        raise DistloadError("the model's process group is closed: call distload.load(..., keep_group=True) "
-                            "to run a model split over several ranks, and Loaded.close() when done")
-
+from ..errors import ConfigError, DistloadError, PeerFailedError
+from ..layout import Layout
+from ..watch import STORE_SLACK, FailureWatch
+from .model_ops import SOLO, Collectives
+from .world import WorldInfo
 
 ABORT_WAIT = STORE_SLACK
-"""seconds a failing rank waits for NCCL's abort before it raises its error all the same"""
-
-SOLO = Collectives()
-"""Collectives of a group of one rank (no process group needed)."""
-
-
-class PipeOps:
-    """Hands activations to the next pipeline stage and takes them from the previous one."""
-
-    def __init__(self, prev: int | None = None, next: int | None = None) -> None:
-        self.prev, self.next = prev, next
-
-    @property
-    def first(self) -> bool:
-        return self.prev is None
-
-    @property
-    def last(self) -> bool:
-        return self.next is None
-
-    def recv_prev(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """Receives the previous stage's output of ``shape``."""
-        _check_open()
-        out = torch.empty(shape, dtype=dtype, device=device)
-        dist.recv(out, src=self.prev)
-        return out
-
-    def send_next(self, tensor: torch.Tensor) -> None:
-        """Sends this stage's output to the next stage."""
-        _check_open()
-        dist.send(tensor.contiguous(), dst=self.next)
-
-
-SINGLE_STAGE = PipeOps()
-"""A model with one pipeline stage."""
-
-
-def pipe_ops_for(layout: Layout, rank: int) -> PipeOps:
-    """Returns ``rank``'s hand-off to its neighbours in the pipeline (same TP and DP place)."""
-    if layout.pp == 1:
-        return SINGLE_STAGE
-    return PipeOps(layout.neighbour(rank, -1), layout.neighbour(rank, +1))
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class WorldInfo:
-    """Rank and world as the launcher (torchrun, Ray) gave them."""
-
-    rank: int
-    """global rank"""
-    world_size: int
-    """number of ranks"""
-    local_rank: int
-    """rank within this node"""
-    local_world_size: int = 1
-    """ranks on this node (torchrun's LOCAL_WORLD_SIZE): they share its cores"""
-    master_addr: str | None = None
-    """rank 0's host for the rendezvous (with ``master_port``); None: ``MASTER_ADDR`` from the environment"""
-    master_port: int | None = None
-    """a free TCP port on ``master_addr``, where rank 0 serves the rendezvous store; None: ``MASTER_PORT``"""
-
-
-def world_from_env() -> WorldInfo:
-    """Reads ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` (torchrun's variables); one rank if unset."""
-    try:
-        rank = int(os.environ.get("RANK", "0"))
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        local = int(os.environ.get("LOCAL_RANK", str(rank)))
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
-    except ValueError as err:
-        raise ConfigError(f"RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE must be integers: {err}") from None
-    if world < 1 or not 0 <= rank < world:
-        raise ConfigError(f"RANK={rank} does not fit WORLD_SIZE={world}")
-    return WorldInfo(rank=rank, world_size=world, local_rank=local, local_world_size=max(1, local_world))
+"""seconds a failing rank waits for NCCL's abort before it raises its error all the same: the
+slack a store call gets on a busy host, since an abort is as much a bounded cleanup as that call"""
 
 
 class Comm:
@@ -145,7 +40,7 @@ class Comm:
         self._watch: FailureWatch | None = None
         self._group_timeout = datetime.timedelta(minutes=10)  # the collectives' timeout, as connect() makes it
         self._failed = False  # this load failed (here or on a peer): NCCL's groups are aborted, not destroyed
-        self._aborted = False
+        self._aborted = False  # once: the abort clears torch's global group state
 
     @classmethod
     def connect(cls, world: WorldInfo, *, device: torch.device,
@@ -184,9 +79,7 @@ class Comm:
         failed load, NCCL's is aborted instead: a graceful NCCL teardown may wait for a lost peer)."""
         self.stop_watch()
         if self._owns_group and dist.is_initialized():
-            if self._failed and self._nccl:
-                self._abort()
-            else:
+            if not (self._failed and self._nccl and self._abort()):
                 dist.destroy_process_group()
         self._owns_group = False
 
@@ -194,17 +87,18 @@ class Comm:
     def _nccl(self) -> bool:
         return self._grouped and self.device.type == "cuda"
 
-    def _abort(self) -> None:
+    def _abort(self) -> bool:
         """Aborts every NCCL communicator of this process at once (the world's and its subgroups',
         torch's ``_abort_process_group``, torch >= 2.5): their pending collectives end, and the
         process can go on. On a thread of its own, waited for at most ``ABORT_WAIT`` seconds: torch
-        waits for NCCL's abort up to the group's timeout, and some NCCL versions hung in it."""
+        waits for NCCL's abort up to the group's timeout, and some NCCL versions hung in it.
+        Returns False where torch has no such abort (before 2.5)."""
         if self._aborted:
-            return
-        self._aborted, self._owns_group = True, False  # nothing is left to destroy
+            return True
         abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
-        if abort is None or not dist.is_initialized():  # older torch: pending collectives stay queued
-            return
+        if abort is None or not dist.is_initialized():  # torch 2.4: pending collectives stay queued
+            return False  # and ``close`` destroys the group, so that a later load can make one
+        self._aborted, self._owns_group = True, False  # nothing is left to destroy
 
         def run() -> None:
             try:
@@ -214,6 +108,7 @@ class Comm:
         thread = threading.Thread(target=run, name="distload-nccl-abort", daemon=True)
         thread.start()
         thread.join(ABORT_WAIT)
+        return True
 
     def start_watch(self, *, dead_after: float, timeout: float = 600.0) -> None:
         """Starts publishing this rank's heartbeat and watching for failed or silent peers.
@@ -245,7 +140,7 @@ class Comm:
         """The rank whose process serves the rendezvous store: rank 0 for a group this object made
         without torchrun's agent store (torch's env:// rendezvous); None when the launcher or the
         caller serves it."""
-        if self._owns_group and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != str(True):
+        if self._owns_group and not _agent_store():
             return 0
         return None
 
@@ -263,9 +158,9 @@ class Comm:
             self._watch.publish(self.rank, err)
             self._watch.linger(self._store_linger(2.0))
 
-    def linger_after_peer_failure(self) -> None:
-        """A rank that read a peer's failure and may serve the store waits, like the failing
-        rank, until the others have read it too."""
+    def peer_failed(self) -> None:
+        """This rank read a peer's failure: its group is to be aborted rather than destroyed, and
+        if it may serve the store it waits, like the failing rank, until the others have read it."""
         self._failed = True
         if self._watch is not None:
             self._watch.linger(self._store_linger(0.0))
@@ -278,8 +173,7 @@ class Comm:
         seconds behind on a busy host, would find no store and report that instead of the error.
         Any other rank waits ``otherwise``."""
         host = self._store_host()
-        agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
-        if agent or (host is not None and host != self.rank):
+        if _agent_store() or (host is not None and host != self.rank):
             return otherwise
         return self._watch.dead_after + STORE_SLACK
 
@@ -427,67 +321,9 @@ class Comm:
             dist.barrier()
 
 
-class GroupComm:
-    """Collectives over a caller's process group, for ``distload.track``: the engine's world, or
-    the group it passes. With no process group it is a group of one rank.
-
-    ``ranks`` are the members' global ranks, in group order (reports name these).
-    """
-
-    def __init__(self, group: "dist.ProcessGroup | None" = None) -> None:
-        self._grouped = dist.is_available() and dist.is_initialized()
-        if not self._grouped:
-            if group is not None:
-                raise ConfigError("a process group was passed, but torch.distributed is not initialized")
-            self.group, self.rank, self.size, self.ranks = None, 0, 1, (0,)
-            self.device = torch.device("cpu")
-            return
-        self.group = group
-        self.rank = dist.get_rank(group)
-        self.size = dist.get_world_size(group)
-        self.ranks = tuple(dist.get_process_group_ranks(group if group is not None else dist.group.WORLD))
-        backend = str(dist.get_backend(group)).lower()
-        self.device = _nccl_device(group) if "nccl" in backend else torch.device("cpu")
-
-    def _run(self, call: Callable[[], object]) -> None:
-        try:
-            call()
-        except RuntimeError as err:  # a member lost inside the collective
-            raise PeerFailedError(f"a collective failed: {type(err).__name__}: {err}", rank=self.rank) from None
-
-    def gather_rows(self, row: torch.Tensor) -> torch.Tensor:
-        """Stacks every member's equally sized 1-D ``row`` into ``[size, len]`` (an all-gather)."""
-        if self.size == 1:
-            return row.unsqueeze(0)
-        local = row.to(self.device).contiguous()
-        parts = [torch.empty_like(local) for _ in range(self.size)]
-        self._run(lambda: dist.all_gather(parts, local, group=self.group))
-        return torch.stack(parts).cpu()
-
-    def sum(self, counts: torch.Tensor) -> torch.Tensor:
-        """Sums an integer tensor over the members (an all-reduce); ``counts`` is left as it was."""
-        if self.size == 1:
-            return counts.clone()
-        on_device = counts.to(self.device, copy=True)
-        self._run(lambda: dist.all_reduce(on_device, group=self.group))
-        return on_device.cpu()
-
-    def gather_objects(self, obj: object) -> list:
-        """Gathers one small picklable object per member (names of what failed)."""
-        if self.size == 1:
-            return [obj]
-        out: list = [None] * self.size
-        self._run(lambda: dist.all_gather_object(out, obj, group=self.group))
-        return out
-
-
-def _nccl_device(group: "dist.ProcessGroup | None") -> torch.device:
-    """The device an NCCL group's collectives run on: the one it was bound to
-    (``init_process_group(device_id=...)``), else the current one, as torch's own object collectives
-    take it. A tensor on another device would make NCCL a second communicator, for it alone."""
-    pg = group if group is not None else dist.distributed_c10d._get_default_group()
-    bound = pg.bound_device_id
-    return bound if bound is not None else torch.device("cuda", torch.cuda.current_device())
+def _agent_store() -> bool:
+    """Whether torchrun's agent serves the rendezvous store (it outlives every rank)."""
+    return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
 
 
 def _default_store():

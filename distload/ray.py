@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import hashlib
-import os
-import socket
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -28,6 +25,7 @@ from .config import LoadConfig
 from .errors import ConfigError, DistloadError, PeerFailedError
 from .layout import Layout
 from .models import ModelBuilder, reference_model
+from .ray_actor import ParamChecksum, RankActor, node_address
 from .report import LoadReport
 
 STRATEGIES = ("PACK", "STRICT_PACK")
@@ -38,16 +36,6 @@ READY_TIMEOUT = 120.0
 
 CLOSE_TIMEOUT = 30.0
 """seconds ``unload`` waits for the actors to close their process group before killing them"""
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class ParamChecksum:
-    """One tensor of a rank's state dict, summarized."""
-
-    sum: float
-    """the sum of its values in float64 (comparable with the checkpoint tensor's, or its shard's)"""
-    sha256: str
-    """SHA-256 of its bytes: equal only for bit-identical tensors"""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -95,7 +83,7 @@ def rendezvous(node_ids: Sequence[str], *, master_addr: str | None = None, maste
         raise ConfigError("rendezvous needs the node id of at least one rank")
     if master_addr is None or master_port is None:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-        probe = ray.remote(num_cpus=0)(_node_address).options(
+        probe = ray.remote(num_cpus=0)(node_address).options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_ids[0], soft=False))
         addr, port = _get(ray, probe.remote(), timeout, f"rank 0's node {node_ids[0]} did not answer")
         master_addr, master_port = master_addr or addr, master_port or port
@@ -261,61 +249,12 @@ class RayLoaded:
         return out
 
 
-class RankActor:
-    """One rank of a ``load`` job (made a Ray actor by ``load``): loads with ``distload.load``
-    and keeps the model for forward passes until ``close``."""
-
-    def __init__(self) -> None:
-        self._loaded = None
-
-    def where(self) -> tuple[str, str, int, int]:
-        """This actor's node id, node IP, a port free there, and its process id."""
-        import ray
-        addr, port = _node_address()
-        return ray.get_runtime_context().get_node_id(), addr, port, os.getpid()
-
-    def load(self, checkpoint: str, config: LoadConfig, world: WorldInfo, build: ModelBuilder,
-             progress: bool) -> tuple[LoadReport | None, DistloadError | None]:
-        """Loads this rank's shard, keeping the group open; returns (report, None) or (None, error)."""
-        import distload
-        from .progress import Progress
-        try:
-            self._loaded = distload.load(checkpoint, config, world=world, build=build, keep_group=True,
-                                         progress=Progress() if progress else None)
-        except DistloadError as err:
-            return None, err.with_rank(world.rank)
-        return self._loaded.report, None
-
-    def forward(self, input_ids: torch.Tensor, want: bool) -> torch.Tensor | None:
-        """Runs this rank's part of the forward pass; returns the logits if ``want``."""
-        with torch.no_grad():
-            out = self._loaded.model(input_ids)
-        return out if want else None
-
-    def checksums(self) -> dict[str, ParamChecksum]:
-        return {name: _checksum(t) for name, t in self._loaded.model.state_dict().items()}
-
-    def close(self) -> None:
-        if self._loaded is not None:
-            self._loaded.close()
-            self._loaded = None
-
-
 def _ray():
     try:
         import ray
     except ImportError:
         raise DistloadError("distload.ray needs Ray, which is not installed: pip install distload[ray]") from None
     return ray
-
-
-def _node_address() -> tuple[str, int]:
-    """This node's IP as Ray names it, and a TCP port free on it a moment ago."""
-    import ray
-    with socket.socket() as s:
-        s.bind(("", 0))
-        port = s.getsockname()[1]
-    return ray.util.get_node_ip_address(), port
 
 
 def _wants_gpu(ray, config: LoadConfig) -> bool:
@@ -435,12 +374,6 @@ def _get(ray, refs, timeout: float, what: str):
         raise DistloadError(f"{what} within {timeout:.0f} s") from None
     except ray.exceptions.RayError as err:  # an actor that died while starting
         raise DistloadError(f"{what}: {type(err).__name__}: {str(err).splitlines()[0]}") from None
-
-
-def _checksum(t: torch.Tensor) -> ParamChecksum:
-    flat = t.detach().reshape(-1).contiguous().cpu()
-    return ParamChecksum(sum=float(flat.double().sum()), sha256=hashlib.sha256(
-        flat.view(torch.uint8).numpy().tobytes()).hexdigest())
 
 
 __all__ = ["ParamChecksum", "RankActor", "RankOutcome", "RayLoaded", "load", "rendezvous", "worlds_for", "STRATEGIES"]

@@ -55,15 +55,7 @@ def test_a_rank_far_behind_still_reads_the_failure_of_the_store_host(pool, examp
 @pytest.mark.parametrize("victim,ranks", and_on_gpus([2, 0], lambda victim: 4, ["2", "0"]), indirect=["ranks"])
 def test_a_killed_rank_ends_the_job_within_the_bound(ranks, example, victim, tmp_path):
     timeout = 3.0
-    stamp = str(tmp_path / "killed-at")
-    try:
-        out = ranks.run(4, failure_jobs.fail_while_reading, example, 2, victim, "kill", timeout, stamp, ranks.device,
-                        timeout=150)
-    finally:
-        _fresh_if_nccl(ranks)
-    assert isinstance(out[victim], WorkerDied)
-    with open(stamp) as f:
-        killed_at = float(f.read())
+    out, killed_at = _killed(ranks, example, 4, victim, "kill", timeout, tmp_path)
     for rank, o in enumerate(out):
         if rank != victim:
             assert o["type"] == "PeerFailedError", o
@@ -87,15 +79,7 @@ IN_COLLECTIVE = and_on_gpus([(2, 1), (4, 2)], lambda world, victim: world, ["w2-
 def test_a_rank_killed_inside_a_collective_ends_the_others_within_the_bound(ranks, example, world, victim,
                                                                            tmp_path):
     timeout = 3.0
-    stamp = str(tmp_path / "killed-at")
-    try:
-        out = ranks.run(world, failure_jobs.fail_while_reading, example, 2, victim, "kill-in-collective", timeout,
-                        stamp, ranks.device, timeout=150)
-    finally:
-        _fresh_if_nccl(ranks)
-    assert isinstance(out[victim], WorkerDied)
-    with open(stamp) as f:
-        killed_at = float(f.read())
+    out, killed_at = _killed(ranks, example, world, victim, "kill-in-collective", timeout, tmp_path)
     for rank, o in enumerate(out):
         if rank != victim:
             assert o["type"] == "PeerFailedError", o
@@ -124,6 +108,20 @@ def test_a_rank_raising_inside_a_collective_stops_the_others(ranks, example, wor
     else:  # gloo holds them until the victim's connections close (when its group is freed) or the
         # collective's timeout, the failure timeout while watched
         assert after < timeout + 8, after
+
+
+def _killed(ranks, example, world: int, victim: int, how: str, timeout: float, tmp_path) -> tuple[list, float]:
+    """Runs ``fail_while_reading`` with rank ``victim`` SIGKILLed (``how``); returns every rank's
+    outcome and the time of the kill, once the victim's worker is known to have died."""
+    stamp = str(tmp_path / "killed-at")
+    try:
+        out = ranks.run(world, failure_jobs.fail_while_reading, example, 2, victim, how, timeout, stamp, ranks.device,
+                        timeout=150)
+    finally:
+        _fresh_if_nccl(ranks)
+    assert isinstance(out[victim], WorkerDied)
+    with open(stamp) as f:
+        return out, float(f.read())
 
 
 def _fresh_if_nccl(ranks) -> None:

@@ -1,9 +1,8 @@
 """int4 on CUDA: ``torch._weight_int4pack_mm`` where it applies (bf16, sm80+, consecutive groups),
 dequantization otherwise (int8, activation-ordered GPTQ, experts).
 
-Marked ``gpu``; skipped where CUDA is not available (as in CI). Not yet run on a GPU: the bounds
-below are set from the kernel's bf16 arithmetic (scales and zeros held in bf16: ~2^-8 relative per
-weight), not measured.
+Marked ``gpu``; skipped where CUDA is not available (as in CI). Run on an H200 (torch 2.11); the
+whole-model bound is twice the same checkpoint's error when dequantized in bf16, measured there.
 """
 
 from __future__ import annotations
@@ -63,4 +62,13 @@ def test_int4_checkpoints_on_cuda_run_the_kernel_where_it_applies(ckpts, monkeyp
     with torch.no_grad():
         want, got = cpu.model(IDS), gpu.model(IDS.cuda())
     assert len(calls) == kernel_calls  # qkv, o, gate_up, down of both layers (none: activation order)
-    assert _rel(got, want) < 0.05
+    # the yardstick is the same checkpoint dequantized in bf16 on the same device: bf16 alone moves
+    # these logits 3-5% (measured on an H200: 0.031 for the float checkpoint, 0.038-0.047 dequantized),
+    # and the kernel's bf16 scales and zeros add as much again (0.049-0.054); a zero point off by one
+    # step moves every weight by a whole step, far beyond twice the bf16 error
+    monkeypatch.setitem(int4mm._PROBED, torch.device("cuda", 0), False)
+    dequantized = distload.load(ckpts[kind], distload.LoadConfig(device="cuda", dtype="bfloat16"))
+    with torch.no_grad():
+        bf16 = _rel(dequantized.model(IDS.cuda()), want)
+    assert len(calls) == kernel_calls  # the dequantized load ran no kernel
+    assert _rel(got, want) < 2 * bf16

@@ -137,7 +137,8 @@ UNITS = {"qkv_proj.weight": 3, "gate_up_proj.weight": 2}
 def needs(want: dict[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
     """Checkpoint tensors a rank reads -> (its bytes of it, its units of it): the bytes of the
     slices it holds (float32; no slice is read twice, none padded)."""
-    return {name: (t.numel() * t.element_size(), UNITS.get(name.split(".", 4)[-1], 1)) for name, t in want.items()}
+    return {name: (t.numel() * t.element_size(), next((n for end, n in UNITS.items() if name.endswith(end)), 1))
+            for name, t in want.items()}
 
 
 # (checkpoint, world, tp, pp): tp=2 (one KV head per rank), tp=2 x dp=2, tp=4 (KV heads on two

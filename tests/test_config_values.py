@@ -64,10 +64,14 @@ BASES = {
                                     "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 16}},
     "llama4_text": {**ATTENTION, "model_type": "llama4_text", "num_local_experts": 4, "num_experts_per_tok": 1,
                     "intermediate_size_mlp": 64, "interleave_moe_layer_step": 2, "attention_chunk_size": 8},
+    "phi3": {**ATTENTION, "model_type": "phi3", "max_position_embeddings": 64, "original_max_position_embeddings": 16,
+             "rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0, 1.1, 1.2, 1.3],
+                                 "long_factor": [2.0, 2.5, 3.0, 3.5]}},
 }
 EXPERTS = {"mixtral": (8, {0, 1}), "qwen2_moe": (6, {0, 1}), "qwen3_moe": (8, {0, 2}), "deepseek_v3": (8, {1, 2}),
            "gpt_oss": (4, {0, 1}), "llama4_text": (4, {1})}
 """model type -> (experts, layers with experts), by hand from BASES"""
+LONGROPE = BASES["phi3"]["rope_parameters"]
 
 
 def layer_names(num_layers: int, *, mtp: bool = False) -> list[str]:
@@ -223,6 +227,25 @@ CASES = [
      P + "layer_types[0] 'sliding_attention' is not supported (supported: full_attention, chunked_attention)"),
     ("llama4_text", {"num_local_experts": ABSENT},
      P + "has no 'num_local_experts', which model_type 'llama4_text' needs"),
+    # Phi-3's longrope, in transformers 5's rope_parameters and in the rope_scaling form released configs use
+    ("phi3", {"rope_parameters": {**LONGROPE, "short_factor": [1.0, 1.0]}},
+     P + "rope_parameters.short_factor must be a list of 4 positive numbers (head_dim / 2), got [1.0, 1.0]"),
+    ("phi3", {"rope_parameters": {**LONGROPE, "long_factor": [2.0, 0, 3.0, 3.5]}},
+     P + "rope_parameters.long_factor must be a list of 4 positive numbers (head_dim / 2), got [2.0, 0, 3.0, 3.5]"),
+    ("phi3", {"rope_parameters": {**LONGROPE, "long_factor": None}},
+     P + "has no 'rope_parameters.long_factor', which rope_type 'longrope' needs"),
+    ("phi3", {"rope_parameters": None, "rope_theta": 10000.0,
+              "rope_scaling": {"type": "longrope", "short_factor": "1.0", "long_factor": [2.0, 2.5, 3.0, 3.5]}},
+     P + 'rope_scaling.short_factor must be a list of 4 positive numbers (head_dim / 2), got "1.0"'),
+    ("phi3", {"rope_parameters": {**LONGROPE, "attention_factor": -1}},
+     P + "rope_parameters.attention_factor must be a positive number, got -1"),
+    ("phi3", {"original_max_position_embeddings": 1},
+     P + "original_max_position_embeddings must be at least 2 when longrope derives its attention factor from it "
+         "(sqrt(1 + ln factor / ln original)), got 1"),
+    ("phi3", {"rope_parameters": {**LONGROPE, "rope_type": "dynamic", "factor": 2.0}},
+     P + "rope_type 'dynamic' is not supported for phi3 (supported: default, longrope)"),
+    ("phi3", {"rope_parameters": {**LONGROPE, "partial_rotary_factor": 0.5}},
+     P + "partial_rotary_factor must be 1.0 for phi3 (partial rotary embeddings are not supported yet), got 0.5"),
 ]
 
 

@@ -119,9 +119,9 @@ def falcon_slices(ckpt: dict[str, torch.Tensor], tp: int, i: int) -> dict[str, t
 SLICES = {"gpt2": gpt2_slices, "falcon": falcon_slices}
 
 
-def _agrees_with_dry_run(directory: str, tp: int, world: int, rules: dict, results: list[dict]) -> None:
-    """The dry run's findings and per-rank bytes are the load's."""
-    planned = dry_run(directory, LoadConfig(tp=tp, rules=rules), world_size=world)
+def _agrees_with_dry_run(directory: str, tp: int, world: int, options: dict, results: list[dict]) -> None:
+    """The dry run with LoadConfig ``options`` (the rules, ep) plans the load's findings and per-rank bytes."""
+    planned = dry_run(directory, LoadConfig(tp=tp, **options), world_size=world)
     as_json = planned.to_json()
     for rank, r in enumerate(results):
         for kind in ("complete", "missing", "inconsistent", "defaulted", "unexpected", "ignored", "num_units", "notes"):
@@ -149,12 +149,13 @@ def test_each_rank_holds_its_slices_and_the_dry_run_agrees(pool, rules_ckpts, na
         for tensor, t in want.items():
             assert got["state"][tensor].shape == tuple(t.shape), (rank, tensor)
             assert (got["state"][tensor] == t.numpy()).all(), f"rank {rank}: {tensor} differs"
-    _agrees_with_dry_run(directory, tp, world, RULES[name], results)
+    _agrees_with_dry_run(directory, tp, world, {"rules": RULES[name]}, results)
 
 
 def test_experts_live_on_their_groups_cut_inside_each_expert(pool, rules_ckpts):
     directory = rules_ckpts.path("mixtral")
-    results = pool.run(4, rules_jobs.load_shards, directory, 2, {"rules": MIXTRAL, "ep": 2}, raise_errors=True)
+    options = {"rules": MIXTRAL, "ep": 2}
+    results = pool.run(4, rules_jobs.load_shards, directory, 2, options, raise_errors=True)
     ckpt = read_tensors(directory)
     for rank, got in enumerate(results):
         assert got["report"]["complete"] is True and got["report"]["unexpected"] == [], got["report"]
@@ -175,6 +176,7 @@ def test_experts_live_on_their_groups_cut_inside_each_expert(pool, rules_ckpts):
         assert sorted(got["state"]) == sorted(want), f"rank {rank}"
         for tensor, t in want.items():
             assert (got["state"][tensor] == t.numpy()).all(), f"rank {rank}: {tensor} differs"
+    _agrees_with_dry_run(directory, 2, 4, options, results)
 
 
 # (checkpoint, deleted tensor, world, tp, its owners)
@@ -194,8 +196,7 @@ def test_a_deleted_tensor_is_missing_with_its_owners(pool, rules_ckpts, name, de
         assert r["raised"] is True
         assert r["report"]["missing"] == [{"name": deleted, "owners": owners}]
         assert r["report"]["inconsistent"] == [] and r["report"]["unexpected"] == []
-    if name != "mixtral":
-        _agrees_with_dry_run(directory, tp, world, RULES[name], results)
+    _agrees_with_dry_run(directory, tp, world, options, results)
 
 
 def test_optional_tensors_are_defaulted_when_absent_and_loaded_when_present(pool, rules_ckpts):

@@ -87,13 +87,20 @@ def read_phi3(config: Mapping, arch: Architecture) -> Phi3Config:
     if rope_type == "default":
         return Phi3Config(decoder=decoder, longrope=None)
     p = Fields(params.values, prefix=params.prefix, needed_by="rope_type 'longrope'")
-    original = p.integer("original_max_position_embeddings",
-                         f.integer("original_max_position_embeddings", 4096))
+    key = "original_max_position_embeddings"
+    original = p.integer(key, f.integer(key, 4096))
     # null factors are absent ones, as transformers reads them
     factor = p.number("factor") if p.values.get("factor") is not None else \
         f.integer("max_position_embeddings", 4096) / original
-    attention = p.number("attention_factor") if p.values.get("attention_factor") is not None else (
-        1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original)))
+    if p.values.get("attention_factor") is not None:
+        attention = p.number("attention_factor")
+    elif factor <= 1.0:
+        attention = 1.0
+    elif original == 1:  # ln 1 = 0 divides the derived factor (transformers fails with ZeroDivisionError)
+        raise (p if key in p.values else f).error(key, "at least 2 when longrope derives its attention factor "
+                                                  "from it (sqrt(1 + ln factor / ln original))", original)
+    else:
+        attention = math.sqrt(1 + math.log(factor) / math.log(original))
     half = decoder.head_dim // 2
     return Phi3Config(decoder=decoder, longrope=LongRope(
         short_factor=_factors(p, "short_factor", half), long_factor=_factors(p, "long_factor", half),

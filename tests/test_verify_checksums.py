@@ -294,7 +294,7 @@ def test_a_manifest_that_does_not_match_the_folder_is_named_at_world_4(pool, lis
 
 
 def test_a_listed_file_the_load_does_not_read_only_has_to_be_there(tmp_path, capsys, listed):
-    _change(listed, "added", "pytorch_model.bin", )
+    _change(listed, "added", "pytorch_model.bin")
     os.remove(os.path.join(listed, "distload-manifest.json"))
     write_manifest(listed)  # now it lists the .bin too
     code, _, _, report = _cli(tmp_path, capsys, listed, "--verify-checksums")

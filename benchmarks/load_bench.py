@@ -131,6 +131,20 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+def write_manifest(directory: str) -> None:
+    """Runs ``python -m distload.manifest DIRECTORY``, the only writer into a checkpoint folder.
+
+    Raises:
+        RuntimeError: the command failed (its stderr).
+    """
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run([sys.executable, "-m", "distload.manifest", directory], capture_output=True, text=True,
+                          cwd=ROOT, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"python -m distload.manifest {directory} failed: {done.stderr.strip()}")
+    print(done.stdout.strip(), flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     from benchmarks.loaders import unavailable
     args = parse_args(argv)
@@ -150,9 +164,8 @@ def main(argv: list[str] | None = None) -> int:
               "loaders": loaders, "not_run": not_run,
               "runs_per_loader": {n: runs_for.get(n, args.runs) for n in runnable},
               "command": " ".join([os.path.basename(sys.executable), *sys.argv]), "runs": [], "summary": {}}
-    if "distload_verify" in runnable:  # its reference digests, written before anything is timed
-        from distload.manifest import write_manifest
-        write_manifest(args.dir)
+    if "distload_verify" in runnable:  # its reference digests, written untimed by the one command that writes
+        write_manifest(args.dir)        # into a checkpoint folder
     if not args.cold:
         result["warm_check"] = page_cache.make_warm(files)
     for world in [int(w) for w in args.worlds.split(",")]:

@@ -71,8 +71,9 @@ def run_distload(ctx: Ctx, **options) -> dict:
 
 
 def run_distload_verify(ctx: Ctx) -> dict:
-    """distload with ``verify_checksums``: the checkpoint's manifest (load_bench writes it, untimed) is
-    the reference; every file is hashed whole once per node beside the reads."""
+    """distload with ``verify_checksums``: the checkpoint's manifest (load_bench runs ``python -m
+    distload.manifest``, untimed) is the reference; every file is hashed whole once per node beside
+    the reads."""
     out = run_distload(ctx, verify_checksums=True)
     if out["report"] is not None and not out["report"]["verification"]["ok"]:
         raise RuntimeError(f"verification failed: {out['report']['verification']}")

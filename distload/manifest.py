@@ -1,7 +1,9 @@
 """``python -m distload.manifest CKPT``: writes ``CKPT/distload-manifest.json``, the reference
 digests ``--verify-checksums`` checks a checkpoint against when it is no Hugging Face cache snapshot.
 
-It lists config.json, the index and every weight file (what a load reads), each with its sha256
+It lists config.json, the index and every weight file (what a load reads, and every other
+``*.safetensors``/``*.bin``/``*.pt`` file at the folder's top: a verified load fails on a weight
+file the manifest does not list), each with its sha256
 and size, as one JSON file with sorted keys and no timestamp: the same folder always gives the
 same bytes. Writing it is the only thing distload ever writes into a checkpoint folder, and only
 here: a temporary file beside it, renamed into place; nothing else there is opened for writing,
@@ -22,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from .checkpoint.digests import SHA256, file_digest
 from .checkpoint.directory import weight_files
-from .checkpoint.reference import MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION, is_snapshot, read_names
+from .checkpoint.reference import MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION, is_snapshot, weight_names
 from .errors import CheckpointError, DistloadError
 
 
@@ -42,7 +44,7 @@ def manifest_text(directory: str, *, num_threads: int | None = None) -> str:
                               "already, and --verify-checksums checks against them (distload writes nothing "
                               "into the cache)", file=os.path.abspath(directory))
     directory = os.path.abspath(directory)
-    names = read_names(directory, weight_files(directory, allow_pickle=True))
+    names = weight_names(directory, weight_files(directory, allow_pickle=True))
     threads = num_threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     with ThreadPoolExecutor(max_workers=max(1, min(len(names), threads or 1))) as pool:
         digests = list(pool.map(lambda name: file_digest(os.path.join(directory, *name.split("/")), SHA256), names))

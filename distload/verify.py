@@ -26,14 +26,17 @@ from .checkpoint.reference import ABSENT, HUB_CACHE, UNLISTED, Checks, FileCheck
 if TYPE_CHECKING:
     from .comm import Comm
 
-NOT_MINE, MATCHED, DIFFERS = 0, 1, 2
-"""a rank's outcome for one file: not hashed here, equal to the reference, different"""
+NOT_MINE, MATCHED, DIFFERS, SIZE_DIFFERS = 0, 1, 2, 3
+"""a rank's outcome for one file: not hashed here, equal to the reference, different, or not read
+because its size is not the manifest's"""
 
-VERIFIED, DIFFERENT, UNHASHED = "verified", "differs", "unhashed"
+VERIFIED, DIFFERENT, UNHASHED, WRONG_SIZE = "verified", "differs", "unhashed", "size-differs"
 """a file's merged status (besides the manifest's ``absent`` and ``unlisted``)"""
 
 _WHY = {DIFFERENT: "its {algorithm} differs from the reference {expected}", UNHASHED: "hashed by no rank",
-        ABSENT: "in the manifest, not in the folder", UNLISTED: "read by this load, not in the manifest"}
+        WRONG_SIZE: "size differs: {size} bytes, the manifest says {expected_size}",
+        ABSENT: "in the manifest, not in the folder", UNLISTED: "in the folder, not in the manifest"}
+_BY = {DIFFERENT: "hashed by", WRONG_SIZE: "seen by"}
 
 
 def assign(sizes: Sequence[int], num_local: int) -> tuple[int, ...]:
@@ -57,7 +60,7 @@ class Hashed:
     """What one rank's hashing found."""
 
     outcome: tuple[int, ...]
-    """per file of the checks: NOT_MINE, MATCHED or DIFFERS"""
+    """per file of the checks: NOT_MINE, MATCHED, DIFFERS or SIZE_DIFFERS"""
     bytes_hashed: int
     """bytes this rank read and hashed"""
     seconds: float
@@ -97,15 +100,15 @@ class Hashing:
             self._futures[i] = self._pool.submit(self._hash, files[i])
         return self
 
-    def _hash(self, check: FileCheck) -> tuple[bool, int, float]:
-        """(equal to the reference, bytes hashed, when it ended); a size the manifest contradicts
-        differs without being read."""
+    def _hash(self, check: FileCheck) -> tuple[int, int, float]:
+        """(outcome, bytes hashed, when it ended); a file whose size the manifest contradicts is
+        not read."""
         if check.expected_size is not None and check.size != check.expected_size:
-            return False, 0, time.perf_counter()
+            return SIZE_DIFFERS, 0, time.perf_counter()
         got = file_digest(check.path, check.algorithm, stop=self._stop)
         if got is None:  # stopped: the load failed, nothing is reported
-            return False, 0, time.perf_counter()
-        return got[0] == check.expected, got[1], time.perf_counter()
+            return DIFFERS, 0, time.perf_counter()
+        return MATCHED if got[0] == check.expected else DIFFERS, got[1], time.perf_counter()
 
     def results(self, abort_check: Callable[[], None]) -> Hashed | None:
         """Waits for this rank's files (checking for failed peers meanwhile).
@@ -121,11 +124,10 @@ class Hashing:
         for i, future in self._futures.items():
             while True:
                 try:
-                    equal, nbytes, ended = future.result(timeout=0.2)
+                    outcome[i], nbytes, ended = future.result(timeout=0.2)
                     break
                 except (TimeoutError, concurrent.futures.TimeoutError):  # one class from 3.11 on
                     abort_check()
-            outcome[i] = MATCHED if equal else DIFFERS
             total, end = total + nbytes, max(end, ended)
         return Hashed(outcome=tuple(outcome), bytes_hashed=total, seconds=end - self._start)
 
@@ -143,7 +145,7 @@ class FileVerdict:
     name: str
     """its path inside the checkpoint"""
     status: str
-    """``verified``, ``differs``, ``unhashed``, ``absent`` or ``unlisted``"""
+    """``verified``, ``differs``, ``size-differs``, ``unhashed``, ``absent`` or ``unlisted``"""
     algorithm: str | None = None
     """``sha256`` or ``git-sha1``; None when it was not hashed (absent, unlisted)"""
     expected: str | None = None
@@ -151,11 +153,16 @@ class FileVerdict:
     hashes: int = 0
     """ranks that hashed it (one per node)"""
     failed_on: tuple[int, ...] = ()
-    """ranks whose hash differed from the reference"""
+    """ranks whose hash differed from the reference, or that found its size differs"""
+    size: int | None = None
+    """its size in bytes as this rank found it; None when absent"""
+    expected_size: int | None = None
+    """the size the manifest records; None for a cache blob"""
 
     def to_json(self) -> dict:
         return {"name": self.name, "status": self.status, "algorithm": self.algorithm, "expected": self.expected,
-                "hashes": self.hashes, "failed_on": list(self.failed_on)}
+                "hashes": self.hashes, "failed_on": list(self.failed_on), "size": self.size,
+                "expected_size": self.expected_size}
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -197,9 +204,11 @@ class Verification:
         if self.failed:
             lines.append(f"  verification failed ({len(self.failed)}):")
             for f in self.failed[:limit]:
-                why = _WHY[f.status].format(algorithm=f.algorithm, expected=f.expected)
+                why = _WHY[f.status].format(algorithm=f.algorithm, expected=f.expected, size=f.size,
+                                            expected_size=f.expected_size)
                 if f.failed_on:
-                    why += f"; hashed by rank{'s' if len(f.failed_on) > 1 else ''} {','.join(map(str, f.failed_on))}"
+                    why += (f"; {_BY[f.status]} rank{'s' if len(f.failed_on) > 1 else ''} "
+                            f"{','.join(map(str, f.failed_on))}")
                 lines.append(f"    {f.name}  ({why})")
             if len(self.failed) > limit:
                 lines.append(f"    ... and {len(self.failed) - limit} more (see --json)")
@@ -210,21 +219,24 @@ def merge(comm: "Comm", checks: Checks, hashed: Hashed) -> Verification:
     """Combines every rank's outcome (one all-reduce; one gather more when a file differs).
 
     Every rank calls it with the same ``checks`` (the ranks agreed on their shape before reading).
+    A file that any rank found of the wrong size is ``size-differs`` (and counts as hashed by none).
     """
     n = len(checks.files)
     mine = torch.tensor(hashed.outcome, dtype=torch.int64).reshape(n)
-    local = torch.cat([(mine == MATCHED).long(), (mine == DIFFERS).long(),
+    local = torch.cat([(mine == MATCHED).long(), (mine == DIFFERS).long(), (mine == SIZE_DIFFERS).long(),
                        torch.tensor([hashed.bytes_hashed], dtype=torch.int64)])
     total = comm.sum_counts(local).tolist()
-    matched, differs = total[:n], total[n:2 * n]
+    matched, differs, sized = total[:n], total[n:2 * n], total[2 * n:3 * n]
     failed_on: list[tuple[int, ...]] = [()] * n
-    if any(differs):  # names travel only for what failed
+    if any(differs) or any(sized):  # names travel only for what failed
         rows = comm.gather_rows(mine.to(torch.int8))
-        failed_on = [tuple(int(r) for r in (rows[:, i] == DIFFERS).nonzero().flatten()) for i in range(n)]
+        bad = (rows == DIFFERS) | (rows == SIZE_DIFFERS)
+        failed_on = [tuple(int(r) for r in bad[:, i].nonzero().flatten()) for i in range(n)]
     verdicts = [FileVerdict(name=f.name, algorithm=f.algorithm, expected=f.expected, hashes=matched[i] + differs[i],
-                            failed_on=failed_on[i],
-                            status=DIFFERENT if differs[i] else VERIFIED if matched[i] else UNHASHED)
+                            failed_on=failed_on[i], size=f.size, expected_size=f.expected_size,
+                            status=WRONG_SIZE if sized[i] else DIFFERENT if differs[i] else
+                            VERIFIED if matched[i] else UNHASHED)
                 for i, f in enumerate(checks.files)]
     verdicts += [FileVerdict(name=u.name, status=u.status) for u in checks.unchecked]
-    return Verification(reference=checks.reference, source=checks.source, bytes_hashed=total[2 * n],
+    return Verification(reference=checks.reference, source=checks.source, bytes_hashed=total[3 * n],
                         files=tuple(sorted(verdicts, key=lambda v: v.name)))

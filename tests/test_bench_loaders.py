@@ -69,6 +69,21 @@ def test_moe_loader_fills_every_slice(pool, moe_tiny, loader):
     _check_ranks(pool.run(2, pool_job, moe_tiny, loader, 2, 1, None, timeout=120))
 
 
+def test_the_verify_loader_hashes_every_file_against_the_manifest_the_command_wrote(pool, tiny, tmp_path):
+    import shutil
+    from benchmarks import load_bench
+    copy = shutil.copytree(tiny, str(tmp_path / "tiny"), copy_function=os.link)  # as benchmarks/README says
+    before = set(os.listdir(copy))
+    load_bench.write_manifest(copy)  # python -m distload.manifest, the only writer into the folder
+    assert set(os.listdir(copy)) - before == {"distload-manifest.json"}
+    out = pool.run(2, pool_job, copy, "distload_verify", 2, 1, None, timeout=120)
+    _check_ranks(out)
+    hashed = [*synth_checkpoints.weight_files(copy), *(os.path.join(copy, n) for n in
+                                                         ("config.json", "model.safetensors.index.json"))]
+    assert out[0]["stats"]["bytes_hashed"] == sum(map(os.path.getsize, hashed)) and out[0]["stats"]["complete"] is True
+    assert out[0]["stats"]["report"]["verification"]["ok"]
+
+
 def test_a_wrong_slice_is_caught(tiny):
     ctx = Ctx(directory=tiny, rank=0, world=1, local_rank=0, local_world=1, tp=1, dp=1, device=torch.device("cpu"))
     ctx.prepare()

@@ -145,19 +145,36 @@ def test_on_two_nodes_each_node_hashes_every_file_and_both_name_the_flipped_one(
 
 
 def test_hashing_runs_beside_the_reads(monkeypatch, listed):
+    """Each hash waits (up to 10 s) for the executor's first read and then hashes: the intervals
+    overlap only if hashing is in flight while the executor reads; hashed after the reads, or
+    before them, they do not."""
     import threading
-    from distload import api
-    seen = []
-    run = api.Executor.run
+    import time
+    from distload import execute, verify
+    first_read = threading.Event()
+    hashes, reads = [], []
+    digest, place = verify.file_digest, execute._Job._place_cpu
 
-    def observed(self, *args, **kwargs):  # the executor starts while the hashing threads exist
-        seen.append(sum(t.name.startswith("distload-verify") for t in threading.enumerate()))
-        return run(self, *args, **kwargs)
+    def hashing(*args, **kwargs):
+        start = time.monotonic()
+        first_read.wait(10)
+        got = digest(*args, **kwargs)
+        hashes.append((start, time.monotonic()))
+        return got
 
-    monkeypatch.setattr(api.Executor, "run", observed)
+    def reading(self, *args, **kwargs):
+        start = time.monotonic()
+        first_read.set()
+        place(self, *args, **kwargs)
+        reads.append((start, time.monotonic()))
+
+    monkeypatch.setattr(verify, "file_digest", hashing)
+    monkeypatch.setattr(execute._Job, "_place_cpu", reading)
     loaded = distload.load(listed, distload.LoadConfig(device="cpu", verify_checksums=True,
                                                        extra_config={"num_read_threads": 2}))
-    assert loaded.report.verification.ok and len(seen) == 1 and 1 <= seen[0] <= 2
+    assert loaded.report.verification.ok and len(hashes) == len(NAMES) and reads
+    assert min(s for s, _ in hashes) < max(e for _, e in reads), "hashing began after the last read"
+    assert min(s for s, _ in reads) < max(e for _, e in hashes), "hashing ended before the first read"
     assert not any(t.name.startswith("distload-verify") for t in threading.enumerate())  # joined before returning
 
 
@@ -191,6 +208,37 @@ def test_a_missing_blob_is_named(tmp_path, capsys, hub):
         f"(`hf download`)) [file {os.path.join(hub, SHARD1)}, rank 0]"]
 
 
+def _missing(name: str, rank: int, directory: str, why: str) -> str:
+    return f"{why} [file {os.path.join(directory, name)}, tensor {_first_tensor(directory, name)}, rank {rank}]"
+
+
+def _first_tensor(directory: str, name: str) -> str:
+    """The first tensor (by name) the index places in ``name``."""
+    index = json.load(open(os.path.join(directory, INDEX)))["weight_map"]
+    return min(t for t, f in index.items() if f == name)
+
+
+def test_a_missing_blob_is_named_at_world_4(pool, hub):
+    blob = blob_of(os.path.join(hub, SHARD1))
+    os.remove(blob)
+    out = pool.run(4, jobs.load_outcome, hub, 2, VERIFY)
+    for rank, err in enumerate(out):
+        assert isinstance(err, distload.CheckpointError) and str(err) == \
+            f"cannot read safetensors file: No such file or directory (it links to blob {os.path.basename(blob)}, " \
+            f"which is missing from the Hugging Face cache: fetch the repo again (`hf download`)) " \
+            f"[file {os.path.join(hub, SHARD1)}, rank {rank}]", err
+
+
+@pytest.mark.parametrize("kind", ["hub", "manifest"])
+def test_a_shard_removed_while_the_index_names_it_is_named_at_world_4(pool, hub, listed, kind):
+    directory = _checkpoint(kind, hub, listed)
+    os.remove(os.path.join(directory, SHARD2))  # the snapshot's link, or the file beside the manifest
+    out = pool.run(4, jobs.load_outcome, directory, 2, VERIFY)
+    for rank, err in enumerate(out):
+        assert isinstance(err, distload.CheckpointError) and str(err) == \
+            _missing(SHARD2, rank, directory, f"the index names {SHARD2}, which does not exist"), err
+
+
 def _drop_index_and_list(directory: str) -> None:
     """Without an index every *.safetensors file is read; the manifest is written after that."""
     os.remove(os.path.join(directory, INDEX))
@@ -198,23 +246,75 @@ def _drop_index_and_list(directory: str) -> None:
     write_manifest(directory)
 
 
-@pytest.mark.parametrize("change,name,status,why", [
-    ("removed", INDEX, "absent", "in the manifest, not in the folder"),
-    ("added", "model-extra.safetensors", "unlisted", "read by this load, not in the manifest"),
-])
-def test_a_manifest_that_does_not_match_the_folder_is_named(tmp_path, capsys, listed, change, name, status, why):
+def _change(listed: str, change: str, name: str) -> None:
+    """Makes the folder differ from its manifest by ``name``: ``removed``, ``added`` beside the index
+    (the load does not read it), or ``added`` to a checkpoint without an index (it reads it)."""
+    from safetensors.torch import save_file
     if change == "removed":
-        os.remove(os.path.join(listed, INDEX))
-    else:
-        from safetensors.torch import save_file
+        os.remove(os.path.join(listed, name))
+        return
+    if change == "added, read":
         _drop_index_and_list(listed)
-        save_file({"extra.weight": torch.ones(2)}, os.path.join(listed, name), metadata={"format": "pt"})
+    path = os.path.join(listed, name)
+    if name.endswith(".bin"):
+        torch.save({"extra.weight": torch.ones(2)}, path)
+    else:
+        save_file({"extra.weight": torch.ones(2)}, path, metadata={"format": "pt"})
+
+
+MISMATCHES = [
+    ("removed", INDEX, "absent", "in the manifest, not in the folder"),
+    ("added, read", "model-extra.safetensors", "unlisted", "in the folder, not in the manifest"),
+    ("added", "model-extra.safetensors", "unlisted", "in the folder, not in the manifest"),
+    ("added", "pytorch_model.bin", "unlisted", "in the folder, not in the manifest"),
+]
+UNHASHED_ENTRY = {"algorithm": None, "expected": None, "hashes": 0, "failed_on": [], "size": None,
+                  "expected_size": None}
+
+
+@pytest.mark.parametrize("change,name,status,why", MISMATCHES)
+def test_a_manifest_that_does_not_match_the_folder_is_named(tmp_path, capsys, listed, change, name, status, why):
+    _change(listed, change, name)
     code, out, _, report = _cli(tmp_path, capsys, listed, "--verify-checksums")
     assert code == 3 and report["complete"] is False and report["missing"] == []
     failed = [f for f in report["verification"]["files"] if f["status"] != "verified"]
-    assert failed == [{"name": name, "status": status, "algorithm": None, "expected": None, "hashes": 0,
-                       "failed_on": []}]
+    assert failed == [{"name": name, "status": status, **UNHASHED_ENTRY}]
     assert f"  verification failed (1):\n    {name}  ({why})" in out
+
+
+@pytest.mark.parametrize("change,name,status", [m[:3] for m in MISMATCHES[:3]])
+def test_a_manifest_that_does_not_match_the_folder_is_named_at_world_4(pool, listed, change, name, status):
+    _change(listed, change, name)
+    out = pool.run(4, jobs.load_outcome, listed, 2, VERIFY)
+    for rank, o in enumerate(out):
+        assert o["raised"] and o["message"] == \
+            f"load not usable: 1 file failed verification ({name}) [rank {rank}]", o
+        failed = [f for f in o["report"]["verification"]["files"] if f["status"] != "verified"]
+        assert failed == [{"name": name, "status": status, **UNHASHED_ENTRY}]
+
+
+def test_a_listed_file_the_load_does_not_read_only_has_to_be_there(tmp_path, capsys, listed):
+    _change(listed, "added", "pytorch_model.bin")
+    os.remove(os.path.join(listed, "distload-manifest.json"))
+    write_manifest(listed)  # now it lists the .bin too
+    code, _, _, report = _cli(tmp_path, capsys, listed, "--verify-checksums")
+    assert code == 0 and [f["name"] for f in report["verification"]["files"]] == sorted(NAMES)
+    assert report["verification"]["bytes_hashed"] == sum(_sizes(listed).values())  # the .bin is not read
+
+
+def test_a_file_whose_size_is_not_the_manifests_is_named_unread(tmp_path, capsys, listed):
+    path = os.path.join(listed, "config.json")
+    listed_size = os.path.getsize(path)
+    with open(path, "ab") as f:
+        f.write(b"\n")  # still the same JSON
+    code, out, _, report = _cli(tmp_path, capsys, listed, "--verify-checksums")
+    assert code == 3 and not report["ok"]
+    assert f"  verification failed (1):\n    config.json  (size differs: {listed_size + 1} bytes, the manifest " \
+           f"says {listed_size}; seen by rank 0)\n" in out
+    bad = next(f for f in report["verification"]["files"] if f["name"] == "config.json")
+    assert (bad["status"], bad["hashes"], bad["failed_on"], bad["size"], bad["expected_size"]) == \
+        ("size-differs", 0, [0], listed_size + 1, listed_size)
+    assert report["verification"]["bytes_hashed"] == sum(_sizes(listed).values()) - listed_size - 1  # not read
 
 
 def test_a_checkpoint_without_a_reference_says_how_to_write_a_manifest(tmp_path, capsys):

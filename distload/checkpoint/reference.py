@@ -5,6 +5,12 @@ to ``blobs/<etag>``, and the etag of a large (LFS) file is its sha256, of a smal
 blob SHA-1: the blob's name is the reference. Any other checkpoint needs a manifest beside it,
 ``distload-manifest.json``, written by ``python -m distload.manifest CKPT`` from a copy the user
 trusts. Everything here reads names, links and the manifest; no file is hashed.
+
+Against a manifest the folder's weight files (``weight_names``: config.json, the indexes, every
+``*.safetensors``/``*.bin``/``*.pt``/``*.pth`` at its top and what the index names) must be the
+manifest's: one more is ``unlisted``, one fewer ``absent``. A snapshot has no such list (the
+cache keeps none of a repo's files, and a partial download is normal): each file the load reads
+is checked against its own blob, and files it does not read are not judged.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ MANIFEST = "manifest"
 ABSENT = "absent"
 """in the manifest, not in the folder"""
 UNLISTED = "unlisted"
-"""read by the load, not in the manifest"""
+"""a weight file in the folder, not in the manifest"""
 
 _HEX = re.compile(r"^[0-9a-f]+$")
 
@@ -60,7 +66,7 @@ class Unchecked:
     name: str
     """its path inside the checkpoint"""
     status: str
-    """``absent`` (in the manifest, not in the folder) or ``unlisted`` (read, not in the manifest)"""
+    """``absent`` (in the manifest, not in the folder) or ``unlisted`` (in the folder, not in the manifest)"""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -96,7 +102,7 @@ def load_checks(ckpt: Checkpoint) -> Checks:
         return _cache_checks(ckpt.directory, names)
     manifest = os.path.join(ckpt.directory, MANIFEST_NAME)
     if os.path.lexists(manifest):
-        return _manifest_checks(ckpt.directory, manifest, names)
+        return _manifest_checks(ckpt.directory, manifest, names, weight_names(ckpt.directory, ckpt.files))
     raise CheckpointError(
         f"--verify-checksums has nothing to check against: the checkpoint is no snapshot of the Hugging Face "
         f"cache and holds no {MANIFEST_NAME}; write one from a copy you trust with "
@@ -112,6 +118,19 @@ def read_names(directory: str, weight_paths: tuple[str, ...]) -> list[str]:
     if os.path.lexists(os.path.join(directory, index)):
         names.add(index)
     return sorted(names)
+
+
+def weight_names(directory: str, weight_paths: tuple[str, ...]) -> list[str]:
+    """The folder's weight files, as a manifest lists them: ``read_names`` and every file at the top
+    of ``directory`` that is an index or ends in a weight suffix, read by this load or not."""
+    kinds = (".safetensors", *PICKLE_SUFFIXES)
+    try:
+        found = os.listdir(directory)
+    except OSError:  # open_checkpoint listed it a moment ago; what it read is still the floor
+        found = []
+    extra = {n for n in found if (n.endswith(kinds) or n in (INDEX_NAME, PICKLE_INDEX_NAME))
+             and not os.path.isdir(os.path.join(directory, n))}
+    return sorted(extra.union(read_names(directory, weight_paths)))
 
 
 def is_snapshot(directory: str) -> bool:
@@ -141,17 +160,20 @@ def _cache_checks(directory: str, names: list[str]) -> Checks:
     return Checks(reference=HUB_CACHE, source=blobs, files=tuple(files))
 
 
-def _manifest_checks(directory: str, manifest: str, names: list[str]) -> Checks:
+def _manifest_checks(directory: str, manifest: str, names: list[str], present: list[str]) -> Checks:
+    """Hashes what the load reads; a listed file it does not read (the *.bin beside safetensors)
+    only has to be there, and a weight file the manifest does not list fails as ``unlisted``."""
     listed = read_manifest(manifest)
     files, unchecked = [], []
+    read = set(names)
     for name, (digest, size) in sorted(listed.items()):
         path = os.path.join(directory, *name.split("/"))
         if not os.path.lexists(path):
             unchecked.append(Unchecked(name=name, status=ABSENT))
-            continue
-        files.append(FileCheck(name=name, path=path, algorithm=SHA256, expected=digest,
-                               size=require_regular(path, what="file to verify").st_size, expected_size=size))
-    unchecked += [Unchecked(name=name, status=UNLISTED) for name in names if name not in listed]
+        elif name in read:
+            files.append(FileCheck(name=name, path=path, algorithm=SHA256, expected=digest,
+                                   size=require_regular(path, what="file to verify").st_size, expected_size=size))
+    unchecked += [Unchecked(name=name, status=UNLISTED) for name in present if name not in listed]
     return Checks(reference=MANIFEST, source=manifest, files=tuple(files),
                   unchecked=tuple(sorted(unchecked, key=lambda u: u.name)))
 

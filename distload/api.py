@@ -205,8 +205,8 @@ def prepare(directory: str, config: LoadConfig, layout: Layout, build: ModelBuil
             quant = quant_config(ckpt.config, quantize=config.quantize, kv_cache_dtype=config.kv_cache_dtype)
             if build is reference_model:  # every field typed and the layer count bounded, before any layer is built
                 check_config(ckpt.config, ckpt.tensors)
-            experts = expert_facts(ckpt.config)
-            model_ignores = default_ignores(ckpt.config)
+            experts = expert_facts(ckpt.config, ckpt.tensors)
+            model_ignores = default_ignores(ckpt.config, ckpt.tensors)
         except ConfigError as err:
             err.file = err.file or config_json
             raise
@@ -222,7 +222,7 @@ def prepare(directory: str, config: LoadConfig, layout: Layout, build: ModelBuil
         peer = layout.rank(tp=coords.tp, dp=coords.dp, pp=stage)  # this rank's place in that stage
         ctx = BuildContext(config=ckpt.config, tp=layout.tp, tp_rank=coords.tp, ops=ops, dtype=dtype,
                            layout=layout, stage=stage, pipe=pipe_ops_for(layout, peer), rank=peer,
-                           stage_ops=stage_ops, experts=placements, quant=quant)
+                           stage_ops=stage_ops, experts=placements, quant=quant, tensor_names=ckpt.tensors)
         try:
             model = build(ctx)
             quantized.update(quantize_model(model, quant, ckpt.tensors, dtype))
@@ -327,7 +327,7 @@ def load_notes(ckpt: Checkpoint, config: LoadConfig) -> tuple[str, ...]:
     quantization."""
     if config.rules is not None:
         return (rules_note(config),)
-    return model_notes(ckpt.config) + quant_notes(ckpt, config)
+    return model_notes(ckpt.config, ckpt.tensors) + quant_notes(ckpt, config)
 
 
 def quant_notes(ckpt: Checkpoint, config: LoadConfig) -> tuple[str, ...]:

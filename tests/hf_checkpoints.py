@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -347,3 +348,44 @@ def save_float_twin(src: str, dst: str, tensors: dict[str, torch.Tensor], config
     with open(os.path.join(dst, INDEX), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
     return dst
+
+
+def renamed_checkpoint(src: str, dst: str, rename: Callable[[str], str]) -> str:
+    """Writes ``src`` again at ``dst`` with every tensor renamed by ``rename`` (the same data, shards
+    and side files), as another writer's layout of the same model."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", INDEX))
+    index = _read_index(src)
+    for fname in sorted(set(index["weight_map"].values())):
+        tensors = load_file(os.path.join(src, fname))
+        save_file({rename(n): t for n, t in tensors.items()}, os.path.join(dst, fname), metadata={"format": "pt"})
+    index["weight_map"] = {rename(n): fname for n, fname in index["weight_map"].items()}
+    _write_index(dst, index)
+    return dst
+
+
+def check_only_missing(pool, directory: str, deleted: str, tp: int = 2) -> None:
+    """Loads ``directory`` on ``tp`` ranks (TP only) and checks that every rank's load failed with
+    ``deleted`` as its one missing tensor, owned by every rank, nothing unexpected or inconsistent,
+    and that the dry run plans the same findings."""
+    import distload
+    from distload.dryrun import dry_run
+    from tests import jobs
+
+    results = pool.run(tp, jobs.load_outcome, directory, tp)
+    planned = dry_run(directory, distload.LoadConfig(tp=tp), world_size=tp).to_json()
+    for r in results:
+        assert r["raised"] is True
+        assert r["report"]["missing"] == [{"name": deleted, "owners": list(range(tp))}]
+        assert r["report"]["unexpected"] == [] and r["report"]["inconsistent"] == []
+        for kind in ("missing", "ignored", "unexpected", "num_units"):
+            assert planned[kind] == r["report"][kind], kind
+
+
+def check_clean_report(report: dict, ignored: list[dict]) -> None:
+    """A report JSON of a usable, complete load with no findings, whose ignored tensors are ``ignored``."""
+    assert report["complete"] is True and report["ok"] is True, report
+    for kind in ("missing", "inconsistent", "unexpected", "mismatched", "defaulted"):
+        assert report[kind] == [], (kind, report[kind])
+    assert report["ignored"] == ignored

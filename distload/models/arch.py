@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Collection, Mapping
 
 import torch
 from torch import nn
@@ -48,6 +48,9 @@ class BuildContext:
     quant: QuantConfig = QuantConfig()
     """the checkpoint's quantization: a scheme may fix how a layer splits before it is built
     (``QuantConfig.feature_block``); the layers are quantized after building"""
+    tensor_names: Collection[str] = ()
+    """the checkpoint's tensor names (where an unregistered multimodal wrapper's language model
+    sits is read from them)"""
 
 
 ModelBuilder = Callable[[BuildContext], nn.Module]

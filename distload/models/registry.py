@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Iterable, Mapping
+from typing import Collection, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -22,6 +22,7 @@ from .gemma3 import GEMMA3_TEXT
 from .llama import LLAMA, MISTRAL, QWEN2, QWEN3
 from .moe import MIXTRAL, QWEN2_MOE, QWEN3_MOE
 from .phi3 import PHI3
+from .unregistered import find
 from .wrapper import GEMMA3, LLAMA4, wrapped
 
 __all__ = ["Architecture", "BuildContext", "ModelBuilder", "architecture", "build_model", "check_config",
@@ -58,30 +59,38 @@ def supported_model_types() -> tuple[str, ...]:
     return tuple(ARCHITECTURES)
 
 
-def architecture(config: Mapping) -> Architecture:
-    """The description of ``config['model_type']``.
+def architecture(config: Mapping, tensor_names: Collection[str] = ()) -> Architecture:
+    """The description of ``config['model_type']``: a registered one, or an unregistered multimodal
+    wrapper around a built-in decoder (``unregistered.find``, where ``tensor_names`` show its layout).
 
     Raises:
-        ConfigError: the model type is unknown (the message lists the built-in ones and names rules mode).
+        ConfigError: the model type is unknown (the message lists the built-in ones, says why its
+            ``text_config`` does not help where it has one, and names rules mode).
     """
-    arch = _known(config)
+    arch = _known(config, tensor_names)
     if arch is None:
-        raise ConfigError(f"config.json model_type {config.get('model_type')!r} has no built-in model (built in: "
+        why = find(config, tensor_names, _decoder).why
+        raise ConfigError(f"config.json model_type {config.get('model_type')!r} has no built-in model{why} (built in: "
                           f"{', '.join(supported_model_types())}); to load it anyway, give a rules file saying how "
                           "its tensors split: --rules rules.json, or LoadConfig(rules=...)")
     return arch
 
 
-def _known(config: Mapping) -> Architecture | None:
+def _decoder(model_type: str) -> Architecture | None:
+    return ARCHITECTURES.get(model_type)
+
+
+def _known(config: Mapping, tensor_names: Collection[str] = ()) -> Architecture | None:
     """The description of ``config['model_type']``; None for a type without a reference model."""
     model_type = config.get("model_type")
-    return ARCHITECTURES.get(model_type) if isinstance(model_type, str) else None
+    arch = ARCHITECTURES.get(model_type) if isinstance(model_type, str) else None
+    return arch if arch is not None else find(config, tensor_names, _decoder).arch
 
 
 def reference_model(ctx: BuildContext) -> nn.Module:
     """The default builder: the registered architecture of the config's ``model_type``
     (a mixture of experts without ``ctx.experts`` gets the linear placement)."""
-    arch = architecture(ctx.config)
+    arch = architecture(ctx.config, ctx.tensor_names)
     cfg = arch.read(ctx.config, arch)
     facts = arch.experts(cfg) if arch.experts is not None else None
     if facts is not None and ctx.experts is None:
@@ -89,9 +98,9 @@ def reference_model(ctx: BuildContext) -> nn.Module:
     return arch.build(cfg, ctx)
 
 
-def default_ignores(config: Mapping) -> tuple[str, ...]:
+def default_ignores(config: Mapping, tensor_names: Collection[str] = ()) -> tuple[str, ...]:
     """Checkpoint names a model type leaves unused on purpose (listed as ignored, not unexpected)."""
-    arch = _known(config)
+    arch = _known(config, tensor_names)
     return () if arch is None else arch.ignores(config)
 
 
@@ -109,7 +118,7 @@ def largest_layer_index(names: Iterable[str]) -> int:
     return top
 
 
-def check_config(config: Mapping, tensor_names: Iterable[str]) -> None:
+def check_config(config: Mapping, tensor_names: Collection[str]) -> None:
     """Reads ``config`` as the reference model of its type will, before any layer is built, and
     bounds its layer count by the checkpoint: at most twice the layers ``tensor_names`` hold
     (one past their largest layer index). Fewer present than configured is a missing finding;
@@ -121,7 +130,7 @@ def check_config(config: Mapping, tensor_names: Iterable[str]) -> None:
     Raises:
         ConfigError: naming the field and its value, or the checkpoint's largest layer index.
     """
-    arch = _known(config)
+    arch = _known(config, tensor_names)
     if arch is None:
         return
     key = arch.text_key  # a multimodal wrapper's layers are its decoder's
@@ -141,23 +150,23 @@ def check_config(config: Mapping, tensor_names: Iterable[str]) -> None:
     arch.ignores(config)
 
 
-def expert_facts(config: Mapping) -> ExpertFacts | None:
+def expert_facts(config: Mapping, tensor_names: Collection[str] = ()) -> ExpertFacts | None:
     """The experts of ``config``'s model type (read from its own config key), or None for a dense
     model or one without a reference model.
 
     Raises:
         ConfigError: naming a bad field.
     """
-    arch = _known(config)
+    arch = _known(config, tensor_names)
     if arch is None or arch.experts is None:
         return None
     return arch.experts(arch.read(config, arch))
 
 
-def model_notes(config: Mapping) -> tuple[str, ...]:
+def model_notes(config: Mapping, tensor_names: Collection[str] = ()) -> tuple[str, ...]:
     """What the report says about the model loaded (a multimodal wrapper: which part); () for a
     model type without a reference model."""
-    arch = _known(config)
+    arch = _known(config, tensor_names)
     return () if arch is None else arch.notes(config)
 
 

@@ -6,7 +6,8 @@ distload loads the language model: the decoder the text config names is read and
 usual, inside a module whose path is the prefix, so every parameter, unit and quantization
 target carries the checkpoint's own full name. The vision tower and the projector are listed
 under ``ignored``, each with the rule that ignored it, and the report says which part was loaded.
-A new wrapper is one ``Wrapper`` value and its ``register(wrapped(...))`` line in registry.py.
+A new wrapper is one ``Wrapper`` value and its ``register(wrapped(...))`` line in registry.py; a
+model type without one, around a built-in decoder, is loaded through ``unregistered.py``.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, PlanError
 from ..jsondoc import quoted, show
+from ..layers.embedding import ParallelLMHead
+from ..spec import sibling
 from .arch import Architecture, BuildContext
 from .config import DecoderTraits
 
@@ -34,7 +37,7 @@ class Wrapper:
     text_model_type: str
     """the decoder's model type when ``text_config`` names none (``gemma3_text``)"""
     prefix: str
-    """what the checkpoint puts before the decoder's own names (``language_model.``)"""
+    """what the checkpoint puts before the decoder's own names (``language_model.``); "" with ``renames``"""
     ignored_parts: tuple[tuple[str, str], ...]
     """(what it is, the regex of its checkpoint names) for each part that is not the language model"""
     tie_word_embeddings: bool
@@ -42,6 +45,23 @@ class Wrapper:
     wrapper's transformers class reads the top level's, not text_config's)"""
     text_key: str = "text_config"
     """config.json key of the nested decoder config"""
+    renames: tuple[tuple[str, str], ...] = ()
+    """(the start of the decoder's own names, the checkpoint's for them) for each of the decoder's
+    top-level parts, where the checkpoint moves them apart (``model.`` -> ``model.language_model.``,
+    ``lm_head.`` -> ``lm_head.``); (): every name sits under ``prefix``"""
+    tie_from_text: bool = False
+    """the LM head is also tied when ``text_config`` says so and the top level does not (transformers'
+    LLaVA-style config classes forward the text config's ``tie_word_embeddings`` to the top level)"""
+
+    def checkpoint_pattern(self, pattern: str) -> str:
+        """A decoder's ignore rule for the checkpoint's names: an anchored rule moves with the part
+        it names; an unanchored one matches anywhere already."""
+        if not pattern.startswith("^"):
+            return pattern
+        for own, theirs in self.renames or (("", self.prefix),):
+            if pattern[1:].startswith(re.escape(own)):
+                return f"^{re.escape(theirs)}{pattern[1 + len(re.escape(own)):]}"
+        return pattern
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -56,22 +76,66 @@ class WrappedConfig:
     """what ``inner.read`` made of ``text``"""
 
 
+def _place(root: nn.Module, path: str, module: nn.Module) -> None:
+    """Adds ``module`` to ``root`` at the dotted ``path``, with empty modules as the holders on the way."""
+    *outer, last = path.split(".")
+    holder = root
+    for name in outer:
+        if not hasattr(holder, name):
+            holder.add_module(name, nn.Module())
+        holder = getattr(holder, name)
+    holder.add_module(last, module)
+
+
 class LanguageModelOf(nn.Module):
     """Holds a decoder at the module path of the checkpoint's prefix (``language_model``), so its
     parameters are named as the checkpoint names them; forward is the decoder's."""
 
     def __init__(self, prefix: str, decoder: nn.Module) -> None:
         super().__init__()
-        *outer, last = prefix.rstrip(".").split(".")
-        holder: nn.Module = self
-        for name in outer:
-            holder.add_module(name, nn.Module())
-            holder = getattr(holder, name)
-        holder.add_module(last, decoder)
+        _place(self, prefix.rstrip("."), decoder)
         self.decoder_path = prefix.rstrip(".")
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor | None:
         return self.get_submodule(self.decoder_path)(input_ids)
+
+
+class RenamedDecoder(nn.Module):
+    """Holds each top-level part of a decoder at the checkpoint's path for it (its ``model`` at
+    ``model.language_model``, its ``lm_head`` at ``lm_head``), so its parameters are named as the
+    checkpoint names them; forward is the decoder's, which holds the same parts."""
+
+    def __init__(self, renames: tuple[tuple[str, str], ...], decoder: nn.Module) -> None:
+        super().__init__()
+        places = {own.rstrip("."): theirs.rstrip(".") for own, theirs in renames}
+        stray = [n for n, _ in decoder.named_children() if n not in places]
+        stray += [n for n, _ in (*decoder.named_parameters(recurse=False), *decoder.named_buffers(recurse=False))]
+        if stray:
+            raise PlanError(f"the decoder's {quoted(stray[0])} has no place in the checkpoint's layout (it places "
+                            f"{', '.join(places)})")
+        for own, part in decoder.named_children():
+            _place(self, places[own], part)
+        for path, module in decoder.named_modules():  # a tied head names the embedding beside it
+            if isinstance(module, ParallelLMHead) and module.tied_name:
+                module.tied_name = _beside(_renamed(places, path), _renamed(places, sibling(path, module.tied_name)))
+        self.__dict__["decoder"] = decoder  # not a child: its parts are named by their places above
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        return self.decoder(input_ids)
+
+
+def _renamed(places: Mapping[str, str], name: str) -> str:
+    """A decoder name at its checkpoint place (``model.norm.weight`` -> ``model.language_model.norm.weight``)."""
+    own, dot, rest = name.partition(".")
+    return places[own] + dot + rest
+
+
+def _beside(path: str, name: str) -> str:
+    """``name`` as seen beside the module at ``path`` (what ``spec.sibling`` turns back into ``name``)."""
+    parent = path.rpartition(".")[0]
+    if parent and not name.startswith(parent + "."):
+        raise PlanError(f"the tied head at {quoted(path)} cannot name the embedding {quoted(name)} beside it")
+    return name[len(parent) + 1:] if parent else name
 
 
 def _in_text_config(err: ConfigError, key: str) -> ConfigError:
@@ -105,6 +169,8 @@ def wrapped(wrapper: Wrapper, decoders: Callable[[str], Architecture | None]) ->
                               f"builds, so model_type {quoted(wrapper.model_type)} cannot be loaded "
                               f"(it expects {quoted(wrapper.text_model_type)})")
         tie = config.get("tie_word_embeddings", wrapper.tie_word_embeddings)
+        if wrapper.tie_from_text and tie is False and text.get("tie_word_embeddings") is True:
+            tie = True
         return inner, {**text, "model_type": text_type, "tie_word_embeddings": tie}
 
     def read(config: Mapping, arch: Architecture) -> WrappedConfig:
@@ -115,7 +181,8 @@ def wrapped(wrapper: Wrapper, decoders: Callable[[str], Architecture | None]) ->
             raise _in_text_config(err, wrapper.text_key) from None
 
     def build(cfg: WrappedConfig, ctx: BuildContext) -> nn.Module:
-        return LanguageModelOf(wrapper.prefix, cfg.inner.build(cfg.decoder, dataclasses.replace(ctx, config=cfg.text)))
+        decoder = cfg.inner.build(cfg.decoder, dataclasses.replace(ctx, config=cfg.text))
+        return RenamedDecoder(wrapper.renames, decoder) if wrapper.renames else LanguageModelOf(wrapper.prefix, decoder)
 
     def experts(cfg: WrappedConfig):
         return cfg.inner.experts(cfg.decoder) if cfg.inner.experts is not None else None
@@ -126,9 +193,7 @@ def wrapped(wrapper: Wrapper, decoders: Callable[[str], Architecture | None]) ->
             own = inner.ignores(text)
         except ConfigError as err:
             raise _in_text_config(err, wrapper.text_key) from None
-        # the decoder's anchored rules name its own names: they sit behind the prefix here
-        prefixed = tuple(f"^{re.escape(wrapper.prefix)}{p[1:]}" if p.startswith("^") else p for p in own)
-        return tuple(pattern for _, pattern in wrapper.ignored_parts) + prefixed
+        return tuple(pattern for _, pattern in wrapper.ignored_parts) + tuple(map(wrapper.checkpoint_pattern, own))
 
     def notes(config: Mapping) -> tuple[str, ...]:
         parts = " and ".join(f"the {what} ({pattern})" for what, pattern in wrapper.ignored_parts)

@@ -1,0 +1,132 @@
+"""Unregistered multimodal wrappers: a config.json whose ``model_type`` has no built-in model but
+whose ``text_config`` names a built-in decoder (LLaVA and its like around a ``llama``, ``mistral``
+or ``qwen2`` decoder) loads that language model as a registered ``Wrapper`` does.
+
+Where the language model sits is read from the checkpoint's tensor names, among the layouts
+transformers writes for such models, never guessed from the model type. Every other tensor (the
+vision tower, the projector, whatever else the wrapper has) is ignored with a rule per part: nothing
+checks that part, and the report note says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import Callable, Collection, Mapping
+
+from ..jsondoc import quoted, show
+from .arch import Architecture
+from .wrapper import Wrapper, wrapped
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TextLayout:
+    """Where a checkpoint puts its language model's tensors beside the other parts."""
+
+    places: tuple[tuple[str, str], ...]
+    """(the start of the decoder's own names, the checkpoint's for them); the first is its body"""
+    prefix: str = ""
+    """what the checkpoint puts before every decoder name, when that is all it does; "": it moves
+    the decoder's parts apart (``places``)"""
+    writers: str
+    """which transformers versions write it"""
+
+    @property
+    def body(self) -> str:
+        """The checkpoint's start of the decoder's ``model.*`` names: a name under it picks the layout."""
+        return self.places[0][1]
+
+    def wrapper(self, model_type: str, text_type: str, parts: tuple[tuple[str, str], ...]) -> Wrapper:
+        """The ``Wrapper`` that loads a checkpoint of this layout, ignoring ``parts``."""
+        return Wrapper(model_type=model_type, text_model_type=text_type, prefix=self.prefix,
+                       renames=() if self.prefix else self.places, ignored_parts=parts,
+                       tie_word_embeddings=False, tie_from_text=True)
+
+
+LAYOUTS = (
+    TextLayout(places=(("model.", "language_model.model."), ("lm_head.", "language_model.lm_head.")),
+               prefix="language_model.", writers="transformers 5 and before 4.52"),
+    TextLayout(places=(("model.", "model.language_model."), ("lm_head.", "lm_head.")),
+               writers="transformers 4.52 to 4.57"),
+)
+"""the LLaVA-style layouts: ``language_model.`` before the decoder's own names, or its body moved to
+``model.language_model.`` and its head left at the top level"""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Found:
+    """What the lookup made of a config.json whose model type is not registered."""
+
+    arch: Architecture | None
+    """the language model's wrapper architecture; None: it cannot be loaded this way"""
+    why: str
+    """why not, as a clause of the unknown model type's error ("": found, or config.json has no text_config)"""
+
+
+KEY = "text_config"
+"""config.json key of the nested decoder config"""
+
+
+def find(config: Mapping, tensor_names: Collection[str], decoders: Callable[[str], Architecture | None]) -> Found:
+    """The wrapper architecture of an unregistered model type around a built-in decoder, with the
+    layout its checkpoint's names show.
+
+    Args:
+        config: config.json, whose ``model_type`` is not registered.
+        tensor_names: every tensor name of the checkpoint.
+        decoders: model type -> its registered architecture (None: not registered).
+    """
+    text = config.get(KEY)
+    if not isinstance(text, Mapping):
+        return Found(arch=None, why="")
+    text_type = text.get("model_type")
+    inner = decoders(text_type) if isinstance(text_type, str) else None
+    if inner is None or inner.text_key is not None:
+        named = quoted(text_type) if isinstance(text_type, str) else show(text_type)
+        return Found(arch=None, why=f", and its {KEY}.model_type {named} is no language model distload builds")
+    fits = [layout for layout in LAYOUTS if any(name.startswith(layout.body) for name in tensor_names)]
+    if len(fits) != 1:
+        looked = " or ".join(f"{', '.join(t + '*' for _, t in layout.places)} ({layout.writers})" for layout in LAYOUTS)
+        held = "none" if not fits else "more than one"
+        return Found(arch=None, why=f"; its {KEY} (model_type {quoted(text_type)}) is built in, but the checkpoint's "
+                                    f"names fit {held} of the layouts looked for: {looked}")
+    layout = fits[0]
+    model_type = config.get("model_type")
+    shown = quoted(model_type) if isinstance(model_type, str) else show(model_type)
+    starts = (layout.prefix,) if layout.prefix else tuple(theirs for _, theirs in layout.places)
+    parts = other_parts(tensor_names, starts)
+    arch = wrapped(layout.wrapper(str(model_type), text_type, parts), decoders)
+    where = " and ".join(map(quoted, starts))
+
+    def notes(config: Mapping) -> tuple[str, ...]:
+        others = ", ".join(what for what, _ in parts) or "none"
+        return (f"loaded the language model through the generic path for an unregistered wrapper type: model_type "
+                f"{shown} has no registered wrapper, its {KEY} (model_type {quoted(text_type)}) was read as the "
+                f"decoder, checkpoint names under {where} (the layout {layout.writers} write); nothing checked the "
+                f"other parts ({others}), which are ignored",)
+
+    return Found(arch=dataclasses.replace(arch, notes=notes), why="")
+
+
+def other_parts(tensor_names: Collection[str], starts: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    """The parts outside the language model (``vision_tower.``, ``model.multi_modal_projector.``),
+    each with the rule that ignores it, in name order.
+
+    A part is the shortest dotted start of a name that does not begin any language-model start
+    (``model.`` begins ``model.language_model.``: ``model.vision_tower.`` is the part); a name with no
+    such start is a part of its own (``image_newline``).
+    """
+    parts: dict[str, str] = {}
+    for name in sorted(tensor_names):
+        if name.startswith(starts):
+            continue
+        pieces = name.split(".")
+        for i in range(1, len(pieces)):
+            start = ".".join(pieces[:i]) + "."
+            if not any(s.startswith(start) for s in starts):
+                parts.setdefault(start, f"^{re.escape(start)}")
+                break
+        else:
+            parts.setdefault(name, f"^{re.escape(name)}$")
+    return tuple(parts.items())

@@ -216,6 +216,29 @@ def _ray_launch(*args: str, cwd, address: str) -> subprocess.CompletedProcess:
                           env={**os.environ, "PYTHONPATH": ROOT})
 
 
+def test_launcher_exits_2_for_a_world_too_small_naming_its_own_option_and_1_for_a_truncated_shard(ray_cluster,
+                                                                                                    tmp_path):
+    from distload.checkpoint.directory import open_checkpoint
+
+    usage = _ray_launch("--tp", "2", "--num-ranks", "1", cwd=tmp_path, address=ray_cluster)
+    assert (usage.returncode, usage.stderr.splitlines()) == (2, [
+        "distload: error: tp=2 x pp=1 needs 2 ranks, but the world has 1: start 2 (launch/ray_launch.py ... "
+        "--num-ranks 2), or plan the layout without them: python -m distload CHECKPOINT --dry-run --world 2 ... [rank 0]"])
+    cut = copy_checkpoint(distload.example_checkpoint(), str(tmp_path / "cut"))
+    shard = os.path.join(cut, "model-00002-of-00002.safetensors")
+    os.truncate(shard, os.path.getsize(shard) // 2)
+    with pytest.raises(distload.CheckpointError) as err:  # what every rank meets, read here in-process
+        open_checkpoint(cut)
+    failed = _ray_launch(cut, "--tp", "2", "--json", "cut.json", cwd=tmp_path, address=ray_cluster)
+    assert failed.returncode == 1, failed.stderr
+    assert [line for line in failed.stderr.splitlines() if line.startswith("distload")] == [
+        f"distload: error: {err.value.with_rank(0)}"]
+    verdict = json.loads((tmp_path / "cut.json").read_text())
+    assert (verdict["exit_code"], verdict["ok"], verdict["error"]["type"], verdict["error"]["file"]) == (
+        1, False, "CheckpointError", shard)
+    assert _cluster_idle()
+
+
 def _torchrun_cli(*args: str, cwd) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     return subprocess.Popen([sys.executable, "-m", "distload.run", "--nproc-per-node", "4", *args, "--device", "cpu",

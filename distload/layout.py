@@ -114,12 +114,7 @@ class Layout:
         """
         for axis, value in (("world_size", world_size), ("tp", tp), ("pp", pp), ("dp", dp or 1)):
             _check_positive(axis, value)
-        need = tp * pp * (dp or 1)
-        if need > world_size:
-            raise LayoutError(
-                f"tp={tp} x pp={pp}{f' x dp={dp}' if dp else ''} needs {need} ranks, but the world has "
-                f"{world_size}: start {need} (torchrun --nproc-per-node {need} -m distload ...), or plan "
-                f"the layout without them: python -m distload CHECKPOINT --dry-run --world {need} ...")
+        check_ranks(world_size, tp=tp, pp=pp, dp=dp)
         if dp is None:
             if world_size % (tp * pp):
                 raise LayoutError(
@@ -188,3 +183,28 @@ class Layout:
 def _check_positive(axis: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise LayoutError(f"layout {axis} must be a positive integer, got {value!r}")
+
+
+TORCHRUN_START = "torchrun --nproc-per-node {need} -m distload ..."
+"""how the message of too few ranks says to start ``need`` of them, unless a launcher says its own way"""
+
+
+def check_ranks(world_size: int, *, tp: int, pp: int, dp: int | None, start: str = TORCHRUN_START) -> None:
+    """Raises when tp x pp (x dp) needs more ranks than ``world_size``, saying how to start them
+    (``start``, with ``{need}``: the launcher's own option) or plan the layout without them.
+
+    Raises:
+        LayoutError: the world is too small for the layout.
+
+    Example:
+        >>> check_ranks(2, tp=4, pp=1, dp=None, start="launch/ray_launch.py ... --num-ranks {need}")
+        Traceback (most recent call last):
+        ...
+        distload.errors.LayoutError: tp=4 x pp=1 needs 4 ranks, but the world has 2: start 4 (launch/ray_launch.py ... --num-ranks 4), or plan the layout without them: python -m distload CHECKPOINT --dry-run --world 4 ...
+    """
+    need = tp * pp * (dp or 1)
+    if need > world_size:
+        raise LayoutError(
+            f"tp={tp} x pp={pp}{f' x dp={dp}' if dp else ''} needs {need} ranks, but the world has "
+            f"{world_size}: start {need} ({start.format(need=need)}), or plan "
+            f"the layout without them: python -m distload CHECKPOINT --dry-run --world {need} ...")

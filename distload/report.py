@@ -66,8 +66,9 @@ class RankStats:
 class LoadReport:
     """The outcome of one load, the same on every rank.
 
-    ``complete`` is True when no unit is missing or inconsistent, None when
-    tracking was turned off (nothing was proven).
+    ``complete`` is True when the records were merged and no unit is missing or inconsistent (and
+    no file failed content verification), None when tracking was turned off (nothing was proven);
+    ``ok`` is True when no check that ran failed, so it is True under tracking off too.
     """
 
     mode: str
@@ -188,6 +189,9 @@ class LoadReport:
                  f"{self.seconds:.2f} s on rank 0" if self.mode == "track" else
                  f"  planned: {_size(total)} over {num_ranks} rank(s) in {len(self.ranks)} class(es) of ranks "
                  f"that read alike, planned in {self.seconds:.2f} s"]
+        if not self.tracked:  # said plainly: a CI gate on ok alone would pass such a run
+            lines.insert(1, "  not tracked (--track off / enable_weights_track false): nothing proves that every "
+                            "tensor was loaded; ok only says that no check that ran failed")
         if self.ranks:
             lo, mid, hi = _spread(self.ranks, "bytes_read")
             lines.append(f"  bytes per rank: min {_size(lo)}, median {_size(mid)}, max {_size(hi)}")

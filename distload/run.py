@@ -70,9 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # c10d prints a C++ stack for every lost connection; the ranks name the lost rank themselves
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
-    # torch's launcher logs every failing worker with its own dump: the ranks say what failed
-    for name in ("torch.distributed.run", "torch.distributed.elastic", "torch.distributed.launcher"):
-        logging.getLogger(name).setLevel(logging.CRITICAL)
+    _mute_launcher_logs()
     try:
         torchrun.run(args)
     except ChildFailedError as err:
@@ -83,6 +81,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 128 + signal.SIGINT
     return 0
+
+
+_LAUNCHER_LOGS = ("torch.distributed.run", "torch.distributed.elastic", "torch.distributed.launcher")
+"""torch's launcher's loggers: they log every failing worker with its own dump, and a signal's
+"Received 2 death signal" line; the ranks say what failed, once"""
+
+
+def _mute_launcher_logs() -> None:
+    """Raises torch's launcher loggers to CRITICAL. Each of its modules sets its own logger's level
+    (``LOGLEVEL``, default WARNING), so a parent's level does not reach them: every logger made so
+    far under those names is set (``torch.distributed.run`` has imported them all)."""
+    known = [n for n in logging.root.manager.loggerDict if n.startswith(tuple(f"{p}." for p in _LAUNCHER_LOGS))]
+    for name in (*_LAUNCHER_LOGS, *known):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def _check_options(cli: list[str], args) -> None:

@@ -22,11 +22,15 @@ import sys
 import threading
 
 from distload.errors import ConfigError, DistloadError
+from distload.layout import check_ranks
 from distload.options import Invocation, parse
 from distload.verdict import EXIT_ERROR, EXIT_INCOMPLETE, EXIT_OK, EXIT_USAGE, Verdict, error_json, failure_json, \
     reporter, write_json
 from distload.ray import READY_TIMEOUT, STRATEGIES
 
+
+RANKS_START = "launch/ray_launch.py ... --num-ranks {need}"
+"""how this launcher starts more ranks, in the message of a world too small for the layout"""
 
 _sigterm = threading.Event()
 """set when SIGTERM (a scheduler, a CI timeout) asked the driver to stop"""
@@ -103,7 +107,10 @@ def _run(ranks: list[Invocation], args: argparse.Namespace) -> int:
             from distload.dryrun import dry_run
             report = dry_run(directory, inv.config, world_size=inv.dry_run_world)
             return Verdict(inv).report(report, EXIT_OK if report.ok else EXIT_INCOMPLETE)
-        inv.config.layout(inv.world_size)  # a layout that cannot fit: said before any actor starts
+        # a layout that cannot fit: said before any actor starts, naming this launcher's option
+        config = inv.config
+        check_ranks(inv.world_size, tp=config.tp, pp=config.pp, dp=config.dp, start=RANKS_START)
+        config.layout(inv.world_size)
         outcomes, err = _load_on_actors(directory, inv, args), None
     except DistloadError as failed:
         outcomes, err = getattr(failed, "outcomes", None), failed

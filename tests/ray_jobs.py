@@ -1,5 +1,6 @@
 """What the Ray tests run inside actors (importable by Ray's workers): a builder that kills its
-rank, and an engine's own actor class with its own module, loaded through ``distload.load``."""
+rank, and an engine's own actor class with its own module, loaded through ``distload.load``, or
+with the engine-style loader's own loop recorded and merged by ``distload.track``."""
 
 from __future__ import annotations
 
@@ -55,6 +56,21 @@ class EngineMLP(nn.Module):
         return self.down(torch.relu(self.up(self.norm(x)))) * self.out.scale
 
 
+def engine_mlp_config(world_size: int) -> distload.LoadConfig:
+    """What an engine worker loads ``EngineMLP`` with: TP over every rank, on the CPU."""
+    return distload.LoadConfig(tp=world_size, device="cpu")
+
+
+def engine_mlp_report(checkpoint: str) -> dict:
+    """A pool job: ``EngineMLP`` loaded by ``distload.load`` under torchrun's variables, as the
+    engine actors load it; the report JSON (also of an incomplete checkpoint)."""
+    world = distload.comm.world_from_env()
+    try:
+        return distload.load(checkpoint, engine_mlp_config(world.world_size), build=EngineMLP).report.to_json()
+    except distload.MissingWeightsError as err:
+        return err.report.to_json()
+
+
 class EngineWorker:
     """A serving engine's worker actor: it loads its own module with ``distload.load``, given the
     ``WorldInfo`` from ``distload.ray.rendezvous``, and keeps it for forward passes."""
@@ -67,9 +83,19 @@ class EngineWorker:
         return ray.get_runtime_context().get_node_id()
 
     def load(self, checkpoint: str, world: distload.WorldInfo) -> dict:
-        config = distload.LoadConfig(tp=world.world_size, device="cpu")
-        self.loaded = distload.load(checkpoint, config, world=world, build=EngineMLP, keep_group=True)
+        """``distload.load(build=EngineMLP, world=...)``; an incomplete checkpoint's report (no model) too."""
+        try:
+            self.loaded = distload.load(checkpoint, engine_mlp_config(world.world_size), world=world,
+                                        build=EngineMLP, keep_group=True)
+        except distload.MissingWeightsError as err:
+            return err.report.to_json()
         return self.loaded.report.to_json()
+
+    def track(self, checkpoint: str, layout: dict, world: distload.WorldInfo) -> dict:
+        """The engine-style model of ``tests.engine_loader`` loaded by its own loop, recorded with
+        ``distload.track`` and merged across the actors through ``track.merge(world=...)``."""
+        from tests.track_jobs import engine_track
+        return engine_track(checkpoint, layout, world=world)["report"]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

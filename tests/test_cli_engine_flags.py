@@ -30,12 +30,29 @@ def dry_run_json(tmp_path, capsys, *args: str) -> dict:
 @pytest.mark.parametrize("engine,short", [
     (["--tensor-parallel-size", "2", "--pipeline-parallel-size", "2"], ["--tp", "2", "--pp", "2"]),
     (["-tp", "2", "-dp", "2"], ["--tp", "2", "--dp", "2"]),
+    (["-pp", "2", "-tp", "2"], ["--pp", "2", "--tp", "2"]),
     (["--data-parallel-size", "4", "--dtype", "auto"], ["--dp", "4"]),
 ])
 def test_engine_aliases_mean_the_short_options(tmp_path, capsys, engine, short):
     a = dry_run_json(tmp_path, capsys, *engine, "--world", "4")
     b = dry_run_json(tmp_path, capsys, *short, "--world", "4")
     assert a["layout"] == b["layout"] and a["rank_classes"] == b["rank_classes"]
+
+
+def test_dtype_auto_keeps_the_checkpoints_dtype_on_a_real_load(tmp_path, capsys):
+    import torch
+
+    from distload.options import parse
+
+    ckpt = write_hf_checkpoint(str(tmp_path / "fp16"), HFSpec(model_type="llama", dtype="float16"))
+    loaded = distload.load(ckpt, parse([ckpt, "--device", "cpu", "--dtype", "auto"]).config)
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.float16} and loaded.report.notes == ()
+    auto, cast = tmp_path / "auto.json", tmp_path / "cast.json"  # the CLI's own run: nothing cast, unlike float32
+    assert cli_main.main([ckpt, "--device", "cpu", "--quiet", "--dtype", "auto", "--json", str(auto)]) == 0
+    assert cli_main.main([ckpt, "--device", "cpu", "--quiet", "--dtype", "float32", "--json", str(cast)]) == 0
+    capsys.readouterr()
+    assert json.loads(auto.read_text())["notes"] == []
+    assert any("float16 -> float32" in n for n in json.loads(cast.read_text())["notes"])
 
 
 @pytest.fixture(scope="module")

@@ -15,13 +15,14 @@ import torch
 
 import distload
 import distload.ray
-from tests import ray_jobs
+from tests import ray_jobs, track_jobs
 from tests.hf_checkpoints import HFSpec, copy_checkpoint, delete_tensors, hf_logits, put_tensors, read_tensors, \
     write_hf_checkpoint
 
 ray = pytest.importorskip("ray")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FINDINGS = ("missing", "inconsistent", "defaulted", "unexpected")
 TIMING = ("seconds", "gbps", "merge_seconds")
 """report fields that measure time: they differ between any two runs"""
 
@@ -94,22 +95,28 @@ def test_actors_logits_match_transformers_and_checksums_the_checkpoint(ray_clust
     assert _gone(pids) and _cluster_idle()  # unload killed the actors and removed the placement group
 
 
-def test_engine_actors_load_their_own_model_through_rendezvous(ray_cluster, tmp_path):
+def test_engine_actors_load_their_own_model_through_rendezvous(ray_cluster, pool, tmp_path):
     from safetensors.torch import save_file
 
     torch.manual_seed(0)
     weights = {"norm.weight": 1 + 0.2 * torch.randn(8), "norm.bias": 0.2 * torch.randn(8),
                "up.weight": torch.randn(16, 8), "down.weight": torch.randn(8, 16)}
-    save_file(weights, str(tmp_path / "model.safetensors"))
-    (tmp_path / "config.json").write_text(json.dumps({"hidden": 8, "ffn": 16}))
+    for name, tensors in (("whole", weights), ("no-up", {n: t for n, t in weights.items() if n != "up.weight"})):
+        (tmp_path / name).mkdir()
+        save_file(tensors, str(tmp_path / name / "model.safetensors"))
+        (tmp_path / name / "config.json").write_text(json.dumps({"hidden": 8, "ffn": 16}))
     workers = [ray.remote(num_cpus=1)(ray_jobs.EngineWorker).remote() for _ in range(4)]
     try:
-        worlds = distload.ray.rendezvous(ray.get([w.node_id.remote() for w in workers]))
+        nodes = ray.get([w.node_id.remote() for w in workers])
+        worlds = distload.ray.rendezvous(nodes)
         assert [w.rank for w in worlds] == [0, 1, 2, 3] and worlds[0].master_addr == ray.util.get_node_ip_address()
-        reports = ray.get([w.load.remote(str(tmp_path), world) for w, world in zip(workers, worlds)])
+        reports = ray.get([w.load.remote(str(tmp_path / "whole"), world) for w, world in zip(workers, worlds)])
         x = torch.randn(2, 3, 8)
         outs = ray.get([w.forward.remote(x) for w in workers])
         ray.get([w.close.remote() for w in workers])
+        # the same actors again, on a new rendezvous: a checkpoint without up.weight
+        broken = ray.get([w.load.remote(str(tmp_path / "no-up"), world)
+                          for w, world in zip(workers, distload.ray.rendezvous(nodes))])
     finally:
         for w in workers:
             ray.kill(w)
@@ -119,6 +126,33 @@ def test_engine_actors_load_their_own_model_through_rendezvous(ray_cluster, tmp_
     expected = torch.relu(normed @ weights["up.weight"].T) @ weights["down.weight"].T  # scale defaults to 1.0
     for out in outs:
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert all(_untimed(r) == _untimed(broken[0]) for r in broken)
+    assert (broken[0]["complete"], broken[0]["ok"]) == (False, False)
+    assert broken[0]["missing"] == [{"name": "up.weight", "owners": [0, 1, 2, 3]}]
+    under_torchrun = pool.run(4, ray_jobs.engine_mlp_report, str(tmp_path / "no-up"))  # the same build, pool ranks
+    assert {k: under_torchrun[0][k] for k in FINDINGS} == {k: broken[0][k] for k in FINDINGS}
+
+
+def test_engine_actors_merge_their_own_loads_through_track_world(ray_cluster, pool, tmp_path):
+    """The tracking API from Ray actors: each actor loads the engine-style model with its own loop,
+    recorded by ``distload.track``, and ``track.merge(world=...)`` forms the group to merge over."""
+    ckpt = copy_checkpoint(distload.example_checkpoint(), str(tmp_path / "no-q"))
+    q = "model.layers.1.self_attn.q_proj.weight"  # stage 1's, split over its TP ranks 2 and 3
+    delete_tensors(ckpt, [q])
+    layout = {"tp": 2, "pp": 2}
+    workers = [ray.remote(num_cpus=1)(ray_jobs.EngineWorker).remote() for _ in range(4)]
+    try:
+        worlds = distload.ray.rendezvous(ray.get([w.node_id.remote() for w in workers]))
+        reports = ray.get([w.track.remote(ckpt, layout, world) for w, world in zip(workers, worlds)])
+    finally:
+        for w in workers:
+            ray.kill(w)
+    assert all(_untimed(r) == _untimed(reports[0]) for r in reports)
+    assert (reports[0]["mode"], reports[0]["complete"], reports[0]["ok"]) == ("track", False, False)
+    assert reports[0]["missing"] == [{"name": q, "owners": [2, 3]}]
+    loaded = pool.run(4, track_jobs.distload_report, ckpt, layout)[0]["report"]  # distload.load's own findings
+    assert {k: loaded[k] for k in FINDINGS} == {k: reports[0][k] for k in FINDINGS}
+    assert _cluster_idle()
 
 
 def test_a_killed_actor_fails_the_load_naming_its_rank_and_leaves_nothing(ray_cluster, tmp_path):
@@ -180,6 +214,29 @@ def _ray_launch(*args: str, cwd, address: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, os.path.join(ROOT, "launch", "ray_launch.py"), *args, "--address", address,
                            "--device", "cpu", "--quiet"], cwd=cwd, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": ROOT})
+
+
+def test_launcher_exits_2_for_a_world_too_small_naming_its_own_option_and_1_for_a_truncated_shard(ray_cluster,
+                                                                                                    tmp_path):
+    from distload.checkpoint.directory import open_checkpoint
+
+    usage = _ray_launch("--tp", "2", "--num-ranks", "1", cwd=tmp_path, address=ray_cluster)
+    assert (usage.returncode, usage.stderr.splitlines()) == (2, [
+        "distload: error: tp=2 x pp=1 needs 2 ranks, but the world has 1: start 2 (launch/ray_launch.py ... "
+        "--num-ranks 2), or plan the layout without them: python -m distload CHECKPOINT --dry-run --world 2 ... [rank 0]"])
+    cut = copy_checkpoint(distload.example_checkpoint(), str(tmp_path / "cut"))
+    shard = os.path.join(cut, "model-00002-of-00002.safetensors")
+    os.truncate(shard, os.path.getsize(shard) // 2)
+    with pytest.raises(distload.CheckpointError) as err:  # what every rank meets, read here in-process
+        open_checkpoint(cut)
+    failed = _ray_launch(cut, "--tp", "2", "--json", "cut.json", cwd=tmp_path, address=ray_cluster)
+    assert failed.returncode == 1, failed.stderr
+    assert [line for line in failed.stderr.splitlines() if line.startswith("distload")] == [
+        f"distload: error: {err.value.with_rank(0)}"]
+    verdict = json.loads((tmp_path / "cut.json").read_text())
+    assert (verdict["exit_code"], verdict["ok"], verdict["error"]["type"], verdict["error"]["file"]) == (
+        1, False, "CheckpointError", shard)
+    assert _cluster_idle()
 
 
 def _torchrun_cli(*args: str, cwd) -> subprocess.Popen:

@@ -4,23 +4,34 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
 import distload
 from distload.run import split_argv
-from tests.hf_checkpoints import copy_checkpoint, delete_tensors
+from tests.hf_checkpoints import copy_checkpoint, delete_tensors, put_tensors, read_tensors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def launch(*args: str, cwd) -> subprocess.CompletedProcess:
+def started(*args: str, cwd, nproc: int = 4) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    return subprocess.run([sys.executable, "-m", "distload.run", "--nproc-per-node", "4", *args, "--device", "cpu",
-                           "--quiet"], cwd=cwd, capture_output=True, text=True, timeout=300,
-                          env={**env, "PYTHONPATH": ROOT})
+    return subprocess.Popen([sys.executable, "-m", "distload.run", "--nproc-per-node", str(nproc), *args, "--device",
+                             "cpu", "--quiet"], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**env, "PYTHONPATH": ROOT})
+
+
+def launch(*args: str, cwd, nproc: int = 4) -> subprocess.CompletedProcess:
+    proc = started(*args, cwd=cwd, nproc=nproc)
+    try:
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def test_split_keeps_torchrun_options_for_the_launcher():
@@ -60,3 +71,40 @@ def test_the_four_verdicts_at_world_4(tmp_path):
 def test_launcher_usage_errors_exit_2_before_starting_ranks(tmp_path, args, line):
     proc = launch(*args, cwd=tmp_path)
     assert (proc.returncode, proc.stderr.strip().splitlines()) == (2, [line])
+
+
+def test_a_tied_lm_head_that_differs_from_the_embedding_exits_3_complete_but_not_ok(tmp_path):
+    """The issue's motivating case: every unit loaded (complete), yet the load must not be used (ok false)."""
+    ckpt = copy_checkpoint(distload.example_checkpoint(), str(tmp_path / "tied"))
+    config = json.loads((tmp_path / "tied" / "config.json").read_text())
+    (tmp_path / "tied" / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    head = read_tensors(ckpt)["model.embed_tokens.weight"].clone()
+    head[-1] += 1  # the last vocabulary row: TP rank 1's half
+    put_tensors(ckpt, {"lm_head.weight": head})
+    proc = launch(ckpt, "--tp", "2", "--json", "tied.json", cwd=tmp_path, nproc=2)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stdout.count(f"distload load: COMPLETE, FAILED CHECKS - {ckpt}") == 1
+    report = json.loads((tmp_path / "tied.json").read_text())
+    assert (report["complete"], report["ok"]) == (True, False)
+    assert report["mismatched"] == [{"name": "lm_head.weight", "owners": [0, 1], "against": "model.embed_tokens.weight",
+                                     "differs_on": [1]}]
+
+
+def test_sigint_to_the_launcher_exits_130_with_every_ranks_verdict(tmp_path):
+    proc = started("--tp", "2", "--json", "out-{rank}.json", cwd=tmp_path, nproc=2)
+    try:  # once both ranks have started (each wrote its placeholder): they are importing torch or loading
+        deadline = time.monotonic() + 120
+        while not all((tmp_path / f"out-{r}.json").exists() for r in range(2)):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    # one line: the rank's, not torch's "Received 2 death signal" warning
+    assert (out, err.splitlines()) == ("", ["distload: error: interrupted: SIGINT received [rank 0]"])
+    for rank in range(2):
+        verdict = json.loads((tmp_path / f"out-{rank}.json").read_text())
+        assert (verdict["exit_code"], verdict["rank"], verdict["ok"], verdict["error"]["message"]) == (
+            130, rank, False, "interrupted: SIGINT received"), rank

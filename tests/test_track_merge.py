@@ -192,3 +192,21 @@ def test_bytes_each_rank_sends_are_two_fixed_size_collectives_and_two_small_ones
     parts = 8 * 4  # this rank's part of the table: its units, failed, defaulted, colliding (none here)
     flags = len(p.tensors)  # int8 per checkpoint tensor
     assert group.sent == [agree + keys + parts + flags] * 64
+
+
+
+def test_merge_over_a_world_of_one_forms_no_group_and_group_with_world_is_refused(tmp_path):
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    from distload import WorldInfo, track
+
+    save_file({"w": torch.zeros(8, 4)}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text("{}")
+    one = WorldInfo(rank=0, world_size=1, local_rank=0)
+    report = track.merge(*_one(Key.of("w")), checkpoint=str(tmp_path), world=one)
+    assert (report.complete, report.ok, report.layout["world_size"]) == (True, True, 1) and not dist.is_initialized()
+    with pytest.raises(ConfigError) as err:
+        track.merge(*_one(Key.of("w")), checkpoint=str(tmp_path), world=one, group=object())
+    assert str(err.value) == ("track.merge takes group= (an engine's process group) or world= (a group to form), "
+                              "not both")

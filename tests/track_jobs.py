@@ -10,17 +10,21 @@ from distload.layout import Layout
 
 
 def engine_track(directory: str, layout: dict, skip: dict | None = None, redundant: int = 0,
-                 extra_config: dict | None = None) -> dict:
+                 extra_config: dict | None = None, world: distload.WorldInfo | None = None) -> dict:
     """Loads ``directory`` with the engine-style model on this rank (rank ``r`` leaving out the
     checkpoint tensors ``skip[r]``, as a loader that forgets them would) and merges with
-    ``distload.track``; returns the report JSON and the set of names ``load_weights`` returned."""
+    ``distload.track``; returns the report JSON and the set of names ``load_weights`` returned.
+
+    Without ``world`` (torchrun's variables) the engine forms its own group first, and the merge
+    uses it; with ``world`` (a Ray actor's, from ``distload.ray.rendezvous``) the merge forms it."""
     import torch.distributed as dist
 
     from tests.engine_loader import EngineModel, Place, STACKED, engine_config, safetensors_weights
 
-    world = distload.comm.world_from_env()
-    if world.world_size > 1:
-        dist.init_process_group("gloo")
+    if world is None:
+        world = distload.comm.world_from_env()
+        if world.world_size > 1:
+            dist.init_process_group("gloo")
     try:
         model = EngineModel(engine_config(directory), Place(rank=world.rank, **layout), redundant=redundant)
         dropped = set((skip or {}).get(world.rank, ()))
@@ -37,7 +41,7 @@ def engine_track(directory: str, layout: dict, skip: dict | None = None, redunda
         with recorder.observe():
             returned = model.load_weights(recorder.weights(weights))
         report = track.merge(expected, recorder, checkpoint=directory, extra_config=extra_config,
-                             layout=Layout(world_size=world.world_size, **layout))
+                             layout=Layout(world_size=world.world_size, **layout), world=world)
         # ----
         return {"report": report.to_json(), "returned": sorted(returned), "text": report.format_text()}
     finally:

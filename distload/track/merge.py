@@ -35,9 +35,9 @@ import torch
 from .. import tracking
 from .._version import __version__
 from ..checkpoint.directory import Checkpoint, open_checkpoint
-from ..comm import GroupComm
+from ..comm import Comm, GroupComm, WorldInfo
 from ..config import weights_track
-from ..errors import DistloadError
+from ..errors import ConfigError, DistloadError
 from ..fingerprint import PARTS, checkpoint_digests, disagreement, fingerprint, from_words, to_words
 from ..layout import Layout
 from ..plan import split_leftover
@@ -67,8 +67,8 @@ def enabled(extra_config: Mapping | None = None) -> bool:
 
 
 def merge(expectations: Expectations, recorder: Recorder, *, checkpoint: str | Checkpoint, group=None,
-          layout: Layout | None = None, extra_config: Mapping | None = None, ignore: Iterable[str] = (),
-          strict: bool = False) -> LoadReport:
+          world: WorldInfo | None = None, layout: Layout | None = None, extra_config: Mapping | None = None,
+          ignore: Iterable[str] = (), strict: bool = False) -> LoadReport:
     """Merges every rank's expectations and record; call it on every rank of the group.
 
     Args:
@@ -77,6 +77,10 @@ def merge(expectations: Expectations, recorder: Recorder, *, checkpoint: str | C
         checkpoint: the checkpoint directory (its headers are the universe of tensors and what
             the ranks must agree on), or a ``Checkpoint`` already opened.
         group: the engine's process group; None: the world (or one rank without torch.distributed).
+        world: this rank's place (``distload.WorldInfo``, e.g. from ``distload.ray.rendezvous``),
+            for ranks without a process group (a serving engine's Ray actors): the group is formed
+            as ``distload.load(world=...)`` forms it (gloo here; an existing default group of that
+            rank and size is used instead) and destroyed after the merge if the merge made it.
         layout: the engine's layout, for the report and the fingerprint (its world must be the
             group's size); default: every rank its own replica.
         extra_config: the loader extra-config; ``enable_weights_track: false`` merges nothing.
@@ -89,9 +93,22 @@ def merge(expectations: Expectations, recorder: Recorder, *, checkpoint: str | C
 
     Raises:
         DistloadError: ranks disagree on the checkpoint, or two different keys share a hash.
+        ConfigError: both ``group`` and ``world`` were given, or an existing process group does
+            not have ``world``'s rank and size.
     """
-    return merge_with(GroupComm(group), expectations, recorder, checkpoint=checkpoint, layout=layout,
-                      extra_config=extra_config, ignore=tuple(ignore), strict=strict)
+    options = dict(checkpoint=checkpoint, layout=layout, extra_config=extra_config, ignore=tuple(ignore),
+                   strict=strict)
+    if world is None:
+        return merge_with(GroupComm(group), expectations, recorder, **options)
+    if group is not None:
+        raise ConfigError("track.merge takes group= (an engine's process group) or world= (a group to form), "
+                          "not both")
+    # the merge's collectives are small gathers: gloo, as on an engine's CPU group, whatever the model's device
+    formed = Comm.connect(world, device=torch.device("cpu"))
+    try:
+        return merge_with(GroupComm(), expectations, recorder, **options)
+    finally:
+        formed.close()
 
 
 def merge_with(comm, expectations: Expectations, recorder: Recorder, *, checkpoint: str | Checkpoint,

@@ -162,3 +162,46 @@ def test_an_incomplete_checkpoint_exits_3_on_both_agents(checkpoint, tmp_path):
         assert report["missing"] == planned["missing"] == [
             {"name": "model.layers.1.mlp.down_proj.weight", "owners": [0, 1, 2, 3]}]
         assert (report["complete"], report["ok"], report["unexpected"]) == (False, False, [])
+
+
+SRUN = '''#!/usr/bin/env bash
+# srun on one machine: one task per "node" (SLURM_JOB_NUM_NODES of them), each in its own node<i>
+# folder; exits with the highest task code, as srun does
+while [[ $1 == --* ]]; do shift; done
+pids=()
+for ((i = 0; i < SLURM_JOB_NUM_NODES; i++)); do
+  (mkdir -p "node$i" && cd "node$i" && SLURM_NODEID=$i SLURM_PROCID=$i exec "$@") &
+  pids+=($!)
+done
+rc=0
+for p in "${pids[@]}"; do wait "$p" || { c=$?; if (( c > rc )); then rc=$c; fi; }; done
+exit $rc
+'''
+SCONTROL = '''#!/usr/bin/env bash
+[[ "$1 $2" == "show hostnames" ]] && echo 127.0.0.1
+'''
+
+
+def test_the_slurm_script_runs_one_agent_per_node_and_fails_the_job_with_their_code(checkpoint, tmp_path):
+    ckpt = copy_checkpoint(checkpoint, str(tmp_path / "incomplete"))
+    delete_tensors(ckpt, ["model.layers.0.self_attn.o_proj.weight"])
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", SRUN), ("scontrol", SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    job = tmp_path / "job"
+    job.mkdir()
+    env = {**_env(tmp_path), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node[0-1]",
+           "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_ID": uuid.uuid4().hex[:8], "NPROC_PER_NODE": "2",
+           "RDZV_PORT": str(free_port())}
+    code, stdout, stderr = _finish([subprocess.Popen(["bash", os.path.join(ROOT, "launch", "slurm.sbatch"), ckpt, *ARGS],
+                                                     cwd=job, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                                     text=True)])[0]
+    assert code == 3, (stdout, stderr)  # the job fails with the nodes' distload code, not srun's own
+    assert stdout.count("distload load: INCOMPLETE") == 1 and "Traceback" not in stderr
+    multi = reports(job)
+    assert sorted(multi) == [0, 1, 2, 3]  # one job of 2 nodes x 2 ranks, formed at the c10d rendezvous
+    assert multi[2]["dir"] == multi[3]["dir"] != multi[0]["dir"]
+    for report in multi.values():
+        assert report["missing"] == [{"name": "model.layers.0.self_attn.o_proj.weight", "owners": [0, 1, 2, 3]}]

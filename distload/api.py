@@ -301,6 +301,7 @@ def _merge(comm: Comm, config: LoadConfig, layout: Layout, ckpt: Checkpoint, pla
     verification = verify.merge(comm, checks, hashed) if checks is not None and hashed is not None else None
     notes = tuple(f"cast {c} while loading (model dtype differs from the checkpoint's)" for c in result.casts)
     notes += load_notes(ckpt, config)
+    notes += verification.notes() if verification is not None else ()
     report = LoadReport(mode="load", checkpoint=ckpt.directory, layout=layout.to_dict(),
                         tracked=config.track_enabled, num_units=len(plan.units), findings=findings,
                         unexpected=plan.unexpected, ignored=plan.ignored, ignored_rules=plan.ignore_rules,

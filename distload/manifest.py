@@ -1,9 +1,9 @@
 """``python -m distload.manifest CKPT``: writes ``CKPT/distload-manifest.json``, the reference
 digests ``--verify-checksums`` checks a checkpoint against when it is no Hugging Face cache snapshot.
 
-It lists config.json, the index and every weight file (what a load reads, and every other
-``*.safetensors``/``*.bin``/``*.pt`` file at the folder's top: a verified load fails on a weight
-file the manifest does not list), each with its sha256
+It lists config.json, the index and every weight file (what a load reads, and every other index
+and ``*.safetensors``/``*.bin``/``*.pt``/``*.pth`` file at the folder's top: a verified load that
+does not read one names it, listed, unlisted or gone, without hashing it), each with its sha256
 and size, as one JSON file with sorted keys and no timestamp: the same folder always gives the
 same bytes. Writing it is the only thing distload ever writes into a checkpoint folder, and only
 here: a temporary file beside it, renamed into place; nothing else there is opened for writing,

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import torch
 
 from .checkpoint.digests import GIT_SHA1, file_digest
-from .checkpoint.reference import ABSENT, HUB_CACHE, UNLISTED, Checks, FileCheck
+from .checkpoint.reference import (ABSENT, ABSENT_UNREAD, HUB_CACHE, PRESENT_UNREAD, UNLISTED, UNLISTED_UNREAD,
+                                   UNREAD, Checks, FileCheck)
 
 if TYPE_CHECKING:
     from .comm import Comm
@@ -31,11 +32,13 @@ NOT_MINE, MATCHED, DIFFERS, SIZE_DIFFERS = 0, 1, 2, 3
 because its size is not the manifest's"""
 
 VERIFIED, DIFFERENT, UNHASHED, WRONG_SIZE = "verified", "differs", "unhashed", "size-differs"
-"""a file's merged status (besides the manifest's ``absent`` and ``unlisted``)"""
+"""a file's merged status (besides the manifest's ``absent`` and ``unlisted``, and ``UNREAD``)"""
 
 _WHY = {DIFFERENT: "its {algorithm} differs from the reference {expected}", UNHASHED: "hashed by no rank",
         WRONG_SIZE: "size differs: {size} bytes, the manifest says {expected_size}",
-        ABSENT: "in the manifest, not in the folder", UNLISTED: "in the folder, not in the manifest"}
+        ABSENT: "in the manifest, not in the folder", UNLISTED: "in the folder, not in the manifest",
+        PRESENT_UNREAD: "in the manifest and the folder; not hashed", UNLISTED_UNREAD: "in the folder, not in the manifest",
+        ABSENT_UNREAD: "in the manifest, not in the folder"}
 _BY = {DIFFERENT: "hashed by", WRONG_SIZE: "seen by"}
 
 
@@ -145,9 +148,10 @@ class FileVerdict:
     name: str
     """its path inside the checkpoint"""
     status: str
-    """``verified``, ``differs``, ``size-differs``, ``unhashed``, ``absent`` or ``unlisted``"""
+    """``verified``, ``differs``, ``size-differs``, ``unhashed``, ``absent``, ``unlisted``, or one of
+    ``UNREAD`` (a file the load does not read: named, not verified, never failing)"""
     algorithm: str | None = None
-    """``sha256`` or ``git-sha1``; None when it was not hashed (absent, unlisted)"""
+    """``sha256`` or ``git-sha1``; None when it was not hashed (absent, unlisted, unread)"""
     expected: str | None = None
     """the reference digest"""
     hashes: int = 0
@@ -174,7 +178,7 @@ class Verification:
     source: str
     """the cache's blobs folder, or the manifest file"""
     files: tuple[FileVerdict, ...]
-    """every checked file, by name"""
+    """every checked file, and every weight file the load does not read, by name"""
     bytes_hashed: int
     """bytes hashed by all ranks together"""
 
@@ -184,7 +188,25 @@ class Verification:
 
     @property
     def failed(self) -> tuple[FileVerdict, ...]:
-        return tuple(f for f in self.files if f.status != VERIFIED)
+        return tuple(f for f in self.files if f.status != VERIFIED and f.status not in UNREAD)
+
+    @property
+    def unread(self) -> tuple[FileVerdict, ...]:
+        """The weight files the load does not read: named, not verified."""
+        return tuple(f for f in self.files if f.status in UNREAD)
+
+    def notes(self) -> tuple[str, ...]:
+        """The report's note on the weight files this load does not read, when there are any."""
+        there = [f.name for f in self.unread if f.status != ABSENT_UNREAD]
+        gone = [f.name for f in self.unread if f.status == ABSENT_UNREAD]
+        parts = []
+        if there:
+            parts.append(f"{_count(there, 'weight file')} in the folder {'was' if len(there) == 1 else 'were'} "
+                         f"not read by this load and not verified: {_names(there)}")
+        if gone:
+            parts.append(f"{_count(gone, 'file')} the manifest lists {'is' if len(gone) == 1 else 'are'} gone: "
+                         f"{_names(gone)}")
+        return ("; ".join(parts),) if parts else ()
 
     def to_json(self) -> dict:
         return {"ok": self.ok, "reference": self.reference, "source": self.source,
@@ -199,7 +221,7 @@ class Verification:
         else:
             how = f"the manifest {self.source} (sha256)"
         done = sum(f.status == VERIFIED for f in self.files)
-        lines = [f"  verified: {done} of {len(self.files)} files against {how}; {size(self.bytes_hashed)} hashed "
+        lines = [f"  verified: {done} of {len(self.files) - len(self.unread)} files against {how}; {size(self.bytes_hashed)} hashed "
                  f"beside the reads, the slowest rank's hashing {slowest_seconds:.2f} s"]
         if self.failed:
             lines.append(f"  verification failed ({len(self.failed)}):")
@@ -212,7 +234,20 @@ class Verification:
                 lines.append(f"    {f.name}  ({why})")
             if len(self.failed) > limit:
                 lines.append(f"    ... and {len(self.failed) - limit} more (see --json)")
+        if self.unread:
+            lines.append(f"  not read by this load, not verified ({len(self.unread)}):")
+            lines += [f"    {f.name}  ({f.status}: {_WHY[f.status]})" for f in self.unread[:limit]]
+            if len(self.unread) > limit:
+                lines.append(f"    ... and {len(self.unread) - limit} more (see --json)")
         return lines
+
+
+def _count(names: list[str], what: str) -> str:
+    return f"{len(names)} {what}{'s' if len(names) > 1 else ''}"
+
+
+def _names(names: list[str], shown: int = 3) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def merge(comm: "Comm", checks: Checks, hashed: Hashed) -> Verification:

@@ -239,34 +239,38 @@ def test_a_shard_removed_while_the_index_names_it_is_named_at_world_4(pool, hub,
             _missing(SHARD2, rank, directory, f"the index names {SHARD2}, which does not exist"), err
 
 
-def _drop_index_and_list(directory: str) -> None:
-    """Without an index every *.safetensors file is read; the manifest is written after that."""
-    os.remove(os.path.join(directory, INDEX))
+def _relist(directory: str) -> None:
+    """Writes the manifest again, of the folder as it is now."""
     os.remove(os.path.join(directory, "distload-manifest.json"))
     write_manifest(directory)
 
 
 def _change(listed: str, change: str, name: str) -> None:
     """Makes the folder differ from its manifest by ``name``: ``removed``, ``added`` beside the index
-    (the load does not read it), or ``added`` to a checkpoint without an index (it reads it)."""
+    (the load does not read it), ``added, read`` to a checkpoint without an index (it reads it),
+    ``added, listed`` (and the manifest written again), or ``replaced`` by other bytes of one size."""
     from safetensors.torch import save_file
     if change == "removed":
         os.remove(os.path.join(listed, name))
         return
-    if change == "added, read":
-        _drop_index_and_list(listed)
+    if change == "replaced":
+        flip_last_byte(os.path.join(listed, name))
+        return
+    if change == "added, read":  # without an index every *.safetensors file is read
+        os.remove(os.path.join(listed, INDEX))
+        _relist(listed)
     path = os.path.join(listed, name)
-    if name.endswith(".bin"):
+    if name.endswith((".bin", ".pt")):
         torch.save({"extra.weight": torch.ones(2)}, path)
     else:
         save_file({"extra.weight": torch.ones(2)}, path, metadata={"format": "pt"})
+    if change == "added, listed":
+        _relist(listed)
 
 
-MISMATCHES = [
+MISMATCHES = [  # files the load reads (or its index): each one fails it
     ("removed", INDEX, "absent", "in the manifest, not in the folder"),
     ("added, read", "model-extra.safetensors", "unlisted", "in the folder, not in the manifest"),
-    ("added", "model-extra.safetensors", "unlisted", "in the folder, not in the manifest"),
-    ("added", "pytorch_model.bin", "unlisted", "in the folder, not in the manifest"),
 ]
 UNHASHED_ENTRY = {"algorithm": None, "expected": None, "hashes": 0, "failed_on": [], "size": None,
                   "expected_size": None}
@@ -282,7 +286,7 @@ def test_a_manifest_that_does_not_match_the_folder_is_named(tmp_path, capsys, li
     assert f"  verification failed (1):\n    {name}  ({why})" in out
 
 
-@pytest.mark.parametrize("change,name,status", [m[:3] for m in MISMATCHES[:3]])
+@pytest.mark.parametrize("change,name,status", [m[:3] for m in MISMATCHES])
 def test_a_manifest_that_does_not_match_the_folder_is_named_at_world_4(pool, listed, change, name, status):
     _change(listed, change, name)
     out = pool.run(4, jobs.load_outcome, listed, 2, VERIFY)
@@ -293,13 +297,63 @@ def test_a_manifest_that_does_not_match_the_folder_is_named_at_world_4(pool, lis
         assert failed == [{"name": name, "status": status, **UNHASHED_ENTRY}]
 
 
-def test_a_listed_file_the_load_does_not_read_only_has_to_be_there(tmp_path, capsys, listed):
-    _change(listed, "added", "pytorch_model.bin")
-    os.remove(os.path.join(listed, "distload-manifest.json"))
-    write_manifest(listed)  # now it lists the .bin too
-    code, _, _, report = _cli(tmp_path, capsys, listed, "--verify-checksums")
-    assert code == 0 and [f["name"] for f in report["verification"]["files"]] == sorted(NAMES)
-    assert report["verification"]["bytes_hashed"] == sum(_sizes(listed).values())  # the .bin is not read
+TWIN = "pytorch_model.bin"  # the pickled copy of the safetensors shards that many repos carry
+WHY_UNREAD = {"present-unread": "in the manifest and the folder; not hashed",
+              "unlisted-unread": "in the folder, not in the manifest",
+              "absent-unread": "in the manifest, not in the folder"}
+GONE_TWIN = [("added, listed", TWIN), ("removed", TWIN)]
+UNREAD = [  # (changes, the unread files' statuses, the report's note)
+    ([("added", "model-extra.safetensors")], {"model-extra.safetensors": "unlisted-unread"},
+     "1 weight file in the folder was not read by this load and not verified: model-extra.safetensors"),
+    (GONE_TWIN, {TWIN: "absent-unread"}, f"1 file the manifest lists is gone: {TWIN}"),
+    # not read, so not hashed: other bytes behind a listed name go unseen, and the note says so
+    ([("added, listed", TWIN), ("replaced", TWIN)], {TWIN: "present-unread"},
+     f"1 weight file in the folder was not read by this load and not verified: {TWIN}"),
+    ([("added", "optimizer.pt")], {"optimizer.pt": "unlisted-unread"},
+     "1 weight file in the folder was not read by this load and not verified: optimizer.pt"),
+    ([*GONE_TWIN, *(("added", n) for n in ("training_args.bin", "adapter_model.safetensors",
+                                           "consolidated.safetensors", "optimizer.pt"))],
+     {"adapter_model.safetensors": "unlisted-unread", "consolidated.safetensors": "unlisted-unread",
+      "optimizer.pt": "unlisted-unread", TWIN: "absent-unread", "training_args.bin": "unlisted-unread"},
+     "4 weight files in the folder were not read by this load and not verified: adapter_model.safetensors, "
+     f"consolidated.safetensors, optimizer.pt and 1 more; 1 file the manifest lists is gone: {TWIN}"),
+]
+
+
+def _check_unread(report: dict, unread: dict[str, str], note: str, directory: str) -> None:
+    """The unread files are named with their status, the note says so, and the load is ok."""
+    assert report["ok"] and report["complete"] and report["verification"]["ok"], report
+    files = report["verification"]["files"]
+    assert [f for f in files if f["name"] in unread] == \
+        [{"name": n, "status": unread[n], **UNHASHED_ENTRY} for n in sorted(unread)]
+    assert [(f["name"], f["status"]) for f in files if f["name"] not in unread] == \
+        [(n, "verified") for n in sorted(NAMES)]
+    assert report["notes"] == [note]
+    assert report["verification"]["bytes_hashed"] == sum(_sizes(directory).values())  # only what was read
+
+
+@pytest.mark.parametrize("changes,unread,note", UNREAD)
+def test_weight_files_the_load_does_not_read_are_named_and_do_not_fail_it(tmp_path, capsys, listed, changes,
+                                                                          unread, note):
+    for change, name in changes:
+        _change(listed, change, name)
+    code, out, _, report = _cli(tmp_path, capsys, listed, "--verify-checksums")
+    assert code == 0
+    _check_unread(report, unread, note, listed)
+    assert f"  verified: 4 of 4 files against the manifest {listed}/distload-manifest.json (sha256); " in out
+    assert "\n".join([f"  not read by this load, not verified ({len(unread)}):",
+                      *(f"    {n}  ({unread[n]}: {WHY_UNREAD[unread[n]]})" for n in sorted(unread)),
+                      f"  note: {note}"]) in out
+    assert "verification failed" not in out
+
+
+def test_weight_files_the_load_does_not_read_are_named_at_world_4(pool, listed):
+    changes, unread, note = UNREAD[-1]
+    for change, name in changes:
+        _change(listed, change, name)
+    for o in pool.run(4, jobs.load_outcome, listed, 2, VERIFY):
+        assert not o["raised"], o
+        _check_unread(o["report"], unread, note, listed)
 
 
 def test_a_file_whose_size_is_not_the_manifests_is_named_unread(tmp_path, capsys, listed):

@@ -6,11 +6,13 @@ blob SHA-1: the blob's name is the reference. Any other checkpoint needs a manif
 ``distload-manifest.json``, written by ``python -m distload.manifest CKPT`` from a copy the user
 trusts. Everything here reads names, links and the manifest; no file is hashed.
 
-Against a manifest the folder's weight files (``weight_names``: config.json, the indexes, every
-``*.safetensors``/``*.bin``/``*.pt``/``*.pth`` at its top and what the index names) must be the
-manifest's: one more is ``unlisted``, one fewer ``absent``. A snapshot has no such list (the
-cache keeps none of a repo's files, and a partial download is normal): each file the load reads
-is checked against its own blob, and files it does not read are not judged.
+Against a manifest, what the load reads, its index and config.json must be listed and there
+(else ``unlisted`` or ``absent``: the load fails). The folder's other weight files (``weight_names``:
+every index and ``*.safetensors``/``*.bin``/``*.pt``/``*.pth`` at its top) are judged by name only
+and named without failing it: ``present-unread`` (listed, there, not hashed), ``unlisted-unread``
+and ``absent-unread``. A snapshot has no such list (the cache keeps none of a repo's files, and a
+partial download is normal): each file the load reads is checked against its own blob, and files
+it does not read are not judged.
 """
 
 from __future__ import annotations
@@ -37,6 +39,14 @@ ABSENT = "absent"
 """in the manifest, not in the folder"""
 UNLISTED = "unlisted"
 """a weight file in the folder, not in the manifest"""
+PRESENT_UNREAD = "present-unread"
+"""a weight file the load does not read, in the manifest and the folder (not hashed)"""
+UNLISTED_UNREAD = "unlisted-unread"
+"""a weight file the load does not read, in the folder, not in the manifest"""
+ABSENT_UNREAD = "absent-unread"
+"""a file the manifest lists and the load would not read, not in the folder"""
+UNREAD = (PRESENT_UNREAD, UNLISTED_UNREAD, ABSENT_UNREAD)
+"""the statuses of files the load does not read: named, never failing it"""
 
 _HEX = re.compile(r"^[0-9a-f]+$")
 
@@ -61,17 +71,17 @@ class FileCheck:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Unchecked:
-    """A file the manifest and the folder disagree on, found before anything is hashed."""
+    """A file judged by name against the manifest, before anything is hashed."""
 
     name: str
     """its path inside the checkpoint"""
     status: str
-    """``absent`` (in the manifest, not in the folder) or ``unlisted`` (in the folder, not in the manifest)"""
+    """``absent`` or ``unlisted`` (fail the load), or one of ``UNREAD`` (files the load does not read)"""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Checks:
-    """What a load verifies: the files to hash, and what cannot be checked."""
+    """What a load verifies: the files to hash, and the files judged by name only."""
 
     reference: str
     """``huggingface-cache`` or ``manifest``"""
@@ -80,7 +90,7 @@ class Checks:
     files: tuple[FileCheck, ...]
     """the files to hash, sorted by name"""
     unchecked: tuple[Unchecked, ...] = ()
-    """the manifest's disagreements with the folder (each one fails the load)"""
+    """the manifest's disagreements with the folder, and the weight files the load does not read"""
 
     def shape(self) -> dict:
         """What every rank must agree on (the verdict exchange has one slot per file); digests are left
@@ -102,7 +112,8 @@ def load_checks(ckpt: Checkpoint) -> Checks:
         return _cache_checks(ckpt.directory, names)
     manifest = os.path.join(ckpt.directory, MANIFEST_NAME)
     if os.path.lexists(manifest):
-        return _manifest_checks(ckpt.directory, manifest, names, weight_names(ckpt.directory, ckpt.files))
+        judged = {*names, _index_name(ckpt.files)}  # the load's index, there or not
+        return _manifest_checks(ckpt.directory, manifest, judged, weight_names(ckpt.directory, ckpt.files))
     raise CheckpointError(
         f"--verify-checksums has nothing to check against: the checkpoint is no snapshot of the Hugging Face "
         f"cache and holds no {MANIFEST_NAME}; write one from a copy you trust with "
@@ -112,12 +123,17 @@ def load_checks(ckpt: Checkpoint) -> Checks:
 def read_names(directory: str, weight_paths: tuple[str, ...]) -> list[str]:
     """config.json, the index of the weight files when there is one, and the weight files, as sorted
     ``/``-separated names inside ``directory``."""
-    pickled = bool(weight_paths) and all(p.endswith(PICKLE_SUFFIXES) for p in weight_paths)
-    index = PICKLE_INDEX_NAME if pickled else INDEX_NAME
+    index = _index_name(weight_paths)
     names = {"config.json", *(os.path.relpath(p, directory).replace(os.sep, "/") for p in weight_paths)}
     if os.path.lexists(os.path.join(directory, index)):
         names.add(index)
     return sorted(names)
+
+
+def _index_name(weight_paths: tuple[str, ...]) -> str:
+    """The name of the index of a load of ``weight_paths`` (the pickle index when they are pickles)."""
+    pickled = bool(weight_paths) and all(p.endswith(PICKLE_SUFFIXES) for p in weight_paths)
+    return PICKLE_INDEX_NAME if pickled else INDEX_NAME
 
 
 def weight_names(directory: str, weight_paths: tuple[str, ...]) -> list[str]:
@@ -160,20 +176,22 @@ def _cache_checks(directory: str, names: list[str]) -> Checks:
     return Checks(reference=HUB_CACHE, source=blobs, files=tuple(files))
 
 
-def _manifest_checks(directory: str, manifest: str, names: list[str], present: list[str]) -> Checks:
-    """Hashes what the load reads; a listed file it does not read (the *.bin beside safetensors)
-    only has to be there, and a weight file the manifest does not list fails as ``unlisted``."""
+def _manifest_checks(directory: str, manifest: str, judged: set[str], present: list[str]) -> Checks:
+    """Hashes what the load reads; ``judged`` (what it reads, its index and config.json) must be
+    listed and there, and every other weight file is only named (``UNREAD``)."""
     listed = read_manifest(manifest)
     files, unchecked = [], []
-    read = set(names)
     for name, (digest, size) in sorted(listed.items()):
         path = os.path.join(directory, *name.split("/"))
         if not os.path.lexists(path):
-            unchecked.append(Unchecked(name=name, status=ABSENT))
-        elif name in read:
+            unchecked.append(Unchecked(name=name, status=ABSENT if name in judged else ABSENT_UNREAD))
+        elif name in judged:
             files.append(FileCheck(name=name, path=path, algorithm=SHA256, expected=digest,
                                    size=require_regular(path, what="file to verify").st_size, expected_size=size))
-    unchecked += [Unchecked(name=name, status=UNLISTED) for name in present if name not in listed]
+        else:  # the *.bin twin beside the safetensors, an optimizer.pt: not read, so not hashed
+            unchecked.append(Unchecked(name=name, status=PRESENT_UNREAD))
+    unchecked += [Unchecked(name=name, status=UNLISTED if name in judged else UNLISTED_UNREAD)
+                  for name in present if name not in listed]
     return Checks(reference=MANIFEST, source=manifest, files=tuple(files),
                   unchecked=tuple(sorted(unchecked, key=lambda u: u.name)))
 

@@ -365,6 +365,16 @@ def renamed_checkpoint(src: str, dst: str, rename: Callable[[str], str]) -> str:
     return dst
 
 
+def as_4_52(name: str) -> str:
+    """A transformers 5 LLaVA-style name (LLaVA, Gemma 3) as transformers 4.52 to 4.57 wrote it: the
+    text body under ``model.language_model.``, the head at the top level, every other part under ``model.``."""
+    if name.startswith("language_model.model."):
+        return "model.language_model." + name[len("language_model.model."):]
+    if name.startswith("language_model."):
+        return name[len("language_model."):]  # lm_head.weight
+    return "model." + name  # the vision tower and the projector
+
+
 def check_only_missing(pool, directory: str, deleted: str, tp: int = 2) -> None:
     """Loads ``directory`` on ``tp`` ranks (TP only) and checks that every rank's load failed with
     ``deleted`` as its one missing tensor, owned by every rank, nothing unexpected or inconsistent,

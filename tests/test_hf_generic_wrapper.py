@@ -18,11 +18,11 @@ import torch
 import distload
 from distload.dryrun import dry_run
 from distload.errors import ConfigError
-from distload.models import architecture, supported_model_types
+from distload.models import architecture, build_model, supported_model_types
 from tests import jobs
 from tests.dense_slices import expected_params
 from tests.hf_checkpoints import (CheckpointCache, HFSpec, WrappedSpec, check_clean_report, check_only_missing,
-                                  delete_tensors, read_tensors, renamed_checkpoint, token_ids)
+                                  as_4_52, delete_tensors, read_tensors, renamed_checkpoint, token_ids)
 
 pytest.importorskip("transformers")
 
@@ -46,15 +46,6 @@ TOLERANCE = 1e-5
 @pytest.fixture(scope="session")
 def llava_ckpts(tmp_path_factory) -> CheckpointCache:
     return CheckpointCache(tmp_path_factory.mktemp("hf-llava"), SPECS)
-
-
-def as_4_52(name: str) -> str:
-    """A transformers 5 LLaVA name as transformers 4.52 to 4.57 wrote it."""
-    if name.startswith("language_model.model."):
-        return "model.language_model." + name[len("language_model.model."):]
-    if name.startswith("language_model."):
-        return name[len("language_model."):]  # lm_head.weight
-    return "model." + name  # the vision tower and the projector
 
 
 def _ignored(directory: str, start: str) -> list[dict]:
@@ -183,20 +174,63 @@ def test_a_checkpoint_in_no_known_layout_is_an_error_naming_the_layouts():
                                  f"{RULES_HINT}")
 
 
-def _tied(top: dict, text: dict) -> bool:
-    config = {"model_type": "llava", **top, "text_config": {
-        "model_type": "llama", "vocab_size": 16, "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
-        "num_attention_heads": 2, **text}}
-    arch = architecture(config, ["language_model.model.embed_tokens.weight"])
+TEXT = {"model_type": "llama", "vocab_size": 16, "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
+        "num_attention_heads": 2}
+"""a tiny llama text_config"""
+EMBED_ONLY = ["language_model.model.embed_tokens.weight"]
+WITH_HEAD = [*EMBED_ONLY, "language_model.lm_head.weight"]
+
+
+def _tied(top: dict, text: dict, names=EMBED_ONLY) -> bool:
+    config = {"model_type": "llava", **top, "text_config": {**TEXT, **text}}
+    arch = architecture(config, names)
     return arch.read(config, arch).decoder.tie_word_embeddings
 
 
 def test_the_head_is_tied_when_the_top_level_or_the_text_config_says_so():
-    # as transformers' LlavaConfig: its own flag (default false), or text_config's forwarded
-    assert _tied({}, {}) is False and _tied({"tie_word_embeddings": False}, {}) is False
-    assert _tied({"tie_word_embeddings": True}, {"tie_word_embeddings": False}) is True
-    assert _tied({"tie_word_embeddings": False}, {"tie_word_embeddings": True}) is True
-    assert _tied({}, {"tie_word_embeddings": True}) is True
+    # as transformers' LlavaConfig: its own flag, or text_config's forwarded; the checkpoint is not asked
+    for names in (EMBED_ONLY, WITH_HEAD):
+        assert _tied({"tie_word_embeddings": False}, {}, names) is False
+        assert _tied({}, {"tie_word_embeddings": False}, names) is False
+        assert _tied({"tie_word_embeddings": True}, {"tie_word_embeddings": False}, names) is True
+        assert _tied({"tie_word_embeddings": False}, {"tie_word_embeddings": True}, names) is True
+        assert _tied({}, {"tie_word_embeddings": True}, names) is True
+
+
+def _said_nothing(names) -> tuple[bool, str]:
+    config = {"model_type": "llava", "text_config": TEXT}
+    arch = architecture(config, names)
+    return arch.read(config, arch).decoder.tie_word_embeddings, arch.notes(config)[0]
+
+
+def test_where_no_config_level_says_the_checkpoint_decides_the_tying():
+    # transformers 5 defaults differ by wrapper class (LLaVA untied, Mistral 3 / InternVL tied)
+    tied, note = _said_nothing(EMBED_ONLY)
+    assert tied is True
+    assert ("(the layout transformers 5 and before 4.52 write); config.json sets no tie_word_embeddings, so the head "
+            "is tied, as the checkpoint holds no 'language_model.lm_head.weight'; nothing checked") in note
+    tied, note = _said_nothing(WITH_HEAD)
+    assert tied is False
+    assert ("config.json sets no tie_word_embeddings, so the head is untied, as the checkpoint holds a "
+            "'language_model.lm_head.weight'; ") in note
+    tied, note = _said_nothing(["model.language_model.embed_tokens.weight", "lm_head.weight"])
+    assert tied is False and "holds a 'lm_head.weight'" in note
+    assert _said_nothing(["model.language_model.embed_tokens.weight"])[0] is True
+    assert _said_nothing(["language_model.model.norm.weight"])[0] is False  # no embedding either: both missing
+
+
+def test_build_model_without_tensor_names_says_so_and_takes_them():
+    config = {"model_type": "llava", "text_config": TEXT}
+    with pytest.raises(ConfigError) as err:
+        build_model(config)
+    assert err.value.message == (
+        "config.json model_type 'llava' has no built-in model; its text_config (model_type 'llama') is built in, "
+        "but no checkpoint tensor names were given to read where its language model sits (build_model takes "
+        f"them: tensor_names=...) (built in: {BUILT_IN}); {RULES_HINT}")
+    model = build_model(config, tensor_names=["model.language_model.embed_tokens.weight", "lm_head.weight"])
+    names = [n for n, _ in model.named_parameters()]
+    assert names[0] == "model.language_model.embed_tokens.weight" and names[-2:] == [
+        "model.language_model.norm.weight", "lm_head.weight"]
 
 
 def test_each_part_outside_the_language_model_is_ignored_by_its_own_rule():

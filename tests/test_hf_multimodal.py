@@ -10,6 +10,8 @@ checked in test_hf_llama4.py, so its cases here check the report and logits.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -19,8 +21,9 @@ from distload.errors import ConfigError
 from distload.models import architecture
 from tests import jobs
 from tests.dense_slices import expected_params
-from tests.hf_checkpoints import (CheckpointCache, HFSpec, WrappedSpec, check_clean_report, check_only_missing,
-                                  delete_tensors, read_tensors, token_ids)
+from tests.hf_checkpoints import (CheckpointCache, HFSpec, WrappedSpec, check_clean_report, as_4_52,
+                                  check_only_missing, delete_tensors, read_tensors, renamed_checkpoint,
+                                  token_ids)
 
 pytest.importorskip("transformers")
 
@@ -55,15 +58,16 @@ def mm_ckpts(tmp_path_factory) -> CheckpointCache:
     return CheckpointCache(tmp_path_factory.mktemp("hf-multimodal"), SPECS)
 
 
-def _ignored(name: str, directory: str) -> list[dict]:
-    """Every checkpoint tensor outside the language model, with the rule that ignores it."""
+def _ignored(name: str, directory: str, others: str = "") -> list[dict]:
+    """Every checkpoint tensor outside the language model, with the rule that ignores it (each part
+    under ``others``, as the layout puts it)."""
     out = []
     for tensor in sorted(read_tensors(directory)):
-        rule = next((r for start, r in RULES[name].items() if tensor.startswith(start)), None)
+        rule = next((r for start, r in RULES[name].items() if tensor.startswith(others + start)), None)
         if rule is not None:
-            out.append({"name": tensor, "rule": rule})
+            out.append({"name": tensor, "rule": "^" + re.escape(others) + rule[1:]})
         else:
-            assert tensor.startswith("language_model."), tensor
+            assert tensor.startswith(("language_model.", "model.language_model.", "lm_head.")), tensor
     return out
 
 
@@ -97,6 +101,40 @@ def test_the_language_model_loads_and_the_vision_tensors_are_ignored(pool, mm_ck
             logits = torch.from_numpy(got["logits"])
             err = ((logits - reference).abs().max() / reference.abs().max()).item()
             assert err < TOLERANCE, f"rank {rank}: relative logits error {err:.3g}"
+
+
+# the registered wrappers read their layout from the checkpoint's names as the generic path does:
+# Gemma 3 fine-tunes saved by transformers 4.52 to 4.57 (the text body under model.language_model.,
+# the head at the top level, the vision parts under model.); no transformers writes Llama 4 so (its
+# class holds language_model itself), but the same rename of its names loads too
+RENAMED = [("gemma3", 2), ("llama4", 1)]
+
+
+@pytest.mark.parametrize("name,world", RENAMED, ids=[f"{n}-w{w}" for n, w in RENAMED])
+def test_the_language_model_of_a_renamed_checkpoint_loads(pool, mm_ckpts, tmp_path, name, world):
+    spec = SPECS[name]
+    directory = renamed_checkpoint(mm_ckpts.path(name), str(tmp_path / "renamed"), as_4_52)
+    results = pool.run(world, jobs.load_and_forward_pp, directory, world, 1, token_ids(spec), raise_errors=True)
+    ckpt, reference = read_tensors(mm_ckpts.path(name)), mm_ckpts.reference_logits(name)
+    ignored = _ignored(name, directory, "model.")
+    assert ignored and len(ignored) == len(_ignored(name, mm_ckpts.path(name)))
+    parts = " and ".join(f"the {what} ({rule})" for what, rule in zip(
+        ("vision tower" if name == "gemma3" else "vision model", "multimodal projector"),
+        (r"^model\." + r[1:] for r in RULES[name].values())))
+    for rank, got in enumerate(results):
+        check_clean_report(got["report"], ignored)
+        assert got["report"]["notes"] == [f"loaded the language model of model_type '{name}': text_config (model_type "
+                                          f"'{DECODERS[name]}'), checkpoint names under 'model.language_model.' and "
+                                          f"'lm_head.'; {parts} are ignored"]
+        if name == "gemma3":  # a tied head: no lm_head tensor, its embedding named at the new place
+            want = {as_4_52(n): t for n, t in expected_params(ckpt, spec.text, world, rank,
+                                                              prefix=spec.prefix).items()}
+            assert sorted(got["state"]) == sorted(want), f"rank {rank}"
+            for pname, t in want.items():
+                assert (got["state"][pname] == t.numpy()).all(), f"rank {rank}: {pname} differs"
+        logits = torch.from_numpy(got["logits"])
+        err = ((logits - reference).abs().max() / reference.abs().max()).item()
+        assert err < TOLERANCE, f"rank {rank}: relative logits error {err:.3g}"
 
 
 def test_the_gemma3_report_says_which_part_was_loaded(mm_ckpts):

@@ -97,3 +97,6 @@ class Architecture:
     text_key: str | None = None
     """config.json key of the nested decoder config (a multimodal wrapper's ``text_config``);
     None: config.json itself describes the decoder"""
+    for_names: Callable[[Collection[str]], "Architecture"] | None = None
+    """the description for a checkpoint of these tensor names (a registered multimodal wrapper: of
+    the layout they show); None: this one for every checkpoint"""

@@ -84,6 +84,8 @@ def _known(config: Mapping, tensor_names: Collection[str] = ()) -> Architecture 
     """The description of ``config['model_type']``; None for a type without a reference model."""
     model_type = config.get("model_type")
     arch = ARCHITECTURES.get(model_type) if isinstance(model_type, str) else None
+    if arch is not None and arch.for_names is not None:
+        return arch.for_names(tensor_names)
     return arch if arch is not None else find(config, tensor_names, _decoder).arch
 
 
@@ -171,9 +173,11 @@ def model_notes(config: Mapping, tensor_names: Collection[str] = ()) -> tuple[st
 
 
 def build_model(config: Mapping, *, tp: int = 1, tp_rank: int = 0, ops: Collectives = SOLO,
-                dtype: torch.dtype | None = None, device: torch.device | str = "meta") -> nn.Module:
+                dtype: torch.dtype | None = None, device: torch.device | str = "meta",
+                tensor_names: Collection[str] = ()) -> nn.Module:
     """Builds the reference model for ``config['model_type']`` as TP rank ``tp_rank`` of one
-    replica (no pipeline stages; a mixture of experts with every expert, placed linearly).
+    replica (no pipeline stages; a mixture of experts with every expert, placed linearly);
+    ``tensor_names`` (the checkpoint's) show a multimodal wrapper's layout.
 
     Example:
         >>> m = build_model({"model_type": "qwen2", "vocab_size": 64, "hidden_size": 16,
@@ -186,4 +190,5 @@ def build_model(config: Mapping, *, tp: int = 1, tp_rank: int = 0, ops: Collecti
         PlanError: a size does not split over ``tp``.
     """
     return reference_model(BuildContext(config=config, tp=tp, tp_rank=tp_rank, ops=ops, dtype=dtype,
-                                        layout=Layout(world_size=tp, tp=tp), rank=tp_rank, device=device))
+                                        layout=Layout(world_size=tp, tp=tp), rank=tp_rank, device=device,
+                                        tensor_names=tensor_names))

@@ -17,41 +17,8 @@ from typing import Callable, Collection, Mapping
 
 from ..jsondoc import quoted, show
 from .arch import Architecture
+from .layouts import HEAD, LAYOUTS, fitting, head_tied
 from .wrapper import Wrapper, wrapped
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class TextLayout:
-    """Where a checkpoint puts its language model's tensors beside the other parts."""
-
-    places: tuple[tuple[str, str], ...]
-    """(the start of the decoder's own names, the checkpoint's for them); the first is its body"""
-    prefix: str = ""
-    """what the checkpoint puts before every decoder name, when that is all it does; "": it moves
-    the decoder's parts apart (``places``)"""
-    writers: str
-    """which transformers versions write it"""
-
-    @property
-    def body(self) -> str:
-        """The checkpoint's start of the decoder's ``model.*`` names: a name under it picks the layout."""
-        return self.places[0][1]
-
-    def wrapper(self, model_type: str, text_type: str, parts: tuple[tuple[str, str], ...]) -> Wrapper:
-        """The ``Wrapper`` that loads a checkpoint of this layout, ignoring ``parts``."""
-        return Wrapper(model_type=model_type, text_model_type=text_type, prefix=self.prefix,
-                       renames=() if self.prefix else self.places, ignored_parts=parts,
-                       tie_word_embeddings=False, tie_from_text=True)
-
-
-LAYOUTS = (
-    TextLayout(places=(("model.", "language_model.model."), ("lm_head.", "language_model.lm_head.")),
-               prefix="language_model.", writers="transformers 5 and before 4.52"),
-    TextLayout(places=(("model.", "model.language_model."), ("lm_head.", "lm_head.")),
-               writers="transformers 4.52 to 4.57"),
-)
-"""the LLaVA-style layouts: ``language_model.`` before the decoder's own names, or its body moved to
-``model.language_model.`` and its head left at the top level"""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -85,7 +52,11 @@ def find(config: Mapping, tensor_names: Collection[str], decoders: Callable[[str
     if inner is None or inner.text_key is not None:
         named = quoted(text_type) if isinstance(text_type, str) else show(text_type)
         return Found(arch=None, why=f", and its {KEY}.model_type {named} is no language model distload builds")
-    fits = [layout for layout in LAYOUTS if any(name.startswith(layout.body) for name in tensor_names)]
+    if not tensor_names:  # build_model(config) without tensor_names=...
+        return Found(arch=None, why=f"; its {KEY} (model_type {quoted(text_type)}) is built in, but no checkpoint "
+                                    "tensor names were given to read where its language model sits (build_model "
+                                    "takes them: tensor_names=...)")
+    fits = fitting(tensor_names)
     if len(fits) != 1:
         looked = " or ".join(f"{', '.join(t + '*' for _, t in layout.places)} ({layout.writers})" for layout in LAYOUTS)
         held = "none" if not fits else "more than one"
@@ -94,17 +65,25 @@ def find(config: Mapping, tensor_names: Collection[str], decoders: Callable[[str
     layout = fits[0]
     model_type = config.get("model_type")
     shown = quoted(model_type) if isinstance(model_type, str) else show(model_type)
-    starts = (layout.prefix,) if layout.prefix else tuple(theirs for _, theirs in layout.places)
+    starts = layout.starts
     parts = other_parts(tensor_names, starts)
-    arch = wrapped(layout.wrapper(str(model_type), text_type, parts), decoders)
+    # where neither config level says, the checkpoint does (transformers' defaults differ by wrapper
+    # class): only the embedding is tied, a head tensor untied
+    tied = head_tied(layout, tensor_names)
+    arch = wrapped(Wrapper(model_type=str(model_type), text_model_type=text_type, layout=layout, ignored_parts=parts,
+                           tie_word_embeddings=tied, tie_from_text=True), decoders)
     where = " and ".join(map(quoted, starts))
 
     def notes(config: Mapping) -> tuple[str, ...]:
         others = ", ".join(what for what, _ in parts) or "none"
+        said = any("tie_word_embeddings" in c for c in (config, config[KEY]))
+        head = "" if said else (f"; config.json sets no tie_word_embeddings, so the head is "
+                                f"{'tied' if tied else 'untied'}, as the checkpoint "
+                                f"{'holds no' if tied else 'holds a'} {quoted(layout.checkpoint_name(HEAD))}")
         return (f"loaded the language model through the generic path for an unregistered wrapper type: model_type "
                 f"{shown} has no registered wrapper, its {KEY} (model_type {quoted(text_type)}) was read as the "
-                f"decoder, checkpoint names under {where} (the layout {layout.writers} write); nothing checked the "
-                f"other parts ({others}), which are ignored",)
+                f"decoder, checkpoint names under {where} (the layout {layout.writers} write){head}; nothing checked "
+                f"the other parts ({others}), which are ignored",)
 
     return Found(arch=dataclasses.replace(arch, notes=notes), why="")
 

@@ -3,8 +3,9 @@
 vision tower and a projector.
 
 distload loads the language model: the decoder the text config names is read and built as
-usual, inside a module whose path is the prefix, so every parameter, unit and quantization
-target carries the checkpoint's own full name. The vision tower and the projector are listed
+usual, inside modules at the paths the checkpoint's layout puts its parts (``layouts.py``, read
+from the tensor names), so every parameter, unit and quantization target carries the
+checkpoint's own full name. The vision tower and the projector are listed
 under ``ignored``, each with the rule that ignored it, and the report says which part was loaded.
 A new wrapper is one ``Wrapper`` value and its ``register(wrapped(...))`` line in registry.py; a
 model type without one, around a built-in decoder, is loaded through ``unregistered.py``.
@@ -13,19 +14,19 @@ model type without one, around a built-in decoder, is loaded through ``unregiste
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
 
-from ..errors import ConfigError, PlanError
+from ..errors import ConfigError
 from ..jsondoc import quoted, show
 from ..layers.embedding import ParallelLMHead
 from ..spec import sibling
 from .arch import Architecture, BuildContext
 from .config import DecoderTraits
+from .layouts import LAYOUTS, TextLayout, layout_of
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -36,32 +37,25 @@ class Wrapper:
     """config.json's ``model_type`` (``gemma3``)"""
     text_model_type: str
     """the decoder's model type when ``text_config`` names none (``gemma3_text``)"""
-    prefix: str
-    """what the checkpoint puts before the decoder's own names (``language_model.``); "" with ``renames``"""
     ignored_parts: tuple[tuple[str, str], ...]
-    """(what it is, the regex of its checkpoint names) for each part that is not the language model"""
+    """(what it is, the anchored regex of its checkpoint names) for each part that is not the language
+    model; a registered wrapper's in transformers 5's names (``layout`` None), moved per layout"""
     tie_word_embeddings: bool
     """whether the LM head is the embedding when config.json's top level does not say (the
     wrapper's transformers class reads the top level's, not text_config's)"""
     text_key: str = "text_config"
     """config.json key of the nested decoder config"""
-    renames: tuple[tuple[str, str], ...] = ()
-    """(the start of the decoder's own names, the checkpoint's for them) for each of the decoder's
-    top-level parts, where the checkpoint moves them apart (``model.`` -> ``model.language_model.``,
-    ``lm_head.`` -> ``lm_head.``); (): every name sits under ``prefix``"""
+    layout: TextLayout | None = None
+    """where the checkpoint puts the language model; None: the layout its tensor names show"""
     tie_from_text: bool = False
     """the LM head is also tied when ``text_config`` says so and the top level does not (transformers'
-    LLaVA-style config classes forward the text config's ``tie_word_embeddings`` to the top level)"""
+    LLaVA-style config classes forward the text config's ``tie_word_embeddings`` to the top level),
+    and ``tie_word_embeddings`` is the default only when neither says"""
 
-    def checkpoint_pattern(self, pattern: str) -> str:
-        """A decoder's ignore rule for the checkpoint's names: an anchored rule moves with the part
-        it names; an unanchored one matches anywhere already."""
-        if not pattern.startswith("^"):
-            return pattern
-        for own, theirs in self.renames or (("", self.prefix),):
-            if pattern[1:].startswith(re.escape(own)):
-                return f"^{re.escape(theirs)}{pattern[1 + len(re.escape(own)):]}"
-        return pattern
+    def at(self, layout: TextLayout) -> Wrapper:
+        """This wrapper in ``layout``, its parts' rules moved to where that layout puts them."""
+        parts = tuple((what, layout.other_rule(pattern)) for what, pattern in self.ignored_parts)
+        return dataclasses.replace(self, layout=layout, ignored_parts=parts)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -108,11 +102,10 @@ class RenamedDecoder(nn.Module):
     def __init__(self, renames: tuple[tuple[str, str], ...], decoder: nn.Module) -> None:
         super().__init__()
         places = {own.rstrip("."): theirs.rstrip(".") for own, theirs in renames}
+        # every built-in decoder holds only its body and its head (config.json cannot add a part)
         stray = [n for n, _ in decoder.named_children() if n not in places]
         stray += [n for n, _ in (*decoder.named_parameters(recurse=False), *decoder.named_buffers(recurse=False))]
-        if stray:
-            raise PlanError(f"the decoder's {quoted(stray[0])} has no place in the checkpoint's layout (it places "
-                            f"{', '.join(places)})")
+        assert not stray, f"the decoder's {stray[0]!r} has no place in the layout (it places {', '.join(places)})"
         for own, part in decoder.named_children():
             _place(self, places[own], part)
         for path, module in decoder.named_modules():  # a tied head names the embedding beside it
@@ -133,8 +126,8 @@ def _renamed(places: Mapping[str, str], name: str) -> str:
 def _beside(path: str, name: str) -> str:
     """``name`` as seen beside the module at ``path`` (what ``spec.sibling`` turns back into ``name``)."""
     parent = path.rpartition(".")[0]
-    if parent and not name.startswith(parent + "."):
-        raise PlanError(f"the tied head at {quoted(path)} cannot name the embedding {quoted(name)} beside it")
+    # the layouts keep a head beside its embedding's holder (a top-level lm_head has no parent)
+    assert not parent or name.startswith(parent + "."), f"the tied head at {path!r} cannot name {name!r}"
     return name[len(parent) + 1:] if parent else name
 
 
@@ -150,10 +143,20 @@ def wrapped(wrapper: Wrapper, decoders: Callable[[str], Architecture | None]) ->
     """The ``Architecture`` of a multimodal model type: reads, builds and ignores for its decoder.
 
     Args:
-        wrapper: the wrapper's facts.
+        wrapper: the wrapper's facts; without a ``layout``, its ``for_names`` gives the architecture
+            of the layout a checkpoint's tensor names show (itself: transformers 5's).
         decoders: model type -> its registered architecture (None: not registered), asked when a
             config is read, so the decoder may be registered after the wrapper.
     """
+    if wrapper.layout is None:
+        each = {layout: _in_layout(wrapper.at(layout), decoders) for layout in LAYOUTS}
+        return dataclasses.replace(each[LAYOUTS[0]], for_names=lambda names: each[layout_of(names)])
+    return _in_layout(wrapper, decoders)
+
+
+def _in_layout(wrapper: Wrapper, decoders: Callable[[str], Architecture | None]) -> Architecture:
+    """``wrapped`` for a wrapper whose layout is known."""
+    layout = wrapper.layout
 
     def text_of(config: Mapping) -> tuple[Architecture, Mapping]:
         key = wrapper.text_key
@@ -168,7 +171,8 @@ def wrapped(wrapper: Wrapper, decoders: Callable[[str], Architecture | None]) ->
             raise ConfigError(f"config.json {key}.model_type {named} is not a language model distload "
                               f"builds, so model_type {quoted(wrapper.model_type)} cannot be loaded "
                               f"(it expects {quoted(wrapper.text_model_type)})")
-        tie = config.get("tie_word_embeddings", wrapper.tie_word_embeddings)
+        own = text.get("tie_word_embeddings") if wrapper.tie_from_text else None
+        tie = config.get("tie_word_embeddings", wrapper.tie_word_embeddings if own is None else own)
         if wrapper.tie_from_text and tie is False and text.get("tie_word_embeddings") is True:
             tie = True
         return inner, {**text, "model_type": text_type, "tie_word_embeddings": tie}
@@ -182,7 +186,7 @@ def wrapped(wrapper: Wrapper, decoders: Callable[[str], Architecture | None]) ->
 
     def build(cfg: WrappedConfig, ctx: BuildContext) -> nn.Module:
         decoder = cfg.inner.build(cfg.decoder, dataclasses.replace(ctx, config=cfg.text))
-        return RenamedDecoder(wrapper.renames, decoder) if wrapper.renames else LanguageModelOf(wrapper.prefix, decoder)
+        return LanguageModelOf(layout.prefix, decoder) if layout.prefix else RenamedDecoder(layout.places, decoder)
 
     def experts(cfg: WrappedConfig):
         return cfg.inner.experts(cfg.decoder) if cfg.inner.experts is not None else None
@@ -193,26 +197,27 @@ def wrapped(wrapper: Wrapper, decoders: Callable[[str], Architecture | None]) ->
             own = inner.ignores(text)
         except ConfigError as err:
             raise _in_text_config(err, wrapper.text_key) from None
-        return tuple(pattern for _, pattern in wrapper.ignored_parts) + tuple(map(wrapper.checkpoint_pattern, own))
+        return tuple(pattern for _, pattern in wrapper.ignored_parts) + tuple(map(layout.decoder_rule, own))
 
     def notes(config: Mapping) -> tuple[str, ...]:
         parts = " and ".join(f"the {what} ({pattern})" for what, pattern in wrapper.ignored_parts)
         text_type = config[wrapper.text_key].get("model_type", wrapper.text_model_type)
         return (f"loaded the language model of model_type {quoted(wrapper.model_type)}: {wrapper.text_key} "
-                f"(model_type {quoted(text_type)}), checkpoint names under {quoted(wrapper.prefix)}; "
+                f"(model_type {quoted(text_type)}), checkpoint names under "
+                f"{' and '.join(map(quoted, layout.starts))}; "
                 f"{parts} are ignored",)
 
     return Architecture(model_type=wrapper.model_type, decoder=DecoderTraits(qkv_bias=None), read=read, build=build,
                         experts=experts, ignores=ignores, notes=notes, text_key=wrapper.text_key)
 
 
-GEMMA3 = Wrapper(model_type="gemma3", text_model_type="gemma3_text", prefix="language_model.",
+GEMMA3 = Wrapper(model_type="gemma3", text_model_type="gemma3_text",
                  ignored_parts=(("vision tower", r"^vision_tower\."),
                                 ("multimodal projector", r"^multi_modal_projector\.")),
                  tie_word_embeddings=True)
 """Gemma 3 4B and larger: a SigLIP vision tower and a projector beside the text model"""
 
-LLAMA4 = Wrapper(model_type="llama4", text_model_type="llama4_text", prefix="language_model.",
+LLAMA4 = Wrapper(model_type="llama4", text_model_type="llama4_text",
                  ignored_parts=(("vision model", r"^vision_model\."),
                                 ("multimodal projector", r"^multi_modal_projector\.")),
                  tie_word_embeddings=False)

@@ -133,7 +133,10 @@ RULES_HINT = ("to load it anyway, give a rules file saying how its tensors split
 
 
 def _with_config(llava_ckpts, change) -> str:
-    directory = llava_ckpts.copy("llava")
+    return _edit_config(llava_ckpts.copy("llava"), change)
+
+
+def _edit_config(directory: str, change) -> str:
     path = os.path.join(directory, "config.json")
     with open(path) as f:
         config = json.load(f)
@@ -187,6 +190,44 @@ def _tied(top: dict, text: dict, names=EMBED_ONLY) -> bool:
     return arch.read(config, arch).decoder.tie_word_embeddings
 
 
+FRAME = "config.json model_type 'llava' has no built-in model; its text_config (model_type 'llama') is built in, but "
+"""what the unknown model type's error says before why the generic path cannot load it"""
+MIXED = ("the checkpoint's names mix two layouts: {body} is where transformers 5 and before 4.52 put the language model, "
+         "and {head} where transformers 4.52 to 4.57 put its head")
+
+
+def test_a_head_where_another_layout_puts_it_is_an_error_naming_both_tensors(llava_ckpts, tmp_path):
+    # transformers 5's body with its head at the top level, and config.json silent on tying: the head
+    # must neither be ignored nor read as absent (a tied head would load complete, and wrong)
+    directory = renamed_checkpoint(llava_ckpts.path("llava"), str(tmp_path / "mixed"),
+                                   lambda n: "lm_head.weight" if n == "language_model.lm_head.weight" else n)
+    _edit_config(directory, lambda c: [c.pop("tie_word_embeddings", None),
+                                       c["text_config"].pop("tie_word_embeddings", None)])
+    with pytest.raises(ConfigError) as err:
+        dry_run(directory, distload.LoadConfig(), world_size=1)
+    why = MIXED.format(body="'language_model.model.embed_tokens.weight'", head="'lm_head.weight'")
+    assert err.value.message == f"{FRAME}{why} (built in: {BUILT_IN}); {RULES_HINT}"
+    assert err.value.file == os.path.join(directory, "config.json")
+
+
+def test_a_mixed_layout_is_an_error_whatever_the_head_is_named():
+    config = {"model_type": "llava", "text_config": TEXT}
+    for names, body, head in (
+            # the mirror: 4.52's body, transformers 5's head (it would be ignored as a part ^language_model\.)
+            (["model.language_model.norm.weight", "language_model.lm_head.weight", "model.vision_tower.x"],
+             "model.language_model.norm.weight", "language_model.lm_head.weight"),
+            # a quantized head is the head too
+            (["language_model.model.embed_tokens.weight", "lm_head.qweight", "lm_head.scales"],
+             "language_model.model.embed_tokens.weight", "lm_head.qweight")):
+        with pytest.raises(ConfigError) as err:
+            architecture(config, names)
+        bodies = ("transformers 4.52 to 4.57", "transformers 5 and before 4.52")[body.startswith("language_model.")]
+        heads = ("transformers 4.52 to 4.57", "transformers 5 and before 4.52")[head.startswith("language_model.")]
+        assert err.value.message == (
+            f"{FRAME}the checkpoint's names mix two layouts: '{body}' is where {bodies} put the language model, and "
+            f"'{head}' where {heads} put its head (built in: {BUILT_IN}); {RULES_HINT}")
+
+
 def test_the_head_is_tied_when_the_top_level_or_the_text_config_says_so():
     # as transformers' LlavaConfig: its own flag, or text_config's forwarded; the checkpoint is not asked
     for names in (EMBED_ONLY, WITH_HEAD):
@@ -205,18 +246,31 @@ def _said_nothing(names) -> tuple[bool, str]:
 
 def test_where_no_config_level_says_the_checkpoint_decides_the_tying():
     # transformers 5 defaults differ by wrapper class (LLaVA untied, Mistral 3 / InternVL tied)
+    lead = "config.json sets no tie_word_embeddings, so the head is "
     tied, note = _said_nothing(EMBED_ONLY)
     assert tied is True
-    assert ("(the layout transformers 5 and before 4.52 write); config.json sets no tie_word_embeddings, so the head "
-            "is tied, as the checkpoint holds no 'language_model.lm_head.weight'; nothing checked") in note
+    assert (f"(the layout transformers 5 and before 4.52 write); {lead}tied, as the checkpoint holds "
+            "'language_model.model.embed_tokens.weight' and no 'language_model.lm_head.*' tensor; nothing checked") in note
     tied, note = _said_nothing(WITH_HEAD)
     assert tied is False
-    assert ("config.json sets no tie_word_embeddings, so the head is untied, as the checkpoint holds a "
-            "'language_model.lm_head.weight'; ") in note
+    assert f"{lead}untied, as the checkpoint holds 'language_model.lm_head.weight'; " in note
     tied, note = _said_nothing(["model.language_model.embed_tokens.weight", "lm_head.weight"])
-    assert tied is False and "holds a 'lm_head.weight'" in note
+    assert tied is False and f"{lead}untied, as the checkpoint holds 'lm_head.weight'; " in note
     assert _said_nothing(["model.language_model.embed_tokens.weight"])[0] is True
-    assert _said_nothing(["language_model.model.norm.weight"])[0] is False  # no embedding either: both missing
+    tied, note = _said_nothing(["language_model.model.norm.weight"])  # no embedding either: both show as missing
+    assert tied is False and (f"{lead}untied, as the checkpoint holds no 'language_model.lm_head.*' tensor and no "
+                              "'language_model.model.embed_tokens.weight' to tie it to; ") in note
+
+
+def test_a_quantized_head_is_a_head():
+    # a head stored as GPTQ's qweight or compressed-tensors' weight_packed has no lm_head.weight
+    for names, held in ((["language_model.model.embed_tokens.weight", "language_model.lm_head.qweight",
+                          "language_model.lm_head.scales"], "language_model.lm_head.qweight"),
+                        (["model.language_model.embed_tokens.weight", "lm_head.weight_packed", "lm_head.weight_scale"],
+                         "lm_head.weight_packed")):
+        tied, note = _said_nothing(names)
+        assert tied is False, names
+        assert f"so the head is untied, as the checkpoint holds '{held}'; " in note
 
 
 def test_build_model_without_tensor_names_says_so_and_takes_them():
@@ -239,3 +293,6 @@ def test_each_part_outside_the_language_model_is_ignored_by_its_own_rule():
              "model.vision_tower.b.weight", "model.multi_modal_projector.linear_1.weight", "lm_head_extra.weight"]
     assert architecture(config, names).ignores(config) == (
         r"^image_newline$", r"^lm_head_extra\.", r"^model\.multi_modal_projector\.", r"^model\.vision_tower\.")
+    # a part's rule never covers where a layout puts the head (^language_model\. would cover language_model.lm_head.*)
+    names = ["model.language_model.norm.weight", "lm_head.weight", "language_model.connector.weight"]
+    assert architecture(config, names).ignores(config) == (r"^language_model\.connector\.",)

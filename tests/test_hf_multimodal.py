@@ -18,7 +18,7 @@ import torch
 import distload
 from distload.dryrun import dry_run
 from distload.errors import ConfigError
-from distload.models import architecture
+from distload.models import architecture, build_model
 from tests import jobs
 from tests.dense_slices import expected_params
 from tests.hf_checkpoints import (CheckpointCache, HFSpec, WrappedSpec, check_clean_report, as_4_52,
@@ -175,3 +175,32 @@ def test_a_bad_text_config_field_is_named_inside_text_config():
         _read({"model_type": "gemma3", "text_config": None})
     assert str(err.value) == ("config.json text_config must be an object (the language model's config, which "
                               "model_type 'gemma3' nests), got null")
+
+
+GEMMA3 = {"model_type": "gemma3", "text_config": {"vocab_size": 16, "hidden_size": 8, "intermediate_size": 16,
+                                                  "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+                                                  "head_dim": 4}}
+"""a tiny Gemma 3 config.json"""
+
+
+def test_names_of_two_layouts_are_an_error_for_a_registered_wrapper():
+    with pytest.raises(ConfigError) as err:  # both bodies
+        architecture(GEMMA3, ["language_model.model.norm.weight", "model.language_model.norm.weight"])
+    assert err.value.message == (
+        "config.json model_type 'gemma3': the checkpoint's names fit more than one of the layouts looked for: "
+        "language_model.model.*, language_model.lm_head.* (transformers 5 and before 4.52) or model.language_model.*, "
+        "lm_head.* (transformers 4.52 to 4.57)")
+    with pytest.raises(ConfigError) as err:  # one body, the other layout's head
+        architecture({**GEMMA3, "model_type": "llama4"}, ["model.language_model.norm.weight", "lm_head.weight",
+                                                          "language_model.lm_head.weight"])
+    assert err.value.message == (
+        "config.json model_type 'llama4': the checkpoint's names mix two layouts: 'model.language_model.norm.weight' "
+        "is where transformers 4.52 to 4.57 put the language model, and 'language_model.lm_head.weight' where "
+        "transformers 5 and before 4.52 put its head")
+
+
+def test_build_model_without_tensor_names_builds_the_transformers_5_layout():
+    names = [n for n, _ in build_model(GEMMA3).named_parameters()]
+    assert names[0] == "language_model.model.embed_tokens.weight" and names[-1] == "language_model.model.norm.weight"
+    names = [n for n, _ in build_model(GEMMA3, tensor_names=["model.language_model.norm.weight"]).named_parameters()]
+    assert names[0] == "model.language_model.embed_tokens.weight"

@@ -11,6 +11,9 @@ import re
 from dataclasses import dataclass
 from typing import Collection
 
+from ..errors import ConfigError
+from ..jsondoc import quoted
+
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class TextLayout:
@@ -30,6 +33,12 @@ class TextLayout:
     def body(self) -> str:
         """The checkpoint's start of the decoder's ``model.*`` names: a name under it picks the layout."""
         return self.places[0][1]
+
+    @property
+    def head(self) -> str:
+        """The checkpoint's start of the LM head's names: any name under it is the head (a quantized
+        head has no ``lm_head.weight``, but ``lm_head.qweight`` or ``lm_head.weight_packed``)."""
+        return self.checkpoint_name(HEAD)
 
     @property
     def starts(self) -> tuple[str, ...]:
@@ -69,10 +78,23 @@ LAYOUTS = (
 ``model.language_model.``, its head left at the top level and the other parts under ``model.``
 (transformers' ``llava`` conversion mapping, which Gemma 3 shares)"""
 
-HEAD = "lm_head.weight"
-"""every built-in decoder's own name of its LM head"""
+HEAD = "lm_head."
+"""every built-in decoder's own start of its LM head's names"""
 EMBEDDING = "model.embed_tokens.weight"
 """every built-in decoder's own name of its token embedding"""
+LOOKED_FOR = " or ".join(f"{', '.join(theirs + '*' for _, theirs in layout.places)} ({layout.writers})"
+                         for layout in LAYOUTS)
+"""the layouts, as an error lists them"""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Fit:
+    """The one layout a checkpoint's tensor names show, or why they show none."""
+
+    layout: TextLayout | None
+    """the layout; None: they fit no layout, more than one, or mix two"""
+    why: str
+    """why not, as a clause ("the checkpoint's names fit none of ..."); empty: found"""
 
 
 def fitting(tensor_names: Collection[str]) -> tuple[TextLayout, ...]:
@@ -80,15 +102,48 @@ def fitting(tensor_names: Collection[str]) -> tuple[TextLayout, ...]:
     return tuple(layout for layout in LAYOUTS if any(name.startswith(layout.body) for name in tensor_names))
 
 
-def layout_of(tensor_names: Collection[str]) -> TextLayout:
-    """The layout ``tensor_names`` show, for a registered wrapper: the one they fit, else
-    transformers 5's (none fits: no names given, or the body lost, which then shows as missing)."""
+def fit(tensor_names: Collection[str]) -> Fit:
+    """The one layout ``tensor_names`` show: exactly one layout's body starts some of them, and no
+    name sits where another layout puts the head (ignored, or read as no head, such a head would
+    load a wrong model that passes every check)."""
     fits = fitting(tensor_names)
-    return fits[0] if len(fits) == 1 else LAYOUTS[0]
+    if len(fits) != 1:
+        held = "none" if not fits else "more than one"
+        return Fit(layout=None, why=f"the checkpoint's names fit {held} of the layouts looked for: {LOOKED_FOR}")
+    layout = fits[0]
+    for other in (other for other in LAYOUTS if other is not layout):
+        stray = min((n for n in tensor_names if n.startswith(other.head) and not n.startswith(layout.starts)),
+                    default=None)
+        if stray is not None:
+            body = min(n for n in tensor_names if n.startswith(layout.body))
+            return Fit(layout=None, why=f"the checkpoint's names mix two layouts: {quoted(body)} is where "
+                                        f"{layout.writers} put the language model, and {quoted(stray)} where "
+                                        f"{other.writers} put its head")
+    return Fit(layout=layout, why="")
+
+
+def layout_of(tensor_names: Collection[str], model_type: str) -> TextLayout:
+    """The layout ``tensor_names`` show, for the registered wrapper ``model_type``: the one they
+    fit, else transformers 5's where no layout's body starts any of them (no names given:
+    ``build_model``'s default; or the body lost, which then shows as missing).
+
+    Raises:
+        ConfigError: they fit more than one layout, or mix two (``fit``).
+    """
+    if not fitting(tensor_names):
+        return LAYOUTS[0]
+    found = fit(tensor_names)
+    if found.layout is None:
+        raise ConfigError(f"config.json model_type {quoted(model_type)}: {found.why}")
+    return found.layout
+
+
+def head_tensor(layout: TextLayout, tensor_names: Collection[str]) -> str | None:
+    """The checkpoint's first LM head tensor in ``layout`` (in name order); None: it holds none."""
+    return min((name for name in tensor_names if name.startswith(layout.head)), default=None)
 
 
 def head_tied(layout: TextLayout, tensor_names: Collection[str]) -> bool:
     """Whether the checkpoint's LM head is its embedding, as its tensors show: it holds the
     embedding but no head tensor."""
-    names = set(tensor_names)
-    return layout.checkpoint_name(HEAD) not in names and layout.checkpoint_name(EMBEDDING) in names
+    return head_tensor(layout, tensor_names) is None and layout.checkpoint_name(EMBEDDING) in tensor_names

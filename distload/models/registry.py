@@ -177,7 +177,9 @@ def build_model(config: Mapping, *, tp: int = 1, tp_rank: int = 0, ops: Collecti
                 tensor_names: Collection[str] = ()) -> nn.Module:
     """Builds the reference model for ``config['model_type']`` as TP rank ``tp_rank`` of one
     replica (no pipeline stages; a mixture of experts with every expert, placed linearly);
-    ``tensor_names`` (the checkpoint's) show a multimodal wrapper's layout.
+    ``tensor_names`` (the checkpoint's) show a multimodal wrapper's layout. An unregistered wrapper
+    needs them; without them a registered one (``gemma3``, ``llama4``) is built in transformers 5's
+    layout (``language_model.*``), by design: a load always passes the checkpoint's names.
 
     Example:
         >>> m = build_model({"model_type": "qwen2", "vocab_size": 64, "hidden_size": 16,
@@ -186,7 +188,8 @@ def build_model(config: Mapping, *, tp: int = 1, tp_rank: int = 0, ops: Collecti
         torch.Size([48])
 
     Raises:
-        ConfigError: the model type is unknown (the message lists the supported ones), or a bad field.
+        ConfigError: the model type is unknown (the message lists the supported ones), a bad field,
+            or ``tensor_names`` that fit more than one wrapper layout or mix two.
         PlanError: a size does not split over ``tp``.
     """
     return reference_model(BuildContext(config=config, tp=tp, tp_rank=tp_rank, ops=ops, dtype=dtype,

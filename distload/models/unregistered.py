@@ -17,7 +17,7 @@ from typing import Callable, Collection, Mapping
 
 from ..jsondoc import quoted, show
 from .arch import Architecture
-from .layouts import HEAD, LAYOUTS, fitting, head_tied
+from .layouts import EMBEDDING, LAYOUTS, fit, head_tensor, head_tied
 from .wrapper import Wrapper, wrapped
 
 
@@ -56,13 +56,10 @@ def find(config: Mapping, tensor_names: Collection[str], decoders: Callable[[str
         return Found(arch=None, why=f"; its {KEY} (model_type {quoted(text_type)}) is built in, but no checkpoint "
                                     "tensor names were given to read where its language model sits (build_model "
                                     "takes them: tensor_names=...)")
-    fits = fitting(tensor_names)
-    if len(fits) != 1:
-        looked = " or ".join(f"{', '.join(t + '*' for _, t in layout.places)} ({layout.writers})" for layout in LAYOUTS)
-        held = "none" if not fits else "more than one"
-        return Found(arch=None, why=f"; its {KEY} (model_type {quoted(text_type)}) is built in, but the checkpoint's "
-                                    f"names fit {held} of the layouts looked for: {looked}")
-    layout = fits[0]
+    found = fit(tensor_names)
+    if found.layout is None:
+        return Found(arch=None, why=f"; its {KEY} (model_type {quoted(text_type)}) is built in, but {found.why}")
+    layout = found.layout
     model_type = config.get("model_type")
     shown = quoted(model_type) if isinstance(model_type, str) else show(model_type)
     starts = layout.starts
@@ -70,6 +67,10 @@ def find(config: Mapping, tensor_names: Collection[str], decoders: Callable[[str
     # where neither config level says, the checkpoint does (transformers' defaults differ by wrapper
     # class): only the embedding is tied, a head tensor untied
     tied = head_tied(layout, tensor_names)
+    held = head_tensor(layout, tensor_names)
+    head, embedding = quoted(layout.head + "*"), quoted(layout.checkpoint_name(EMBEDDING))
+    because = (f"holds {quoted(held)}" if held is not None else f"holds {embedding} and no {head} tensor" if tied
+               else f"holds no {head} tensor and no {embedding} to tie it to")
     arch = wrapped(Wrapper(model_type=str(model_type), text_model_type=text_type, layout=layout, ignored_parts=parts,
                            tie_word_embeddings=tied, tie_from_text=True), decoders)
     where = " and ".join(map(quoted, starts))
@@ -77,12 +78,11 @@ def find(config: Mapping, tensor_names: Collection[str], decoders: Callable[[str
     def notes(config: Mapping) -> tuple[str, ...]:
         others = ", ".join(what for what, _ in parts) or "none"
         said = any("tie_word_embeddings" in c for c in (config, config[KEY]))
-        head = "" if said else (f"; config.json sets no tie_word_embeddings, so the head is "
-                                f"{'tied' if tied else 'untied'}, as the checkpoint "
-                                f"{'holds no' if tied else 'holds a'} {quoted(layout.checkpoint_name(HEAD))}")
+        tying = "" if said else (f"; config.json sets no tie_word_embeddings, so the head is "
+                                 f"{'tied' if tied else 'untied'}, as the checkpoint {because}")
         return (f"loaded the language model through the generic path for an unregistered wrapper type: model_type "
                 f"{shown} has no registered wrapper, its {KEY} (model_type {quoted(text_type)}) was read as the "
-                f"decoder, checkpoint names under {where} (the layout {layout.writers} write){head}; nothing checked "
+                f"decoder, checkpoint names under {where} (the layout {layout.writers} write){tying}; nothing checked "
                 f"the other parts ({others}), which are ignored",)
 
     return Found(arch=dataclasses.replace(arch, notes=notes), why="")
@@ -92,18 +92,20 @@ def other_parts(tensor_names: Collection[str], starts: tuple[str, ...]) -> tuple
     """The parts outside the language model (``vision_tower.``, ``model.multi_modal_projector.``),
     each with the rule that ignores it, in name order.
 
-    A part is the shortest dotted start of a name that does not begin any language-model start
-    (``model.`` begins ``model.language_model.``: ``model.vision_tower.`` is the part); a name with no
-    such start is a part of its own (``image_newline``).
+    A part is the shortest dotted start of a name that does not begin any language-model start nor
+    where any layout puts the head (``model.`` begins ``model.language_model.``: ``model.vision_tower.``
+    is the part); a name with no such start is a part of its own (``image_newline``). No rule covers
+    a head name: a head is never ignored (``fit`` refuses one where another layout puts it).
     """
+    kept = (*starts, *(layout.head for layout in LAYOUTS))
     parts: dict[str, str] = {}
     for name in sorted(tensor_names):
-        if name.startswith(starts):
+        if name.startswith(kept):
             continue
         pieces = name.split(".")
         for i in range(1, len(pieces)):
             start = ".".join(pieces[:i]) + "."
-            if not any(s.startswith(start) for s in starts):
+            if not any(s.startswith(start) for s in kept):
                 parts.setdefault(start, f"^{re.escape(start)}")
                 break
         else:

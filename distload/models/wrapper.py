@@ -144,13 +144,14 @@ def wrapped(wrapper: Wrapper, decoders: Callable[[str], Architecture | None]) ->
 
     Args:
         wrapper: the wrapper's facts; without a ``layout``, its ``for_names`` gives the architecture
-            of the layout a checkpoint's tensor names show (itself: transformers 5's).
+            of the layout a checkpoint's tensor names show (``layout_of``; itself: transformers 5's),
+            and raises ConfigError for names of two layouts.
         decoders: model type -> its registered architecture (None: not registered), asked when a
             config is read, so the decoder may be registered after the wrapper.
     """
     if wrapper.layout is None:
         each = {layout: _in_layout(wrapper.at(layout), decoders) for layout in LAYOUTS}
-        return dataclasses.replace(each[LAYOUTS[0]], for_names=lambda names: each[layout_of(names)])
+        return dataclasses.replace(each[LAYOUTS[0]], for_names=lambda names: each[layout_of(names, wrapper.model_type)])
     return _in_layout(wrapper, decoders)
 
 

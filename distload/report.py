@@ -12,8 +12,9 @@ from .tracking import Entry, Findings
 if TYPE_CHECKING:
     from .verify import Verification
 
-SCHEMA_VERSION = 2
-"""the JSON report's format: 2 added rank_classes (dry runs), exit verdicts and these two keys"""
+SCHEMA_VERSION = 3
+"""the JSON report's format: 2 added rank_classes (dry runs), exit verdicts and these two keys; 3 added
+the unread statuses and ``seen_on`` to ``verification.files`` (a status other than ``verified`` need not fail)"""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

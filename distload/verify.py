@@ -5,13 +5,16 @@ with the fewest bytes so far), so the node reads every file whole once more, wha
 need of it. A rank hashes its share on threads of its own, started before the executor reads
 and waited for after it. The verdicts meet in one integer all-reduce with a slot per file (as
 tracking's units do); only when a file differs does a second, small exchange name the ranks that
-hashed it.
+hashed it. Weight files the load does not read are judged by each node in its own folder; the same
+all-reduce tells whether every rank saw the same ones, and only when not are their lists gathered,
+so each is named with the ranks that saw it.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-
+import hashlib
+import json
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,6 +26,7 @@ import torch
 from .checkpoint.digests import GIT_SHA1, file_digest
 from .checkpoint.reference import (ABSENT, ABSENT_UNREAD, HUB_CACHE, PRESENT_UNREAD, UNLISTED, UNLISTED_UNREAD,
                                    UNREAD, Checks, FileCheck)
+from .report import _ranks
 
 if TYPE_CHECKING:
     from .comm import Comm
@@ -33,6 +37,8 @@ because its size is not the manifest's"""
 
 VERIFIED, DIFFERENT, UNHASHED, WRONG_SIZE = "verified", "differs", "unhashed", "size-differs"
 """a file's merged status (besides the manifest's ``absent`` and ``unlisted``, and ``UNREAD``)"""
+FAILING = (DIFFERENT, WRONG_SIZE, ABSENT, UNLISTED, UNHASHED)
+"""the statuses that fail the load (every status is ``VERIFIED``, one of these, or one of ``UNREAD``)"""
 
 _WHY = {DIFFERENT: "its {algorithm} differs from the reference {expected}", UNHASHED: "hashed by no rank",
         WRONG_SIZE: "size differs: {size} bytes, the manifest says {expected_size}",
@@ -162,11 +168,19 @@ class FileVerdict:
     """its size in bytes as this rank found it; None when absent"""
     expected_size: int | None = None
     """the size the manifest records; None for a cache blob"""
+    seen_on: tuple[int, ...] | None = None
+    """for an unread file, the ranks whose folder showed it so when not every rank's did; None: every rank"""
 
     def to_json(self) -> dict:
         return {"name": self.name, "status": self.status, "algorithm": self.algorithm, "expected": self.expected,
                 "hashes": self.hashes, "failed_on": list(self.failed_on), "size": self.size,
-                "expected_size": self.expected_size}
+                "expected_size": self.expected_size, "seen_on": None if self.seen_on is None else list(self.seen_on)}
+
+    @property
+    def label(self) -> str:
+        """Its name, with the ranks that saw it when not all did."""
+        return self.name if self.seen_on is None else f"{self.name} (rank{'s' if len(self.seen_on) > 1 else ''} " \
+                                                      f"{_ranks(self.seen_on)} only)"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -188,7 +202,7 @@ class Verification:
 
     @property
     def failed(self) -> tuple[FileVerdict, ...]:
-        return tuple(f for f in self.files if f.status != VERIFIED and f.status not in UNREAD)
+        return tuple(f for f in self.files if f.status in FAILING)
 
     @property
     def unread(self) -> tuple[FileVerdict, ...]:
@@ -197,8 +211,8 @@ class Verification:
 
     def notes(self) -> tuple[str, ...]:
         """The report's note on the weight files this load does not read, when there are any."""
-        there = [f.name for f in self.unread if f.status != ABSENT_UNREAD]
-        gone = [f.name for f in self.unread if f.status == ABSENT_UNREAD]
+        there = [f.label for f in self.unread if f.status != ABSENT_UNREAD]
+        gone = [f.label for f in self.unread if f.status == ABSENT_UNREAD]
         parts = []
         if there:
             parts.append(f"{_count(there, 'weight file')} in the folder {'was' if len(there) == 1 else 'were'} "
@@ -236,7 +250,7 @@ class Verification:
                 lines.append(f"    ... and {len(self.failed) - limit} more (see --json)")
         if self.unread:
             lines.append(f"  not read by this load, not verified ({len(self.unread)}):")
-            lines += [f"    {f.name}  ({f.status}: {_WHY[f.status]})" for f in self.unread[:limit]]
+            lines += [f"    {f.label}  ({f.status}: {_WHY[f.status]})" for f in self.unread[:limit]]
             if len(self.unread) > limit:
                 lines.append(f"    ... and {len(self.unread) - limit} more (see --json)")
         return lines
@@ -251,17 +265,25 @@ def _names(names: list[str], shown: int = 3) -> str:
 
 
 def merge(comm: "Comm", checks: Checks, hashed: Hashed) -> Verification:
-    """Combines every rank's outcome (one all-reduce; one gather more when a file differs).
+    """Combines every rank's outcome (one all-reduce; one gather more when a file differs, and one
+    when the ranks' unread files do).
 
-    Every rank calls it with the same ``checks`` (the ranks agreed on their shape before reading).
-    A file that any rank found of the wrong size is ``size-differs`` (and counts as hashed by none).
+    Every rank calls it with the same ``checks`` (the ranks agreed on their shape before reading),
+    but the files it does not read are each rank's own: one more gather names the ranks that saw
+    each when they differ. A file that any rank found of the wrong size is ``size-differs`` (and
+    counts as hashed by none).
     """
     n = len(checks.files)
     mine = torch.tensor(hashed.outcome, dtype=torch.int64).reshape(n)
+    unread = [(u.name, u.status) for u in checks.unchecked if u.status in UNREAD]
+    key = _key(unread)
     local = torch.cat([(mine == MATCHED).long(), (mine == DIFFERS).long(), (mine == SIZE_DIFFERS).long(),
-                       torch.tensor([hashed.bytes_hashed], dtype=torch.int64)])
+                       torch.tensor([hashed.bytes_hashed, *key, *(k * k for k in key)], dtype=torch.int64)])
     total = comm.sum_counts(local).tolist()
     matched, differs, sized = total[:n], total[n:2 * n], total[2 * n:3 * n]
+    sums, squares = total[3 * n + 1:3 * n + 1 + len(key)], total[3 * n + 1 + len(key):]
+    # every rank's key is the same exactly when world * sum(k*k) == sum(k)**2 (Cauchy-Schwarz)
+    same = all(comm.world_size * q == s * s for s, q in zip(sums, squares))
     failed_on: list[tuple[int, ...]] = [()] * n
     if any(differs) or any(sized):  # names travel only for what failed
         rows = comm.gather_rows(mine.to(torch.int8))
@@ -272,6 +294,27 @@ def merge(comm: "Comm", checks: Checks, hashed: Hashed) -> Verification:
                             status=WRONG_SIZE if sized[i] else DIFFERENT if differs[i] else
                             VERIFIED if matched[i] else UNHASHED)
                 for i, f in enumerate(checks.files)]
-    verdicts += [FileVerdict(name=u.name, status=u.status) for u in checks.unchecked]
+    verdicts += [FileVerdict(name=u.name, status=u.status) for u in checks.unchecked if u.status not in UNREAD]
+    seen = {entry: None for entry in unread} if same else _seen_on(comm.gather_objects(unread))
+    verdicts += [FileVerdict(name=name, status=status, seen_on=ranks) for (name, status), ranks in seen.items()]
     return Verification(reference=checks.reference, source=checks.source, bytes_hashed=total[3 * n],
-                        files=tuple(sorted(verdicts, key=lambda v: v.name)))
+                        files=tuple(sorted(verdicts, key=lambda v: (v.name, v.status))))
+
+
+_KEY_PARTS, _KEY_BITS = 3, 20
+"""an unread list's key: 60 bits in 20-bit parts, so a part's square summed over 2**23 ranks fits int64"""
+
+
+def _key(unread: list[tuple[str, str]]) -> list[int]:
+    """The ``_KEY_PARTS`` numbers that stand for a rank's unread (name, status) list in the all-reduce."""
+    digest = int.from_bytes(hashlib.blake2b(json.dumps(unread).encode(), digest_size=8).digest(), "big")
+    return [(digest >> (_KEY_BITS * i)) & ((1 << _KEY_BITS) - 1) for i in range(_KEY_PARTS)]
+
+
+def _seen_on(lists: list[list[tuple[str, str]]]) -> dict[tuple[str, str], tuple[int, ...] | None]:
+    """Each unread (name, status) in the ranks' ``lists`` and the ranks that saw it (None: every rank)."""
+    seen: dict[tuple[str, str], list[int]] = {}
+    for rank, entries in enumerate(lists):
+        for name, status in entries:
+            seen.setdefault((name, status), []).append(rank)
+    return {entry: None if len(ranks) == len(lists) else tuple(ranks) for entry, ranks in seen.items()}

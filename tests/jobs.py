@@ -97,3 +97,11 @@ def load_on_nodes(directory: str, tp: int, ranks_per_node: int, options: dict | 
         return load_outcome(directory, tp, options)
     finally:
         os.environ.pop("LOCAL_WORLD_SIZE", None)
+
+
+def load_on_nodes_from(directories: list[str], tp: int, ranks_per_node: int, options: dict | None = None) -> dict:
+    """``load_on_nodes`` with each node loading its own copy of the checkpoint: node ``i`` (ranks
+    ``i * ranks_per_node`` on) loads ``directories[i]``."""
+    import os
+
+    return load_on_nodes(directories[int(os.environ["RANK"]) // ranks_per_node], tp, ranks_per_node, options)

@@ -109,7 +109,7 @@ def test_version(capsys):
 def test_json_carries_its_schema_and_distload_versions(tmp_path, capsys):
     from distload.report import SCHEMA_VERSION
     report = dry_run_json(tmp_path, capsys)
-    assert report["schema_version"] == SCHEMA_VERSION and report["distload_version"] == distload.__version__
+    assert report["schema_version"] == SCHEMA_VERSION == 3 and report["distload_version"] == distload.__version__
 
 
 def _readme_keys() -> set[str]:

@@ -49,3 +49,17 @@ def test_readme_names_the_ci_command():
         ci = f.read()
     assert "bash scripts/test" in ci
     assert "bash scripts/test" in "".join(_blocks("sh"))
+
+
+def test_the_json_table_lists_every_verification_status_the_code_defines():
+    from distload.checkpoint.reference import UNREAD
+    from distload.verify import FAILING, VERIFIED, FileVerdict
+    with open(README, encoding="utf-8") as f:
+        row = next(line for line in f if line.startswith("| `verification` |"))
+    statuses = row.split("`status` is ", 1)[1].split("; `algorithm`", 1)[0]
+    verified, failing = statuses.split("; or, failing the load: ", 1)
+    failing, unread = failing.split("; or, for a weight file the load does not read", 1)
+    listed = [re.findall(r"`([a-z-]+)`", part) for part in (verified, failing, unread)]
+    assert [sorted(part) for part in listed] == [[VERIFIED], sorted(FAILING), sorted(UNREAD)]
+    keys = re.search(r"`files` has one `\{([a-z_, ]+)\}` per file", row).group(1).split(", ")
+    assert keys == list(FileVerdict(name="config.json", status=VERIFIED).to_json())

@@ -273,7 +273,7 @@ MISMATCHES = [  # files the load reads (or its index): each one fails it
     ("added, read", "model-extra.safetensors", "unlisted", "in the folder, not in the manifest"),
 ]
 UNHASHED_ENTRY = {"algorithm": None, "expected": None, "hashes": 0, "failed_on": [], "size": None,
-                  "expected_size": None}
+                  "expected_size": None, "seen_on": None}
 
 
 @pytest.mark.parametrize("change,name,status,why", MISMATCHES)
@@ -354,6 +354,26 @@ def test_weight_files_the_load_does_not_read_are_named_at_world_4(pool, listed):
     for o in pool.run(4, jobs.load_outcome, listed, 2, VERIFY):
         assert not o["raised"], o
         _check_unread(o["report"], unread, note, listed)
+
+
+def test_nodes_whose_own_copies_differ_in_unread_files_load_and_name_who_saw_what(pool, listed, tmp_path):
+    import shutil
+    _change(listed, "added, listed", TWIN)  # the published repo carries the twin
+    _change(listed, "added", "training_args.bin")
+    other = shutil.copytree(listed, str(tmp_path / "node1"))
+    _change(listed, "added", "optimizer.pt")  # node 0 downloaded the twin and kept an optimizer state
+    _change(other, "removed", TWIN)  # node 1 skipped the twin
+    out = pool.run(2, jobs.load_on_nodes_from, [listed, other], 1, 1, VERIFY)
+    seen = [("optimizer.pt", "unlisted-unread", [0]), (TWIN, "absent-unread", [1]),
+            (TWIN, "present-unread", [0]), ("training_args.bin", "unlisted-unread", None)]
+    for o in out:
+        assert not o["raised"] and o["report"]["ok"] and o["report"]["complete"], o
+        files = o["report"]["verification"]["files"]
+        assert [(f["name"], f["status"], f["seen_on"]) for f in files if f["status"] != "verified"] == seen
+        assert [f["name"] for f in files if f["status"] == "verified"] == sorted(NAMES)
+        assert o["report"]["notes"] == [
+            "3 weight files in the folder were not read by this load and not verified: optimizer.pt (rank 0 only), "
+            f"{TWIN} (rank 0 only), training_args.bin; 1 file the manifest lists is gone: {TWIN} (rank 1 only)"]
 
 
 def test_a_file_whose_size_is_not_the_manifests_is_named_unread(tmp_path, capsys, listed):

@@ -94,9 +94,11 @@ class Checks:
 
     def shape(self) -> dict:
         """What every rank must agree on (the verdict exchange has one slot per file); digests are left
-        out, so a node whose reference differs names its files as differing instead."""
+        out, so a node whose reference differs names its files as differing instead. Files the load
+        does not read are left out too: each node judges its own folder, and their merge names the
+        ranks that saw each one."""
         return {"reference": self.reference, "files": [(f.name, f.algorithm) for f in self.files],
-                "unchecked": [(u.name, u.status) for u in self.unchecked]}
+                "unchecked": [(u.name, u.status) for u in self.unchecked if u.status not in UNREAD]}
 
 
 def load_checks(ckpt: Checkpoint) -> Checks:

@@ -1,8 +1,8 @@
 """What every benchmark loader shares: one rank's context, the pieces it must fill, and the check.
 
 A loader runs on one rank of a job whose process group exists. Its parameters come from
-distload itself (``distload.api.prepare`` builds the rank's reference model on the meta device
-and plans; ``distload.api.materialize`` allocates it), so every loader fills exactly the same
+distload itself (``distload.prepare.prepare`` builds the rank's reference model on the meta device
+and plans; ``distload.prepare.materialize`` allocates it), so every loader fills exactly the same
 tensors, and ``plan.for_rank(rank).reads`` says which slice of which checkpoint tensor goes
 into which parameter slice. ``verify`` compares filled slices with the checkpoint read
 independently through ``safetensors.safe_open``: a loader that fills the wrong bytes fails
@@ -53,7 +53,7 @@ class Ctx:
         """Builds the rank's model on the meta device and its plan (headers only, no data)."""
         if self.plan is not None:
             return
-        from distload.api import prepare
+        from distload.prepare import prepare
         from distload.comm import Collectives
         from distload.config import LoadConfig
         from distload.models import reference_model
@@ -67,7 +67,7 @@ class Ctx:
     def prepare(self) -> None:
         """``plan_only``, then allocates the model on the device and applies padding zeros and
         optional defaults (what distload's executor does before reading)."""
-        from distload.api import materialize
+        from distload.prepare import materialize
         if self.params is not None:
             return
         self.plan_only()

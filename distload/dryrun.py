@@ -33,7 +33,8 @@ def dry_run(checkpoint: str, config: LoadConfig = LoadConfig(), *, world_size: i
         >>> r.mode, r.complete, [(c.rank, c.num_ranks) for c in r.ranks]  # one row per TP index
         ('dry-run', True, [(0, 4), (1, 4)])
     """
-    from .api import load_notes, prepare
+    from .api import load_notes
+    from .prepare import prepare
 
     start = time.perf_counter()
     layout = config.layout(world_size)

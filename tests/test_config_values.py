@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 import distload
 from distload import LoadConfig
-from distload.api import prepare
+from distload.prepare import prepare
 from distload.checkpoint.directory import open_checkpoint
 from distload.comm import SOLO, Collectives
 from distload.dryrun import dry_run

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from distload import LoadConfig
-from distload.api import prepare
+from distload.prepare import prepare
 from distload.comm import Collectives
 from distload.errors import PlanError
 from distload.layout import Layout

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from distload import LoadConfig
-from distload.api import prepare
+from distload.prepare import prepare
 from distload.comm import Collectives
 from distload.dryrun import dry_run
 from distload.layout import Layout

@@ -17,7 +17,7 @@ import torch
 
 import distload
 from distload import ConfigError, LoadConfig, PlanError
-from distload.api import prepare
+from distload.prepare import prepare
 from distload.comm import Collectives
 from distload.dryrun import dry_run
 from distload.experts import ExpertPlacement
@@ -336,7 +336,7 @@ def test_an_e5m2_weight_is_refused_not_cast(tmp_path):
 def test_the_model_dtype_of_an_fp8_checkpoint_is_that_of_most_bytes():
     from types import SimpleNamespace
 
-    from distload.api import checkpoint_dtype
+    from distload.prepare import checkpoint_dtype
     from distload.checkpoint.header import TensorInfo
 
     def info(name, dtype, n):

@@ -325,7 +325,7 @@ def test_every_packed_tensor_scale_and_zero_point_is_owned_by_the_owners_of_its_
     """At 16 simulated ranks (tp 2, ep 8, expert tp 2: 32-row / 32-column expert shards, int8 words of 4):
     each tensor beside a weight is owned by exactly the ranks that own the weight's packed values, and
     an expert's tensors by the ranks hosting it."""
-    from distload.api import prepare
+    from distload.prepare import prepare
     from distload.comm import Collectives
     from distload.layout import Layout
     from distload.models import reference_model

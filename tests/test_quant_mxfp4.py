@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from distload import ConfigError, LoadConfig, PlanError
-from distload.api import prepare
+from distload.prepare import prepare
 from distload.comm import Collectives
 from distload.dryrun import dry_run
 from distload.layout import Layout

@@ -33,19 +33,23 @@ class Interrupted(BaseException):
 
 def main(argv: list[str] | None = None) -> int:
     _tolerant_output()
-    with _signals_raise():
+    with _signals_raise() as verdicts:
         try:
             inv = parse(argv)
         except ConfigError as err:
             return _usage_error(err)
         except Interrupted as err:
             return err.exit_code
-        out = Verdict(inv)
+        out = verdicts.out = Verdict(inv)
         try:
             out.started()
             return _run(inv, out)
         except Interrupted as err:
-            return out.failed(err.exit_code, DistloadError(f"interrupted: {err}", rank=inv.rank))
+            return _interrupted(out, err)
+
+
+def _interrupted(out: Verdict, err: Interrupted) -> int:
+    return out.failed(err.exit_code, DistloadError(f"interrupted: {err}", rank=out.inv.rank))
 
 
 def _usage_error(err: ConfigError) -> int:
@@ -82,12 +86,29 @@ def _run(inv: Invocation, out: Verdict) -> int:
     return out.report(loaded.report, EXIT_OK)
 
 
+STUCK_SECONDS = 3.0
+"""how long a signal may wait for the main thread before the rank gives its verdict without it"""
+
+
+class _Verdicts:
+    """Where the signal watcher finds this rank's verdict, once there is one."""
+
+    out: Verdict | None = None
+
+
 @contextlib.contextmanager
 def _signals_raise():
     """Turns SIGINT and SIGTERM into ``Interrupted`` in the main thread (the load then stops every
-    rank through the failure channel), and restores the previous handlers afterwards."""
+    rank through the failure channel), and restores the previous handlers afterwards.
+
+    Python runs a signal's handler in the main thread only between bytecodes, so a main thread
+    blocked inside torch (``init_process_group`` waiting for a rank that already left) would never
+    see it, and a launcher would kill the rank seconds later with no verdict. A watcher thread reads
+    each signal from the wakeup fd; when the main thread has not started its verdict within
+    ``STUCK_SECONDS``, the watcher gives it (the same line and JSON) and ends the process.
+    """
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield _Verdicts()
         return
 
     def stop(signum, frame):
@@ -95,12 +116,39 @@ def _signals_raise():
             raise Interrupted(signum)
 
     finishing.clear()
+    verdicts = _Verdicts()
+    readable, writable = os.pipe()
+    os.set_blocking(writable, False)  # the C handler must never block on it
+    done = threading.Event()
     previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    old_wakeup = signal.set_wakeup_fd(writable, warn_on_full_buffer=False)
+    watcher = threading.Thread(target=_watch, args=(readable, verdicts, done), name="distload-signals", daemon=True)
+    watcher.start()
     try:
-        yield
+        yield verdicts
     finally:
+        done.set()
+        signal.set_wakeup_fd(old_wakeup)
         for s, handler in previous.items():
             signal.signal(s, handler)
+        os.write(writable, b"\0")  # wakes the watcher, which sees done and closes its end
+        os.close(writable)
+
+
+def _watch(readable: int, verdicts: _Verdicts, done: threading.Event) -> None:
+    """The signal watcher (see ``_signals_raise``)."""
+    try:
+        while not done.is_set():
+            signums = [n for n in os.read(readable, 64) if n in (signal.SIGINT, signal.SIGTERM)]
+            if not signums or done.is_set() or finishing.wait(STUCK_SECONDS):
+                continue  # handled in the main thread, or over
+            out = verdicts.out
+            code = _interrupted(out, Interrupted(signums[0])) if out is not None else 128 + signums[0]
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    finally:
+        os.close(readable)
 
 
 def _env_rank() -> int:

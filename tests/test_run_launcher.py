@@ -18,11 +18,11 @@ from tests.hf_checkpoints import copy_checkpoint, delete_tensors, put_tensors, r
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def started(*args: str, cwd, nproc: int = 4) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+def started(*args: str, cwd, nproc: int = 4, env: dict | None = None) -> subprocess.Popen:
+    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     return subprocess.Popen([sys.executable, "-m", "distload.run", "--nproc-per-node", str(nproc), *args, "--device",
                              "cpu", "--quiet"], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**env, "PYTHONPATH": ROOT})
+                            env={**base, "PYTHONPATH": ROOT, **(env or {})})
 
 
 def launch(*args: str, cwd, nproc: int = 4) -> subprocess.CompletedProcess:
@@ -90,13 +90,53 @@ def test_a_tied_lm_head_that_differs_from_the_embedding_exits_3_complete_but_not
                                      "differs_on": [1]}]
 
 
-def test_sigint_to_the_launcher_exits_130_with_every_ranks_verdict(tmp_path):
-    proc = started("--tp", "2", "--json", "out-{rank}.json", cwd=tmp_path, nproc=2)
-    try:  # once both ranks have started (each wrote its placeholder): they are importing torch or loading
+HOLD = '''"""tests/test_run_launcher.py's probe: holds each rank named in DISTLOAD_HOLD ("0:python,1:connect")
+where the test wants its SIGINT to find it, and leaves a file saying it got there."""
+import os
+import time
+
+_where = dict(item.split(":") for item in os.environ.get("DISTLOAD_HOLD", "").split(",") if item)
+if _where and "RANK" in os.environ:
+    import distload.api as api
+
+    _rank, _connect = os.environ["RANK"], api._connect_and_load
+
+    def _arrived(where):
+        open(os.path.join(os.environ["DISTLOAD_HOLD_DIR"], f"rank-{_rank}.{where}"), "w").close()
+
+    def _connect_and_load(*args, **kwargs):
+        if _where.get(_rank) == "python":  # a Python sleep: the rank's own handler sees the signal
+            _arrived("python")
+            time.sleep(60)
+        elif _where.get(_rank) == "late":  # never joins: the others wait inside torch's rendezvous
+            _arrived("late")
+            time.sleep(60)
+        elif _where.get(_rank) == "connect":
+            _arrived("connect")
+        return _connect(*args, **kwargs)
+
+    api._connect_and_load = _connect_and_load
+'''
+
+
+@pytest.mark.parametrize("hold", ["python", "torch"])
+def test_sigint_to_the_launcher_exits_130_with_every_ranks_verdict(tmp_path, hold):
+    """SIGINT to the launcher, which passes it to its ranks: with every rank in Python code (its
+    handler stops the load), and with rank 0 blocked inside torch's rendezvous waiting for a rank
+    that never comes (the signal watcher gives rank 0's verdict: the handler cannot run there)."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(HOLD)
+    holds = {"python": "0:python,1:python", "torch": "0:connect,1:late"}[hold]
+    env = {"PYTHONPATH": f"{site}{os.pathsep}{ROOT}", "DISTLOAD_HOLD": holds, "DISTLOAD_HOLD_DIR": str(tmp_path)}
+    proc = started("--tp", "2", "--json", "out-{rank}.json", cwd=tmp_path, nproc=2, env=env)
+    try:
         deadline = time.monotonic() + 120
-        while not all((tmp_path / f"out-{r}.json").exists() for r in range(2)):
+        marks = [tmp_path / f"rank-{item.replace(':', '.')}" for item in holds.split(",")]
+        while not all(m.exists() for m in marks):
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.05)
+        time.sleep(0.5)  # rank 0 is inside the rendezvous by now (or asleep)
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=120)
     finally:
@@ -108,3 +148,5 @@ def test_sigint_to_the_launcher_exits_130_with_every_ranks_verdict(tmp_path):
         verdict = json.loads((tmp_path / f"out-{rank}.json").read_text())
         assert (verdict["exit_code"], verdict["rank"], verdict["ok"], verdict["error"]["message"]) == (
             130, rank, False, "interrupted: SIGINT received"), rank
+
+

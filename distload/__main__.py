@@ -140,8 +140,8 @@ def _watch(readable: int, verdicts: _Verdicts, done: threading.Event) -> None:
     try:
         while not done.is_set():
             signums = [n for n in os.read(readable, 64) if n in (signal.SIGINT, signal.SIGTERM)]
-            if not signums or done.is_set() or finishing.wait(STUCK_SECONDS):
-                continue  # handled in the main thread, or over
+            if not signums or done.is_set() or finishing.wait(STUCK_SECONDS) or done.is_set():
+                continue  # handled in the main thread, or over (a run that ended without a verdict)
             out = verdicts.out
             code = _interrupted(out, Interrupted(signums[0])) if out is not None else 128 + signums[0]
             sys.stdout.flush()

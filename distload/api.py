@@ -155,7 +155,8 @@ def _load(directory: str, config: LoadConfig, comm: Comm, device: torch.device,
                          if r.tensor.name in skip_names or plan.units[r.unit].label in skip_names)
         threads = config.read_threads(local_ranks, cuda=device.type == "cuda")
         result = Executor(device=device, num_threads=threads,
-                          staging_bytes=config.staging_bytes, check_finite=config.check_finite).run(
+                          staging_bytes=config.staging_bytes, check_finite=config.check_finite,
+                          readahead=config.readahead).run(
             rank_plan, params, skip=skip, progress=progress, abort_check=comm.check_peers)
         hashed = hashing.results(abort_check=comm.check_peers)
         report = _merge(comm, config, layout, ckpt, plan, rank_plan, result, start,

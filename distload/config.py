@@ -18,6 +18,7 @@ EXTRA_CONFIG_KEYS: Mapping[str, str] = MappingProxyType({
     "enable_weights_track": "true / false / unset (= on): merge every rank's record and report missing units",
     "num_read_threads": "positive integer: reader threads per rank "
                         "(default: the node's cores / its local ranks, at most 8 on CUDA)",
+    "readahead": "true / false (default true): ask the kernel for a cold file's next bytes ahead of the readers",
     "staging_mib": "positive integer: host staging memory per rank in MiB, pinned on CUDA (default 256)",
     "verify_checksums": "true / false (default false): hash every file read against its reference digest",
 })
@@ -132,6 +133,8 @@ class LoadConfig:
         for value in (verify, self.verify_checksums):
             if value is not None and not isinstance(value, bool):
                 raise ConfigError(f"verify_checksums must be true or false, got {value!r}")
+        if not isinstance(self.extra_config.get("readahead", True), bool):
+            raise ConfigError(f"readahead must be true or false, got {self.extra_config['readahead']!r}")
         if verify is False and self.verify_checksums:
             raise ConfigError("verify_checksums=True and the loader extra-config's verify_checksums false disagree; "
                               "give it once")
@@ -200,6 +203,11 @@ class LoadConfig:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         share = max(1, cores // max(1, local_ranks))
         return min(share, CUDA_READERS) if cuda else share
+
+    @property
+    def readahead(self) -> bool:
+        """Whether cold files are asked for ahead of the readers (``readahead``)."""
+        return self.extra_config.get("readahead", True)
 
     @property
     def staging_bytes(self) -> int:

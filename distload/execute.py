@@ -28,6 +28,7 @@ from .chunks import Chunk, cut
 from .config import DEFAULT_STAGING_MIB
 from .fileio import CheckpointFile, fill, populate
 from .plan import RankPlan, Read
+from .readahead import Readahead, spans
 
 MAX_CHUNK_BYTES = 16 * 1024 * 1024
 """largest chunk on the CPU: large enough that per-chunk Python work is small against its copy"""
@@ -76,12 +77,15 @@ class Executor:
         staging_bytes: host memory for staging (pinned on CUDA); the most this rank holds
             beside its parameters.
         check_finite: scan each loaded piece for NaN/Inf, on the device, on that piece only.
+        readahead: ask the kernel for cold files' next bytes ahead of the readers (``readahead``).
     """
 
     def __init__(self, *, device: torch.device, num_threads: int = 4,
-                 staging_bytes: int = DEFAULT_STAGING_MIB * 1024 * 1024, check_finite: bool = False) -> None:
+                 staging_bytes: int = DEFAULT_STAGING_MIB * 1024 * 1024, check_finite: bool = False,
+                 readahead: bool = True) -> None:
         self.device = device
         self.check_finite = check_finite
+        self.readahead = readahead
         self.cuda = device.type == "cuda"
         per_thread = SLOTS_PER_READER if self.cuda else 1
         # a budget too small for every thread's slots runs fewer threads, never more memory
@@ -167,20 +171,30 @@ class _Job:
 
     def run(self, progress: Callable[[int, int], None] | None, abort_check: Callable[[], None] | None) -> None:
         """Places every chunk (the comparisons last); raises the first failure of any thread."""
+        ahead = Readahead(spans(self.chunks, self.reads, self._fd) if self.ex.readahead else (),
+                          lambda: sum(self.done)).start()
         try:
             if self.ex.cuda:
                 from .staging import run_staged  # CUDA only: imported where it is used
                 run_staged(self, progress, abort_check)
             else:
                 self._run_cpu(progress, abort_check)
+            ahead.stop()  # before the comparisons: they read what is cached by now
             if self._error is None and self.compared:
                 self._compare(progress, abort_check)
         except BaseException as err:  # an interrupt or a peer's failure
             self._fail(err)
+        finally:
+            ahead.stop()  # before the files are closed
         if self._error is not None:
             raise self._error
         if progress is not None:
             progress(self.total, self.total)
+
+    def _fd(self, read: int) -> int | None:
+        """The descriptor read number ``read`` is read from, None for a pickle."""
+        handle = self.files[self.reads[read].tensor.file]
+        return handle.fd if isinstance(handle, CheckpointFile) else None
 
     def _run_cpu(self, progress, abort_check) -> None:
         threads = [threading.Thread(target=self._cpu_worker, args=(t,), name=f"distload-read-{t}", daemon=True)

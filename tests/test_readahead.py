@@ -1,0 +1,128 @@
+"""Readahead of cold files: what it asks of the kernel, and that a load places the same bytes
+with it and without it."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from benchmarks.page_cache import evict, resident
+from distload.checkpoint.header import read_header
+from distload.chunks import Chunk
+from distload.config import LoadConfig
+from distload.errors import ConfigError
+from distload.execute import Executor
+from distload.plan import RankPlan
+from distload.readahead import DEFAULT_REQUEST_BYTES, SPAN_BYTES, Readahead, request_bytes, spans
+
+from .test_execute import make_read
+
+MIB = 1024 * 1024
+
+
+@pytest.fixture
+def cold_file(tmp_path):
+    """A 48 MiB safetensors file of two tensors, evicted from the page cache (or a skip)."""
+    path = tmp_path / "model.safetensors"
+    g = torch.Generator().manual_seed(3)
+    tensors = {"a": torch.randint(0, 255, (32 * MIB,), dtype=torch.uint8, generator=g),
+               "b": torch.randint(0, 255, (4 * MIB, 4), dtype=torch.uint8, generator=g)}
+    save_file(tensors, str(path))
+    evict([str(path)])
+    done, pages = resident(str(path))
+    if done > pages // 100:
+        pytest.skip("this machine keeps the file cached after POSIX_FADV_DONTNEED")
+    return path, tensors
+
+
+def _reads(path):
+    header = read_header(str(path))
+    return [make_read(header["a"], 0, "a"), make_read(header["b"], 1, "b")]
+
+
+def test_spans_merge_adjacent_chunks_of_one_file_up_to_the_span_size(cold_file):
+    reads = _reads(cold_file[0])
+    step = 3 * MIB
+    chunks = [Chunk(i, k, min(k + step, r.nbytes)) for i, r in enumerate(reads) for k in range(0, r.nbytes, step)]
+    got = spans(chunks, reads, lambda i: 7)
+    assert all(fd == 7 and n <= SPAN_BYTES for fd, _, n, _ in got)
+    # together the spans are exactly the reads' bytes, in the readers' order
+    covered = [(off, off + n) for _, off, n, _ in got]
+    assert covered == sorted(covered)
+    assert sum(n for _, _, n, _ in got) == sum(r.nbytes for r in reads)
+    assert covered[0][0] == reads[0].offset and covered[-1][1] == reads[1].offset + reads[1].nbytes
+    # a span's pacing mark is the bytes placed once its last chunk is
+    assert [p for *_, p in got][-1] == sum(r.nbytes for r in reads)
+    assert all(a[3] < b[3] for a, b in zip(got, got[1:]))
+    # bytes that preadv does not read (a pickle's) are not asked for, but still count as placed
+    first = spans(chunks, reads, lambda i: None if i == 0 else 7)[0]
+    assert first[1] == reads[1].offset and first[3] == reads[0].nbytes + first[2]
+
+
+def test_a_cold_file_is_asked_for_and_lands_in_the_page_cache(cold_file):
+    path, _ = cold_file
+    reads = _reads(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        chunks = [Chunk(i, 0, r.nbytes) for i, r in enumerate(reads)]
+        ahead = Readahead(spans(chunks, reads, lambda i: fd), lambda: 0).start()
+        deadline = time.monotonic() + 10
+        while ahead.asked < sum(r.nbytes for r in reads) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        ahead.stop()
+        assert ahead.asked == sum(r.nbytes for r in reads)
+        assert request_bytes(fd) >= DEFAULT_REQUEST_BYTES
+        while resident(str(path))[0] < resident(str(path))[1] * 0.9 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        done, pages = resident(str(path))
+        assert done >= pages * 0.9
+        # now cached: asked for no more
+        again = Readahead(spans(chunks, reads, lambda i: fd), lambda: 0).start()
+        again.stop()
+        assert again.asked == 0
+    finally:
+        os.close(fd)
+
+
+def test_the_walk_keeps_its_window_ahead_of_the_bytes_placed(cold_file):
+    path, _ = cold_file
+    reads = _reads(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        chunks = [Chunk(0, k, k + MIB) for k in range(0, reads[0].nbytes, MIB)]
+        from distload import readahead
+        window = readahead.WINDOW_BYTES
+        readahead.WINDOW_BYTES = 4 * MIB
+        try:
+            ahead = Readahead(spans(chunks, reads, lambda i: fd), lambda: 0).start()
+            time.sleep(0.3)
+            ahead.stop()
+        finally:
+            readahead.WINDOW_BYTES = window
+        # nothing placed: only the spans within the window (and the one that crosses it)
+        assert 0 < ahead.asked <= 4 * MIB + SPAN_BYTES
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("device", ["cpu"])
+@pytest.mark.parametrize("readahead", [True, False])
+def test_a_cold_load_places_the_same_bytes_with_and_without_readahead(cold_file, device, readahead):
+    path, tensors = cold_file
+    reads = _reads(path)
+    params = {"a": torch.empty(32 * MIB, dtype=torch.uint8), "b": torch.empty(4 * MIB, 4, dtype=torch.uint8)}
+    result = Executor(device=torch.device(device), num_threads=2, readahead=readahead).run(
+        RankPlan(rank=0, reads=tuple(reads), zero=(), defaults=(), owned=(0, 1)), params)
+    assert sorted(result.loaded) == [0, 1]
+    assert torch.equal(params["a"], tensors["a"]) and torch.equal(params["b"], tensors["b"])
+
+
+def test_readahead_must_be_true_or_false():
+    assert LoadConfig(extra_config={"readahead": False}).readahead is False
+    assert LoadConfig().readahead is True
+    with pytest.raises(ConfigError, match="readahead must be true or false, got 'no'"):
+        LoadConfig(extra_config={"readahead": "no"})

@@ -11,7 +11,8 @@
 # Peers are optional: wheels in .whl/ (fastsafetensors, instanttensor for this Python) are
 # installed into /tmp/site first, without network; a peer that cannot be imported is reported
 # "not run". Environment: PRESET (default llama8b-7g; "tiny" for a smoke test), PYTHON (default python3), DISTLOAD_BENCH_DIR (checkpoint cache,
-# default /tmp/distload-bench), WARM_RUNS (5), COLD_RUNS (3), WARM_BUDGET_S (250), COLD_BUDGET_S (215).
+# default /tmp/distload-bench), WARM_RUNS (5), COLD_RUNS (3), WARM_BUDGET_S (250), COLD_BUDGET_S (215),
+# COLD_LOADERS (default: the warm loaders but h2d; add distload_no_readahead for the readahead's A/B).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PYTHON:-python3}
@@ -35,7 +36,7 @@ LOG="$RESULTS/gpu_suite.log"
   $PY benchmarks/load_bench.py --preset "$PRESET" --device cuda --worlds 1 --loaders "$LOADERS" \
     --runs "${WARM_RUNS:-5}" --budget-s "${WARM_BUDGET_S:-250}" --timeout 150 --out "$RESULTS/load_gpu_warm.json" || echo "warm phase failed: $?"
   # h2d reads no file: a cold run of it would measure the same copy again
-  $PY benchmarks/load_bench.py --preset "$PRESET" --device cuda --worlds 1 --loaders "${LOADERS%,h2d}" --cold \
+  $PY benchmarks/load_bench.py --preset "$PRESET" --device cuda --worlds 1 --loaders "${COLD_LOADERS:-${LOADERS%,h2d}}" --cold \
     --runs "${COLD_RUNS:-3}" --budget-s "${COLD_BUDGET_S:-215}" --timeout 150 --out "$RESULTS/load_gpu_cold.json" || echo "cold phase failed: $?"
   if $PY -c "import matplotlib" 2>/dev/null; then
     $PY benchmarks/plot.py "$RESULTS/load_gpu_warm.json" "$RESULTS/load_gpu_cold.json" --outdir "$RESULTS"

@@ -6,8 +6,9 @@ few MB each keep the disk's queue shallow: on the H200 host, cold, 8 readers of 
 order they take them and asks for each span with ``posix_fadvise(WILLNEED)``, which queues the
 reads and returns, keeping up to ``WINDOW_BYTES`` queued beyond the bytes already placed. The
 pages land in the page cache as the readers' own would, so DP replicas on one node still read
-each byte from storage once. A span already mostly in the page cache (``mincore``) is skipped:
-asking for cached pages is a walk of the cache for nothing.
+each byte from storage once. Spans whose sampled pages are all in the page cache (``mincore``)
+are skipped, and a warm load starts no thread: asking for cached pages is a walk of the cache
+for nothing.
 """
 
 from __future__ import annotations
@@ -24,10 +25,10 @@ WINDOW_BYTES = 256 * 1024 * 1024
 """bytes asked for ahead of the bytes placed (the floor's 16 threads x 16 MB in flight)"""
 SPAN_BYTES = 16 * 1024 * 1024
 """largest span one request asks for"""
-RESIDENT_ENOUGH = 0.5
-"""a span with at least this fraction of its sampled pages cached is not asked for"""
-SAMPLES = 4
-"""pages looked at per span"""
+SAMPLES = 2
+"""pages looked at per span (it is asked for unless all are cached)"""
+PROBES = 16
+"""spans of a file looked at first: all cached, the file counts as warm"""
 DEFAULT_REQUEST_BYTES = 128 * 1024
 """Linux's default readahead: what one request reads where sysfs says nothing"""
 POLL_SECONDS = 0.002
@@ -35,8 +36,8 @@ POLL_SECONDS = 0.002
 
 
 class Readahead:
-    """Walks ``spans`` ahead of the readers on a thread of its own, asking for those not cached,
-    until the end or ``stop``.
+    """Walks the cold ones of ``spans`` ahead of the readers on a thread of its own, until the end
+    or ``stop``.
 
     Args:
         spans: ``(fd, offset, length, placed_after)`` in the order the readers take them, where
@@ -49,14 +50,24 @@ class Readahead:
         self._spans = spans
         self._placed = placed
         self._stop = threading.Event()
-        self._maps: dict[int, tuple[int, int]] = {}  # fd -> (address, length) of a read-only map
+        self._maps: dict[int, tuple[int, int]] = {}  # fd -> (address, length): read-only, while starting
         self._thread = threading.Thread(target=self._walk, name="distload-readahead", daemon=True)
         self._request: dict[int, int] = {}  # fd -> bytes one request reads
+        self._cold: list[tuple[int, int, int, int]] = []
         self.asked = 0
         """bytes asked for (the spans not already cached)"""
 
     def start(self) -> "Readahead":
-        if self._spans and libc is not None and hasattr(os, "posix_fadvise"):
+        """Looks which spans are cold, here (a warm load starts no thread), and walks those."""
+        if not self._spans or libc is None or not hasattr(os, "posix_fadvise"):
+            return self
+        try:
+            self._cold = self._find_cold()
+        except OSError:
+            self._cold = []  # advice only: the readers read every byte themselves anyway
+        finally:
+            self._unmap()
+        if self._cold:
             self._thread.start()
         return self
 
@@ -68,28 +79,43 @@ class Readahead:
 
     def _walk(self) -> None:
         try:
-            for fd, offset, length, placed_after in self._spans:
+            for fd, offset, length, placed_after in self._cold:
                 while placed_after - self._placed() > WINDOW_BYTES + length:
                     if self._stop.wait(POLL_SECONDS):
                         return
                 if self._stop.is_set():
                     return
-                if self._cached(fd, offset, length):
-                    continue
                 step = self._request.setdefault(fd, request_bytes(fd))
                 for at in range(offset, offset + length, step):  # the kernel reads one step per call
                     os.posix_fadvise(fd, at, min(step, offset + length - at), os.POSIX_FADV_WILLNEED)
                 self.asked += length
         except OSError:
-            return  # advice only: the readers read every byte themselves anyway
-        finally:
-            for address, size in self._maps.values():
-                libc.munmap(address, size)
-            self._maps.clear()
+            return  # advice only, as above
+
+    def _find_cold(self) -> list[tuple[int, int, int, int]]:
+        """The spans not cached, in order. A file whose probes (one page of each of up to PROBES
+        spans spread over it) are all cached counts as warm without looking at every span: 2 ms
+        less for a warm 7 GB, 2.5% of its load on the H200."""
+        by_file: dict[int, list[tuple[int, int, int, int]]] = {}
+        for span in self._spans:
+            by_file.setdefault(span[0], []).append(span)
+        cold = set()
+        for fd, group in by_file.items():
+            probes = group[::max(1, len(group) // PROBES)]
+            if all(self._cached(fd, offset + length // 2, 1) for _, offset, length, _ in probes):
+                continue
+            cold.update(span for span in group if not self._cached(*span[:3]))
+        return [span for span in self._spans if span in cold]
+
+    def _unmap(self) -> None:
+        for address, size in self._maps.values():
+            libc.munmap(address, size)
+        self._maps.clear()
 
     def _cached(self, fd: int, offset: int, length: int) -> bool:
-        """Whether the span looks cached: ``SAMPLES`` pages spread over it, one ``mincore`` each
-        (looking at every page costs about 40 ns a page: 15 ms for a warm 1.4 GB)."""
+        """Whether the span looks cached: all of ``SAMPLES`` pages spread over it, one ``mincore`` each
+        (looking at every page costs about 40 ns a page: 15 ms for a warm 1.4 GB), called with
+        the GIL held (it returns at once; handing the GIL to a reader and back costs more)."""
         if fd not in self._maps:
             size = os.fstat(fd).st_size
             address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
@@ -105,7 +131,7 @@ class Readahead:
             if at >= size or libc.mincore(address + at, 1, ctypes.byref(vec)) != 0:
                 raise OSError(ctypes.get_errno(), "mincore failed")
             found += vec.value & 1  # bit 0: resident (the others are reserved)
-        return found >= SAMPLES * RESIDENT_ENOUGH
+        return found == SAMPLES
 
 
 _MAP_FAILED = ctypes.c_void_p(-1).value
@@ -114,7 +140,8 @@ _MAP_FAILED = ctypes.c_void_p(-1).value
 def _open_libc() -> ctypes.CDLL | None:
     if not sys.platform.startswith("linux"):
         return None
-    lib = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)  # a handle of its own: its signatures
+    # a handle of its own (its signatures), keeping the GIL: these calls return at once
+    lib = ctypes.PyDLL(ctypes.util.find_library("c"), use_errno=True)
     lib.mmap.restype = ctypes.c_void_p
     lib.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
     lib.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]

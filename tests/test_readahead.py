@@ -19,7 +19,7 @@ from distload.execute import Executor
 from distload.plan import RankPlan
 from distload.readahead import DEFAULT_REQUEST_BYTES, SPAN_BYTES, Readahead, request_bytes, spans
 
-from .test_execute import make_read
+from .test_execute import GPU, make_read
 
 MIB = 1024 * 1024
 
@@ -109,16 +109,17 @@ def test_the_walk_keeps_its_window_ahead_of_the_bytes_placed(cold_file):
         os.close(fd)
 
 
-@pytest.mark.parametrize("device", ["cpu"])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=GPU)])
 @pytest.mark.parametrize("readahead", [True, False])
 def test_a_cold_load_places_the_same_bytes_with_and_without_readahead(cold_file, device, readahead):
     path, tensors = cold_file
     reads = _reads(path)
-    params = {"a": torch.empty(32 * MIB, dtype=torch.uint8), "b": torch.empty(4 * MIB, 4, dtype=torch.uint8)}
+    params = {"a": torch.empty(32 * MIB, dtype=torch.uint8, device=device),
+              "b": torch.empty(4 * MIB, 4, dtype=torch.uint8, device=device)}
     result = Executor(device=torch.device(device), num_threads=2, readahead=readahead).run(
         RankPlan(rank=0, reads=tuple(reads), zero=(), defaults=(), owned=(0, 1)), params)
     assert sorted(result.loaded) == [0, 1]
-    assert torch.equal(params["a"], tensors["a"]) and torch.equal(params["b"], tensors["b"])
+    assert torch.equal(params["a"].cpu(), tensors["a"]) and torch.equal(params["b"].cpu(), tensors["b"])
 
 
 def test_readahead_must_be_true_or_false():

@@ -25,6 +25,7 @@ from .models import ModelBuilder, model_notes, reference_model
 from .fingerprint import Fingerprint, disagreement, fingerprint, from_words, to_words
 from .plan import Plan, RankPlan
 from .prepare import materialize, prepare, tensor_at
+from .readahead import window_for
 from .quant import quant_config
 from .quant.apply import process_after_loading
 from .report import LoadReport, RankStats
@@ -156,7 +157,7 @@ def _load(directory: str, config: LoadConfig, comm: Comm, device: torch.device,
         threads = config.read_threads(local_ranks, cuda=device.type == "cuda")
         result = Executor(device=device, num_threads=threads,
                           staging_bytes=config.staging_bytes, check_finite=config.check_finite,
-                          readahead=config.readahead).run(
+                          readahead_bytes=window_for(local_ranks) if config.readahead else 0).run(
             rank_plan, params, skip=skip, progress=progress, abort_check=comm.check_peers)
         hashed = hashing.results(abort_check=comm.check_peers)
         report = _merge(comm, config, layout, ckpt, plan, rank_plan, result, start,

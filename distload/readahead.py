@@ -1,4 +1,5 @@
-"""Cold files: the kernel is asked for a rank's next bytes before its readers reach them.
+"""Cold files: the kernel is asked for a rank's next bytes before its readers reach them (when its
+chunks are small: the CUDA pipeline's).
 
 A reader's ``preadv`` of pages not in the page cache waits for the disk, and a few readers of a
 few MB each keep the disk's queue shallow: on the H200 host, cold, 8 readers of 2 MB moved
@@ -22,7 +23,8 @@ import threading
 from typing import Callable, Sequence
 
 WINDOW_BYTES = 256 * 1024 * 1024
-"""bytes asked for ahead of the bytes placed (the floor's 16 threads x 16 MB in flight)"""
+"""bytes asked for ahead of the bytes placed, per node (the floor's 16 threads x 16 MB in flight):
+a node's ranks share it (``window_for``), since they share the node's storage"""
 SPAN_BYTES = 16 * 1024 * 1024
 """largest span one request asks for"""
 SAMPLES = 2
@@ -44,11 +46,14 @@ class Readahead:
             ``placed_after`` is how many bytes are placed once this span's chunks are.
         placed: bytes placed so far (read from the readers' counters, no lock needed: an
             estimate is enough to pace the walk).
+        window: bytes asked for ahead of ``placed`` at most.
     """
 
-    def __init__(self, spans: Sequence[tuple[int, int, int, int]], placed: Callable[[], int]) -> None:
+    def __init__(self, spans: Sequence[tuple[int, int, int, int]], placed: Callable[[], int], *,
+                 window: int = WINDOW_BYTES) -> None:
         self._spans = spans
         self._placed = placed
+        self._window = window
         self._stop = threading.Event()
         self._maps: dict[int, tuple[int, int]] = {}  # fd -> (address, length): read-only, while starting
         self._thread = threading.Thread(target=self._walk, name="distload-readahead", daemon=True)
@@ -80,7 +85,7 @@ class Readahead:
     def _walk(self) -> None:
         try:
             for fd, offset, length, placed_after in self._cold:
-                while placed_after - self._placed() > WINDOW_BYTES + length:
+                while placed_after - self._placed() > self._window + length:
                     if self._stop.wait(POLL_SECONDS):
                         return
                 if self._stop.is_set():
@@ -150,6 +155,13 @@ def _open_libc() -> ctypes.CDLL | None:
 
 
 libc = _open_libc()
+
+
+def window_for(local_ranks: int) -> int:
+    """One rank's share of the node's readahead window. With DP replicas on a 2-core VM (TP=2 x
+    DP=4, cold), 8 ranks each 256 MiB ahead queued more than the checkpoint, and the load took
+    4.25 s against 2.92 s without readahead."""
+    return max(SPAN_BYTES, WINDOW_BYTES // max(1, local_ranks))
 
 
 def request_bytes(fd: int) -> int:

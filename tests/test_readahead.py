@@ -17,7 +17,8 @@ from distload.config import LoadConfig
 from distload.errors import ConfigError
 from distload.execute import Executor
 from distload.plan import RankPlan
-from distload.readahead import DEFAULT_REQUEST_BYTES, SPAN_BYTES, Readahead, request_bytes, spans
+from distload.readahead import (DEFAULT_REQUEST_BYTES, SPAN_BYTES, WINDOW_BYTES, Readahead, request_bytes, spans,
+                                window_for)
 
 from .test_execute import GPU, make_read
 
@@ -94,15 +95,9 @@ def test_the_walk_keeps_its_window_ahead_of_the_bytes_placed(cold_file):
     fd = os.open(path, os.O_RDONLY)
     try:
         chunks = [Chunk(0, k, k + MIB) for k in range(0, reads[0].nbytes, MIB)]
-        from distload import readahead
-        window = readahead.WINDOW_BYTES
-        readahead.WINDOW_BYTES = 4 * MIB
-        try:
-            ahead = Readahead(spans(chunks, reads, lambda i: fd), lambda: 0).start()
-            time.sleep(0.3)
-            ahead.stop()
-        finally:
-            readahead.WINDOW_BYTES = window
+        ahead = Readahead(spans(chunks, reads, lambda i: fd), lambda: 0, window=4 * MIB).start()
+        time.sleep(0.3)
+        ahead.stop()
         # nothing placed: only the spans within the window (and the one that crosses it)
         assert 0 < ahead.asked <= 4 * MIB + SPAN_BYTES
     finally:
@@ -116,10 +111,24 @@ def test_a_cold_load_places_the_same_bytes_with_and_without_readahead(cold_file,
     reads = _reads(path)
     params = {"a": torch.empty(32 * MIB, dtype=torch.uint8, device=device),
               "b": torch.empty(4 * MIB, 4, dtype=torch.uint8, device=device)}
-    result = Executor(device=torch.device(device), num_threads=2, readahead=readahead).run(
-        RankPlan(rank=0, reads=tuple(reads), zero=(), defaults=(), owned=(0, 1)), params)
+    window = window_for(1) if readahead else 0
+    ex = Executor(device=torch.device(device), num_threads=2, staging_bytes=8 * MIB, readahead_bytes=window)
+    assert ex.readahead_bytes == window  # chunks of 2 MB: asked ahead where told to
+    result = ex.run(RankPlan(rank=0, reads=tuple(reads), zero=(), defaults=(), owned=(0, 1)), params)
     assert sorted(result.loaded) == [0, 1]
     assert torch.equal(params["a"].cpu(), tensors["a"]) and torch.equal(params["b"].cpu(), tensors["b"])
+
+
+def test_only_small_chunks_are_read_ahead():
+    # the CPU's 16 MB chunks go without (the kernel's own readahead keeps up), CUDA's 2 MB ones with it
+    assert Executor(device=torch.device("cpu")).readahead_bytes == 0
+    assert Executor(device=torch.device("cuda")).readahead_bytes == WINDOW_BYTES
+
+
+def test_a_node_s_ranks_share_its_window():
+    assert window_for(1) == WINDOW_BYTES
+    assert window_for(8) == WINDOW_BYTES // 8
+    assert window_for(10_000) == SPAN_BYTES  # never less than one span
 
 
 def test_readahead_must_be_true_or_false():

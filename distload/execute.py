@@ -28,7 +28,7 @@ from .chunks import Chunk, cut
 from .config import DEFAULT_STAGING_MIB
 from .fileio import CheckpointFile, fill, populate
 from .plan import RankPlan, Read
-from .readahead import SPAN_BYTES, WINDOW_BYTES, Readahead, spans
+from .readahead import WINDOW_BYTES, Readahead, spans
 
 MAX_CHUNK_BYTES = 16 * 1024 * 1024
 """largest chunk on the CPU: large enough that per-chunk Python work is small against its copy"""
@@ -77,8 +77,8 @@ class Executor:
         staging_bytes: host memory for staging (pinned on CUDA); the most this rank holds
             beside its parameters.
         check_finite: scan each loaded piece for NaN/Inf, on the device, on that piece only.
-        readahead_bytes: how far ahead of the readers cold files' bytes are asked for (0: not at all;
-            ``readahead.window_for``).
+        readahead_bytes: how far ahead of the readers cold files' bytes are asked for, on CUDA (0: not
+            at all; ``readahead.window_for``).
     """
 
     def __init__(self, *, device: torch.device, num_threads: int = 4,
@@ -94,10 +94,10 @@ class Executor:
         largest = CUDA_SLOT_BYTES if self.cuda else MAX_CHUNK_BYTES
         self.chunk_bytes = max(MIN_SLOT_BYTES, min(largest, slot - slot % 4096))  # a slot's share
         self.num_slots = per_thread * self.num_threads
-        # chunks of 16 MB (the CPU's) keep the disk busy through the kernel's own readahead: asking
-        # ahead as well made cold loads slower on the 2-core VM (world 1: 1.28 s against 1.22;
-        # TP=2 x DP=4: 3.62 against 2.83), while CUDA's 2 MB chunks gained (H200: 4.61 against 6.12)
-        self.readahead_bytes = readahead_bytes if self.chunk_bytes < SPAN_BYTES else 0
+        # the CPU's 16 MB chunks keep the disk busy through the kernel's own readahead: asking ahead
+        # as well made cold loads slower on the 2-core VM (world 1: 1.28 s against 1.22; TP=2 x
+        # DP=4: 3.62 against 2.83), while CUDA's 2 MB chunks gained (H200: 4.61 against 6.12)
+        self.readahead_bytes = readahead_bytes if self.cuda else 0
 
     def run(self, plan: RankPlan, params: Mapping[str, torch.Tensor], *,
             skip: frozenset[int] = frozenset(),
@@ -169,6 +169,8 @@ class _Job:
         self.staging_bytes = 0  # allocated so far
         self.done = [0] * (ex.num_threads + 1)  # bytes placed, per thread (summed for progress)
         self._next = itertools.count()
+        self._taken = -1
+        self._ends = list(itertools.accumulate(c.nbytes for c in self.chunks))  # bytes up to each chunk
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._error: BaseException | None = None
@@ -176,8 +178,9 @@ class _Job:
     def run(self, progress: Callable[[int, int], None] | None, abort_check: Callable[[], None] | None) -> None:
         """Places every chunk (the comparisons last); raises the first failure of any thread."""
         ahead = Readahead(spans(self.chunks, self.reads, self._fd) if self.ex.readahead_bytes else (),
-                          lambda: sum(self.done), window=self.ex.readahead_bytes).start()
+                          self.taken_bytes, window=self.ex.readahead_bytes)
         try:
+            ahead.start()
             if self.ex.cuda:
                 from .staging import run_staged  # CUDA only: imported where it is used
                 run_staged(self, progress, abort_check)
@@ -241,7 +244,14 @@ class _Job:
     def next_chunk(self) -> Chunk | None:
         """The next chunk no thread has taken, or None once all are taken or a thread failed."""
         i = next(self._next)
+        self._taken = i  # no lock: racing readers may leave a slightly older index, fine for pacing
         return self.chunks[i] if i < len(self.chunks) and not self._stop.is_set() else None
+
+    def taken_bytes(self) -> int:
+        """Bytes of the chunks the readers have taken so far (an estimate, for pacing the readahead)."""
+        if self._taken < 0 or not self._ends:
+            return 0
+        return self._ends[min(self._taken, len(self._ends) - 1)]
 
     def _cpu_worker(self, t: int, *, progress=None, abort_check=None) -> None:
         """Takes chunks until none is left; thread 0 (the caller's) also reports and checks peers."""

@@ -1,15 +1,15 @@
-"""Cold files: the kernel is asked for a rank's next bytes before its readers reach them (when its
-chunks are small: the CUDA pipeline's).
+"""Cold files: the kernel is asked for a CUDA rank's next bytes before its readers reach them.
 
 A reader's ``preadv`` of pages not in the page cache waits for the disk, and a few readers of a
 few MB each keep the disk's queue shallow: on the H200 host, cold, 8 readers of 2 MB moved
 0.93x what 16 threads of 16 MB moved. One thread walks the chunks ahead of the readers in the
 order they take them and asks for each span with ``posix_fadvise(WILLNEED)``, which queues the
-reads and returns, keeping up to ``WINDOW_BYTES`` queued beyond the bytes already placed. The
+reads and returns, up to ``WINDOW_BYTES`` beyond the chunks the readers have taken. The
 pages land in the page cache as the readers' own would, so DP replicas on one node still read
 each byte from storage once. Spans whose sampled pages are all in the page cache (``mincore``)
 are skipped, and a warm load starts no thread: asking for cached pages is a walk of the cache
-for nothing.
+for nothing. CPU ranks read 16 MiB chunks, which the kernel's own readahead keeps up with; asking
+ahead as well made their cold loads slower (BENCHMARKS.md), so they go without.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import threading
 from typing import Callable, Sequence
 
 WINDOW_BYTES = 256 * 1024 * 1024
-"""bytes asked for ahead of the bytes placed, per node (the floor's 16 threads x 16 MB in flight):
-a node's ranks share it (``window_for``), since they share the node's storage"""
+"""bytes asked for ahead of the readers, per node (the floor's 16 threads x 16 MB in flight): a
+node's ranks share it (``window_for``), since they share the node's storage"""
 SPAN_BYTES = 16 * 1024 * 1024
 """largest span one request asks for"""
 SAMPLES = 2
@@ -42,38 +42,39 @@ class Readahead:
     or ``stop``.
 
     Args:
-        spans: ``(fd, offset, length, placed_after)`` in the order the readers take them, where
-            ``placed_after`` is how many bytes are placed once this span's chunks are.
-        placed: bytes placed so far (read from the readers' counters, no lock needed: an
+        spans: ``(fd, offset, length, taken_after)`` in the order the readers take them, where
+            ``taken_after`` is how many bytes the readers have taken once they took this span's
+            chunks.
+        taken: bytes of the chunks the readers have taken so far (read without a lock: an
             estimate is enough to pace the walk).
-        window: bytes asked for ahead of ``placed`` at most.
+        window: bytes asked for ahead of ``taken`` at most (at least SPAN_BYTES, or a span
+            would never be asked for).
     """
 
-    def __init__(self, spans: Sequence[tuple[int, int, int, int]], placed: Callable[[], int], *,
+    def __init__(self, spans: Sequence[tuple[int, int, int, int]], taken: Callable[[], int], *,
                  window: int = WINDOW_BYTES) -> None:
         self._spans = spans
-        self._placed = placed
-        self._window = window
+        self._taken = taken
+        self._window = max(window, SPAN_BYTES)
         self._stop = threading.Event()
-        self._maps: dict[int, tuple[int, int]] = {}  # fd -> (address, length): read-only, while starting
         self._thread = threading.Thread(target=self._walk, name="distload-readahead", daemon=True)
         self._request: dict[int, int] = {}  # fd -> bytes one request reads
-        self._cold: list[tuple[int, int, int, int]] = []
+        self.cold: list[tuple[int, int, int, int]] = []
+        """the spans found not cached when it started"""
         self.asked = 0
-        """bytes asked for (the spans not already cached)"""
+        """bytes asked for"""
 
     def start(self) -> "Readahead":
-        """Looks which spans are cold, here (a warm load starts no thread), and walks those."""
+        """Looks which spans are cold, here (a warm load starts no thread), and walks those. Never
+        raises: the readers read every byte themselves anyway."""
         if not self._spans or libc is None or not hasattr(os, "posix_fadvise"):
             return self
         try:
-            self._cold = self._find_cold()
-        except OSError:
-            self._cold = []  # advice only: the readers read every byte themselves anyway
-        finally:
-            self._unmap()
-        if self._cold:
-            self._thread.start()
+            self.cold = _cold(self._spans)
+            if self.cold:
+                self._thread.start()
+        except Exception:  # advice only (no thread to be had, say): the load goes on without it
+            self.cold = []
         return self
 
     def stop(self) -> None:
@@ -84,8 +85,8 @@ class Readahead:
 
     def _walk(self) -> None:
         try:
-            for fd, offset, length, placed_after in self._cold:
-                while placed_after - self._placed() > self._window + length:
+            for fd, offset, length, taken_after in self.cold:
+                while taken_after - self._taken() > self._window:
                     if self._stop.wait(POLL_SECONDS):
                         return
                 if self._stop.is_set():
@@ -97,46 +98,47 @@ class Readahead:
         except OSError:
             return  # advice only, as above
 
-    def _find_cold(self) -> list[tuple[int, int, int, int]]:
-        """The spans not cached, in order. A file whose probes (one page of each of up to PROBES
-        spans spread over it) are all cached counts as warm without looking at every span: 2 ms
-        less for a warm 7 GB, 2.5% of its load on the H200."""
-        by_file: dict[int, list[tuple[int, int, int, int]]] = {}
-        for span in self._spans:
-            by_file.setdefault(span[0], []).append(span)
-        cold = set()
-        for fd, group in by_file.items():
-            probes = group[::max(1, len(group) // PROBES)]
-            if all(self._cached(fd, offset + length // 2, 1) for _, offset, length, _ in probes):
-                continue
-            cold.update(span for span in group if not self._cached(*span[:3]))
-        return [span for span in self._spans if span in cold]
 
-    def _unmap(self) -> None:
-        for address, size in self._maps.values():
-            libc.munmap(address, size)
-        self._maps.clear()
-
-    def _cached(self, fd: int, offset: int, length: int) -> bool:
-        """Whether the span looks cached: all of ``SAMPLES`` pages spread over it, one ``mincore`` each
-        (looking at every page costs about 40 ns a page: 15 ms for a warm 1.4 GB), called with
-        the GIL held (it returns at once; handing the GIL to a reader and back costs more)."""
-        if fd not in self._maps:
+def _cold(spans: Sequence[tuple[int, int, int, int]]) -> list[tuple[int, int, int, int]]:
+    """The spans not cached, in order. Each file is mapped read-only, looked at and unmapped in
+    turn; one that cannot be mapped counts as cold. A file whose probes (one page of each of up
+    to PROBES spans spread over it) are all cached counts as warm without looking at every span:
+    2 ms less for a warm 7 GB, 2.5% of its load on the H200."""
+    by_file: dict[int, list[tuple[int, int, int, int]]] = {}
+    for span in spans:
+        by_file.setdefault(span[0], []).append(span)
+    cold = set()
+    for fd, group in by_file.items():
+        try:
             size = os.fstat(fd).st_size
-            address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-            if address in (None, _MAP_FAILED):
-                raise OSError(ctypes.get_errno(), "mmap failed")
-            self._maps[fd] = (address, size)
-        address, size = self._maps[fd]
-        page = mmap.PAGESIZE
-        vec = ctypes.c_ubyte()
-        found = 0
-        for k in range(SAMPLES):
-            at = (offset + k * length // SAMPLES) // page * page
-            if at >= size or libc.mincore(address + at, 1, ctypes.byref(vec)) != 0:
-                raise OSError(ctypes.get_errno(), "mincore failed")
-            found += vec.value & 1  # bit 0: resident (the others are reserved)
-        return found == SAMPLES
+            address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0) if size else None
+        except OSError:
+            address = None
+        if address in (None, _MAP_FAILED):
+            cold.update(group)
+            continue
+        try:
+            probes = group[::max(1, len(group) // PROBES)]
+            if all(_cached(address, size, offset + length // 2, 1) for _, offset, length, _ in probes):
+                continue
+            cold.update(span for span in group if not _cached(address, size, *span[1:3]))
+        finally:
+            libc.munmap(address, size)
+    return [span for span in spans if span in cold]
+
+
+def _cached(address: int, size: int, offset: int, length: int) -> bool:
+    """Whether a span of the file mapped at ``address`` looks cached: all of up to ``SAMPLES`` pages
+    spread over it, one ``mincore`` each (looking at every page costs about 40 ns a page: 15 ms
+    for a warm 1.4 GB), called with the GIL held (it returns at once; handing the GIL to a reader
+    and back costs more). A page past the file's end, or a failed call, counts as not cached."""
+    page = mmap.PAGESIZE
+    vec = ctypes.c_ubyte()
+    pages = {(offset + k * length // SAMPLES) // page * page for k in range(SAMPLES)}
+    for at in pages:
+        if at >= size or libc.mincore(address + at, 1, ctypes.byref(vec)) != 0 or not vec.value & 1:
+            return False  # bit 0: resident (the others are reserved)
+    return True
 
 
 _MAP_FAILED = ctypes.c_void_p(-1).value
@@ -185,12 +187,13 @@ def request_bytes(fd: int) -> int:
 
 def spans(chunks, reads, fds: Callable[[int], int | None]) -> list[tuple[int, int, int, int]]:
     """The file spans of ``chunks`` (in the readers' order), adjacent ones merged up to SPAN_BYTES.
+    Only reads of one contiguous run are asked for (strided ones, column shards, are left to the
+    readers), and only from files read with ``preadv``.
 
     Args:
         chunks: the executor's chunks, in the order readers take them.
         reads: the executor's reads (a chunk's ``read`` indexes them).
-        fds: a read's file descriptor, or None when its bytes do not come from ``preadv``
-            (pickles, column shards copied out of a map).
+        fds: a read's file descriptor, or None for a pickle's.
     """
     out: list[list[int]] = []
     placed = 0

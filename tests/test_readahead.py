@@ -4,6 +4,7 @@ with it and without it."""
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import pytest
@@ -14,7 +15,7 @@ from benchmarks.page_cache import evict, resident
 from distload.checkpoint.header import read_header
 from distload.chunks import Chunk
 from distload.config import LoadConfig
-from distload.errors import ConfigError
+from distload.errors import CheckpointError, ConfigError
 from distload.execute import Executor
 from distload.plan import RankPlan
 from distload.readahead import (DEFAULT_REQUEST_BYTES, SPAN_BYTES, WINDOW_BYTES, Readahead, request_bytes, spans,
@@ -26,13 +27,20 @@ MIB = 1024 * 1024
 
 
 @pytest.fixture
-def cold_file(tmp_path):
-    """A 48 MiB safetensors file of two tensors, evicted from the page cache (or a skip)."""
+def weights(tmp_path):
+    """A 48 MiB safetensors file of two tensors."""
     path = tmp_path / "model.safetensors"
     g = torch.Generator().manual_seed(3)
     tensors = {"a": torch.randint(0, 255, (32 * MIB,), dtype=torch.uint8, generator=g),
                "b": torch.randint(0, 255, (4 * MIB, 4), dtype=torch.uint8, generator=g)}
     save_file(tensors, str(path))
+    return path, tensors
+
+
+@pytest.fixture
+def cold_file(weights):
+    """``weights``, evicted from the page cache (or a skip)."""
+    path, tensors = weights
     evict([str(path)])
     done, pages = resident(str(path))
     if done > pages // 100:
@@ -45,8 +53,8 @@ def _reads(path):
     return [make_read(header["a"], 0, "a"), make_read(header["b"], 1, "b")]
 
 
-def test_spans_merge_adjacent_chunks_of_one_file_up_to_the_span_size(cold_file):
-    reads = _reads(cold_file[0])
+def test_spans_merge_adjacent_chunks_of_one_file_up_to_the_span_size(weights):
+    reads = _reads(weights[0])
     step = 3 * MIB
     chunks = [Chunk(i, k, min(k + step, r.nbytes)) for i, r in enumerate(reads) for k in range(0, r.nbytes, step)]
     got = spans(chunks, reads, lambda i: 7)
@@ -62,6 +70,14 @@ def test_spans_merge_adjacent_chunks_of_one_file_up_to_the_span_size(cold_file):
     # bytes that preadv does not read (a pickle's) are not asked for, but still count as placed
     first = spans(chunks, reads, lambda i: None if i == 0 else 7)[0]
     assert first[1] == reads[1].offset and first[3] == reads[0].nbytes + first[2]
+    # a gap between chunks starts a new span; so does another file
+    gap = [Chunk(0, 0, MIB), Chunk(0, 2 * MIB, 3 * MIB)]
+    assert [(o - reads[0].offset, n) for _, o, n, _ in spans(gap, reads, lambda i: 7)] == [(0, MIB), (2 * MIB, MIB)]
+    assert len(spans(gap[:1] + [Chunk(1, 0, MIB)], reads, lambda i: 7 + i)) == 2
+    # a strided read (a column shard) is left to the readers
+    header = read_header(str(weights[0]))
+    cols = make_read(header["b"], 2, "b", dim=1, span=(0, 2))
+    assert cols.count > 1 and spans([Chunk(0, 0, cols.nbytes)], [cols], lambda i: 7) == []
 
 
 def test_a_cold_file_is_asked_for_and_lands_in_the_page_cache(cold_file):
@@ -81,27 +97,48 @@ def test_a_cold_file_is_asked_for_and_lands_in_the_page_cache(cold_file):
             time.sleep(0.05)
         done, pages = resident(str(path))
         assert done >= pages * 0.9
-        # now cached: asked for no more
+        # now cached: nothing to ask for, and no thread
         again = Readahead(spans(chunks, reads, lambda i: fd), lambda: 0).start()
         again.stop()
-        assert again.asked == 0
+        assert again.cold == [] and again.asked == 0
     finally:
         os.close(fd)
 
 
-def test_the_walk_keeps_its_window_ahead_of_the_bytes_placed(cold_file):
+def test_the_walk_keeps_its_window_ahead_of_the_bytes_taken(cold_file):
     path, _ = cold_file
     reads = _reads(path)
     fd = os.open(path, os.O_RDONLY)
+    taken = [0]
     try:
         chunks = [Chunk(0, k, k + MIB) for k in range(0, reads[0].nbytes, MIB)]
-        ahead = Readahead(spans(chunks, reads, lambda i: fd), lambda: 0, window=4 * MIB).start()
-        time.sleep(0.3)
+        # a window under one span is one span: the first 16 MiB, and no more until readers move
+        ahead = Readahead(spans(chunks, reads, lambda i: fd), lambda: taken[0], window=4 * MIB).start()
+        assert len(ahead.cold) == 2
+
+        def settle(want: int) -> None:
+            deadline = time.monotonic() + 10
+            while ahead.asked < want and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.05)  # time to ask for more, were it wrong
+            assert ahead.asked == want
+
+        settle(SPAN_BYTES)
+        taken[0] = SPAN_BYTES  # the readers took the first span: the second is within reach
+        settle(2 * SPAN_BYTES)
         ahead.stop()
-        # nothing placed: only the spans within the window (and the one that crosses it)
-        assert 0 < ahead.asked <= 4 * MIB + SPAN_BYTES
     finally:
         os.close(fd)
+
+
+def _executor(device: str, window: int, threads: int = 2) -> Executor:
+    ex = Executor(device=torch.device(device), num_threads=threads, staging_bytes=8 * MIB, readahead_bytes=window)
+    ex.readahead_bytes = window  # on the CPU too: the same walk beside the CPU readers
+    return ex
+
+
+def _walkers() -> list:
+    return [t for t in threading.enumerate() if t.name == "distload-readahead"]
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=GPU)])
@@ -111,17 +148,43 @@ def test_a_cold_load_places_the_same_bytes_with_and_without_readahead(cold_file,
     reads = _reads(path)
     params = {"a": torch.empty(32 * MIB, dtype=torch.uint8, device=device),
               "b": torch.empty(4 * MIB, 4, dtype=torch.uint8, device=device)}
-    window = window_for(1) if readahead else 0
-    ex = Executor(device=torch.device(device), num_threads=2, staging_bytes=8 * MIB, readahead_bytes=window)
-    assert ex.readahead_bytes == window  # chunks of 2 MB: asked ahead where told to
-    result = ex.run(RankPlan(rank=0, reads=tuple(reads), zero=(), defaults=(), owned=(0, 1)), params)
+    result = _executor(device, window_for(1) if readahead else 0).run(
+        RankPlan(rank=0, reads=tuple(reads), zero=(), defaults=(), owned=(0, 1)), params)
     assert sorted(result.loaded) == [0, 1]
     assert torch.equal(params["a"].cpu(), tensors["a"]) and torch.equal(params["b"].cpu(), tensors["b"])
+    assert not _walkers()
 
 
-def test_only_small_chunks_are_read_ahead():
+def test_a_truncated_cold_file_still_fails_naming_it_and_leaves_no_walker(cold_file):
+    path, _ = cold_file
+    reads = _reads(path)
+    os.truncate(path, reads[0].offset + 6 * MIB)  # a's bytes end early, while the walker waits for readers
+    evict([str(path)])
+    params = {"a": torch.empty(32 * MIB, dtype=torch.uint8), "b": torch.empty(4 * MIB, 4, dtype=torch.uint8)}
+    with pytest.raises(CheckpointError, match="is it truncated") as err:  # raised through the calling thread
+        _executor("cpu", SPAN_BYTES, threads=1).run(RankPlan(rank=0, reads=tuple(reads), zero=(), defaults=(), owned=(0, 1)),
+                                            params)
+    assert err.value.file == str(path) and err.value.tensor == "a"
+    assert not _walkers()
+
+
+def test_an_interrupt_mid_read_leaves_no_walker(cold_file):
+    reads = _reads(cold_file[0])
+    params = {"a": torch.empty(32 * MIB, dtype=torch.uint8), "b": torch.empty(4 * MIB, 4, dtype=torch.uint8)}
+
+    def interrupt(done: int, total: int) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # a window of one span: the walker is still waiting for readers
+        _executor("cpu", SPAN_BYTES).run(RankPlan(rank=0, reads=tuple(reads), zero=(), defaults=(), owned=(0, 1)),
+                                            params, progress=interrupt)
+    assert not _walkers()
+
+
+def test_only_cuda_ranks_read_ahead():
     # the CPU's 16 MB chunks go without (the kernel's own readahead keeps up), CUDA's 2 MB ones with it
     assert Executor(device=torch.device("cpu")).readahead_bytes == 0
+    assert Executor(device=torch.device("cpu"), num_threads=32, staging_bytes=64 * MIB).readahead_bytes == 0
     assert Executor(device=torch.device("cuda")).readahead_bytes == WINDOW_BYTES
 
 

@@ -16,11 +16,13 @@ import argparse
 import itertools
 import json
 import os
-import statistics
-import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from benchmarks.fresh_runs import medians, sweep  # noqa: E402
 
 CHILD = r"""
 import json, sys, time, torch
@@ -35,7 +37,7 @@ loaded = distload.load(directory, distload.LoadConfig(device="cuda", extra_confi
 torch.cuda.synchronize()
 seconds = time.perf_counter() - t0
 r = loaded.report.ranks[0]
-print(json.dumps({"seconds": seconds, "complete": loaded.report.complete, "gbps": r.bytes_read / seconds / 1e9,
+print(json.dumps({"seconds": seconds, "complete": loaded.report.complete, "bytes": r.bytes_read,
                   "staging_bytes": r.staging_bytes}))
 """
 
@@ -51,7 +53,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--out", help="write every run and the medians here (JSON)")
     args = p.parse_args(argv)
-    sys.path.insert(0, ROOT)
     from benchmarks.synth_checkpoints import ensure_checkpoint
     directory = args.dir or ensure_checkpoint(args.preset)
     if args.knob == "slots":
@@ -59,25 +60,12 @@ def main(argv: list[str] | None = None) -> int:
                                                                map(int, args.readers.split(",")))]
     else:
         settings = [(2, 8, float(ms)) for ms in args.interval_ms.split(",")]
-    runs: dict[str, list[dict]] = {}
-    for rep in range(args.runs):
-        for slot, readers, ms in (settings if rep % 2 == 0 else settings[::-1]):
-            name = f"slot {slot} MiB x {readers} readers, switch {ms:g} ms"
-            proc = subprocess.run([sys.executable, "-c", CHILD, directory, str(slot), str(readers), str(ms)],
-                                  capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": ROOT})
-            if proc.returncode != 0:
-                print(f"{name}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
-                continue
-            run = json.loads(proc.stdout.strip().splitlines()[-1])
-            runs.setdefault(name, []).append(run)
-            print(json.dumps({"setting": name, **run}), flush=True)
-    medians = {k: {"seconds": statistics.median(r["seconds"] for r in v), "gbps": statistics.median(r["gbps"] for r in v),
-                   "runs": len(v)} for k, v in runs.items()}
-    for k, m in medians.items():
-        print(f"{k:>42}: median {m['seconds']:.3f} s {m['gbps']:6.2f} GB/s ({m['runs']} runs)")
+    runs = sweep(CHILD, [(f"slot {slot} MiB x {readers} readers, switch {ms:g} ms",
+                          [directory, str(slot), str(readers), str(ms)]) for slot, readers, ms in settings], args.runs)
+    table = medians(runs)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"directory": directory, "runs": runs, "medians": medians}, f, indent=1)
+            json.dump({"directory": directory, "runs": runs, "medians": table}, f, indent=1)
     return 0 if all(r["complete"] for v in runs.values() for r in v) else 1
 
 

@@ -14,11 +14,13 @@ import argparse
 import itertools
 import json
 import os
-import statistics
-import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from benchmarks.fresh_runs import medians, sweep  # noqa: E402
 
 CHILD = r"""
 import json, sys, time, torch
@@ -48,31 +50,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--out", help="write every run and the medians here (JSON)")
     args = p.parse_args(argv)
-    sys.path.insert(0, ROOT)
     from benchmarks.synth_checkpoints import ensure_checkpoint
     directory = args.dir or ensure_checkpoint(args.preset)
     pairs = list(itertools.product(map(int, args.threads.split(",")), map(int, args.staging.split(","))))
-    runs: dict[str, list[dict]] = {}
-    for rep in range(args.runs):
-        for threads, mib in (pairs if rep % 2 == 0 else pairs[::-1]):
-            extra = json.dumps({"num_read_threads": threads, "staging_mib": mib})
-            proc = subprocess.run([sys.executable, "-c", CHILD, directory, args.device, extra], capture_output=True,
-                                  text=True, timeout=300, env={**os.environ, "PYTHONPATH": ROOT})
-            if proc.returncode != 0:
-                print(f"threads={threads} staging={mib}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
-                continue
-            run = json.loads(proc.stdout.strip().splitlines()[-1])
-            run["gbps"] = run["bytes"] / run["seconds"] / 1e9
-            runs.setdefault(f"{threads}x{mib}", []).append(run)
-            print(json.dumps({"threads": threads, "staging_mib": mib, **run}), flush=True)
-    medians = {k: {"seconds": statistics.median(r["seconds"] for r in v),
-                   "gbps": statistics.median(r["gbps"] for r in v), "runs": len(v)} for k, v in runs.items()}
-    print(f"{'threads x MiB':>14} {'median s':>9} {'GB/s':>7}")
-    for k, m in medians.items():
-        print(f"{k:>14} {m['seconds']:9.3f} {m['gbps']:7.2f}")
+    settings = [(f"{threads}x{mib}", [directory, args.device, json.dumps({"num_read_threads": threads,
+                                                                            "staging_mib": mib})])
+                for threads, mib in pairs]
+    runs = sweep(CHILD, settings, args.runs)
+    table = medians(runs)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"directory": directory, "device": args.device, "runs": runs, "medians": medians}, f, indent=1)
+            json.dump({"directory": directory, "device": args.device, "runs": runs, "medians": table}, f, indent=1)
     return 0
 
 

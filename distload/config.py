@@ -18,8 +18,8 @@ EXTRA_CONFIG_KEYS: Mapping[str, str] = MappingProxyType({
     "enable_weights_track": "true / false / unset (= on): merge every rank's record and report missing units",
     "num_read_threads": "positive integer: reader threads per rank "
                         "(default: the node's cores / its local ranks, at most 8 on CUDA)",
-    "readahead": "true / false (default true): ask the kernel for a cold file's next bytes ahead of the readers "
-                 "(where chunks are small: CUDA ranks)",
+    "readahead": "true / false (default true): on CUDA ranks, ask the kernel for a cold file's next bytes "
+                 "ahead of the readers",
     "staging_mib": "positive integer: host staging memory per rank in MiB, pinned on CUDA (default 256)",
     "verify_checksums": "true / false (default false): hash every file read against its reference digest",
 })

@@ -91,7 +91,9 @@ class Readahead:
                         return
                 if self._stop.is_set():
                     return
-                step = self._request.setdefault(fd, request_bytes(fd))
+                if fd not in self._request:  # sysfs is read once per file, not per span
+                    self._request[fd] = request_bytes(fd)
+                step = self._request[fd]
                 for at in range(offset, offset + length, step):  # the kernel reads one step per call
                     os.posix_fadvise(fd, at, min(step, offset + length - at), os.POSIX_FADV_WILLNEED)
                 self.asked += length
@@ -196,10 +198,10 @@ def spans(chunks, reads, fds: Callable[[int], int | None]) -> list[tuple[int, in
         fds: a read's file descriptor, or None for a pickle's.
     """
     out: list[list[int]] = []
-    placed = 0
+    taken = 0
     for c in chunks:
         read = reads[c.read]
-        placed += c.nbytes
+        taken += c.nbytes
         fd = fds(c.read)
         if fd is None or read.count != 1:
             continue
@@ -207,7 +209,7 @@ def spans(chunks, reads, fds: Callable[[int], int | None]) -> list[tuple[int, in
         last = out[-1] if out else None
         if last is not None and last[0] == fd and last[1] + last[2] == offset and last[2] + c.nbytes <= SPAN_BYTES:
             last[2] += c.nbytes
-            last[3] = placed
+            last[3] = taken
         else:
-            out.append([fd, offset, c.nbytes, placed])
+            out.append([fd, offset, c.nbytes, taken])
     return [tuple(s) for s in out]

@@ -153,24 +153,25 @@ class _Job:
         self.dest_bytes = [_bytes(d) if f else None for d, f in zip(self.dests, self.flat)]
         self.casts = {f"{_name(r.tensor.dtype)} -> {_name(d.dtype)}" for r, d in zip(reads, self.dests)
                       if r.tensor.dtype != d.dtype}
-        chunks = [c for i, r in enumerate(reads) for c in cut(i, r, ex.chunk_bytes, flat=self.flat[i])]
-        chunks.sort(key=lambda c: (reads[c.read].tensor.file, reads[c.read].offset + c.start))
+        cuts = [cut(i, r, ex.chunk_bytes, flat=self.flat[i]) for i, r in enumerate(reads)]
+        files, offsets = [r.tensor.file for r in reads], [r.offset for r in reads]
+        chunks = [c for pieces in cuts for c in pieces]
+        chunks.sort(key=lambda c: (files[c.read], offsets[c.read] + c.start))  # in file order
         self.chunks: list[Chunk] = [c for c in chunks if not reads[c.read].verify]
         self.compared: list[Chunk] = [c for c in chunks if reads[c.read].verify]
-        self.left = [0] * len(reads)  # chunks not yet complete, per read
-        for c in chunks:
-            self.left[c.read] += 1
+        self.left = [len(pieces) for pieces in cuts]  # chunks not yet complete, per read
         self.loaded = [r.unit for r, n in zip(reads, self.left) if n == 0]  # empty pieces
         self.mismatched: list[int] = []
         self.total = sum(r.nbytes for r in reads)
         # slots no larger than the largest chunk staged: a small checkpoint pins little
-        staged = [c.nbytes for c in chunks if ex.cuda or not self.flat[c.read]]
-        self.slot_bytes = -(-max(staged, default=0) // 4096) * 4096
+        staged = max((c.stop - c.start for pieces, flat in zip(cuts, self.flat) if ex.cuda or not flat
+                      for c in pieces), default=0)
+        self.slot_bytes = -(-staged // 4096) * 4096
         self.staging_bytes = 0  # allocated so far
         self.done = [0] * (ex.num_threads + 1)  # bytes placed, per thread (summed for progress)
         self._next = itertools.count()
         self._taken = -1
-        self._ends = list(itertools.accumulate(c.nbytes for c in self.chunks))  # bytes up to each chunk
+        self._ends = list(itertools.accumulate(c.stop - c.start for c in self.chunks))  # bytes up to each chunk
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._error: BaseException | None = None

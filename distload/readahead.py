@@ -199,17 +199,19 @@ def spans(chunks, reads, fds: Callable[[int], int | None]) -> list[tuple[int, in
     """
     out: list[list[int]] = []
     taken = 0
+    # once per read, not per chunk: a 7 GB load has thousands of chunks, and this runs before any read
+    fd_of = [fds(i) if r.count == 1 else None for i, r in enumerate(reads)]
     for c in chunks:
-        read = reads[c.read]
-        taken += c.nbytes
-        fd = fds(c.read)
-        if fd is None or read.count != 1:
+        n = c.stop - c.start
+        taken += n
+        fd = fd_of[c.read]
+        if fd is None:
             continue
-        offset = read.offset + c.start
+        offset = reads[c.read].offset + c.start
         last = out[-1] if out else None
-        if last is not None and last[0] == fd and last[1] + last[2] == offset and last[2] + c.nbytes <= SPAN_BYTES:
-            last[2] += c.nbytes
+        if last is not None and last[0] == fd and last[1] + last[2] == offset and last[2] + n <= SPAN_BYTES:
+            last[2] += n
             last[3] = taken
         else:
-            out.append([fd, offset, c.nbytes, taken])
+            out.append([fd, offset, n, taken])
     return [tuple(s) for s in out]

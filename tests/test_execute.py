@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+import threading
 
 import pytest
 import torch
@@ -236,6 +237,18 @@ def _pinned_bytes(device: torch.device) -> int:
         return 0
     stats = torch.cuda.host_memory_stats()
     return stats.get("allocated_bytes.current", stats.get("allocated_bytes.all.current", 0))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where CUDA staging cannot be made")
+def test_a_staging_that_cannot_be_made_fails_the_read_step(ckpt):
+    """Where pinned staging cannot be made (no CUDA here; a driver that refuses, elsewhere), the
+    read step raises that error at once, counts nothing, and leaves no reader thread behind."""
+    _, headers, _ = ckpt
+    reads, params = case(headers)
+    ex = Executor(device=torch.device("cuda"), num_threads=2)
+    with pytest.raises((AssertionError, RuntimeError)):
+        ex.run(RankPlan(rank=0, reads=tuple(reads), defaults=(), zero=(), owned=()), params)
+    assert not [t for t in threading.enumerate() if t.name.startswith("distload-read")]
 
 
 def test_a_truncated_file_is_named_on_the_mapped_path_too(ckpt, tmp_path):

@@ -164,14 +164,14 @@ class _Job:
         self.mismatched: list[int] = []
         self.total = sum(r.nbytes for r in reads)
         # slots no larger than the largest chunk staged: a small checkpoint pins little
-        staged = max((c.stop - c.start for pieces, flat in zip(cuts, self.flat) if ex.cuda or not flat
+        staged = max((c.nbytes for pieces, flat in zip(cuts, self.flat) if ex.cuda or not flat
                       for c in pieces), default=0)
         self.slot_bytes = -(-staged // 4096) * 4096
         self.staging_bytes = 0  # allocated so far
         self.done = [0] * (ex.num_threads + 1)  # bytes placed, per thread (summed for progress)
         self._next = itertools.count()
         self._taken = -1
-        self._ends = list(itertools.accumulate(c.stop - c.start for c in self.chunks))  # bytes up to each chunk
+        self._ends = list(itertools.accumulate(c.nbytes for c in self.chunks))  # bytes up to each chunk
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._error: BaseException | None = None

@@ -202,7 +202,7 @@ def spans(chunks, reads, fds: Callable[[int], int | None]) -> list[tuple[int, in
     # once per read, not per chunk: a 7 GB load has thousands of chunks, and this runs before any read
     fd_of = [fds(i) if r.count == 1 else None for i, r in enumerate(reads)]
     for c in chunks:
-        n = c.stop - c.start
+        n = c.nbytes
         taken += n
         fd = fd_of[c.read]
         if fd is None:

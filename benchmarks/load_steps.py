@@ -76,7 +76,7 @@ class QueueModule:
 
 staging.queue = QueueModule
 for module, name in ((api, "prepare"), (api, "materialize"), (api, "_merge"), (staging, "open_copies"),
-                     (staging, "release_pinned"), (staging, "_copy"), (staging, "_run_native")):
+                     (staging, "release_pinned"), (staging, "_copy")):
     timed(module, name, name.strip("_"))
 executor_run = api.Executor.run
 def run(self, *a, **k):
@@ -122,7 +122,7 @@ out["copier_get"] = round(per_thread["MainThread"]["get"], 5)
 print(json.dumps(out))
 """
 
-SHOWN = ("seconds", "prepare", "materialize", "execute", "merge", "other", "run_native", "pool_until_copier", "copy",
+SHOWN = ("seconds", "prepare", "materialize", "execute", "merge", "other", "pool_until_copier", "copy",
          "tail_after_readers", "release_pinned", "reader_fill_mean", "reader_take_mean", "copier_get")
 
 

@@ -155,8 +155,8 @@ def _load(directory: str, config: LoadConfig, comm: Comm, device: torch.device,
         skip = frozenset(r.unit for r in rank_plan.reads  # a name, or one region of it: name[label]
                          if r.tensor.name in skip_names or plan.units[r.unit].label in skip_names)
         threads = config.read_threads(local_ranks, cuda=device.type == "cuda")
-        result = Executor(device=device, num_threads=threads, staging_bytes=config.staging_bytes,
-                          check_finite=config.check_finite, native=config.native_reader,
+        result = Executor(device=device, num_threads=threads,
+                          staging_bytes=config.staging_bytes, check_finite=config.check_finite,
                           readahead_bytes=window_for(local_ranks) if config.readahead else 0).run(
             rank_plan, params, skip=skip, progress=progress, abort_check=comm.check_peers)
         hashed = hashing.results(abort_check=comm.check_peers)
@@ -224,9 +224,6 @@ def _merge(comm: Comm, config: LoadConfig, layout: Layout, ckpt: Checkpoint, pla
     verification = verify.merge(comm, checks, hashed) if checks is not None and hashed is not None else None
     notes = tuple(f"cast {c} while loading (model dtype differs from the checkpoint's)" for c in result.casts)
     notes += load_notes(ckpt, config)
-    if result.native_unavailable is not None:
-        notes += (f"read through Python threads: distload's compiled reader is unavailable here "
-                  f"({result.native_unavailable})",)
     notes += verification.notes() if verification is not None else ()
     report = LoadReport(mode="load", checkpoint=ckpt.directory, layout=layout.to_dict(),
                         tracked=config.track_enabled, num_units=len(plan.units), findings=findings,

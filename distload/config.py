@@ -16,8 +16,6 @@ from .quant.config import KV_CACHE_DTYPES, ONLINE
 
 EXTRA_CONFIG_KEYS: Mapping[str, str] = MappingProxyType({
     "enable_weights_track": "true / false / unset (= on): merge every rank's record and report missing units",
-    "native_reader": "true / false (default true): on CUDA ranks, read through distload's compiled reader, "
-                     "built on first use with the machine's C compiler (none, or a failed build: Python threads)",
     "num_read_threads": "positive integer: reader threads per rank "
                         "(default: the node's cores / its local ranks, at most 8 on CUDA)",
     "readahead": "true / false (default true): on CUDA ranks, ask the kernel for a cold file's next bytes "
@@ -136,9 +134,8 @@ class LoadConfig:
         for value in (verify, self.verify_checksums):
             if value is not None and not isinstance(value, bool):
                 raise ConfigError(f"verify_checksums must be true or false, got {value!r}")
-        for key in ("readahead", "native_reader"):
-            if not isinstance(self.extra_config.get(key, True), bool):
-                raise ConfigError(f"{key} must be true or false, got {self.extra_config[key]!r}")
+        if not isinstance(self.extra_config.get("readahead", True), bool):
+            raise ConfigError(f"readahead must be true or false, got {self.extra_config['readahead']!r}")
         if verify is False and self.verify_checksums:
             raise ConfigError("verify_checksums=True and the loader extra-config's verify_checksums false disagree; "
                               "give it once")
@@ -212,11 +209,6 @@ class LoadConfig:
     def readahead(self) -> bool:
         """Whether cold files are asked for ahead of the readers (``readahead``)."""
         return self.extra_config.get("readahead", True)
-
-    @property
-    def native_reader(self) -> bool:
-        """Whether CUDA ranks may read through the compiled reader (``native_reader``)."""
-        return self.extra_config.get("native_reader", True)
 
     @property
     def staging_bytes(self) -> int:

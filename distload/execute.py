@@ -4,8 +4,7 @@ Reads are cut into chunks (``chunks``) that a pool of reader threads takes in fi
 so one large tensor is read by many threads. On the CPU, a chunk whose bytes land unchanged
 in contiguous parameter memory is read straight into the parameter; others (casts, strided
 destinations, comparisons) go through a private buffer per thread. On CUDA every chunk goes
-through small pinned slots: the compiled reader's (``native``) where it can, else a pool shared
-by Python reader threads and a copy thread (``staging``).
+through a fixed pool of small pinned slots and a copy thread (``staging``).
 
 Comparisons (a tied weight checked against the tensor it is tied to) run after every other
 chunk has landed, so they never read a parameter another thread is still filling.
@@ -66,8 +65,6 @@ class ExecResult:
     """``checkpoint dtype -> parameter dtype`` conversions that happened"""
     staging_bytes: int = 0
     """host staging memory allocated (pinned on CUDA)"""
-    native_unavailable: str | None = None
-    """on CUDA, why the compiled reader could not be used (then Python threads read), else None"""
 
 
 class Executor:
@@ -82,13 +79,11 @@ class Executor:
         check_finite: scan each loaded piece for NaN/Inf, on the device, on that piece only.
         readahead_bytes: how far ahead of the readers cold files' bytes are asked for, on CUDA (0: not
             at all; ``readahead.window_for``).
-        native: on CUDA, place plain byte chunks through the compiled reader (``native``) where it
-            builds here; ``native_unavailable`` then says why it does not.
     """
 
     def __init__(self, *, device: torch.device, num_threads: int = 4,
                  staging_bytes: int = DEFAULT_STAGING_MIB * 1024 * 1024, check_finite: bool = False,
-                 readahead_bytes: int = WINDOW_BYTES, native: bool = True) -> None:
+                 readahead_bytes: int = WINDOW_BYTES) -> None:
         self.device = device
         self.check_finite = check_finite
         self.cuda = device.type == "cuda"
@@ -103,11 +98,6 @@ class Executor:
         # as well made cold loads slower on the 2-core VM (world 1: 1.28 s against 1.22; TP=2 x
         # DP=4: 3.62 against 2.83), while CUDA's 2 MB chunks gained (H200: 4.61 against 6.12)
         self.readahead_bytes = readahead_bytes if self.cuda else 0
-        self.native_unavailable: str | None = None
-        if native and self.cuda:
-            from .native import available
-            self.native_unavailable = available()
-        self.native = native and self.cuda and self.native_unavailable is None
 
     def run(self, plan: RankPlan, params: Mapping[str, torch.Tensor], *,
             skip: frozenset[int] = frozenset(),
@@ -145,8 +135,7 @@ class Executor:
             nonfinite = job.nonfinite() if self.check_finite else []
         return ExecResult(loaded=tuple(job.loaded), mismatched=tuple(job.mismatched), nonfinite=tuple(nonfinite),
                           bytes_read=job.total, files_opened=len(files), seconds=time.perf_counter() - start,
-                          casts=tuple(sorted(job.casts)), staging_bytes=job.staging_bytes,
-                          native_unavailable=self.native_unavailable)
+                          casts=tuple(sorted(job.casts)), staging_bytes=job.staging_bytes)
 
 
 class _Job:
@@ -169,13 +158,6 @@ class _Job:
         chunks = [c for pieces in cuts for c in pieces]
         chunks.sort(key=lambda c: (files[c.read], offsets[c.read] + c.start))  # in file order
         self.chunks: list[Chunk] = [c for c in chunks if not reads[c.read].verify]
-        self.native = 0  # the leading chunks the compiled reader places (``native.pipeline``)
-        if ex.native:
-            from .native.pipeline import eligible
-            ok_read = [eligible(self, i) for i in range(len(reads))]
-            ok = [ok_read[c.read] for c in self.chunks]
-            self.chunks = [c for c, e in zip(self.chunks, ok) if e] + [c for c, e in zip(self.chunks, ok) if not e]
-            self.native = sum(ok)
         self.compared: list[Chunk] = [c for c in chunks if reads[c.read].verify]
         self.left = [len(pieces) for pieces in cuts]  # chunks not yet complete, per read
         self.loaded = [r.unit for r, n in zip(reads, self.left) if n == 0]  # empty pieces
@@ -189,7 +171,6 @@ class _Job:
         self.done = [0] * (ex.num_threads + 1)  # bytes placed, per thread (summed for progress)
         self._next = itertools.count()
         self._taken = -1
-        self.taken_index: Callable[[], int] | None = None  # the compiled reader's count, while it runs
         self._ends = list(itertools.accumulate(c.nbytes for c in self.chunks))  # bytes up to each chunk
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -269,15 +250,9 @@ class _Job:
 
     def taken_bytes(self) -> int:
         """Bytes of the chunks the readers have taken so far (an estimate, for pacing the readahead)."""
-        taken = self._taken if self.taken_index is None else self.taken_index()
-        if taken < 0 or not self._ends:
+        if self._taken < 0 or not self._ends:
             return 0
-        return self._ends[min(taken, len(self._ends) - 1)]
-
-    def skip(self, count: int) -> None:
-        """Leaves the first ``count`` chunks out of ``next_chunk`` (the compiled reader placed them)."""
-        self._next = itertools.count(count)
-        self._taken = count - 1
+        return self._ends[min(self._taken, len(self._ends) - 1)]
 
     def _cpu_worker(self, t: int, *, progress=None, abort_check=None) -> None:
         """Takes chunks until none is left; thread 0 (the caller's) also reports and checks peers."""

@@ -1,17 +1,12 @@
-"""The CUDA read pipeline. Plain byte chunks (``native.pipeline.eligible``: most of a checkpoint)
-go first through distload's compiled reader, whose threads hold no interpreter lock: each pins
-two slots of its own, reads into one while the other is copied on its own stream, and counts a
-chunk only once its copy completed. Where that reader cannot be built (no C compiler), and for
-the other chunks (casts, strided destinations, short column runs), the Python pipeline below runs.
+"""The CUDA read pipeline: reader threads fill a fixed pool of small pinned slots, and the calling
+thread copies each full slot to the device on one stream and hands it back once copied.
 
-In the Python pipeline reader threads fill a fixed pool of small pinned slots, and the calling
-thread copies each full slot to the device on one stream and hands it back once copied. The pool
-is allocated once per load (two slots per reader, ``CUDA_SLOT_BYTES`` each) and released at its
-end, whatever happens: torch's cache of freed pinned blocks is emptied too, so the staging budget
-is not held for the life of the process. One copy thread measured faster than each reader
-copying its own slots (42.6 against 40.0 GB/s on an H200 host, ``benchmarks/pipeline_sweep.py``):
-readers never wait on an event, and the slots a reader fills next are the ones the copy engine
-has just read, still in the CPU's cache.
+The pool is allocated once per load (two slots per reader, ``CUDA_SLOT_BYTES`` each) and
+released at its end, whatever happens: torch's cache of freed pinned blocks is emptied too,
+so the staging budget is not held for the life of the process. One copy thread measured
+faster than each reader copying its own slots (42.6 against 40.0 GB/s on an H200 host,
+``benchmarks/pipeline_sweep.py``): readers never wait on an event, and the slots a reader
+fills next are the ones the copy engine has just read, still in the CPU's cache.
 
 A chunk counts as placed only once its copy's event has completed; after a failure no copy
 is queued, the copies in flight finish before their slots are freed, and none of them counts.
@@ -28,7 +23,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from .device_copies import TorchCopies, open_copies, runtime_library
+from .device_copies import TorchCopies, open_copies
 from .errors import DistloadError
 from .fileio import byte_view, fill
 
@@ -47,19 +42,13 @@ def run_staged(job: "_Job", progress: Callable[[int, int], None] | None,
         CheckpointError: a reader found a file shorter than its header says.
     """
     from .execute import TICK_SECONDS
-    if job.native:
-        runtime = runtime_library()  # None where CUDA is not initialized: parameters on the device initialized it
-        if runtime is not None:
-            _run_native(job, runtime, progress, abort_check, TICK_SECONDS)
-            job.skip(job.native)
-    left = len(job.chunks) - (job._taken + 1)
-    if left <= 0 or job.stopped:
+    if not job.chunks:
         return
-    readers = max(1, min(job.ex.num_threads, left))
-    count = min(job.ex.num_slots, left)
+    readers = max(1, min(job.ex.num_threads, len(job.chunks)))
+    count = min(job.ex.num_slots, len(job.chunks))
     slot = job.slot_bytes
     pool = torch.empty(count * slot, dtype=torch.uint8, pin_memory=True)
-    job.staging_bytes = max(job.staging_bytes, pool.numel())  # the compiled reader's pool went first
+    job.staging_bytes = pool.numel()
     free: queue.SimpleQueue[int] = queue.SimpleQueue()
     full: queue.SimpleQueue = queue.SimpleQueue()
     for k in range(count):
@@ -171,21 +160,6 @@ def _copy(job: "_Job", copies: TorchCopies, pool: torch.Tensor, slot: int, free:
                                 tensor=read.tensor.name) from err
         inflight.append((k, chunk))
         retire(wait=False)
-
-
-def _run_native(job: "_Job", runtime, progress, abort_check, tick: float) -> None:
-    """The leading chunks through the compiled reader (``native.pipeline``); its readers pin their
-    own slots, as many as the Python pipeline's pool holds."""
-    from .execute import SLOTS_PER_READER
-    from .native.pipeline import error_text, run_native, runtime_calls
-    chunks = job.chunks[:job.native]
-    # the parameters' zeroing and default fills were queued on the current stream; the readers'
-    # own streams do not wait on it
-    torch.cuda.current_stream(job.ex.device).synchronize()
-    device = job.ex.device.index if job.ex.device.index is not None else torch.cuda.current_device()
-    run_native(job, chunks, runtime_calls(runtime), readers=max(1, min(job.ex.num_threads, len(chunks))),
-               slots_per_reader=SLOTS_PER_READER, slot_bytes=job.slot_bytes, device_index=device,
-               error_text=error_text(runtime), progress=progress, abort_check=abort_check, tick=tick, copier=COPIER)
 
 
 def release_pinned() -> None:

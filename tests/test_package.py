@@ -22,18 +22,6 @@ def test_every_directory_with_modules_is_a_regular_package():
     assert "distload.checkpoint.header" in MODULES and "distload.quant.config" in MODULES
 
 
-def test_every_file_that_is_not_python_is_package_data():
-    """The compiled reader's C source is built where the package is installed: a wheel must hold it."""
-    import fnmatch
-    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
-    with open(os.path.join(os.path.dirname(ROOT), "pyproject.toml"), "rb") as f:
-        patterns = tomllib.load(f)["tool"]["setuptools"]["package-data"]["distload"]
-    others = [os.path.relpath(os.path.join(d, f), ROOT) for d, _, files in os.walk(ROOT) if "__pycache__" not in d
-              for f in files if not f.endswith(".py")]
-    assert "native/staged_reader.c" in others
-    assert [f for f in others if not any(fnmatch.fnmatch(f, p) for p in patterns)] == []
-
-
 @pytest.mark.parametrize("name", MODULES)
 def test_docstring_examples_run(name):
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS, verbose=False)

@@ -21,7 +21,7 @@ from distload.plan import RankPlan
 from distload.readahead import (DEFAULT_REQUEST_BYTES, SPAN_BYTES, WINDOW_BYTES, Readahead, request_bytes, spans,
                                 window_for)
 
-from .exec_cases import GPU, make_read
+from .test_execute import GPU, make_read
 
 MIB = 1024 * 1024
 

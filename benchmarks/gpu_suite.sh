@@ -12,8 +12,8 @@
 # installed into /tmp/site first, without network; a peer that cannot be imported is reported
 # "not run". Environment: PRESET (default llama8b-7g; "tiny" for a smoke test), PYTHON (default python3), DISTLOAD_BENCH_DIR (checkpoint cache,
 # default /tmp/distload-bench), WARM_RUNS (5), COLD_RUNS (3), WARM_BUDGET_S (270), COLD_BUDGET_S (215),
-# WARM_LOADERS (default below; add distload_python for the compiled reader's A/B), COLD_LOADERS
-# (default: the warm loaders but h2d; add distload_no_readahead for the readahead's A/B).
+# WARM_LOADERS (default below), COLD_LOADERS (default: the warm loaders but h2d; add
+# distload_no_readahead for the readahead's A/B).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PYTHON:-python3}
@@ -33,9 +33,6 @@ LOG="$RESULTS/gpu_suite.log"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
   $PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.is_available())"
   $PY -m benchmarks.synth_checkpoints --preset "$PRESET"
-  # distload's compiled reader is built once per machine, on first use, and cached: built here,
-  # so no measured load includes the build
-  $PY -c "import time; t = time.perf_counter(); import distload.native as n; print('compiled reader:', n.available() or 'ready', f'({time.perf_counter() - t:.2f} s with the import)')"
   LOADERS=${WARM_LOADERS:-distload,engine,load_file,fastsafetensors,instanttensor,floor,h2d}
   $PY benchmarks/load_bench.py --preset "$PRESET" --device cuda --worlds 1 --loaders "$LOADERS" \
     --runs "${WARM_RUNS:-5}" --budget-s "${WARM_BUDGET_S:-270}" --timeout 150 --out "$RESULTS/load_gpu_warm.json" || echo "warm phase failed: $?"

@@ -10,8 +10,6 @@ device, allocated on the device, inside the timed part as distload's own load do
 - ``distload_verify``: the same with ``verify_checksums=True`` against the checkpoint's manifest.
 - ``distload_no_readahead``: the same with the loader extra-config ``readahead`` false (cold
   files are not asked for ahead of the readers): what the readahead adds, measured side by side.
-- ``distload_python``: the same with ``native_reader`` false (CUDA ranks read through Python
-  threads, not the compiled reader): what the compiled reader adds, side by side.
 - ``eager``: ``safetensors.torch.load_file`` of every file the rank needs (on the CPU), every
   needed tensor read whole (cloned: safetensors >= 0.7 maps files lazily, so without it only
   the pages the copy touches would be read), then narrowed and copied into the parameters.
@@ -86,10 +84,6 @@ def run_distload_verify(ctx: Ctx) -> dict:
 
 def run_distload_no_readahead(ctx: Ctx) -> dict:
     return run_distload(ctx, extra_config={"readahead": False})
-
-
-def run_distload_python(ctx: Ctx) -> dict:
-    return run_distload(ctx, extra_config={"native_reader": False})
 
 
 # --- safetensors ------------------------------------------------------------------------------
@@ -319,7 +313,6 @@ LOADERS: dict[str, Loader] = {
     "eager": Loader("eager", run_eager),
     "distload_verify": Loader("distload_verify", run_distload_verify),
     "distload_no_readahead": Loader("distload_no_readahead", run_distload_no_readahead),
-    "distload_python": Loader("distload_python", run_distload_python),
     "load_file": Loader("load_file", run_load_file),
     "engine": Loader("engine", run_engine),
     "fastsafetensors": Loader("fastsafetensors", run_fastsafetensors, setup_fastsafetensors),

@@ -9,6 +9,10 @@ first copy, the tail after the last reader ended, the pool's release), ``merge``
 (the rest of ``load``). Threads: per reader, seconds inside ``fill`` (``preadv``) and waiting for
 a free slot; for the copy thread, seconds waiting for a full slot.
 
+The per-chunk wrappers cost time under the interpreter lock, so a load timed here is slower
+than the same load in ``load_bench.py``; compare two pipelines there, not here (an A/B made here
+once favoured a compiled reader by 14% that ``load_bench.py`` then measured 4% behind).
+
     python benchmarks/load_steps.py --preset llama8b-7g --device cuda --runs 3
     python benchmarks/load_steps.py --preset tiny --device cpu --runs 1 --extra '{"num_read_threads": 2}'
 """

@@ -131,7 +131,10 @@ def _signals_raise():
         signal.set_wakeup_fd(old_wakeup)
         for s, handler in previous.items():
             signal.signal(s, handler)
-        os.write(writable, b"\0")  # wakes the watcher, which sees done and closes its end
+        # wakes the watcher, which sees done and closes its end; it may have ended already (woken by
+        # the signal itself, after done was set): then there is no reader, and nothing to wake
+        with contextlib.suppress(BrokenPipeError, BlockingIOError):
+            os.write(writable, b"\0")
         os.close(writable)
 
 

@@ -155,7 +155,8 @@ def test_sigint_to_the_launcher_exits_130_with_every_ranks_verdict(tmp_path, hol
 def test_leaving_the_signal_handlers_after_the_watcher_ended_raises_nothing(monkeypatch):
     """The watcher can end first: woken by the signal itself just as the main thread marks the run
     done, it closes its end of the pipe, and the main thread's wake-up write then finds no reader
-    (a BrokenPipeError traceback after the verdict: 4 of 18 runs of the SIGINT test above, before this was tolerated)."""
+    (a BrokenPipeError traceback after the verdict: 4 of 18 runs of the SIGINT test above, before
+    this was tolerated)."""
     from distload import __main__ as cli_main
 
     def ended_at_once(readable, verdicts, done):

@@ -150,19 +150,21 @@ def test_sigint_to_the_launcher_exits_130_with_every_ranks_verdict(tmp_path, hol
             130, rank, False, "interrupted: SIGINT received"), rank
 
 
-
-
 def test_leaving_the_signal_handlers_after_the_watcher_ended_raises_nothing(monkeypatch):
     """The watcher can end first: woken by the signal itself just as the main thread marks the run
     done, it closes its end of the pipe, and the main thread's wake-up write then finds no reader
     (a BrokenPipeError traceback after the verdict: 4 of 18 runs of the SIGINT test above, before
     this was tolerated)."""
+    import threading
+
     from distload import __main__ as cli_main
+    closed = threading.Event()
 
     def ended_at_once(readable, verdicts, done):
         os.close(readable)
+        closed.set()
     monkeypatch.setattr(cli_main, "_watch", ended_at_once)
     before = signal.getsignal(signal.SIGINT)
     with cli_main._signals_raise():
-        time.sleep(0.05)  # the watcher has closed its end
+        assert closed.wait(10)  # the watcher has closed its end before the main thread leaves
     assert signal.getsignal(signal.SIGINT) is before

@@ -105,3 +105,22 @@ def load_on_nodes_from(directories: list[str], tp: int, ranks_per_node: int, opt
     import os
 
     return load_on_nodes(directories[int(os.environ["RANK"]) // ranks_per_node], tp, ranks_per_node, options)
+
+
+def groups_in_turn(directory: str, tp: int, times: int) -> None:
+    """Makes ``times`` process groups one after another in this process, as a server reloading
+    weights does: each round a ``keep_group`` load, ``close()``, then a load that raises
+    MissingWeightsError (which closes its group too). Raises on the first round that fails."""
+    import torch.distributed as dist
+
+    skip = distload.LoadConfig(tp=tp, device="cpu", skip_units={0: ("model.norm.weight",)})
+    for round_ in range(times):
+        with distload.load(directory, distload.LoadConfig(tp=tp, device="cpu"), keep_group=True):
+            assert dist.is_initialized(), round_
+        assert not dist.is_initialized(), round_
+        try:
+            distload.load(directory, skip, keep_group=True)
+        except distload.MissingWeightsError:
+            pass
+        else:
+            raise AssertionError(f"round {round_}: a load skipping model.norm.weight passed")

@@ -165,6 +165,20 @@ def test_torchrun_complete_and_incomplete(tmp_path, example_copy):
     assert report["missing"] == [{"name": "model.layers.0.self_attn.k_proj.weight", "owners": [0, 1]}]
 
 
+@pytest.mark.skipif(shutil.which(TORCHRUN) is None and not os.path.exists(TORCHRUN), reason="torchrun not found")
+def test_one_process_makes_group_after_group_under_torchrun(tmp_path):
+    # torchrun's agent store outlives each group, and torch numbers groups afresh after one is
+    # destroyed: without keys of its own, the second group read the first one's gloo addresses
+    code = ("import distload; from tests import jobs; "
+            "jobs.groups_in_turn(distload.example_checkpoint(), 2, 3)")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    proc = subprocess.run([TORCHRUN, "--nproc-per-node", "2", "--master-port", str(_port()), "--no-python",
+                           sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "PYTHONPATH": path})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def test_forward_after_the_group_closed_says_what_to_do(pool):
     texts = pool.run(2, jobs.forward_after_close, distload.example_checkpoint(), 2)
     assert all("keep_group=True" in t for t in texts), texts

@@ -66,10 +66,13 @@ class Comm:
             # first collective: there its creation would block until every rank joined, where no
             # failure watch can reach it, while a collective on a made one only queues work (_wait)
             where["device_id"] = device
+        url = "env://"
         if world.master_addr is not None and world.master_port is not None:  # Ray: no environment to read
             host = f"[{world.master_addr}]" if ":" in world.master_addr else world.master_addr
-            where["init_method"] = f"tcp://{host}:{world.master_port}"
-        dist.init_process_group(backend, rank=world.rank, world_size=world.world_size, timeout=timeout, **where)
+            url = f"tcp://{host}:{world.master_port}"
+        store = _generation_store(url, world, timeout)
+        dist.init_process_group(backend, rank=world.rank, world_size=world.world_size, timeout=timeout,
+                                store=store, **where)
         comm = cls(rank=world.rank, world_size=world.world_size, device=device, owns_group=True, grouped=True)
         comm._group_timeout = timeout
         return comm
@@ -319,6 +322,22 @@ class Comm:
     def barrier(self) -> None:
         if self._grouped:
             dist.barrier()
+
+
+def _generation_store(url: str, world: WorldInfo, timeout: datetime.timedelta):
+    """The rendezvous store for a new default group, under a key prefix of its own.
+
+    torch names groups by a count it restarts once the default group is destroyed, so a second
+    group of one process would reuse the first one's keys in a store that outlives it (torchrun's
+    agent store): a rank could read a peer's stale gloo address and fail to connect. Every rank
+    joining adds one to a counter; the ranks of one group all join before any of them can make the
+    next one (making it needs all of them), so ``(count - 1) // world_size`` numbers the groups
+    alike on every rank.
+    """
+    store, _, _ = next(dist.rendezvous(url, world.rank, world.world_size, timeout=timeout))
+    store.set_timeout(timeout)
+    generation = (int(store.add("distload/groups", 1)) - 1) // world.world_size
+    return dist.PrefixStore(f"distload/group/{generation}/default_pg", store)
 
 
 def _agent_store() -> bool:

@@ -163,6 +163,15 @@ def _await_ready(tmp_path, procs, world: int) -> None:
         time.sleep(0.05)
 
 
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a process that has not exited (a zombie counts as exited)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def _finish(procs) -> list[tuple[int, list[str]]]:
     out = []
     try:
@@ -238,6 +247,12 @@ def test_rank_0_stopped_under_torchrun_is_named_silent_by_rank_1(tmp_path):
         _await_ready(tmp_path, [proc], 4)
         rank0 = int((tmp_path / "rank-0").read_text())
         os.kill(rank0, signal.SIGSTOP)
+        # a stopped rank takes no SIGTERM: torchrun would wait its 30 s grace before killing it
+        survivors = [int((tmp_path / f"rank-{r}").read_text()) for r in range(1, 4)]
+        deadline = time.monotonic() + 90
+        while any(_running(pid) for pid in survivors) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(rank0, signal.SIGKILL)
         _, err = proc.communicate(timeout=120)
     finally:
         if rank0 is not None:

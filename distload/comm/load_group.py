@@ -332,7 +332,9 @@ def _generation_store(url: str, world: WorldInfo, timeout: datetime.timedelta):
     agent store): a rank could read a peer's stale gloo address and fail to connect. Every rank
     joining adds one to a counter; the ranks of one group all join before any of them can make the
     next one (making it needs all of them), so ``(count - 1) // world_size`` numbers the groups
-    alike on every rank.
+    alike on every rank. A group that never formed (a peer that never joined) leaves the count
+    off by its joiners, so a later group of those processes in that same store waits out its
+    timeout: after such a failure, restart the job rather than load again in it.
     """
     store, _, _ = next(dist.rendezvous(url, world.rank, world.world_size, timeout=timeout))
     store.set_timeout(timeout)

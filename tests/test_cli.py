@@ -150,7 +150,8 @@ def test_bad_read_options_exit_2_with_one_line(tmp_path, args, message):
 def test_torchrun_complete_and_incomplete(tmp_path, example_copy):
     def torchrun(*args):
         return subprocess.run([TORCHRUN, "--nproc-per-node", "2", "--master-port", str(_port()), "-m", "distload",
-                               *args], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                               *args], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "PYTHONPATH": _import_path()})
 
     ok = torchrun("--tp", "2", "--device", "cpu", "--json", "ok.json")
     assert ok.returncode == 0, ok.stderr
@@ -171,17 +172,22 @@ def test_one_process_makes_group_after_group_under_torchrun(tmp_path):
     # destroyed: without keys of its own, the second group read the first one's gloo addresses
     code = ("import distload; from tests import jobs; "
             "jobs.groups_in_turn(distload.example_checkpoint(), 2, 3)")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
     proc = subprocess.run([TORCHRUN, "--nproc-per-node", "2", "--master-port", str(_port()), "--no-python",
                            sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=240,
-                          env={**os.environ, "PYTHONPATH": path})
+                          env={**os.environ, "PYTHONPATH": _import_path()})
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def test_forward_after_the_group_closed_says_what_to_do(pool):
     texts = pool.run(2, jobs.forward_after_close, distload.example_checkpoint(), 2)
     assert all("keep_group=True" in t for t in texts), texts
+
+
+def _import_path() -> str:
+    """PYTHONPATH with this checkout first: torchrun's ranks import distload (and tests) from it
+    even where distload is not installed (a CUDA image running the tree as copied)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
 
 
 def _port() -> int:

@@ -10,6 +10,7 @@ device, allocated on the device, inside the timed part as distload's own load do
 - ``distload_verify``: the same with ``verify_checksums=True`` against the checkpoint's manifest.
 - ``distload_no_readahead``: the same with the loader extra-config ``readahead`` false (cold
   files are not asked for ahead of the readers): what the readahead adds, measured side by side.
+- ``distload_no_huge_pages``: the same with ``huge_pages`` false (CPU parameters on 4 KiB pages).
 - ``eager``: ``safetensors.torch.load_file`` of every file the rank needs (on the CPU), every
   needed tensor read whole (cloned: safetensors >= 0.7 maps files lazily, so without it only
   the pages the copy touches would be read), then narrowed and copied into the parameters.
@@ -84,6 +85,10 @@ def run_distload_verify(ctx: Ctx) -> dict:
 
 def run_distload_no_readahead(ctx: Ctx) -> dict:
     return run_distload(ctx, extra_config={"readahead": False})
+
+
+def run_distload_no_huge_pages(ctx: Ctx) -> dict:
+    return run_distload(ctx, extra_config={"huge_pages": False})
 
 
 # --- safetensors ------------------------------------------------------------------------------
@@ -313,6 +318,7 @@ LOADERS: dict[str, Loader] = {
     "eager": Loader("eager", run_eager),
     "distload_verify": Loader("distload_verify", run_distload_verify),
     "distload_no_readahead": Loader("distload_no_readahead", run_distload_no_readahead),
+    "distload_no_huge_pages": Loader("distload_no_huge_pages", run_distload_no_huge_pages),
     "load_file": Loader("load_file", run_load_file),
     "engine": Loader("engine", run_engine),
     "fastsafetensors": Loader("fastsafetensors", run_fastsafetensors, setup_fastsafetensors),

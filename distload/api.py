@@ -148,7 +148,7 @@ def _load(directory: str, config: LoadConfig, comm: Comm, device: torch.device,
         _agree(comm, fingerprint(ckpt, layout, specs, __version__, _record_shape(config, checks)))
         comm.create_groups(layout)
         rank_plan = plan.for_rank(rank)
-        model = materialize(model, device)
+        model = materialize(model, device, huge_pages=config.huge_pages)
         own_stage = layout.coords(rank).pp
         params = {spec.name: tensor_at(model, spec.name) for spec in plan.specs if spec.stage == own_stage}
         skip_names = set(config.skip_units.get(rank, ()))

@@ -16,6 +16,8 @@ from .quant.config import KV_CACHE_DTYPES, ONLINE
 
 EXTRA_CONFIG_KEYS: Mapping[str, str] = MappingProxyType({
     "enable_weights_track": "true / false / unset (= on): merge every rank's record and report missing units",
+    "huge_pages": "true / false (default true): on CPU ranks, ask for transparent huge pages under the "
+                  "parameters (fewer page faults; the kernel's THP mode decides)",
     "num_read_threads": "positive integer: reader threads per rank "
                         "(default: the node's cores / its local ranks, at most 8 on CUDA)",
     "readahead": "true / false (default true): on CUDA ranks, ask the kernel for a cold file's next bytes "
@@ -134,8 +136,9 @@ class LoadConfig:
         for value in (verify, self.verify_checksums):
             if value is not None and not isinstance(value, bool):
                 raise ConfigError(f"verify_checksums must be true or false, got {value!r}")
-        if not isinstance(self.extra_config.get("readahead", True), bool):
-            raise ConfigError(f"readahead must be true or false, got {self.extra_config['readahead']!r}")
+        for key in ("readahead", "huge_pages"):
+            if not isinstance(self.extra_config.get(key, True), bool):
+                raise ConfigError(f"{key} must be true or false, got {self.extra_config[key]!r}")
         if verify is False and self.verify_checksums:
             raise ConfigError("verify_checksums=True and the loader extra-config's verify_checksums false disagree; "
                               "give it once")
@@ -209,6 +212,11 @@ class LoadConfig:
     def readahead(self) -> bool:
         """Whether cold files are asked for ahead of the readers (``readahead``)."""
         return self.extra_config.get("readahead", True)
+
+    @property
+    def huge_pages(self) -> bool:
+        """Whether CPU parameters ask for transparent huge pages (``huge_pages``)."""
+        return self.extra_config.get("huge_pages", True)
 
     @property
     def staging_bytes(self) -> int:

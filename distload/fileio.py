@@ -31,6 +31,9 @@ MADV_POPULATE_WRITE = 23
 """Linux 5.14+: fault a range in for writing in one call"""
 MADV_DONTNEED = 4
 """drop a range's mapping (a file's pages stay in the page cache)"""
+MADV_HUGEPAGE = 14
+"""back a range with transparent huge pages, where the kernel's THP mode is ``madvise`` or ``always``"""
+HUGE_PAGE_BYTES = 2 * 1024 * 1024
 
 
 def fill(target: torch.Tensor, read: Read, chunk: Chunk, handle: "CheckpointFile | dict", *,
@@ -144,6 +147,19 @@ def populate(target: torch.Tensor) -> None:
                                inward=True)  # an older kernel refuses: the read faults pages in itself
 
 
+def prefer_huge_pages(target: torch.Tensor) -> None:
+    """Asks for transparent huge pages under the fresh CPU tensor ``target`` (the whole 2 MiB pages
+    inside it), before anything touches it. The kernel zeroes each fresh page at its first fault;
+    one fault per 2 MiB instead of 512 took a fifth less CPU on a 2-core VM (BENCHMARKS.md). A no-op
+    for tensors smaller than a huge page, and after the kernel's first refusal."""
+    global _huge_ok
+    start = target.data_ptr()
+    lo = -(-start // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES
+    hi = (start + target.numel() * target.element_size()) // HUGE_PAGE_BYTES * HUGE_PAGE_BYTES
+    if _huge_ok and hi > lo:
+        _huge_ok = _libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), MADV_HUGEPAGE) == 0
+
+
 def _advise(start: int, stop: int, advice: int, *, inward: bool) -> bool:
     """``madvise`` over the pages of ``[start, stop)``: the whole pages inside it (``inward``), or every
     page it touches. Returns whether the kernel accepted it."""
@@ -157,3 +173,4 @@ def _advise(start: int, stop: int, advice: int, *, inward: bool) -> bool:
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if sys.platform.startswith("linux") else None
 _populate_ok = _libc is not None
+_huge_ok = _libc is not None

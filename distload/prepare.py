@@ -15,6 +15,7 @@ from .checkpoint.directory import Checkpoint, open_checkpoint
 from .comm import Collectives, pipe_ops_for
 from .config import DTYPES, LoadConfig
 from .errors import ConfigError, LayoutError, PlanError
+from .fileio import prefer_huge_pages
 from .expert_map import expert_plan
 from .layout import Layout
 from .models import BuildContext, ModelBuilder, check_config, default_ignores, expert_facts, reference_model
@@ -114,12 +115,13 @@ def checkpoint_dtype(ckpt: Checkpoint) -> torch.dtype:
     return sizes.most_common(1)[0][0] if sizes else torch.float32
 
 
-def materialize(model: nn.Module, device: torch.device) -> nn.Module:
+def materialize(model: nn.Module, device: torch.device, *, huge_pages: bool = False) -> nn.Module:
     """Allocates a meta-device model on ``device`` (uninitialized memory), keeping tied weights tied.
 
     Each parameter and buffer gets ``torch.empty`` storage; one object reached under several
     names (a tied LM head) becomes one tensor again. (``Module.to_empty`` would do the same
     through ``empty_like`` on meta tensors, whose first call imports sympy: seconds per rank.)
+    ``huge_pages``: CPU tensors ask for transparent huge pages before their first touch.
     """
     made: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (meta tensor kept alive, new one)
     for module in model.modules():
@@ -129,6 +131,8 @@ def materialize(model: nn.Module, device: torch.device) -> nn.Module:
                     continue
                 if id(old) not in made:
                     new = torch.empty(old.shape, dtype=old.dtype, device=device)
+                    if huge_pages and new.device.type == "cpu":
+                        prefer_huge_pages(new)
                     made[id(old)] = (old, nn.Parameter(new, requires_grad=old.requires_grad) if wrap else new)
                 table[name] = made[id(old)][1]
     return model

@@ -9,6 +9,7 @@ is torch's own ``narrow`` of the tensor as safetensors reads it.
 from __future__ import annotations
 
 import math
+import os
 import random
 import threading
 
@@ -22,6 +23,7 @@ from distload.errors import CheckpointError
 from distload.execute import MIN_SLOT_BYTES, Executor, _Job
 from distload.fileio import STRIDED_RUN_BYTES, CheckpointFile
 from distload.plan import RankPlan, Read
+from distload.prepare import materialize
 
 POISON = -7.0  # what unwritten parameter memory holds; never a checkpoint value here
 
@@ -298,3 +300,44 @@ def test_populate_faults_pages_in_and_leaves_bytes_alone():
     populate(fresh)
     fresh.fill_(1)
     assert int(fresh.sum()) == 1 << 22
+
+
+def _vm_flags(address: int) -> list[str]:
+    """The ``VmFlags`` of this process's mapping that holds ``address`` (``/proc/self/smaps``)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and head == "VmFlags:":
+                return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not os.path.isdir("/sys/kernel/mm/transparent_hugepage"),
+                    reason="a kernel without transparent huge pages")
+@pytest.mark.parametrize("huge", [True, False])
+def test_fresh_cpu_parameters_ask_for_huge_pages_and_their_bytes_land(tmp_path, huge):
+    weight = _values("huge", torch.float32, (3, 1 << 20))  # 12 MiB: whole 2 MiB pages inside it
+    path = str(tmp_path / "huge.safetensors")
+    save_file({"w": weight}, path)
+    model = torch.nn.Module()
+    model.w = torch.nn.Parameter(torch.empty(weight.shape, device="meta"))
+    materialize(model, torch.device("cpu"), huge_pages=huge)
+    first_huge_page = -(-model.w.data_ptr() // (2 << 20)) * (2 << 20)
+    assert ("hg" in _vm_flags(first_huge_page)) is huge  # asked for before anything touched it
+    params = {"w": model.w.data}
+    read = make_read(read_header(path)["w"], 0, "w")
+    result = Executor(device=torch.device("cpu"), num_threads=2).run(
+        RankPlan(rank=0, reads=(read,), defaults=(), zero=(), owned=(0,)), params)
+    assert tuple(result.loaded) == (0,) and torch.equal(model.w.data, weight)
+
+
+def test_huge_pages_is_on_by_default_and_must_be_true_or_false():
+    from distload.config import LoadConfig
+    from distload.errors import ConfigError
+    assert LoadConfig().huge_pages is True and LoadConfig(extra_config={"huge_pages": False}).huge_pages is False
+    with pytest.raises(ConfigError, match="huge_pages must be true or false, got 1"):
+        LoadConfig(extra_config={"huge_pages": 1})

@@ -15,8 +15,8 @@ from .checkpoint.directory import Checkpoint, open_checkpoint
 from .comm import Collectives, pipe_ops_for
 from .config import DTYPES, LoadConfig
 from .errors import ConfigError, LayoutError, PlanError
-from .fileio import prefer_huge_pages
 from .expert_map import expert_plan
+from .fileio import prefer_huge_pages
 from .layout import Layout
 from .models import BuildContext, ModelBuilder, check_config, default_ignores, expert_facts, reference_model
 from .plan import Plan, plan as make_plan

@@ -75,8 +75,7 @@ def test_enable_expert_parallel_splits_experts_over_the_stage(tmp_path, capsys, 
     (["--model-loader-extra-config", '{"num_read_threads": 0}'], "num_read_threads must be a positive integer, got 0"),
     (["--model-loader-extra-config", '{"threads": 2}'], "unknown loader extra-config key 'threads'; allowed keys: "
                                                         "enable_weights_track, huge_pages, num_read_threads, readahead, "
-                                                        "staging_mib, "
-                                                        "verify_checksums"),
+                                                        "staging_mib, verify_checksums"),
     (["--model-loader-extra-config", "[1]"], "--model-loader-extra-config must be a JSON object, got '[1]'"),
     (["--model-loader-extra-config", '{"staging_mib": 8}', "--staging-mib", "8"],
      "--staging-mib and --model-loader-extra-config both set staging_mib; give it once"),

@@ -19,9 +19,10 @@ from safetensors.torch import load_file, save_file
 
 from distload.checkpoint.header import read_header
 from distload.chunks import cut, segments
-from distload.errors import CheckpointError
+from distload.config import LoadConfig
+from distload.errors import CheckpointError, ConfigError
 from distload.execute import MIN_SLOT_BYTES, Executor, _Job
-from distload.fileio import STRIDED_RUN_BYTES, CheckpointFile
+from distload.fileio import HUGE_PAGE_BYTES, STRIDED_RUN_BYTES, CheckpointFile
 from distload.plan import RankPlan, Read
 from distload.prepare import materialize
 
@@ -326,7 +327,7 @@ def test_fresh_cpu_parameters_ask_for_huge_pages_and_their_bytes_land(tmp_path, 
     model = torch.nn.Module()
     model.w = torch.nn.Parameter(torch.empty(weight.shape, device="meta"))
     materialize(model, torch.device("cpu"), huge_pages=huge)
-    first_huge_page = -(-model.w.data_ptr() // (2 << 20)) * (2 << 20)
+    first_huge_page = -(-model.w.data_ptr() // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES
     assert ("hg" in _vm_flags(first_huge_page)) is huge  # asked for before anything touched it
     params = {"w": model.w.data}
     read = make_read(read_header(path)["w"], 0, "w")
@@ -336,8 +337,6 @@ def test_fresh_cpu_parameters_ask_for_huge_pages_and_their_bytes_land(tmp_path, 
 
 
 def test_huge_pages_is_on_by_default_and_must_be_true_or_false():
-    from distload.config import LoadConfig
-    from distload.errors import ConfigError
     assert LoadConfig().huge_pages is True and LoadConfig(extra_config={"huge_pages": False}).huge_pages is False
     with pytest.raises(ConfigError, match="huge_pages must be true or false, got 1"):
         LoadConfig(extra_config={"huge_pages": 1})

@@ -24,7 +24,7 @@ from .layout import Layout
 from .models import ModelBuilder, model_notes, reference_model
 from .fingerprint import Fingerprint, disagreement, fingerprint, from_words, to_words
 from .plan import Plan, RankPlan
-from .prepare import materialize, prepare, tensor_at
+from .prepare import materialize, prepare, tensors_at
 from .readahead import window_for
 from .quant import quant_config
 from .quant.apply import process_after_loading
@@ -150,7 +150,7 @@ def _load(directory: str, config: LoadConfig, comm: Comm, device: torch.device,
         rank_plan = plan.for_rank(rank)
         model = materialize(model, device, huge_pages=config.huge_pages)
         own_stage = layout.coords(rank).pp
-        params = {spec.name: tensor_at(model, spec.name) for spec in plan.specs if spec.stage == own_stage}
+        params = tensors_at(model, (spec.name for spec in plan.specs if spec.stage == own_stage))
         skip_names = set(config.skip_units.get(rank, ()))
         skip = frozenset(r.unit for r in rank_plan.reads  # a name, or one region of it: name[label]
                          if r.tensor.name in skip_names or plan.units[r.unit].label in skip_names)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -74,7 +75,8 @@ def prepare(directory: str, config: LoadConfig, layout: Layout, build: ModelBuil
             err.file = err.file or config_json
             raise
         specs += [dataclasses.replace(spec, stage=stage) for spec in collect_specs(model)]
-        dtypes += [tensor_at(model, spec.name).dtype for spec in specs[len(dtypes):]]
+        at = tensors_at(model, (spec.name for spec in specs[len(dtypes):]))
+        dtypes += [at[spec.name].dtype for spec in specs[len(dtypes):]]
         if stage == coords.pp:
             mine = model
     assert mine is not None
@@ -142,3 +144,12 @@ def tensor_at(model: nn.Module, name: str) -> torch.Tensor:
     """The parameter or buffer ``name`` of ``model`` (a dotted path)."""
     module_name, _, attr = name.rpartition(".")
     return getattr(model.get_submodule(module_name), attr)
+
+
+def tensors_at(model: nn.Module, names: Iterable[str]) -> dict[str, torch.Tensor]:
+    """``tensor_at`` for many names, from one walk of the model (a lookup per name cost 30 us:
+    a sixth of an 8-rank plan's CPU went to it); a tensor the walk does not list (a plain
+    attribute of a custom module) is looked up on its own."""
+    found = dict(model.named_parameters(remove_duplicate=False))
+    found.update(model.named_buffers(remove_duplicate=False))
+    return {name: found[name] if name in found else tensor_at(model, name) for name in names}

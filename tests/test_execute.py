@@ -24,7 +24,7 @@ from distload.errors import CheckpointError, ConfigError
 from distload.execute import MIN_SLOT_BYTES, Executor, _Job
 from distload.fileio import HUGE_PAGE_BYTES, STRIDED_RUN_BYTES, CheckpointFile
 from distload.plan import RankPlan, Read
-from distload.prepare import materialize
+from distload.prepare import materialize, tensor_at, tensors_at
 
 POISON = -7.0  # what unwritten parameter memory holds; never a checkpoint value here
 
@@ -340,3 +340,22 @@ def test_huge_pages_is_on_by_default_and_must_be_true_or_false():
     assert LoadConfig().huge_pages is True and LoadConfig(extra_config={"huge_pages": False}).huge_pages is False
     with pytest.raises(ConfigError, match="huge_pages must be true or false, got 1"):
         LoadConfig(extra_config={"huge_pages": 1})
+
+
+def test_tensors_at_finds_what_tensor_at_finds_in_one_walk():
+    class Head(torch.nn.Module):
+        def __init__(self, tied: torch.nn.Parameter) -> None:
+            super().__init__()
+            self.weight = tied
+            self.register_buffer("scale", torch.ones(2))
+            self.plain = torch.zeros(3)  # an attribute no walk lists
+
+    embed = torch.nn.Embedding(4, 2)
+    model = torch.nn.Module()
+    model.embed, model.head = embed, Head(embed.weight)
+    names = ["head.plain", "head.weight", "embed.weight", "head.scale"]
+    found = tensors_at(model, names)
+    assert list(found) == names
+    assert all(found[n] is tensor_at(model, n) for n in names)
+    with pytest.raises(AttributeError):
+        tensors_at(model, ["head.missing"])

@@ -14,6 +14,8 @@ from .checkpoint.files import reason
 from .errors import CheckpointError, DistloadError
 
 EXAMPLE_NAME = "example-llama-v1"
+EXAMPLE_SHARDS = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
+"""the example's weight files: the first half of its tensors (in ``example_tensors`` order), then the rest"""
 EXAMPLE_CONFIG = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "dtype": "bfloat16",
     "vocab_size": 250, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
@@ -115,8 +117,7 @@ def write_example(directory: str) -> None:
 
     tensors = example_tensors()
     names = list(tensors)
-    halves = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
-              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    halves = {EXAMPLE_SHARDS[0]: names[: len(names) // 2], EXAMPLE_SHARDS[1]: names[len(names) // 2:]}
     weight_map = {}
     for fname, part in halves.items():
         save_file({n: tensors[n].contiguous() for n in part}, os.path.join(directory, fname),

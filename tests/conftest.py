@@ -58,3 +58,12 @@ def ray_cluster():
 def _example_cache(tmp_path_factory):
     """Keeps the example checkpoint cache inside the test session."""
     os.environ["DISTLOAD_CACHE"] = str(tmp_path_factory.mktemp("distload-cache"))
+
+
+@pytest.fixture(scope="session")
+def example(_example_cache):
+    """The bundled example checkpoint (tiny bf16 Llama, two shards and an index): read it, or
+    copy it (``tests.hf_checkpoints.copy_checkpoint``) before changing anything."""
+    import distload
+
+    return distload.example_checkpoint()

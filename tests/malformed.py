@@ -11,10 +11,28 @@ from __future__ import annotations
 
 import json
 import struct
+import tracemalloc
 from dataclasses import dataclass
+from typing import Callable
 
+import pytest
 from hypothesis import strategies as st
 from safetensors.torch import load_file
+
+from distload.errors import CheckpointError
+
+
+def refusal_and_peak(call: Callable[[], object]) -> tuple[CheckpointError, int]:
+    """Runs ``call``, which must raise CheckpointError, under tracemalloc: the error, and the peak
+    of memory Python allocated meanwhile (a refusal made after reading the bytes shows there)."""
+    tracemalloc.start()
+    try:
+        with pytest.raises(CheckpointError) as info:
+            call()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    return info.value, peak
 
 
 def blob(header: dict | bytes, data: bytes = b"", *, length: int | None = None) -> bytes:

@@ -28,13 +28,13 @@ from distload.checkpoint.header import DTYPES
 from distload.comm import WorldInfo
 from distload.dryrun import dry_run
 from distload.errors import CheckpointError, DistloadError, PlanError
+from distload.examples import EXAMPLE_SHARDS
 from distload.models import reference_model
 from tests import reliability_jobs
 from tests.hf_checkpoints import copy_checkpoint, put_tensors, read_tensors
 
 SOLO = WorldInfo(rank=0, world_size=1, local_rank=0)
-SHARD1 = "model-00001-of-00002.safetensors"
-SHARD2 = "model-00002-of-00002.safetensors"
+SHARD1, SHARD2 = EXAMPLE_SHARDS
 NORM = "model.norm.weight"  # [64], in SHARD2
 Q0 = "model.layers.0.self_attn.q_proj.weight"  # [64, 64], in SHARD1, one source of qkv_proj
 UP1 = "model.layers.1.mlp.up_proj.weight"  # [128, 64], in SHARD2
@@ -45,11 +45,6 @@ WIDE_FLOATS = {torch.float16, torch.bfloat16, torch.float32, torch.float64}
 """the dtypes that cast into one another (the oracle; FP8 only into itself)"""
 INTEGER = "integer tensors are not cast to floating types (only floating types are cast into one another)"
 BOOL = "bool tensors are not cast to floating types (only floating types are cast into one another)"
-
-
-@pytest.fixture(scope="module")
-def example():
-    return distload.example_checkpoint()
 
 
 def load1(directory: str, **options) -> distload.Loaded:

@@ -4,16 +4,8 @@ tensor data is read, naming the ranks that differ and in what."""
 import json
 import os
 
-import pytest
-
-import distload
 from tests import failure_jobs
 from tests.hf_checkpoints import copy_checkpoint
-
-
-@pytest.fixture(scope="module")
-def example():
-    return distload.example_checkpoint()
 
 
 def _disagreement(out, ranks):

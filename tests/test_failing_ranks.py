@@ -4,15 +4,9 @@ import re
 
 import pytest
 
-import distload
 from distload.testing import WorkerDied
 from tests import failure_jobs
 from tests.devices import and_on_gpus
-
-
-@pytest.fixture(scope="module")
-def example():
-    return distload.example_checkpoint()
 
 
 @pytest.mark.parametrize("victim,ranks", and_on_gpus([0, 3], lambda victim: 4, ["0", "3"]), indirect=["ranks"])

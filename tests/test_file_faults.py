@@ -22,19 +22,13 @@ from distload.checkpoint import files
 from distload.checkpoint.directory import INDEX_NAME, open_checkpoint
 from distload.checkpoint.header import read_header
 from distload.errors import CheckpointError
-from distload.examples import EXAMPLE_NAME, example_checkpoint
+from distload.examples import EXAMPLE_NAME, EXAMPLE_SHARDS, example_checkpoint
 from distload.models import reference_model
 from tests import file_fault_jobs
 from tests.hf_checkpoints import copy_checkpoint
 
-SHARD1 = "model-00001-of-00002.safetensors"
-SHARD2 = "model-00002-of-00002.safetensors"
+SHARD1, SHARD2 = EXAMPLE_SHARDS
 FIFO_REFUSAL = "it is a FIFO, not a regular file"
-
-
-@pytest.fixture(scope="module")
-def example():
-    return example_checkpoint()
 
 
 @pytest.fixture()

@@ -16,11 +16,8 @@ import time
 
 import pytest
 
-from distload.watch import STORE_SLACK
-
-import distload
 from distload.testing import free_port
-from distload.watch import BoundedStore, StoreLost
+from distload.watch import STORE_SLACK, BoundedStore, StoreLost
 
 WORLD, TIMEOUT = 4, 3.0
 SLACK = 8.0  # a heartbeat interval, start-up of the watch, and a loaded 2-core machine
@@ -63,11 +60,6 @@ def run_world(directory: str, victim: int, stamp: str, *, how: str = "stop",
             proc.kill()
             proc.wait()
         del server
-
-
-@pytest.fixture(scope="module")
-def example():
-    return distload.example_checkpoint()
 
 
 @pytest.mark.parametrize("agent_store", [False, True], ids=["rank0-hosts-store", "launcher-hosts-store"])

@@ -15,12 +15,13 @@ import torch
 import distload
 from distload import __main__ as cli_main
 from distload.checkpoint.digests import CHUNK_BYTES, GIT_SHA1, SHA256, file_digest
+from distload.examples import EXAMPLE_SHARDS
 from distload.manifest import write_manifest
 from distload.verify import assign
 from tests import jobs
 from tests.hub_cache import blob_of, cache_repo, etag, flip_last_byte
 
-SHARD1, SHARD2 = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
+SHARD1, SHARD2 = EXAMPLE_SHARDS
 INDEX = "model.safetensors.index.json"
 NAMES = ["config.json", SHARD1, SHARD2, INDEX]
 VERIFY = {"verify_checksums": True}

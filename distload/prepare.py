@@ -148,7 +148,7 @@ def tensor_at(model: nn.Module, name: str) -> torch.Tensor:
 
 def tensors_at(model: nn.Module, names: Iterable[str]) -> dict[str, torch.Tensor]:
     """``tensor_at`` for many names, from one walk of the model (a lookup per name cost 30 us:
-    a sixth of an 8-rank plan's CPU went to it); a tensor the walk does not list (a plain
+    a sixth of a TP=8 rank's set-up CPU went to them); a tensor the walk does not list (a plain
     attribute of a custom module) is looked up on its own."""
     found = dict(model.named_parameters(remove_duplicate=False))
     found.update(model.named_buffers(remove_duplicate=False))

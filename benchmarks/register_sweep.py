@@ -40,9 +40,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.pipeline_sweep import _chunks, _run_copier, _run_threads, floor  # noqa: E402
+from benchmarks.pipeline_sweep import _chunks, _run_copier, _run_threads, baselines, warm_files  # noqa: E402
 from distload.device_copies import runtime_library  # noqa: E402
-from distload.staging import release_pinned  # noqa: E402
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
@@ -210,12 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--out")
     args = p.parse_args(argv)
-    from benchmarks.page_cache import make_warm
-    from benchmarks.synth_checkpoints import ensure_checkpoint
-    directory = ensure_checkpoint(args.preset)
-    paths = sorted(os.path.join(directory, f) for f in os.listdir(directory) if f.endswith(".safetensors"))
-    make_warm(paths)
-    total = sum(os.path.getsize(x) for x in paths)
+    paths, total = warm_files(args.preset)
     torch.cuda.init()
     rt = runtime_library()
     if rt is None:
@@ -226,18 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{total / 1e9:.2f} GB in {len(paths)} files; read-only registration supported: {bool(supported.value)}; "
           f"kernel {os.uname().release}", flush=True)
     dev = torch.empty(total, dtype=torch.uint8, device="cuda")
-    rows: list[dict] = []
-    big = torch.empty(total, dtype=torch.uint8, pin_memory=True)
-    big.fill_(1)
-    c16 = _chunks(paths, 16 << 20)
-    for _ in range(args.runs):
-        rows.append({"row": "floor", "seconds": floor(c16, big, 16)})
-        t = time.perf_counter()
-        dev.copy_(big, non_blocking=True)
-        torch.cuda.synchronize()
-        rows.append({"row": "h2d", "seconds": time.perf_counter() - t})
-    del big
-    release_pinned()
+    rows = [{"row": name, "seconds": s} for name, s in baselines(paths, dev, args.runs)]
     chunk_sizes = [int(c) << 20 for c in args.chunk_mib.split(",")]
     for chunk in chunk_sizes:
         for populate in (False, True):

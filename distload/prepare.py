@@ -75,8 +75,9 @@ def prepare(directory: str, config: LoadConfig, layout: Layout, build: ModelBuil
             err.file = err.file or config_json
             raise
         specs += [dataclasses.replace(spec, stage=stage) for spec in collect_specs(model)]
-        at = tensors_at(model, (spec.name for spec in specs[len(dtypes):]))
-        dtypes += [at[spec.name].dtype for spec in specs[len(dtypes):]]
+        added = specs[len(dtypes):]
+        at = tensors_at(model, (spec.name for spec in added))
+        dtypes += [at[spec.name].dtype for spec in added]
         if stage == coords.pp:
             mine = model
     assert mine is not None
